@@ -1,0 +1,34 @@
+# The two commands: `make run` and `make test`. Both create the virtualenv (.venv) and install the
+# pinned requirements on first use, so a machine with Python 3.11 and make needs nothing else.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
+HOST ?= 127.0.0.1
+PORT ?= 8000
+COVERAGE_FLOOR ?= 95
+export HOST PORT
+
+.PHONY: run test bench install clean
+
+$(STAMP): requirements.txt
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 or run make PYTHON=python3"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/flask --app morag_remote keys bootstrap-admin
+	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
+
+test: $(STAMP)
+	$(BIN)/python -m pytest --cov=morag_remote --cov-report=term --cov-fail-under=$(COVERAGE_FLOOR)
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .coverage .hypothesis

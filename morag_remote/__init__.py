@@ -1,0 +1,69 @@
+"""morag-remote: the remote job queue that hands MoRAG's heavy conversions to GPU workers.
+
+``create_app`` is the only place that builds an app (``wsgi.py`` calls it for gunicorn, ``flask
+--app morag_remote`` for the CLI).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import structlog
+from flask import Flask
+
+from .auth import KeyStore
+from .config import DEFAULTS, ENV_PREFIX, Settings, instance_path_from_env, resolve_paths
+from .context import KEYS, SERVICE, TOKENS
+from .errors import register_error_handlers
+from .log import configure_logging, init_request_logging
+from .secrets_file import load_or_create_secret
+from .service import JobService
+from .store.factory import build_store
+from .tokens import DownloadTokens
+
+log = structlog.get_logger(__name__)
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    instance_path = (test_config or {}).get("INSTANCE_PATH") or instance_path_from_env()
+    app = Flask(__name__, instance_relative_config=True, static_folder=None,
+                instance_path=os.path.abspath(instance_path) if instance_path else None)
+    app.config.from_mapping(DEFAULTS)
+    app.config.from_pyfile("config.py", silent=True)
+    app.config.from_prefixed_env(ENV_PREFIX)
+    if test_config:
+        app.config.from_mapping(test_config)
+    os.makedirs(app.instance_path, exist_ok=True)
+    resolve_paths(app.config, app.instance_path)
+
+    json_logs = app.config["LOG_JSON"] if app.config["LOG_JSON"] is not None else not app.debug
+    configure_logging(json_lines=bool(json_logs))
+    if not app.config.get("SECRET_KEY"):
+        app.config["SECRET_KEY"] = load_or_create_secret(os.path.join(app.instance_path, "secret_key"))
+
+    store = build_store(app.config)
+    app.extensions[SERVICE] = JobService(store, Settings.from_config(app.config))
+    app.extensions[TOKENS] = DownloadTokens(app.config["SECRET_KEY"])
+    app.extensions[KEYS] = KeyStore(os.path.join(app.instance_path, "api_keys.json"))
+
+    from .api import health, remote_jobs, stats
+    from .cli import jobs_cli, keys_cli
+
+    app.register_blueprint(health.bp)
+    app.register_blueprint(stats.bp)  # before remote_jobs: /stats must not match /<job_id>
+    app.register_blueprint(remote_jobs.bp)
+    register_error_handlers(app)
+    init_request_logging(app)
+    app.cli.add_command(jobs_cli)
+    app.cli.add_command(keys_cli)
+    _warn_about_auth(app)
+    return app
+
+
+def _warn_about_auth(app: Flask) -> None:
+    if app.config["AUTH_DISABLED"]:
+        log.warning("auth.disabled", detail="MORAG_REMOTE_AUTH_DISABLED is set: every request is admin; "
+                    "local development only")
+    elif not app.extensions[KEYS].has_keys():
+        log.warning("auth.no_keys", detail="no API key exists yet: every API call answers 401; create one with "
+                    "'flask --app morag_remote keys create --role admin --name admin'")

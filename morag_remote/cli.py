@@ -1,0 +1,184 @@
+"""Operator commands: ``flask --app morag_remote remote-jobs ...`` and ``... keys ...``.
+
+Each command is a thin wrapper around the same service the API uses (same locks, so safe from cron
+while gunicorn serves). Errors are one line on stderr and a non-zero exit, never a traceback;
+``--json`` prints what a script would parse.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import click
+from flask import current_app
+from flask.cli import with_appcontext
+
+from . import schemas
+from .auth import ROLES, key_store
+from .context import service
+from .exceptions import ServiceError
+from .models import STATUSES
+from .store.base import JobFilter
+
+jobs_cli = click.Group("remote-jobs", help="Inspect and maintain the remote job queue.")
+keys_cli = click.Group("keys", help="Create, list and revoke API keys.")
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def _emit(as_json: bool, value: Any, human: Callable[[Any], str]) -> None:
+    click.echo(json.dumps(value, indent=None, sort_keys=True, default=str) if as_json else human(value))
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except ServiceError as exc:
+        raise click.ClickException(exc.detail) from None
+
+
+@jobs_cli.command("cleanup-expired")
+@json_option
+@with_appcontext
+def cleanup_expired(as_json: bool) -> None:
+    """Re-queue or time out jobs whose lease lapsed, and expire pending jobs past their TTL."""
+    count = service().expire_due()
+    _emit(as_json, {"expired": count}, lambda v: f"{v['expired']} job(s) handled")
+
+
+@jobs_cli.command("cleanup-old")
+@click.option("--days", type=click.FloatRange(min=0), required=True, help="Age in days of finished jobs to delete.")
+@json_option
+@with_appcontext
+def cleanup_old(days: float, as_json: bool) -> None:
+    """Delete finished jobs (completed, failed, timeout, cancelled) older than --days."""
+    count = service().cleanup_old(days)
+    _emit(as_json, {"deleted": count}, lambda v: f"{v['deleted']} job(s) deleted")
+
+
+@jobs_cli.command("list")
+@click.option("--status", type=click.Choice(STATUSES))
+@click.option("--content-type")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@json_option
+@with_appcontext
+def list_jobs(status: str | None, content_type: str | None, limit: int, as_json: bool) -> None:
+    """List jobs in creation order."""
+    jobs, _ = service().list(JobFilter(status=status, content_type=content_type), None, limit)
+    rows = schemas.JobSummary(many=True).dump(jobs)
+    _emit(as_json, rows, lambda rs: "\n".join(
+        f"{r['id']}  {r['status']:<10} {r['content_type']:<9} retries={r['retry_count']} "
+        f"worker={r['worker_id'] or '-'}" for r in rs) or "no jobs")
+
+
+@jobs_cli.command("show")
+@click.argument("job_id")
+@with_appcontext
+def show(job_id: str) -> None:
+    """Print one job as JSON (with its result)."""
+    job = _run(lambda: service().get(job_id))
+    click.echo(json.dumps(schemas.JobDetail().dump(job), indent=2, sort_keys=True))
+
+
+@jobs_cli.command("stats")
+@json_option
+@with_appcontext
+def stats(as_json: bool) -> None:
+    """Counts by status and content type, the oldest pending job's age, workers seen."""
+    from .api.stats import stats_body
+
+    body = stats_body()
+    _emit(as_json, body, lambda b: "\n".join(
+        [f"{status:<10} {ct:<9} {n}" for status, per in sorted(b["counts"].items())
+         for ct, n in sorted(per.items())]
+        + [f"oldest pending: {b['oldest_pending_age_seconds']} s", f"active workers: {len(b['active_workers'])}"]))
+
+
+@jobs_cli.command("cancel")
+@click.argument("job_id")
+@with_appcontext
+def cancel(job_id: str) -> None:
+    """Cancel a pending or processing job."""
+    job = _run(lambda: service().cancel(job_id))
+    click.echo(f"{job.id} {job.status}")
+
+
+@jobs_cli.command("retry")
+@click.argument("job_id")
+@with_appcontext
+def retry(job_id: str) -> None:
+    """Put a failed, timed-out or cancelled job back in the queue."""
+    job = _run(lambda: service().retry(job_id))
+    click.echo(f"{job.id} {job.status}")
+
+
+@jobs_cli.command("fsck")
+@click.option("--repair", is_flag=True, help="Repair what can be repaired; move unreadable files to corrupt/.")
+@json_option
+@with_appcontext
+def fsck_command(repair: bool, as_json: bool) -> None:
+    """Check the JSON-file store; exit 1 when a problem is found (with --repair: when one is left)."""
+    from .store.files import FileJobStore
+    from .store.fsck import fsck
+
+    store = service().store
+    if not isinstance(store, FileJobStore):
+        raise click.ClickException("fsck checks the JSON-file store; this instance uses another backend")
+    findings = fsck(store, repair=repair)
+    _emit(as_json, [f.as_dict() for f in findings], lambda fs: "\n".join(
+        f"{f['kind']:<10} {f['path']}  {f['detail']}{'  [repaired]' if f['repaired'] else ''}" for f in fs)
+        or "store is clean")
+    left = [f for f in findings if not f.repaired]
+    if left:
+        sys.exit(1)
+
+
+@keys_cli.command("create")
+@click.option("--role", type=click.Choice(ROLES), required=True)
+@click.option("--name", required=True)
+@click.option("--worker-id", default=None, help="Bind a worker key to this worker id.")
+@with_appcontext
+def keys_create(role: str, name: str, worker_id: str | None) -> None:
+    """Create a key; the key itself is printed alone on the last line, once."""
+    key, secret = _run(lambda: key_store().create(name, role, worker_id))
+    click.echo(f"created {key.role} key {key.name!r}" + (f" for worker {worker_id!r}" if worker_id else ""), err=True)
+    click.echo(secret)
+
+
+@keys_cli.command("bootstrap-admin")
+@with_appcontext
+def keys_bootstrap_admin() -> None:
+    """When no key exists yet, create an admin key in <instance>/admin-key.txt (mode 0600)."""
+    store = key_store()
+    if store.has_keys() or current_app.config["AUTH_DISABLED"]:
+        return
+    path = os.path.join(current_app.instance_path, "admin-key.txt")
+    _, secret = _run(lambda: store.create("admin", "admin"))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret + "\n")
+    os.chmod(path, 0o600)
+    click.echo(f"created an admin API key; it is in {path} (readable by you only)")
+
+
+@keys_cli.command("list")
+@json_option
+@with_appcontext
+def keys_list(as_json: bool) -> None:
+    """Names, roles, creation and last use of every key (never the key)."""
+    rows = [k.public() for k in key_store().list()]
+    _emit(as_json, rows, lambda rs: "\n".join(
+        f"{r['name']:<20} {r['role']:<9} worker={r['worker_id'] or '-'} created={r['created_at']} "
+        f"last_used={r['last_used_at'] or 'never'}" for r in rs) or "no keys")
+
+
+@keys_cli.command("revoke")
+@click.argument("name")
+@with_appcontext
+def keys_revoke(name: str) -> None:
+    """Revoke (delete) the key called NAME."""
+    _run(lambda: key_store().revoke(name))
+    click.echo(f"revoked {name}")
+

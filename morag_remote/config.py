@@ -1,0 +1,89 @@
+"""Configuration: built-in defaults, then ``<instance>/config.py``, then ``MORAG_REMOTE_*`` variables
+(JSON values parsed), then the ``test_config`` given to ``create_app``; later wins.
+
+:class:`Settings` is the typed view the service reads, so the service never touches Flask.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+ENV_PREFIX = "MORAG_REMOTE"
+
+DEFAULT_CONTENT_TYPES = ["audio", "video", "document", "image", "web", "youtube"]
+DEFAULT_LEASE_SECONDS = {"audio": 1800, "video": 3600, "document": 900, "default": 3600}
+
+DEFAULTS: dict[str, Any] = {
+    "JOBS_DATA_DIR": None,          # None: <instance>/remote_jobs
+    "SOURCE_ROOTS": None,           # None: [<instance>/sources]
+    "CONTENT_TYPES": DEFAULT_CONTENT_TYPES,
+    "LEASE_SECONDS": DEFAULT_LEASE_SECONDS,
+    "MAX_RETRIES": 3,
+    "RETRY_BACKOFF_SECONDS": 30,
+    "RETRY_BACKOFF_MAX_SECONDS": 3600,
+    "PENDING_TTL_SECONDS": None,
+    "MAX_CONTENT_LENGTH": 64 * 1024 * 1024,
+    "AUTH_DISABLED": False,
+    "CALLBACK_URL": None,
+    "CALLBACK_SECRET": None,
+    "CALLBACK_ALLOWED_PREFIXES": [],
+    "POLL_MAX_WAIT_SECONDS": 20,
+    "POLL_MAX_JOBS": 10,
+    "POLL_MAX_WAITERS": 48,
+    "LAPSED_PER_POLL": 20,
+    "METRICS_PUBLIC": False,
+    "DATABASE_URL": None,
+    "LOG_JSON": None,               # None: JSON lines unless debug
+}
+
+
+def instance_path_from_env() -> str | None:
+    """``MORAG_REMOTE_INSTANCE_PATH``: the instance folder for the server and the CLI alike."""
+    return os.environ.get(f"{ENV_PREFIX}_INSTANCE_PATH") or None
+
+
+def resolve_paths(config: dict, instance_path: str) -> None:
+    """Fill in the defaults that live under the instance folder."""
+    if not config.get("JOBS_DATA_DIR"):
+        config["JOBS_DATA_DIR"] = os.path.join(instance_path, "remote_jobs")
+    if not config.get("SOURCE_ROOTS"):
+        config["SOURCE_ROOTS"] = [os.path.join(instance_path, "sources")]
+    if isinstance(config["SOURCE_ROOTS"], str):  # a single path given without JSON brackets
+        config["SOURCE_ROOTS"] = [config["SOURCE_ROOTS"]]
+
+
+@dataclass(frozen=True)
+class Settings:
+    content_types: tuple[str, ...] = tuple(DEFAULT_CONTENT_TYPES)
+    lease_seconds: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_LEASE_SECONDS))
+    max_retries: int = 3
+    retry_backoff_seconds: float = 30
+    retry_backoff_max_seconds: float = 3600
+    pending_ttl_seconds: float | None = None
+    poll_max_wait_seconds: float = 20
+    poll_max_jobs: int = 10
+    poll_max_waiters: int = 64
+    lapsed_per_poll: int = 20
+    source_roots: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "Settings":
+        return cls(
+            content_types=tuple(config["CONTENT_TYPES"]),
+            lease_seconds=dict(config["LEASE_SECONDS"]),
+            max_retries=int(config["MAX_RETRIES"]),
+            retry_backoff_seconds=float(config["RETRY_BACKOFF_SECONDS"]),
+            retry_backoff_max_seconds=float(config["RETRY_BACKOFF_MAX_SECONDS"]),
+            pending_ttl_seconds=(float(config["PENDING_TTL_SECONDS"])
+                                 if config.get("PENDING_TTL_SECONDS") else None),
+            poll_max_wait_seconds=float(config["POLL_MAX_WAIT_SECONDS"]),
+            poll_max_jobs=int(config["POLL_MAX_JOBS"]),
+            poll_max_waiters=int(config["POLL_MAX_WAITERS"]),
+            lapsed_per_poll=int(config["LAPSED_PER_POLL"]),
+            source_roots=tuple(config["SOURCE_ROOTS"]),
+        )
+
+    def lease_for(self, content_type: str) -> float:
+        leases = self.lease_seconds
+        return float(leases.get(content_type, leases.get("default", 3600)))

@@ -1,0 +1,62 @@
+"""The service's own errors. Views raise them; ``errors.py`` renders each as problem+json."""
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """Base of every domain error: an HTTP status, a short title and a detail for the client."""
+
+    status_code = 400
+    title = "Bad request"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+class JobNotFound(ServiceError):
+    status_code = 404
+    title = "Job not found"
+
+
+class InvalidTransition(ServiceError):
+    """The job's state does not allow the action (a cancelled job cannot complete, ...)."""
+
+    status_code = 409
+    title = "Invalid state transition"
+
+
+class LeaseConflict(ServiceError):
+    """The caller does not hold the job's current attempt (stale worker, re-assigned job)."""
+
+    status_code = 409
+    title = "Lease not held"
+
+
+class InvalidRequest(ServiceError):
+    """A request that parsed but breaks a rule the schema cannot see (e.g. a source outside the roots)."""
+
+    status_code = 422
+    title = "Unprocessable request"
+
+    def __init__(self, detail: str, errors: dict[str, list[str]] | None = None, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        if errors:
+            self.extra["errors"] = errors
+
+
+class SourceForbidden(ServiceError):
+    status_code = 403
+    title = "Forbidden"
+
+
+class SourceMissing(ServiceError):
+    status_code = 404
+    title = "Source file not found"
+
+
+class StoreUnavailable(ServiceError):
+    status_code = 503
+    title = "Store unavailable"

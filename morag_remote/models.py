@@ -1,0 +1,170 @@
+"""The remote job record, its statuses and the one table of legal transitions.
+
+Every change of a job's status goes through :func:`next_status`, so the table below is the whole
+state machine: a (status, action) pair that is not in it is an :class:`InvalidTransition`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from .exceptions import InvalidTransition
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    """The default clock: timezone-aware UTC."""
+    return datetime.now(timezone.utc)
+
+
+def new_job_id() -> str:
+    """A UUIDv7-style id: 48 bits of milliseconds first, so string order is creation order."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms << 80) | (0x7 << 76) | ((rand >> 68) & 0xFFF) << 64 | (0b10 << 62) | (rand & ((1 << 62) - 1))
+    return str(uuid.UUID(int=value))
+
+
+class Status(str, enum.Enum):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.TIMEOUT, Status.CANCELLED})
+STATUSES = tuple(s.value for s in Status)
+
+
+class Action(str, enum.Enum):
+    CLAIM = "claim"              # a worker's poll takes a pending job
+    HEARTBEAT = "heartbeat"      # the lease holder says it is alive
+    COMPLETE = "complete"        # success result
+    FAIL_RETRY = "fail_retry"    # failure result, retries remain: back to the queue with backoff
+    FAIL = "fail"                # failure result, no retry left (or retryable: false)
+    LAPSE_RETRY = "lapse_retry"  # lease ran out, retries remain
+    LAPSE = "lapse"              # lease ran out, no retry left
+    EXPIRE = "expire"            # pending longer than the optional pending TTL
+    CANCEL = "cancel"            # producer gives up on the job
+    RETRY = "retry"              # producer/admin re-opens a finished job
+
+
+TRANSITIONS: dict[tuple[Status, Action], Status] = {
+    (Status.PENDING, Action.CLAIM): Status.PROCESSING,
+    (Status.PENDING, Action.EXPIRE): Status.TIMEOUT,
+    (Status.PENDING, Action.CANCEL): Status.CANCELLED,
+    (Status.PROCESSING, Action.HEARTBEAT): Status.PROCESSING,
+    (Status.PROCESSING, Action.COMPLETE): Status.COMPLETED,
+    (Status.PROCESSING, Action.FAIL_RETRY): Status.PENDING,
+    (Status.PROCESSING, Action.FAIL): Status.FAILED,
+    (Status.PROCESSING, Action.LAPSE_RETRY): Status.PENDING,
+    (Status.PROCESSING, Action.LAPSE): Status.TIMEOUT,
+    (Status.PROCESSING, Action.CANCEL): Status.CANCELLED,
+    (Status.FAILED, Action.RETRY): Status.PENDING,
+    (Status.TIMEOUT, Action.RETRY): Status.PENDING,
+    (Status.CANCELLED, Action.RETRY): Status.PENDING,
+}
+
+
+def next_status(current: Status | str, action: Action) -> Status:
+    """The status ``action`` leads to from ``current``; raises InvalidTransition when illegal."""
+    status = Status(current)
+    try:
+        return TRANSITIONS[(status, action)]
+    except KeyError:
+        raise InvalidTransition(
+            f"cannot {action.value.replace('_', ' ')} a job that is {status.value}",
+            job_status=status.value,
+            action=action.value,
+        ) from None
+
+
+_TIME_FIELDS = ("created_at", "started_at", "completed_at", "timeout_at", "available_at",
+                "updated_at", "heartbeat_at")
+
+
+def to_iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def from_iso(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if parsed.tzinfo is None:  # records written by other tools: naive means UTC
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed
+
+
+@dataclasses.dataclass
+class RemoteJob:
+    """One conversion job. Field names up to ``timeout_at`` are the seed's; the rest serve the lifecycle."""
+
+    id: str
+    ingestion_task_id: str
+    source_file_path: str
+    content_type: str
+    task_options: dict[str, Any]
+    status: str = Status.PENDING.value
+    worker_id: str | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    error_message: str | None = None
+    result_data: dict[str, Any] | None = None
+    retry_count: int = 0
+    max_retries: int = 3
+    timeout_at: datetime | None = None
+    priority: int = 0
+    available_at: datetime | None = None
+    attempt: int = 0
+    lease_id: str | None = None
+    progress: float | None = None
+    progress_message: str | None = None
+    heartbeat_at: datetime | None = None
+    updated_at: datetime | None = None
+    version: int = 0
+    result_digest: str | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for name in _TIME_FIELDS:
+            data[name] = to_iso(data[name])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RemoteJob":
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        for name in _TIME_FIELDS:
+            if name in values:
+                values[name] = from_iso(values[name])
+        Status(values.get("status", Status.PENDING.value))  # reject unknown statuses early
+        return cls(**values)
+
+    def copy(self) -> "RemoteJob":
+        return RemoteJob.from_dict(self.to_dict())
+
+    @property
+    def status_enum(self) -> Status:
+        return Status(self.status)
+
+    @property
+    def sort_key(self) -> tuple:
+        """Claim order: higher priority first, then oldest (ids are time-ordered)."""
+        return (-self.priority, self.created_at, self.id)

@@ -1,0 +1,249 @@
+"""Request and response schemas: the single description of the API (the OpenAPI document is built
+from them).
+
+Request bodies use ``unknown = RAISE`` (a typo from a client is an error) except the result body,
+which uses ``EXCLUDE``: workers in the field written against the seed may send extra fields, and
+rejecting an hour of GPU work over an unknown key helps no one.
+"""
+from __future__ import annotations
+
+import json
+
+from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate, validates
+
+from .models import STATUSES
+
+ID_LENGTH = validate.Length(min=1, max=128)
+TEXT_LENGTH = validate.Length(max=10_000)
+MAX_OPTIONS_BYTES = 64 * 1024
+MAX_METADATA_BYTES = 1024 * 1024
+
+
+class StrictSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+
+def _json_size_check(value: dict, limit: int, name: str) -> None:
+    if len(json.dumps(value, default=str)) > limit:
+        raise ValidationError(f"{name} is larger than {limit} bytes as JSON")
+
+
+class StrictBoolean(fields.Boolean):
+    """Only JSON true/false: "no" or 0 for ``success`` is more likely a client bug than a verdict."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise ValidationError("must be true or false")
+        return value
+
+
+class CreateJobRequest(StrictSchema):
+    source_file_path = fields.String(required=True, validate=validate.Length(min=1, max=4096))
+    content_type = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    task_options = fields.Dict(keys=fields.String(), load_default=dict)
+    ingestion_task_id = fields.String(required=True, validate=ID_LENGTH)
+    priority = fields.Integer(load_default=0, validate=validate.Range(min=-1000, max=1000))
+    max_retries = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(min=0, max=100))
+
+    def __init__(self, *args, content_types: tuple[str, ...] = (), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.allowed_content_types = content_types
+
+    @validates("content_type")
+    def _known_type(self, value: str, **_) -> None:
+        if self.allowed_content_types and value not in self.allowed_content_types:
+            raise ValidationError(f"must be one of: {', '.join(self.allowed_content_types)}")
+
+    @validates("task_options")
+    def _options_size(self, value: dict, **_) -> None:
+        _json_size_check(value, MAX_OPTIONS_BYTES, "task_options")
+
+
+class CreateJobResponse(Schema):
+    job_id = fields.String(attribute="id")
+    status = fields.String()
+    created_at = fields.AwareDateTime()
+
+
+class CommaList(fields.Field):
+    """A list given as ``a,b,c`` (query string) or as a JSON list (body)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str):
+            items = [v.strip() for v in value.split(",")]
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            items = [v.strip() for v in value]
+        else:
+            raise ValidationError("must be a comma-separated string or a list of strings")
+        items = [v for v in items if v]
+        if not items:
+            raise ValidationError("name at least one content type")
+        if len(items) > 32 or any(len(v) > 64 for v in items):
+            raise ValidationError("at most 32 content types of at most 64 characters")
+        return items
+
+
+class PollRequest(StrictSchema):
+    worker_id = fields.String(required=True, validate=ID_LENGTH)
+    content_types = CommaList(required=True)
+    max_jobs = fields.Integer(load_default=1)
+    wait = fields.Float(load_default=0.0)
+
+    def __init__(self, *args, max_jobs: int = 10, max_wait: float = 20.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_jobs_allowed = max_jobs
+        self.max_wait = max_wait
+
+    @validates("max_jobs")
+    def _max_jobs(self, value: int, **_) -> None:
+        if not 1 <= value <= self.max_jobs_allowed:
+            raise ValidationError(f"must be between 1 and {self.max_jobs_allowed}")
+
+    @validates("wait")
+    def _wait(self, value: float, **_) -> None:
+        if not 0 <= value <= self.max_wait:
+            raise ValidationError(f"must be between 0 and {self.max_wait:g} seconds")
+
+
+class ClaimedJob(Schema):
+    job_id = fields.String(attribute="id")
+    source_file_url = fields.String()
+    content_type = fields.String()
+    task_options = fields.Dict()
+    lease_id = fields.String()
+    timeout_at = fields.AwareDateTime()
+    retry_count = fields.Integer()
+
+
+class PollResponse(Schema):
+    job_id = fields.String(allow_none=True)
+    source_file_url = fields.String(allow_none=True)
+    content_type = fields.String(allow_none=True)
+    task_options = fields.Dict(allow_none=True)
+    jobs = fields.List(fields.Nested(ClaimedJob))
+
+
+class LeaseMixin(Schema):
+    lease_id = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=64))
+
+
+class HeartbeatRequest(LeaseMixin, StrictSchema):
+    progress = fields.Float(load_default=None, allow_none=True, validate=validate.Range(min=0, max=1))
+    message = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=1000))
+
+
+class HeartbeatResponse(Schema):
+    job_id = fields.String(attribute="id")
+    status = fields.String()
+    timeout_at = fields.AwareDateTime()
+    progress = fields.Float(allow_none=True)
+
+
+class SubmitResultRequest(LeaseMixin):
+    class Meta:
+        unknown = EXCLUDE
+
+    success = StrictBoolean(required=True)
+    content = fields.String(load_default=None, allow_none=True)
+    metadata = fields.Dict(keys=fields.String(), load_default=None, allow_none=True)
+    error_message = fields.String(load_default=None, allow_none=True, validate=TEXT_LENGTH)
+    processing_time = fields.Float(load_default=None, allow_none=True, validate=validate.Range(min=0))
+    retryable = StrictBoolean(load_default=None, allow_none=True)
+
+    @validates("metadata")
+    def _metadata_size(self, value: dict | None, **_) -> None:
+        if value is not None:
+            _json_size_check(value, MAX_METADATA_BYTES, "metadata")
+
+
+class SubmitResultResponse(Schema):
+    status = fields.String()
+    ingestion_continued = fields.Boolean()
+
+
+class JobStatusResponse(Schema):
+    job_id = fields.String(attribute="id")
+    status = fields.String()
+    content_type = fields.String()
+    worker_id = fields.String(allow_none=True)
+    created_at = fields.AwareDateTime()
+    started_at = fields.AwareDateTime(allow_none=True)
+    completed_at = fields.AwareDateTime(allow_none=True)
+    error_message = fields.String(allow_none=True)
+    retry_count = fields.Integer()
+    max_retries = fields.Integer()
+    progress = fields.Float(allow_none=True)
+    progress_message = fields.String(allow_none=True)
+    timeout_at = fields.AwareDateTime(allow_none=True)
+    estimated_completion = fields.AwareDateTime(allow_none=True)
+
+
+class JobSummary(Schema):
+    """A job without its result body (for lists)."""
+
+    id = fields.String()
+    job_id = fields.Function(lambda job: job.id)
+    ingestion_task_id = fields.String()
+    source_file_path = fields.String()
+    content_type = fields.String()
+    task_options = fields.Dict()
+    status = fields.String()
+    worker_id = fields.String(allow_none=True)
+    created_at = fields.AwareDateTime()
+    started_at = fields.AwareDateTime(allow_none=True)
+    completed_at = fields.AwareDateTime(allow_none=True)
+    updated_at = fields.AwareDateTime(allow_none=True)
+    error_message = fields.String(allow_none=True)
+    retry_count = fields.Integer()
+    max_retries = fields.Integer()
+    timeout_at = fields.AwareDateTime(allow_none=True)
+    available_at = fields.AwareDateTime(allow_none=True)
+    priority = fields.Integer()
+    attempt = fields.Integer()
+    progress = fields.Float(allow_none=True)
+    progress_message = fields.String(allow_none=True)
+
+
+class JobDetail(JobSummary):
+    result_data = fields.Dict(allow_none=True)
+
+
+class ListJobsQuery(StrictSchema):
+    status = fields.String(load_default=None, validate=validate.OneOf(STATUSES))
+    content_type = fields.String(load_default=None, validate=validate.Length(max=64))
+    ingestion_task_id = fields.String(load_default=None, validate=ID_LENGTH)
+    worker_id = fields.String(load_default=None, validate=ID_LENGTH)
+    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
+    cursor = fields.String(load_default=None, validate=validate.Length(min=1, max=64))
+
+
+class ListJobsResponse(Schema):
+    jobs = fields.List(fields.Nested(JobSummary))
+    next_cursor = fields.String(allow_none=True)
+
+
+class HealthResponse(Schema):
+    status = fields.String()
+    store = fields.String()
+    detail = fields.String()
+
+
+class ProblemSchema(Schema):
+    """RFC 9457 problem details, as every error of this API is rendered."""
+
+    type = fields.String()
+    title = fields.String()
+    status = fields.Integer()
+    detail = fields.String()
+    errors = fields.Dict(keys=fields.String(), values=fields.List(fields.String()))
+    request_id = fields.String()
+
+
+
+
+class StatsResponse(Schema):
+    counts = fields.Dict(keys=fields.String(), values=fields.Dict(keys=fields.String(), values=fields.Integer()))
+    totals = fields.Dict(keys=fields.String(), values=fields.Integer())
+    oldest_pending_age_seconds = fields.Float(allow_none=True)
+    active_workers = fields.List(fields.String())

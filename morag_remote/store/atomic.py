@@ -1,0 +1,107 @@
+"""Crash-safe file primitives (after CPython's mailbox.Maildir): temp file, fsync, rename.
+
+The rename is the commit point: a reader sees the old bytes or the new ones, never half a file, and
+a crash at any instant leaves at most a temp file behind (``TEMP_PREFIX``), which fsck removes.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+TEMP_PREFIX = ".tmp-"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    """Replace ``path`` with ``data`` durably; on any failure the temp file is removed."""
+    tmp = path.parent / f"{TEMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    write_atomic(path, json.dumps(value, separators=(",", ":"), sort_keys=True).encode())
+
+
+def read_json(path: Path) -> Any:
+    """The parsed file; FileNotFoundError when absent, ValueError when it is not valid JSON."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    return json.loads(raw)
+
+
+def unlink_quietly(path: Path) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+class FileLock:
+    """An exclusive/shared lock across processes (``flock``) and threads (a mutex) on one file.
+
+    Re-entrant within a thread: only the outermost ``hold`` takes and releases the flock. The file
+    is reopened after a fork, because a flock belongs to an open file description.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._mutex = threading.RLock()
+        self._fd: int | None = None
+        self._pid: int | None = None
+        self._depth = 0
+
+    def _descriptor(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._pid = os.getpid()
+        return self._fd
+
+    @contextmanager
+    def hold(self, exclusive: bool = True) -> Iterator[None]:
+        with self._mutex:
+            outermost = self._depth == 0
+            if outermost:
+                fd = self._descriptor()
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+                        break
+                    except OSError as exc:  # pragma: no cover - EINTR from a signal
+                        if exc.errno != errno.EINTR:
+                            raise
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if outermost:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)

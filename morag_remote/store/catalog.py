@@ -1,0 +1,171 @@
+"""A process's in-memory index of the job files: what a claim, a list or a stats call needs to know
+without opening every file.
+
+The files stay the truth. The index is rebuilt from them when a process first uses the store and is
+kept current through the change journal (``journal.py``), so the cost of a claim does not grow with
+the number of pending jobs, nor with the number pending of other content types.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Iterable, Iterator
+
+from sortedcontainers import SortedList
+
+from ..models import TERMINAL, RemoteJob, Status
+
+
+@dataclass(slots=True)
+class Entry:
+    status: str
+    content_type: str
+    priority: int
+    created: float
+    available: float
+    timeout: float | None
+    finished: float | None
+    ingestion_task_id: str
+    worker_id: str | None
+    seen: float | None
+
+    @classmethod
+    def of(cls, job: RemoteJob) -> "Entry":
+        created = _ts(job.created_at) or 0.0
+        return cls(
+            status=job.status,
+            content_type=job.content_type,
+            priority=job.priority,
+            created=created,
+            available=_ts(job.available_at) or created,
+            timeout=_ts(job.timeout_at),
+            finished=_ts(job.completed_at) or _ts(job.updated_at),
+            ingestion_task_id=job.ingestion_task_id,
+            worker_id=job.worker_id,
+            seen=_ts(job.heartbeat_at) or _ts(job.started_at),
+        )
+
+
+def _ts(value: datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+class Catalog:
+    """Sorted views of the jobs by what each query orders on; every view changes in ``_index``."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, Entry] = {}
+        self._all = SortedList()
+        self._by_status: dict[str, SortedList] = {s.value: SortedList() for s in Status}
+        self._counts: dict[tuple[str, str], int] = {}
+        self._ready: dict[str, SortedList] = {}      # content type -> (-priority, created, id)
+        self._delayed: dict[str, SortedList] = {}    # content type -> (available, id)
+        self._pending_age = SortedList()             # (created, id)
+        self._leases = SortedList()                  # (timeout, id) of processing jobs
+        self._finished = SortedList()                # (finished, id) of terminal jobs
+        self.worker_seen: dict[str, float] = {}
+
+    def clear(self) -> None:
+        self.__init__()
+
+    def apply(self, job_id: str, job: RemoteJob | None) -> None:
+        """Make the index say what the store now holds for ``job_id`` (None: no such job)."""
+        old = self.entries.pop(job_id, None)
+        if old is not None:
+            self._index(job_id, old, add=False)
+        if job is not None:
+            entry = Entry.of(job)
+            self.entries[job_id] = entry
+            self._index(job_id, entry, add=True)
+            if entry.worker_id and entry.seen is not None:
+                if entry.seen > self.worker_seen.get(entry.worker_id, 0.0):
+                    self.worker_seen[entry.worker_id] = entry.seen
+
+    def _index(self, job_id: str, e: Entry, add: bool) -> None:
+        def op(sl: SortedList, key: tuple) -> None:
+            if add:
+                sl.add(key)
+            else:
+                sl.discard(key)
+
+        op(self._all, job_id)
+        op(self._by_status[e.status], job_id)
+        count_key = (e.status, e.content_type)
+        self._counts[count_key] = self._counts.get(count_key, 0) + (1 if add else -1)
+        if e.status == Status.PENDING.value:
+            ready = self._ready.setdefault(e.content_type, SortedList())
+            delayed = self._delayed.setdefault(e.content_type, SortedList())
+            if add:  # every pending job enters as delayed; candidates() promotes it when due
+                delayed.add((e.available, job_id))
+            else:
+                ready.discard((-e.priority, e.created, job_id))
+                delayed.discard((e.available, job_id))
+            op(self._pending_age, (e.created, job_id))
+        elif e.status == Status.PROCESSING.value and e.timeout is not None:
+            op(self._leases, (e.timeout, job_id))
+        elif Status(e.status) in TERMINAL and e.finished is not None:
+            op(self._finished, (e.finished, job_id))
+
+    def _promote(self, content_types: set[str], now: float) -> None:
+        """Move jobs whose backoff has ended from the delayed view to the ready one."""
+        for ct in content_types:
+            delayed = self._delayed.get(ct)
+            while delayed and delayed[0][0] <= now:
+                _, job_id = delayed.pop(0)
+                e = self.entries[job_id]
+                self._ready[ct].add((-e.priority, e.created, job_id))
+
+    def candidates(self, content_types: Iterable[str], now: float) -> Iterator[str]:
+        """Pending ids available at ``now`` in claim order (priority, then age), across the types."""
+        wanted = set(content_types)
+        self._promote(wanted, now)
+        lists = [self._ready[ct] for ct in wanted if self._ready.get(ct)]
+        positions = [0] * len(lists)
+        while True:
+            best = None
+            for i, sl in enumerate(lists):
+                if positions[i] < len(sl) and (best is None or sl[positions[i]] < lists[best][positions[best]]):
+                    best = i
+            if best is None:
+                return
+            key = lists[best][positions[best]]
+            positions[best] += 1
+            yield key[2]
+
+    def next_available(self, content_types: Iterable[str]) -> float | None:
+        times = [self._delayed[ct][0][0] for ct in set(content_types) if self._delayed.get(ct)]
+        return min(times) if times else None
+
+    def has_available(self, content_types: Iterable[str], now: float) -> bool:
+        return next(self.candidates(content_types, now), None) is not None
+
+    def lapsed(self, now: float, limit: int) -> list[str]:
+        out = []
+        for timeout, job_id in self._leases:
+            if timeout > now or len(out) >= limit:
+                break
+            out.append(job_id)
+        return out
+
+    def pending_created_before(self, cutoff: float, limit: int) -> list[str]:
+        return [job_id for created, job_id in self._pending_age.islice(0, limit) if created < cutoff]
+
+    def finished_before(self, cutoff: float, limit: int) -> list[str]:
+        out = []
+        for finished, job_id in self._finished:
+            if finished >= cutoff or len(out) >= limit:
+                break
+            out.append(job_id)
+        return out
+
+    def ids(self, status: str | None, after: str | None) -> Iterator[str]:
+        """Ids in creation order (ids are time-ordered) after the cursor, optionally of one status."""
+        sl = self._by_status[status] if status else self._all
+        start = sl.bisect_right(after) if after else 0
+        yield from sl.islice(start)
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        return {key: n for key, n in self._counts.items() if n}
+
+    def oldest_pending(self) -> float | None:
+        return self._pending_age[0][0] if self._pending_age else None

@@ -1,0 +1,80 @@
+"""The change journal: an append-only log of the ids of jobs that changed, in numbered segments.
+
+A writer appends a job's id *before* it touches the job's files, while holding the store lock; every
+process reads the lines it has not seen yet when it next takes the lock and re-reads those jobs, which
+keeps its in-memory catalog current at a cost proportional to the changes, not to the store. Because
+the id is logged before the change, a writer killed half-way still leaves a line, and the next reader
+re-reads that job from the files (the truth). The journal is not fsynced: after a power loss every
+process starts again and rebuilds its catalog from the files.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+Position = tuple[int, int]  # (segment number, byte offset)
+
+SEGMENT_BYTES = 1 << 20
+
+
+class JournalGap(Exception):
+    """The segment a reader was in has been removed: it must rebuild from the files."""
+
+
+class Journal:
+    def __init__(self, directory: Path, segment_bytes: int = SEGMENT_BYTES) -> None:
+        self.dir = directory
+        self.segment_bytes = segment_bytes
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, segment: int) -> Path:
+        return self.dir / f"{segment:012d}.log"
+
+    def _segments(self) -> list[int]:
+        return sorted(int(name[:-4]) for name in os.listdir(self.dir)
+                      if name.endswith(".log") and name[:-4].isdigit())
+
+    def head(self) -> Position:
+        """Where the journal ends now (creating the first segment if there is none)."""
+        segments = self._segments()
+        if not segments:
+            self._path(1).touch()
+            return (1, 0)
+        last = segments[-1]
+        return (last, os.stat(self._path(last)).st_size)
+
+    def append(self, job_ids: list[str]) -> Position:
+        """Log ``job_ids`` (caller holds the exclusive store lock); returns the new end."""
+        segment, _ = self.head()
+        with open(self._path(segment), "ab") as fh:
+            fh.write("".join(f"{job_id}\n" for job_id in job_ids).encode())
+            end = fh.tell()
+        if end >= self.segment_bytes:
+            self._path(segment + 1).touch()
+            for old in self._segments():
+                if old < segment:
+                    self._path(old).unlink(missing_ok=True)
+            return (segment + 1, 0)
+        return (segment, end)
+
+    def read_since(self, position: Position) -> tuple[list[str], Position]:
+        """The ids logged after ``position`` and the new position; JournalGap when it is gone."""
+        segment, offset = position
+        ids: list[str] = []
+        while True:
+            try:
+                with open(self._path(segment), "rb") as fh:
+                    fh.seek(offset)
+                    chunk = fh.read()
+            except FileNotFoundError:
+                raise JournalGap(f"segment {segment} removed") from None
+            complete = chunk.rfind(b"\n") + 1
+            ids.extend(chunk[:complete].decode().split())
+            offset += complete
+            if not self._path(segment + 1).exists():
+                return ids, (segment, offset)
+            segment, offset = segment + 1, 0
+
+    def signature(self) -> Position:
+        """A cheap token that changes whenever anything is appended (for long-poll watchers)."""
+        return self.head()

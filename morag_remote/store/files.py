@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from datetime import datetime, timezone
+from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -186,18 +187,23 @@ class FileJobStore:
     def claim(self, content_types: Iterable[str], limit: int, now: datetime,
               mutate: Mutator) -> list[RemoteJob]:
         claimed: list[RemoteJob] = []
+        types = list(content_types)
         with self._locked():
-            for job_id in list(self.catalog.candidates(content_types, now.timestamp())):
-                if len(claimed) >= limit:
+            # Take candidates a few at a time: each one handled leaves the ready view (claimed, or
+            # re-indexed from its file if the catalog was behind), so the loop always advances.
+            while len(claimed) < limit:
+                batch = list(islice(self.catalog.candidates(types, now.timestamp()), limit - len(claimed)))
+                if not batch:
                     break
-                copies = self._copies(job_id)
-                if not copies or copies[0][0].status != "pending":
-                    self.catalog.apply(job_id, copies[0][0] if copies else None)
-                    continue
-                current = copies[0][0]
-                new = mutate(current.copy())
-                new.version = current.version + 1
-                claimed.append(self._write(new, [p for _, p in copies]))
+                for job_id in batch:
+                    copies = self._copies(job_id)
+                    if not copies or copies[0][0].status != "pending":
+                        self.catalog.apply(job_id, copies[0][0] if copies else None)
+                        continue
+                    current = copies[0][0]
+                    new = mutate(current.copy())
+                    new.version = current.version + 1
+                    claimed.append(self._write(new, [p for _, p in copies]))
         return claimed
 
     def delete(self, job_id: str) -> None:

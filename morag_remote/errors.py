@@ -76,7 +76,7 @@ def handle_unexpected(exc: Exception) -> Response:
     if isinstance(exc, HTTPException):
         return handle_http(exc)
     log.exception("request.crashed", error_type=type(exc).__name__)
-    return problem(500, InternalServerError.name, "the server failed to handle the request")
+    return problem(500, InternalServerError().name, "the server failed to handle the request")
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -52,6 +52,11 @@ def _refuse(detail: str, message: str) -> InvalidRequest:
     return InvalidRequest(f"source_file_path {detail}", {FIELD: [message]})
 
 
+def _outside() -> InvalidRequest:
+    return _refuse("is outside the configured source roots (MORAG_REMOTE_SOURCE_ROOTS)",
+                   "must resolve to a file inside one of the source roots")
+
+
 def confine(source_file_path: str, roots: Iterable[str]) -> str:
     """The real path of a readable regular file inside one of ``roots``; InvalidRequest (422) otherwise.
 
@@ -62,25 +67,18 @@ def confine(source_file_path: str, roots: Iterable[str]) -> str:
         raise _refuse("contains a NUL byte", "contains a NUL byte")
     candidate = _candidate(source_file_path, roots)
     real_roots = _real_roots(roots)
-    resolved = _resolve(candidate)
-    if resolved is None:
-        raise _refuse("changed while it was being checked", "changed while being checked")
-    if not _inside(resolved, real_roots):
-        raise _refuse("is outside the configured source roots (MORAG_REMOTE_SOURCE_ROOTS)",
-                      "must resolve to a file inside one of the source roots")
     try:
         real = os.path.realpath(candidate, strict=True)
-    except FileNotFoundError:
-        raise _refuse("does not exist", "no such file") from None
-    except OSError as exc:  # a symlink loop, a name too long, a directory we may not search
-        raise _refuse(f"cannot be resolved ({exc.strerror})", "cannot be resolved") from None
-    if not _inside(real, real_roots):  # changed between the two resolutions
-        raise _refuse("is outside the configured source roots (MORAG_REMOTE_SOURCE_ROOTS)",
-                      "must resolve to a file inside one of the source roots")
-    try:
         st = os.stat(real)
-    except FileNotFoundError:
-        raise _refuse("does not exist", "no such file") from None
+    except OSError as exc:  # missing, a symlink loop, a name too long, changed while resolving
+        resolved = _resolve(candidate)  # as far as it resolves: outside the roots is the answer then
+        if resolved is not None and not _inside(resolved, real_roots):
+            raise _outside() from None
+        if isinstance(exc, FileNotFoundError):
+            raise _refuse("does not exist", "no such file") from None
+        raise _refuse(f"cannot be resolved ({exc.strerror})", "cannot be resolved") from None
+    if not _inside(real, real_roots):
+        raise _outside()
     if not stat.S_ISREG(st.st_mode):
         raise _refuse(f"is not a regular file (it is a {_kind(st.st_mode)})", "not a regular file")
     if not os.access(real, os.R_OK):
@@ -105,18 +103,14 @@ def open_source(source_file_path: str, roots: Iterable[str]) -> tuple[BinaryIO, 
         raise SourceForbidden("the job's source file now resolves outside the source roots")
     try:
         before = os.lstat(real)
-    except FileNotFoundError:
-        raise SourceMissing(f"the job's source file {source_file_path!r} no longer exists") from None
-    except OSError:
-        raise SourceForbidden("the job's source file may not be served") from None
-    if not stat.S_ISREG(before.st_mode):
-        raise SourceForbidden(f"the job's source is no longer a regular file (it is a {_kind(before.st_mode)})")
-    try:
+        if not stat.S_ISREG(before.st_mode):  # never open a FIFO or a device, even inside a root
+            raise SourceForbidden(f"the job's source is no longer a regular file (it is a {_kind(before.st_mode)})")
+        # O_NOFOLLOW: ELOOP if the file became a symlink since the lstat
         fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
         raise SourceMissing(f"the job's source file {source_file_path!r} no longer exists") from None
-    except OSError:  # ELOOP: swapped for a symlink since the lstat; EACCES and friends
-        raise SourceForbidden("the job's source file may not be served") from None
+    except OSError as exc:
+        raise SourceForbidden(f"the job's source file may not be served ({exc.strerror})") from None
     try:
         opened = os.readlink(f"/proc/self/fd/{fd}")
         st = os.fstat(fd)
@@ -128,12 +122,12 @@ def open_source(source_file_path: str, roots: Iterable[str]) -> tuple[BinaryIO, 
         raise
 
 
+_KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+          (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symlink"))
+
+
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symlink")):
-        if test(mode):
-            return name
-    return "special file"
+    return next((name for test, name in _KINDS if test(mode)), "special file")
 
 
 def download_name(source_file_path: str) -> str:

@@ -19,6 +19,9 @@ import pytest
 from conftest import WorkerActions, auth
 from morag_remote import create_app
 from morag_remote.context import KEYS, SERVICE
+from morag_remote.exceptions import SourceForbidden
+from morag_remote.sources import open_source
+from morag_remote.store.base import JobFilter
 
 J = "/api/v1/remote-jobs"
 SECRET = b"TOP-SECRET: bytes that live outside every source root"
@@ -50,7 +53,7 @@ def assert_refused_at_create(response, service) -> None:
     assert response.json["detail"].startswith("source_file_path ")
     assert "source_file_path" in response.json["errors"]
     assert SECRET not in response.data
-    jobs, _ = service.list(__import__("morag_remote.store.base", fromlist=["JobFilter"]).JobFilter(), None, 10)
+    jobs, _ = service.list(JobFilter(), None, 10)
     assert jobs == []
 
 
@@ -246,6 +249,11 @@ def _swap_directory_for_symlink(path: Path, outside: Path) -> None:
     os.symlink(outside, path.parent)
 
 
+def _swap_directory_for_a_file(path: Path, outside: Path) -> None:
+    path.parent.rename(path.parent.with_name("sub-old"))
+    path.parent.write_bytes(INSIDE)
+
+
 def _swap_file_for_fifo(path: Path, outside: Path) -> None:
     path.unlink()
     os.mkfifo(path)
@@ -265,6 +273,7 @@ SWAPS = {
     "file swapped for a symlink pointing out": _swap_file_for_symlink,
     "file swapped for a relative symlink pointing out": _swap_file_for_relative_symlink,
     "parent directory swapped for a symlink pointing out": _swap_directory_for_symlink,
+    "parent directory swapped for a regular file": _swap_directory_for_a_file,
     "file swapped for a FIFO": _swap_file_for_fifo,
     "file swapped for a directory": _swap_file_for_directory,
     "file swapped for a unix socket": _swap_file_for_socket,
@@ -279,6 +288,12 @@ def test_download_refuses_a_source_swapped_since_create(swap, claimed_job, outsi
     assert response.status_code == 403
     assert response.mimetype == "application/problem+json"
     assert SECRET not in response.data
+
+
+def test_a_stored_path_with_a_nul_byte_is_never_opened(root):
+    """Create refuses such a path; a record written by other means is refused at serve time too."""
+    with pytest.raises(SourceForbidden):
+        open_source(f"{root}/ok.bin\x00/../../etc/passwd", [str(root)])
 
 
 def test_range_request_on_a_swapped_source_is_refused_too(claimed_job, outside):

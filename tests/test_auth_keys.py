@@ -11,7 +11,7 @@ import pytest
 
 from conftest import auth
 from morag_remote import create_app
-from morag_remote.auth import LAST_USED_RESOLUTION, KeyRequestInvalid, hash_key
+from morag_remote.auth import LAST_USED_RESOLUTION, KeyRequestInvalid, current_principal, hash_key
 from morag_remote.context import KEYS
 
 STATS = "/api/v1/remote-jobs/stats"
@@ -255,3 +255,9 @@ def test_auth_disabled_with_an_unclear_value_refuses_to_start(value, monkeypatch
     monkeypatch.setenv("MORAG_REMOTE_AUTH_DISABLED", value)
     with pytest.raises(ValueError, match="MORAG_REMOTE_AUTH_DISABLED must be true or false"):
         create_app({"TESTING": True, "INSTANCE_PATH": str(instance_path), "LOG_JSON": True})
+
+
+def test_a_view_without_requires_does_not_get_an_anonymous_admin(app, client, keys):
+    app.add_url_rule("/who-for-test", view_func=lambda: {"role": current_principal().role})
+    assert client.get("/who-for-test").status_code == 401
+    assert client.get("/who-for-test", headers=auth(keys["worker"])).json == {"role": "worker"}

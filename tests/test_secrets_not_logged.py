@@ -138,6 +138,7 @@ class Server:
         self.env.pop("MORAG_REMOTE_AUTH_DISABLED", None)
         self.cli_output: list[str] = []
         self.log_path = tmp / "gunicorn.log"
+        self.log_file = None
         self.process: subprocess.Popen | None = None
 
     def flask(self, *args: str) -> subprocess.CompletedProcess:
@@ -168,7 +169,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
-        self.log_file.close()
+        if self.log_file is not None:
+            self.log_file.close()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") + "".join(self.cli_output)
@@ -183,9 +185,11 @@ def server(tmp_path_factory):
     srv.keys = {"admin": srv.admin_key}
     for role in ("producer", "worker"):
         srv.keys[role] = srv.flask("keys", "create", "--role", role, "--name", f"{role}-1").stdout.splitlines()[-1]
-    srv.start()
-    yield srv
-    srv.stop()
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import structlog
 from flask import Flask
 
-from .auth import KeyStore
+from .auth import KeyFileUnreadable, KeyStore, auth_disabled
 from .config import DEFAULTS, ENV_PREFIX, Settings, instance_path_from_env, resolve_paths
 from .context import KEYS, SERVICE, TOKENS
 from .errors import register_error_handlers
@@ -35,6 +35,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         app.config.from_mapping(test_config)
     os.makedirs(app.instance_path, exist_ok=True)
     resolve_paths(app.config, app.instance_path)
+    app.config["AUTH_DISABLED"] = auth_disabled(app.config["AUTH_DISABLED"])
 
     json_logs = app.config["LOG_JSON"] if app.config["LOG_JSON"] is not None else not app.debug
     configure_logging(json_lines=bool(json_logs))
@@ -61,9 +62,16 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
 
 def _warn_about_auth(app: Flask) -> None:
+    """One line at every start when the API is open to anyone, or closed to everyone."""
     if app.config["AUTH_DISABLED"]:
-        log.warning("auth.disabled", detail="MORAG_REMOTE_AUTH_DISABLED is set: every request is admin; "
-                    "local development only")
-    elif not app.extensions[KEYS].has_keys():
+        log.warning("auth.disabled", detail="MORAG_REMOTE_AUTH_DISABLED is set: every request is admin "
+                    "without a key; local development only")
+        return
+    try:
+        has_keys = app.extensions[KEYS].has_keys()
+    except KeyFileUnreadable as exc:
+        log.error("auth.keys_unreadable", detail=exc.detail)
+        return
+    if not has_keys:
         log.warning("auth.no_keys", detail="no API key exists yet: every API call answers 401; create one with "
-                    "'flask --app morag_remote keys create --role admin --name admin'")
+                    "'flask --app morag_remote keys create --role admin --name admin' (make run does it for you)")

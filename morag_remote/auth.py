@@ -8,12 +8,16 @@ lookup compares digests with ``hmac.compare_digest``.
 Roles: ``worker`` polls and works on jobs, ``producer`` creates and manages them, ``admin`` may do
 everything. A worker key may be bound to a worker id: it then polls only as that id and acts only on
 jobs that id holds.
+
+A key's last use is written back at most once a minute per key and process (``LAST_USED_RESOLUTION``),
+so authentication costs no write on almost every request.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import time
@@ -27,12 +31,16 @@ from flask import current_app, g, request
 from .context import KEYS
 from .exceptions import ServiceError
 from .models import to_iso, utcnow
-from .store.atomic import FileLock, read_json, write_json_atomic
+from .store.atomic import FileLock, write_json_atomic
 
 ROLES = ("worker", "producer", "admin")
 ANY = ROLES
 KEY_PREFIX = "mrk_"
 LAST_USED_RESOLUTION = 60.0  # seconds: how often a key's last use is written back
+NAME_RULE = "1-64 letters, digits, '-', '_' or '.'"
+MAX_WORKER_ID = 128  # the API's worker_id limit
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off", ""}
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +58,13 @@ class Forbidden(ServiceError):
 class KeyRequestInvalid(ServiceError):
     status_code = 422
     title = "Invalid key request"
+
+
+class KeyFileUnreadable(ServiceError):
+    """The key file exists but is not a key list: fail closed (no request is let through)."""
+
+    status_code = 503
+    title = "API keys unavailable"
 
 
 @dataclass
@@ -81,28 +96,51 @@ ANONYMOUS_ADMIN = Principal(name="auth-disabled", role="admin")
 
 
 def hash_key(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def auth_disabled(value: Any) -> bool:
+    """``MORAG_REMOTE_AUTH_DISABLED`` read strictly: anything but a clear yes or no refuses to start.
+
+    The environment gives JSON values (``true``) or plain strings (``False``, ``yes``); a string that
+    merely looks false must never turn authentication off.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"MORAG_REMOTE_AUTH_DISABLED must be true or false, not {value!r}")
 
 
 class KeyStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = Path(path)
         self.lock = FileLock(self.path.with_name(self.path.name + ".lock"))
+        self.clock = clock  # monotonic seconds: only paces the last-used write-back
         self._keys: dict[str, ApiKey] = {}
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, ...] | None = None
         self._used: dict[str, float] = {}
 
     def _load(self) -> dict[str, ApiKey]:
+        """The keys, re-read only when the file changed (another process created or revoked one)."""
         try:
-            st = os.stat(self.path)
+            fh = open(self.path, "rb")
         except FileNotFoundError:
             self._keys, self._stamp = {}, None
             return self._keys
-        stamp = (st.st_mtime_ns, st.st_ino)
-        if stamp != self._stamp:
-            data = read_json(self.path)
-            self._keys = {k["name"]: ApiKey(**k) for k in data.get("keys", [])}
-            self._stamp = stamp
+        with fh:
+            st = os.fstat(fh.fileno())
+            stamp = (st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size)
+            if stamp != self._stamp:
+                try:
+                    keys = {k["name"]: ApiKey(**k) for k in json.loads(fh.read())["keys"]}
+                except (ValueError, TypeError, KeyError, AttributeError):
+                    log.error("keys.file_unreadable", file=self.path.name)
+                    raise KeyFileUnreadable(f"the API key file {self.path.name} is not readable; "
+                                            "fix or remove it, then create keys again") from None
+                self._keys, self._stamp = keys, stamp
         return self._keys
 
     def _save(self, keys: dict[str, ApiKey]) -> None:
@@ -112,10 +150,12 @@ class KeyStore:
     def create(self, name: str, role: str, worker_id: str | None = None) -> tuple[ApiKey, str]:
         if role not in ROLES:
             raise KeyRequestInvalid(f"role must be one of {', '.join(ROLES)}")
-        if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
-            raise KeyRequestInvalid("name must be 1-64 letters, digits, '-', '_' or '.'")
+        if not name or len(name) > 64 or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in name):
+            raise KeyRequestInvalid(f"name must be {NAME_RULE}")
         if worker_id is not None and role != "worker":
             raise KeyRequestInvalid("only worker keys can be bound to a worker id")
+        if worker_id is not None and not 0 < len(worker_id) <= MAX_WORKER_ID:
+            raise KeyRequestInvalid(f"a worker id has 1-{MAX_WORKER_ID} characters")
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         with self.lock.hold():
             keys = dict(self._load())
@@ -155,15 +195,23 @@ class KeyStore:
         return found
 
     def _touch(self, name: str) -> None:
-        now = time.monotonic()
-        if now - self._used.get(name, -LAST_USED_RESOLUTION) < LAST_USED_RESOLUTION:
+        """Write the key's last use back, at most once per ``LAST_USED_RESOLUTION`` per process.
+
+        Best effort: a full disk or a read-only instance folder must not turn a good key into a 500.
+        """
+        now = self.clock()
+        last = self._used.get(name)
+        if last is not None and now - last < LAST_USED_RESOLUTION:
             return
         self._used[name] = now
-        with self.lock.hold():
-            keys = dict(self._load())
-            if name in keys:
-                keys[name].last_used_at = to_iso(utcnow())
-                self._save(keys)
+        try:
+            with self.lock.hold():
+                keys = dict(self._load())
+                if name in keys:
+                    keys[name].last_used_at = to_iso(utcnow())
+                    self._save(keys)
+        except OSError as exc:
+            log.warning("key.last_used_unsaved", name=name, error=exc.strerror)
 
 
 def key_store() -> KeyStore:
@@ -178,9 +226,13 @@ def authenticate_request() -> Principal:
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
-    key = key_store().authenticate(secret.strip())
+    store = key_store()
+    key = store.authenticate(secret.strip())
     if key is None:
-        raise Unauthorized("the API key is not valid")
+        if not store.has_keys():
+            raise Unauthorized("no API key exists on this server yet; an operator creates one with "
+                               "'flask --app morag_remote keys create'")
+        raise Unauthorized("the API key is not valid (unknown or revoked)")
     return Principal(name=key.name, role=key.role, worker_id=key.worker_id)
 
 
@@ -203,4 +255,9 @@ def requires(*roles: str) -> Callable:
 
 
 def current_principal() -> Principal:
-    return g.get("principal") or ANONYMOUS_ADMIN
+    """The caller ``@requires`` let in; outside such a view, whoever the request's key says (fail
+    closed: a view that forgot ``@requires`` gets a 401, never the anonymous admin)."""
+    principal = g.get("principal")
+    if principal is None:
+        principal = g.principal = authenticate_request()
+    return principal

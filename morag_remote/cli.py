@@ -152,15 +152,32 @@ def keys_create(role: str, name: str, worker_id: str | None) -> None:
 def keys_bootstrap_admin() -> None:
     """When no key exists yet, create an admin key in <instance>/admin-key.txt (mode 0600)."""
     store = key_store()
-    if store.has_keys() or current_app.config["AUTH_DISABLED"]:
+    if current_app.config["AUTH_DISABLED"] or _run(store.has_keys):
         return
     path = os.path.join(current_app.instance_path, "admin-key.txt")
     _, secret = _run(lambda: store.create("admin", "admin"))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secret + "\n")
-    os.chmod(path, 0o600)
+    try:
+        _write_private(path, secret + "\n")
+    except OSError as exc:
+        store.revoke("admin")
+        raise click.ClickException(f"could not write {path}: {exc.strerror}; no key was created") from None
     click.echo(f"created an admin API key; it is in {path} (readable by you only)")
+
+
+def _write_private(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600 from the first byte (temp file, then rename)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 @keys_cli.command("list")
@@ -168,7 +185,7 @@ def keys_bootstrap_admin() -> None:
 @with_appcontext
 def keys_list(as_json: bool) -> None:
     """Names, roles, creation and last use of every key (never the key)."""
-    rows = [k.public() for k in key_store().list()]
+    rows = [k.public() for k in _run(key_store().list)]
     _emit(as_json, rows, lambda rs: "\n".join(
         f"{r['name']:<20} {r['role']:<9} worker={r['worker_id'] or '-'} created={r['created_at']} "
         f"last_used={r['last_used_at'] or 'never'}" for r in rs) or "no keys")

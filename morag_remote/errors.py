@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from flask import Flask, Response, g, json
+from flask import Flask, Response, current_app, g, json
 from marshmallow import ValidationError
-from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
 
 from .exceptions import ServiceError
 
@@ -60,6 +60,10 @@ def handle_http(exc: HTTPException) -> Response:
     detail = exc.description or exc.name
     if code == 400 and "JSON" in str(detail):
         detail = "the request body is not valid JSON"
+    if isinstance(exc, RequestEntityTooLarge):
+        limit = current_app.config.get("MAX_CONTENT_LENGTH")
+        detail = (f"the request body is larger than the {limit} bytes this server accepts "
+                  "(MORAG_REMOTE_MAX_CONTENT_LENGTH)")
     response = problem(code, exc.name, detail)
     if code == 405 and exc.response is None:
         valid = getattr(exc, "valid_methods", None)
@@ -72,7 +76,7 @@ def handle_unexpected(exc: Exception) -> Response:
     if isinstance(exc, HTTPException):
         return handle_http(exc)
     log.exception("request.crashed", error_type=type(exc).__name__)
-    return problem(500, InternalServerError.name, "the server failed to handle the request")
+    return problem(500, InternalServerError().name, "the server failed to handle the request")
 
 
 def register_error_handlers(app: Flask) -> None:

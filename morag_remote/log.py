@@ -2,8 +2,10 @@
 
 Configured once (the first app built in a process configures it); every line is key=value, JSON
 lines unless in debug. A request id is bound per request (``X-Request-ID`` when the client sent a
-sane one, else a new one) and echoed back. Nothing secret is logged: headers are never logged, and
-``redact`` masks anything shaped like a key or a download token that a caller passes in by mistake.
+sane one, else a new one) and echoed back. Nothing secret is logged: headers and query strings are
+never logged, fields named like a secret are masked, and :func:`redact_text` masks anything shaped
+like an API key, a ``token=`` parameter or a ``Bearer`` credential in every logged string (tracebacks
+included), and in the lines of stdlib loggers (werkzeug's request lines under ``flask run``).
 """
 from __future__ import annotations
 
@@ -19,15 +21,35 @@ from flask import Flask, Response, g, request
 _configured = False
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _SECRET_KEYS = {"authorization", "token", "key", "api_key", "secret", "password"}
+_SECRET_TEXT = re.compile(r"mrk_[A-Za-z0-9_-]+|(?<=token=)[^&\s\"'#]+|(?i:(?<=bearer ))[^\s\"']+")
+REDACTED = "[redacted]"
 
 log = structlog.get_logger("morag_remote.request")
 
 
+def redact_text(text: str) -> str:
+    """``text`` with API keys, ``token=`` values and Bearer credentials replaced by ``[redacted]``."""
+    return _SECRET_TEXT.sub(REDACTED, text)
+
+
 def _redact(_, __, event_dict: dict) -> dict:
-    for name in list(event_dict):
+    for name, value in list(event_dict.items()):
         if name.lower() in _SECRET_KEYS:
-            event_dict[name] = "[redacted]"
+            event_dict[name] = REDACTED
+        elif isinstance(value, str):
+            event_dict[name] = redact_text(value)
     return event_dict
+
+
+class RedactFilter(logging.Filter):
+    """The stdlib side of :func:`_redact`, for handlers that print other libraries' records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_text(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
 
 
 def configure_logging(json_lines: bool) -> None:
@@ -36,14 +58,16 @@ def configure_logging(json_lines: bool) -> None:
         return
     _configured = True
     logging.basicConfig(format="%(message)s", stream=sys.stderr, level=logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactFilter())
     renderer = structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _redact,
             structlog.processors.format_exc_info,
+            _redact,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),

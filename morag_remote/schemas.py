@@ -17,6 +17,7 @@ ID_LENGTH = validate.Length(min=1, max=128)
 TEXT_LENGTH = validate.Length(max=10_000)
 MAX_OPTIONS_BYTES = 64 * 1024
 MAX_METADATA_BYTES = 1024 * 1024
+MAX_JSON_DEPTH = 32
 
 
 class StrictSchema(Schema):
@@ -25,8 +26,24 @@ class StrictSchema(Schema):
 
 
 def _json_size_check(value: dict, limit: int, name: str) -> None:
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise ValidationError(f"{name} nests objects or arrays more than {MAX_JSON_DEPTH} levels deep")
     if len(json.dumps(value, default=str)) > limit:
         raise ValidationError(f"{name} is larger than {limit} bytes as JSON")
+
+
+def _depth(value: object) -> int:
+    """How deeply objects and arrays nest in ``value`` (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if level <= MAX_JSON_DEPTH:
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 class StrictBoolean(fields.Boolean):

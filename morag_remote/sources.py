@@ -1,7 +1,14 @@
 """Source files: only regular files inside the configured roots, checked at create and at serve time.
 
-The serve-time check looks at the file actually opened (``/proc/self/fd``), not at the name, so a
-file swapped for a symlink between the check and the open cannot leak a byte from outside the roots.
+Both checks resolve the path (following every symlink, in any component) and require the result to
+be inside the real path of one of ``SOURCE_ROOTS``, so a symlink inside a root that points to
+another file inside a root is fine, and one that points out is not. A relative path is taken
+relative to the first root.
+
+The serve-time check never opens a path that resolves outside the roots (opening a device or a
+FIFO can have effects of its own), and then checks the descriptor it actually opened (its
+``/proc/self/fd`` link and ``fstat``), so a file or a directory swapped for a symlink between the
+check and the open cannot leak a byte from outside the roots.
 """
 from __future__ import annotations
 
@@ -12,38 +19,70 @@ from typing import BinaryIO, Iterable
 
 from .exceptions import InvalidRequest, SourceForbidden, SourceMissing
 
+FIELD = "source_file_path"
 
-def _inside(path: str, roots: Iterable[str]) -> bool:
-    for root in roots:
-        real_root = os.path.realpath(root)
+
+def _real_roots(roots: Iterable[str]) -> list[str]:
+    return [os.path.realpath(root) for root in roots]
+
+
+def _inside(path: str, real_roots: Iterable[str]) -> bool:
+    for real_root in real_roots:
         if path == real_root or path.startswith(real_root.rstrip(os.sep) + os.sep):
             return True
     return False
 
 
-def confine(source_file_path: str, roots: Iterable[str]) -> str:
-    """The real path of a regular file inside one of ``roots``; InvalidRequest (422) otherwise.
+def _candidate(source_file_path: str, roots: list[str]) -> str:
+    if not os.path.isabs(source_file_path) and roots:
+        return os.path.join(roots[0], source_file_path)
+    return source_file_path
 
-    A relative path is taken relative to the first root. The path is stored as the producer gave
-    it; the download checks it again.
+
+def _resolve(path: str) -> str | None:
+    """``realpath`` that follows what it can; None when the path changed under it (realpath itself
+    raises EINVAL when a symlink it found is gone by the time it reads it)."""
+    try:
+        return os.path.realpath(path)
+    except OSError:
+        return None
+
+
+def _refuse(detail: str, message: str) -> InvalidRequest:
+    return InvalidRequest(f"source_file_path {detail}", {FIELD: [message]})
+
+
+def _outside() -> InvalidRequest:
+    return _refuse("is outside the configured source roots (MORAG_REMOTE_SOURCE_ROOTS)",
+                   "must resolve to a file inside one of the source roots")
+
+
+def confine(source_file_path: str, roots: Iterable[str]) -> str:
+    """The real path of a readable regular file inside one of ``roots``; InvalidRequest (422) otherwise.
+
+    The path is stored as the producer gave it; the download checks it again.
     """
     roots = list(roots)
-    field = "source_file_path"
     if "\x00" in source_file_path:
-        raise InvalidRequest("source_file_path contains a NUL byte", {field: ["contains a NUL byte"]})
-    candidate = source_file_path
-    if not os.path.isabs(candidate) and roots:
-        candidate = os.path.join(roots[0], candidate)
-    real = os.path.realpath(candidate)
-    if not _inside(real, roots):
-        raise InvalidRequest("source_file_path is outside the configured source roots",
-                             {field: ["must name a file inside one of the source roots"]})
+        raise _refuse("contains a NUL byte", "contains a NUL byte")
+    candidate = _candidate(source_file_path, roots)
+    real_roots = _real_roots(roots)
     try:
+        real = os.path.realpath(candidate, strict=True)
         st = os.stat(real)
-    except OSError:
-        raise InvalidRequest("source_file_path does not exist", {field: ["no such file"]}) from None
+    except OSError as exc:  # missing, a symlink loop, a name too long, changed while resolving
+        resolved = _resolve(candidate)  # as far as it resolves: outside the roots is the answer then
+        if resolved is not None and not _inside(resolved, real_roots):
+            raise _outside() from None
+        if isinstance(exc, FileNotFoundError):
+            raise _refuse("does not exist", "no such file") from None
+        raise _refuse(f"cannot be resolved ({exc.strerror})", "cannot be resolved") from None
+    if not _inside(real, real_roots):
+        raise _outside()
     if not stat.S_ISREG(st.st_mode):
-        raise InvalidRequest("source_file_path is not a regular file", {field: ["not a regular file"]})
+        raise _refuse(f"is not a regular file (it is a {_kind(st.st_mode)})", "not a regular file")
+    if not os.access(real, os.R_OK):
+        raise _refuse("is not readable by the server", "not readable")
     return real
 
 
@@ -54,26 +93,41 @@ def open_source(source_file_path: str, roots: Iterable[str]) -> tuple[BinaryIO, 
     the roots or is no longer a regular file.
     """
     roots = list(roots)
-    candidate = source_file_path
-    if not os.path.isabs(candidate) and roots:
-        candidate = os.path.join(roots[0], candidate)
-    if "\x00" in candidate:
-        raise SourceForbidden("the source path is not allowed")
+    if "\x00" in source_file_path:
+        raise SourceForbidden("the job's source path may not be served (it contains a NUL byte)")
+    real_roots = _real_roots(roots)
+    real = _resolve(_candidate(source_file_path, roots))
+    if real is None:
+        raise SourceForbidden("the job's source file changed while it was being checked")
+    if not _inside(real, real_roots):
+        raise SourceForbidden("the job's source file now resolves outside the source roots")
     try:
-        fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        before = os.lstat(real)
+        if not stat.S_ISREG(before.st_mode):  # never open a FIFO or a device, even inside a root
+            raise SourceForbidden(f"the job's source is no longer a regular file (it is a {_kind(before.st_mode)})")
+        # O_NOFOLLOW: ELOOP if the file became a symlink since the lstat
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
-        raise SourceMissing("the job's source file no longer exists") from None
-    except OSError:  # ELOOP: the file itself is now a symlink; EACCES and friends
-        raise SourceForbidden("the source file may not be served") from None
+        raise SourceMissing(f"the job's source file {source_file_path!r} no longer exists") from None
+    except OSError as exc:
+        raise SourceForbidden(f"the job's source file may not be served ({exc.strerror})") from None
     try:
         opened = os.readlink(f"/proc/self/fd/{fd}")
         st = os.fstat(fd)
-        if not _inside(opened, roots) or not stat.S_ISREG(st.st_mode):
-            raise SourceForbidden("the source file resolves outside the source roots")
+        if not stat.S_ISREG(st.st_mode) or not _inside(opened, real_roots):
+            raise SourceForbidden("the job's source file resolves outside the source roots")
         return os.fdopen(fd, "rb"), st
     except BaseException:
         os.close(fd)
         raise
+
+
+_KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+          (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symlink"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "special file")
 
 
 def download_name(source_file_path: str) -> str:

@@ -2,14 +2,18 @@
 and ``producer`` / ``worker`` helpers that speak the API the way real callers do."""
 from __future__ import annotations
 
+import io
+import logging
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from morag_remote import create_app
 from morag_remote.context import KEYS, SERVICE
+from morag_remote.log import configure_logging
 
 
 class FakeClock:
@@ -154,3 +158,27 @@ def worker2(client, keys) -> WorkerActions:
 @pytest.fixture
 def admin_headers(keys) -> dict[str, str]:
     return auth(keys["admin"])
+
+
+@pytest.fixture
+def log_output():
+    """Everything logged while the test runs, as rendered: structlog lines and stdlib records.
+
+    It starts after ``app`` (pytest-flask builds the app first): call ``create_app`` in the test to
+    see start-up lines.
+    """
+    configure_logging(json_lines=True)  # no-op when done; it must not replace our factory later
+    buffer = io.StringIO()
+    saved = structlog.get_config()["logger_factory"]
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(buffer))
+    handler = logging.StreamHandler(buffer)
+    root = logging.getLogger()
+    saved_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield buffer
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved_level)
+        structlog.configure(logger_factory=saved)

@@ -15,7 +15,10 @@ def json_body(schema: Schema, allow_empty: bool = False) -> dict[str, Any]:
     if allow_empty and not request.get_data(cache=True):
         payload: Any = {}
     else:
-        payload = request.get_json(force=True, silent=True)
+        try:
+            payload = request.get_json(force=True, silent=True)
+        except RecursionError:  # json raises it, not ValueError, for very deep nesting
+            raise BadRequest("the request body nests arrays or objects too deeply") from None
         if payload is None:
             raise BadRequest("the request body must be a JSON object")
     if not isinstance(payload, dict):

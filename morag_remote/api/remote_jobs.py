@@ -8,6 +8,7 @@ from flask import Blueprint, Response, g, request, url_for
 from .. import schemas
 from ..auth import ANY, Forbidden, current_principal, requires
 from ..context import service, tokens
+from ..exceptions import InvalidRequest
 from ..models import RemoteJob
 from ..service import Caller
 from ..sources import download_name
@@ -15,11 +16,15 @@ from ..store.base import JobFilter
 from .http import json_body, query_args, respond, respond_file
 
 bp = Blueprint("remote_jobs", __name__, url_prefix="/api/v1/remote-jobs")
+MAX_LEASE_ID = 64
 
 
 def _caller(body_lease_id: str | None = None) -> Caller:
     principal = current_principal()
     lease_id = body_lease_id or request.headers.get("X-Lease-Id") or None
+    if lease_id is not None and len(lease_id) > MAX_LEASE_ID:
+        raise InvalidRequest(f"X-Lease-Id is longer than {MAX_LEASE_ID} characters",
+                             {"X-Lease-Id": [f"at most {MAX_LEASE_ID} characters"]})
     return Caller(lease_id=lease_id, bound_worker_id=principal.worker_id)
 
 

@@ -1,0 +1,194 @@
+"""The auth matrix: every route the app serves x every kind of caller, each cell's status asserted.
+
+The routes come from ``app.url_map``, so an endpoint added later is covered automatically: it fails
+``test_every_served_route_is_in_the_role_table`` until ROLE_TABLE says who may call it (and how to
+call it well enough to succeed). Each allowed cell must succeed (2xx), which proves the request was
+a real one and not turned away for another reason.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+
+from conftest import auth
+from morag_remote.context import KEYS, SERVICE, TOKENS
+
+J = "/api/v1/remote-jobs"
+PUBLIC = "public"
+ANY_KEY = "any key"
+CALLERS = ("no key", "unknown key", "revoked key", "worker", "producer", "admin")
+
+
+@dataclass(frozen=True)
+class Route:
+    """Who may call a route, and what a successful call needs."""
+
+    access: str                   # PUBLIC, ANY_KEY, or the one role (admin may do everything)
+    job: str | None = None        # state of the job named by <job_id>: pending, claimed, cancelled
+    body: Callable[["Cell"], Any] | None = None
+    query: dict[str, Any] = field(default_factory=dict)
+    token: bool = False           # a download URL from the poll response (token of the claim)
+
+
+def _create_body(cell: "Cell") -> dict[str, Any]:
+    return {"source_file_path": str(cell.source), "content_type": "audio", "ingestion_task_id": "matrix"}
+
+
+POLL = {"worker_id": "w1", "content_types": "document"}
+
+# The contract's role table. Others' endpoints that may not exist yet are listed so they are
+# checked the day they are merged; a route that exists but is missing here fails the test below.
+ROLE_TABLE: dict[tuple[str, str], Route] = {
+    ("GET", "/health"): Route(PUBLIC),
+    ("GET", "/openapi.json"): Route(PUBLIC),
+    ("GET", "/docs"): Route(PUBLIC),
+    ("GET", "/metrics"): Route(ANY_KEY),
+    ("POST", J): Route("producer", body=_create_body),
+    ("POST", J + "/"): Route("producer", body=_create_body),
+    ("GET", J): Route("producer"),
+    ("GET", J + "/"): Route("producer"),
+    ("GET", J + "/poll"): Route("worker", query=POLL),
+    ("POST", J + "/poll"): Route("worker", body=lambda cell: POLL),
+    ("GET", J + "/stats"): Route(ANY_KEY),
+    ("GET", J + "/<job_id>/status"): Route(ANY_KEY, job="pending"),
+    ("GET", J + "/<job_id>"): Route("producer", job="pending"),
+    ("POST", J + "/<job_id>/cancel"): Route("producer", job="pending"),
+    ("POST", J + "/<job_id>/retry"): Route("producer", job="cancelled"),
+    ("DELETE", J + "/<job_id>"): Route("admin", job="pending"),
+    ("GET", J + "/<job_id>/download"): Route("worker", job="claimed", token=True),
+    ("POST", J + "/<job_id>/heartbeat"): Route("worker", job="claimed", body=lambda cell: {"progress": 0.5}),
+    ("PUT", J + "/<job_id>/result"): Route("worker", job="claimed",
+                                          body=lambda cell: {"success": True, "content": "text"}),
+}
+
+
+def served_routes(app) -> list[tuple[str, str]]:
+    out = []
+    for rule in app.url_map.iter_rules():
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            out.append((method, rule.rule))
+    return sorted(out, key=lambda mr: (mr[1], mr[0]))
+
+
+def expected(caller: str, access: str) -> str:
+    if access == PUBLIC:
+        return "allowed"
+    if caller in ("no key", "unknown key", "revoked key"):
+        return "401"
+    if access == ANY_KEY or caller == "admin" or caller == access:
+        return "allowed"
+    return "403"
+
+
+class Cell:
+    """Sets up the state one request needs (a fresh job per cell) and makes the request."""
+
+    def __init__(self, app, client, instance_path) -> None:
+        self.app, self.client = app, client
+        self.service = app.extensions[SERVICE]
+        self.source = instance_path / "sources" / "matrix.bin"
+        self.source.write_bytes(b"matrix source bytes")
+
+    def job(self, state: str) -> tuple[str, str | None]:
+        priority = 1000 if state == "claimed" else 0  # claimed first: leftovers never get in the way
+        job = self.service.create(source_file_path=str(self.source), content_type="audio",
+                                  ingestion_task_id="matrix", priority=priority)
+        if state == "claimed":
+            claimed = self.service.poll("w1", ["audio"], 1)
+            assert [j.id for j in claimed] == [job.id]
+            return job.id, claimed[0].lease_id
+        if state == "cancelled":
+            self.service.cancel(job.id)
+        return job.id, None
+
+    def call(self, method: str, rule: str, route: Route, headers: dict[str, str]):
+        path, query = rule, dict(route.query)
+        if route.job:
+            job_id, lease_id = self.job(route.job)
+            path = rule.replace("<job_id>", job_id)
+            if route.token:
+                query["token"] = self.app.extensions[TOKENS].issue(job_id, lease_id)
+        kwargs: dict[str, Any] = {"headers": headers, "query_string": query}
+        if route.body is not None:
+            kwargs["json"] = route.body(self)
+        return self.client.open(path, method=method, **kwargs)
+
+
+def outcome(response) -> str:
+    status = response.status_code
+    if status == 401:
+        challenge = response.headers.get("WWW-Authenticate", "")
+        problem = response.mimetype == "application/problem+json"
+        return "401" if challenge.startswith("Bearer") and problem else f"401 {challenge!r} {response.mimetype}"
+    if status == 403:
+        return "403" if response.mimetype == "application/problem+json" else f"403 {response.mimetype}"
+    if 200 <= status < 300:
+        return "allowed"
+    return f"unexpected {status}: {response.get_data(as_text=True)[:200]}"
+
+
+@pytest.fixture
+def caller_headers(app, client, keys) -> dict[str, dict[str, str]]:
+    store = app.extensions[KEYS]
+    _, revoked = store.create("soon-revoked", "admin")
+    # used once first, so this process has it cached as valid before the revocation
+    assert client.get(f"{J}/stats", headers=auth(revoked)).status_code == 200
+    store.revoke("soon-revoked")
+    return {
+        "no key": {},
+        "unknown key": auth("mrk_" + secrets.token_urlsafe(32)),
+        "revoked key": auth(revoked),
+        "worker": auth(keys["worker"]),
+        "producer": auth(keys["producer"]),
+        "admin": auth(keys["admin"]),
+    }
+
+
+def test_every_served_route_is_in_the_role_table(app):
+    missing = [f"{method} {rule}" for method, rule in served_routes(app) if (method, rule) not in ROLE_TABLE]
+    assert missing == [], "add these routes to ROLE_TABLE with the role the contract gives them"
+
+
+def test_the_matrix_covers_the_foundation_routes(app):
+    served = set(served_routes(app))
+    assert {("POST", J + "/"), ("GET", J + "/<job_id>/download"), ("PUT", J + "/<job_id>/result"),
+            ("DELETE", J + "/<job_id>"), ("GET", J + "/stats"), ("GET", "/health")} <= served
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+def test_auth_matrix_row(caller, app, client, instance_path, caller_headers):
+    cell = Cell(app, client, instance_path)
+    routes = served_routes(app)
+    want = {f"{m} {r}": expected(caller, ROLE_TABLE[(m, r)].access) for m, r in routes}
+    got = {f"{m} {r}": outcome(cell.call(m, r, ROLE_TABLE[(m, r)], caller_headers[caller])) for m, r in routes}
+    assert got == want
+
+
+@pytest.mark.parametrize("header", [
+    "Basic dXNlcjpwYXNz",
+    "Bearer",
+    "Bearer    ",
+    "Token mrk_whatever",
+    "mrk_no_scheme_at_all",
+    "Bearer mrk_" + "x" * 5000,
+    "Bearer \u00e9\u00e8",
+])
+def test_malformed_authorization_header_is_401_with_bearer_challenge(client, keys, header):
+    response = client.get(f"{J}/stats", headers={"Authorization": header})
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert response.json["status"] == 401
+
+
+def test_bearer_scheme_is_case_insensitive(client, keys):
+    response = client.get(f"{J}/stats", headers={"Authorization": f"bearer {keys['worker']}"})
+    assert response.status_code == 200
+
+
+def test_unknown_route_is_404_without_asking_for_a_key(client):
+    response = client.get("/api/v1/nothing-here")
+    assert response.status_code == 404
+    assert response.mimetype == "application/problem+json"

@@ -2,7 +2,11 @@
 
 Each command is a thin wrapper around the same service the API uses (same locks, so safe from cron
 while gunicorn serves). Errors are one line on stderr and a non-zero exit, never a traceback;
-``--json`` prints what a script would parse.
+``--json`` prints what a script would parse (on stdout; logs go to stderr).
+
+Exit codes: 0 success; 1 failure (fsck found a problem, a bad key request, ...); 2 bad usage (an
+unknown option or command, a bad option value); 3 no such job; 4 the job's state does not allow
+it (cancel a finished job, retry a pending one).
 """
 from __future__ import annotations
 
@@ -22,8 +26,33 @@ from .exceptions import ServiceError
 from .models import STATUSES
 from .store.base import JobFilter
 
-jobs_cli = click.Group("remote-jobs", help="Inspect and maintain the remote job queue.")
-keys_cli = click.Group("keys", help="Create, list and revoke API keys.")
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_CONFLICT = 4
+_EXIT_BY_STATUS = {404: EXIT_NOT_FOUND, 409: EXIT_CONFLICT}
+
+
+class OneLineGroup(click.Group):
+    """A group whose usage errors print as one line ("Error: ..."), without the usage block."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            exc.ctx = None  # the message already names the option; --help shows the usage
+            raise
+
+
+class CommandFailed(click.ClickException):
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+jobs_cli = OneLineGroup("remote-jobs", help="Inspect and maintain the remote job queue. Exit codes: 0 ok, "
+                        "1 failure, 2 bad usage, 3 no such job, 4 the job's state does not allow it.")
+keys_cli = OneLineGroup("keys", help="Create, list and revoke API keys.")
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
@@ -36,14 +65,19 @@ def _run(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except ServiceError as exc:
-        raise click.ClickException(exc.detail) from None
+        raise CommandFailed(exc.detail, _EXIT_BY_STATUS.get(exc.status_code, EXIT_FAILURE)) from None
+
+
+def _job_line(job: dict) -> str:
+    return (f"{job['id']}  {job['status']:<10} {job['content_type']:<9} retries={job['retry_count']} "
+            f"worker={job['worker_id'] or '-'}")
 
 
 @jobs_cli.command("cleanup-expired")
 @json_option
 @with_appcontext
 def cleanup_expired(as_json: bool) -> None:
-    """Re-queue or time out jobs whose lease lapsed, and expire pending jobs past their TTL."""
+    """Re-queue or time out jobs whose lease lapsed, and expire pending jobs past their TTL (the count)."""
     count = service().expire_due()
     _emit(as_json, {"expired": count}, lambda v: f"{v['expired']} job(s) handled")
 
@@ -53,7 +87,7 @@ def cleanup_expired(as_json: bool) -> None:
 @json_option
 @with_appcontext
 def cleanup_old(days: float, as_json: bool) -> None:
-    """Delete finished jobs (completed, failed, timeout, cancelled) older than --days."""
+    """Delete finished jobs (completed, failed, timeout, cancelled) older than --days (the count)."""
     count = service().cleanup_old(days)
     _emit(as_json, {"deleted": count}, lambda v: f"{v['deleted']} job(s) deleted")
 
@@ -61,25 +95,46 @@ def cleanup_old(days: float, as_json: bool) -> None:
 @jobs_cli.command("list")
 @click.option("--status", type=click.Choice(STATUSES))
 @click.option("--content-type")
+@click.option("--ingestion-task-id")
+@click.option("--worker-id")
 @click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option("--after", metavar="CURSOR", help="Continue after this job id (the previous page's next_cursor).")
 @json_option
 @with_appcontext
-def list_jobs(status: str | None, content_type: str | None, limit: int, as_json: bool) -> None:
-    """List jobs in creation order."""
-    jobs, _ = service().list(JobFilter(status=status, content_type=content_type), None, limit)
-    rows = schemas.JobSummary(many=True).dump(jobs)
-    _emit(as_json, rows, lambda rs: "\n".join(
-        f"{r['id']}  {r['status']:<10} {r['content_type']:<9} retries={r['retry_count']} "
-        f"worker={r['worker_id'] or '-'}" for r in rs) or "no jobs")
+def list_jobs(status: str | None, content_type: str | None, ingestion_task_id: str | None,
+              worker_id: str | None, limit: int, after: str | None, as_json: bool) -> None:
+    """List jobs in creation order, without result bodies; --json gives {jobs, next_cursor}."""
+    known = service().settings.content_types
+    if content_type is not None and content_type not in known:
+        raise click.BadParameter(f"{content_type!r} is not one of {', '.join(map(repr, known))}.",
+                                 param_hint="'--content-type'")
+    filters = JobFilter(status=status, content_type=content_type, ingestion_task_id=ingestion_task_id,
+                        worker_id=worker_id)
+    jobs, next_cursor = service().list(filters, after, limit)
+    body = {"jobs": schemas.JobSummary(many=True).dump(jobs), "next_cursor": next_cursor}
+    _emit(as_json, body, lambda b: "\n".join([_job_line(r) for r in b["jobs"]] + (
+        [f"more: --after {b['next_cursor']}"] if b["next_cursor"] else [])) or "no jobs")
 
 
 @jobs_cli.command("show")
 @click.argument("job_id")
+@json_option
 @with_appcontext
-def show(job_id: str) -> None:
-    """Print one job as JSON (with its result)."""
+def show(job_id: str, as_json: bool) -> None:
+    """One job; --json prints the whole record with its result."""
     job = _run(lambda: service().get(job_id))
-    click.echo(json.dumps(schemas.JobDetail().dump(job), indent=2, sort_keys=True))
+    _emit(as_json, schemas.JobDetail().dump(job), _describe)
+
+
+def _describe(job: dict) -> str:
+    fields = ("id", "status", "content_type", "ingestion_task_id", "source_file_path", "priority",
+              "worker_id", "attempt", "retry_count", "max_retries", "created_at", "started_at",
+              "timeout_at", "completed_at", "progress", "error_message")
+    lines = [f"{name + ':':<18} {job[name] if job[name] is not None else '-'}" for name in fields]
+    result = job.get("result_data")
+    if result:
+        lines.append(f"{'result:':<18} {len(result.get('content') or '')} characters of content")
+    return "\n".join(lines)
 
 
 @jobs_cli.command("stats")
@@ -98,20 +153,22 @@ def stats(as_json: bool) -> None:
 
 @jobs_cli.command("cancel")
 @click.argument("job_id")
+@json_option
 @with_appcontext
-def cancel(job_id: str) -> None:
-    """Cancel a pending or processing job."""
+def cancel(job_id: str, as_json: bool) -> None:
+    """Cancel a pending or processing job (exit 4 when it has finished)."""
     job = _run(lambda: service().cancel(job_id))
-    click.echo(f"{job.id} {job.status}")
+    _emit(as_json, schemas.JobSummary().dump(job), lambda j: f"{j['id']} {j['status']}")
 
 
 @jobs_cli.command("retry")
 @click.argument("job_id")
+@json_option
 @with_appcontext
-def retry(job_id: str) -> None:
-    """Put a failed, timed-out or cancelled job back in the queue."""
+def retry(job_id: str, as_json: bool) -> None:
+    """Put a failed, timed-out or cancelled job back in the queue (exit 4 for any other state)."""
     job = _run(lambda: service().retry(job_id))
-    click.echo(f"{job.id} {job.status}")
+    _emit(as_json, schemas.JobSummary().dump(job), lambda j: f"{j['id']} {j['status']}")
 
 
 @jobs_cli.command("fsck")
@@ -125,14 +182,14 @@ def fsck_command(repair: bool, as_json: bool) -> None:
 
     store = service().store
     if not isinstance(store, FileJobStore):
-        raise click.ClickException("fsck checks the JSON-file store; this instance uses another backend")
+        raise CommandFailed("fsck checks the JSON-file store; this instance uses another backend")
     findings = fsck(store, repair=repair)
     _emit(as_json, [f.as_dict() for f in findings], lambda fs: "\n".join(
         f"{f['kind']:<10} {f['path']}  {f['detail']}{'  [repaired]' if f['repaired'] else ''}" for f in fs)
         or "store is clean")
     left = [f for f in findings if not f.repaired]
     if left:
-        sys.exit(1)
+        sys.exit(EXIT_FAILURE)
 
 
 @keys_cli.command("create")

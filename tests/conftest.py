@@ -50,6 +50,12 @@ def app(instance_path: Path, app_config: dict[str, Any]):
 
 
 @pytest.fixture
+def runner(app):
+    """Flask's CliRunner for this app: ``runner.invoke(args=["remote-jobs", "list"])``."""
+    return app.test_cli_runner()
+
+
+@pytest.fixture
 def service(app):
     return app.extensions[SERVICE]
 

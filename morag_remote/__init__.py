@@ -47,10 +47,13 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions[TOKENS] = DownloadTokens(app.config["SECRET_KEY"])
     app.extensions[KEYS] = KeyStore(os.path.join(app.instance_path, "api_keys.json"))
 
-    from .api import health, remote_jobs, stats
+    from .api import health, metrics, remote_jobs, stats
     from .cli import jobs_cli, keys_cli
+    from .metrics import init_metrics  # here, not at the top: see gunicorn.conf.py
 
+    init_metrics(app)
     app.register_blueprint(health.bp)
+    app.register_blueprint(metrics.bp)
     app.register_blueprint(stats.bp)  # before remote_jobs: /stats must not match /<job_id>
     app.register_blueprint(remote_jobs.bp)
     register_error_handlers(app)

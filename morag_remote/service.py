@@ -48,6 +48,18 @@ class TerminalListener(Protocol):
         """Called once per terminal transition; True when the ingestion side accepted it now."""
 
 
+class JobObserver(Protocol):
+    def job_changed(self, action: Action, job: RemoteJob) -> None:
+        """Told after each committed transition, with the job as stored (metrics count these)."""
+
+
+# The action a result or a lapse took, read off the status it led to.
+_RESULT_ACTIONS = {Status.COMPLETED.value: Action.COMPLETE, Status.FAILED.value: Action.FAIL,
+                   Status.PENDING.value: Action.FAIL_RETRY}
+_LAPSE_ACTIONS = {Status.PENDING.value: Action.LAPSE_RETRY, Status.TIMEOUT.value: Action.LAPSE}
+_EXPIRE_ACTIONS = {Status.TIMEOUT.value: Action.EXPIRE}
+
+
 class _NoChange(Exception):
     """Raised inside a mutator to leave the job as it is (the repository writes nothing)."""
 
@@ -70,6 +82,7 @@ class JobService:
         self.clock = clock
         self.rng = rng
         self.listeners: list[TerminalListener] = []
+        self.observers: list[JobObserver] = []
         self._waiters = threading.BoundedSemaphore(max(settings.poll_max_waiters, 1))
         self._durations: dict[str, tuple[float, float | None]] = {}
 
@@ -115,6 +128,7 @@ class JobService:
 
         job = self.store.update(job_id, mutate)
         log.info("job.cancelled", job_id=job_id)
+        self._observe(Action.CANCEL, job)
         self._finished(job)
         return job
 
@@ -135,6 +149,7 @@ class JobService:
 
         job = self.store.update(job_id, mutate)
         log.info("job.retried", job_id=job_id)
+        self._observe(Action.RETRY, job)
         return job
 
     def delete(self, job_id: str) -> None:
@@ -198,6 +213,7 @@ class JobService:
         for job in jobs:
             log.info("job.claimed", job_id=job.id, worker_id=worker_id, attempt=job.attempt,
                      lease_s=self.settings.lease_for(job.content_type))
+            self._observe(Action.CLAIM, job)
         return jobs
 
     def holder_check(self, job: RemoteJob, caller: Caller) -> None:
@@ -240,7 +256,9 @@ class JobService:
                 job.progress_message = message
             return job
 
-        return self.store.update(job_id, mutate)
+        job = self.store.update(job_id, mutate)
+        self._observe(Action.HEARTBEAT, job)
+        return job
 
     def submit_result(self, job_id: str, caller: Caller, *, success: bool, content: str | None = None,
                       metadata: dict[str, Any] | None = None, error_message: str | None = None,
@@ -280,6 +298,7 @@ class JobService:
             return ResultOutcome(same.job, ingestion_continued=False, repeated=True)
         log.info("job.result", job_id=job_id, success=success, job_status=job.status,
                  retry_count=job.retry_count, processing_time=processing_time)
+        self._observe(_RESULT_ACTIONS[job.status], job)
         return ResultOutcome(job, ingestion_continued=self._finished(job))
 
     def backoff(self, n: int) -> float:
@@ -295,19 +314,21 @@ class JobService:
         limit = limit or 1_000_000
         count = 0
         for job_id in self.store.lapsed(now, limit):
-            count += self._apply_if(job_id, self._lapse)
+            count += self._apply_if(job_id, self._lapse, _LAPSE_ACTIONS)
         ttl = self.settings.pending_ttl_seconds
         if ttl:
             cutoff = now - timedelta(seconds=ttl)
             for job_id in self.store.pending_created_before(cutoff, limit):
-                count += self._apply_if(job_id, self._expire_pending)
+                count += self._apply_if(job_id, self._expire_pending, _EXPIRE_ACTIONS)
         return count
 
-    def _apply_if(self, job_id: str, mutate: Callable[[RemoteJob], RemoteJob]) -> int:
+    def _apply_if(self, job_id: str, mutate: Callable[[RemoteJob], RemoteJob],
+                  actions: dict[str, Action]) -> int:
         try:
             job = self.store.update(job_id, mutate)
         except (_NoChange, JobNotFound):
             return 0
+        self._observe(actions[job.status], job)
         self._finished(job)
         return 1
 
@@ -378,6 +399,15 @@ class JobService:
         if cached[1] is not None:
             return cached[1]
         return DEFAULT_DURATIONS.get(content_type, DEFAULT_DURATION)
+
+    def _observe(self, action: Action, job: RemoteJob) -> None:
+        """Tell every observer; one that fails is logged, never allowed to fail the transition."""
+        for observer in self.observers:
+            try:
+                observer.job_changed(action, job)
+            except Exception:
+                log.exception("job.observer_failed", observer=type(observer).__name__, action=action.value,
+                              job_id=job.id)
 
     def _finished(self, job: RemoteJob) -> bool:
         if not Status(job.status).is_terminal:

@@ -1,0 +1,187 @@
+"""Prometheus metrics: what the queue holds, read from the store at scrape time, and what happened
+to jobs, counted where it happens.
+
+- Queue depth by status and content type, the age of the oldest pending job and the number of
+  active workers are computed from the store on every scrape (:class:`QueueCollector`), so they are
+  right however many gunicorn processes serve the store.
+- Counters of claims, completions, failures, re-queues and lease expiries and a histogram of job
+  durations are kept by :class:`JobMetrics`, an observer the factory registers on the service
+  (``JobService.observers``): the service says which transition it committed; this module alone
+  decides what to count.
+
+Under gunicorn the counters must add up across worker processes: prometheus_client's multiprocess
+mode keeps each process's values in memory-mapped files under ``PROMETHEUS_MULTIPROC_DIR`` and the
+scrape sums them. That mode is chosen when prometheus_client is first imported, so the variable is
+set by ``gunicorn.conf.py`` (default ``<instance>/prometheus``) before the app is loaded; without it
+(the development server, ``flask`` commands, tests) each app keeps its own registry in memory.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import structlog
+from flask import Flask, current_app
+from prometheus_client import CollectorRegistry, Counter, Histogram, exposition, values
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from .api.stats import stats_body
+from .context import SERVICE
+from .models import STATUSES, Action, RemoteJob
+
+METRICS = "morag_remote.metrics"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+PREFIX = "morag_remote"
+
+# Jobs are GPU conversions: seconds for a short document, hours for a long video.
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 900, 1800, 2700, 3600, 5400, 7200, 14400)
+
+log = structlog.get_logger(__name__)
+
+
+class JobCounters:
+    """The counters and the histogram; one set per registry (or per process in multiprocess mode)."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.claims = Counter(f"{PREFIX}_job_claims", "Jobs handed to a worker (one per attempt).",
+                              ["content_type"], registry=registry)
+        self.completions = Counter(f"{PREFIX}_job_completions", "Success results accepted.",
+                                   ["content_type"], registry=registry)
+        self.failures = Counter(f"{PREFIX}_job_failures",
+                                "Failure results accepted; outcome is requeued (a retry is left) or failed.",
+                                ["content_type", "outcome"], registry=registry)
+        self.requeues = Counter(f"{PREFIX}_job_requeues",
+                                "Jobs put back in the queue; reason is failure, lease_expired or retry "
+                                "(an explicit retry by a producer or an operator).",
+                                ["content_type", "reason"], registry=registry)
+        self.lease_expiries = Counter(f"{PREFIX}_lease_expiries",
+                                      "Leases that lapsed (the worker went silent); outcome is requeued "
+                                      "or timeout (no retry left).",
+                                      ["content_type", "outcome"], registry=registry)
+        self.duration = Histogram(f"{PREFIX}_job_duration_seconds",
+                                  "Time from the claim to the success result of an attempt.",
+                                  ["content_type"], buckets=DURATION_BUCKETS, registry=registry)
+
+
+_process_counters: JobCounters | None = None
+
+
+def _multiprocess_counters() -> JobCounters:
+    """One set per process: two sets would each cache a value and overwrite the other's file."""
+    global _process_counters
+    if _process_counters is None:
+        _process_counters = JobCounters(registry=None)
+    return _process_counters
+
+
+class JobMetrics:
+    """The service's observer: turns committed transitions into counter increments."""
+
+    def __init__(self, counters: JobCounters) -> None:
+        self.counters = counters
+
+    def job_changed(self, action: Action, job: RemoteJob) -> None:
+        c, ct = self.counters, job.content_type
+        if action is Action.CLAIM:
+            c.claims.labels(ct).inc()
+        elif action is Action.COMPLETE:
+            c.completions.labels(ct).inc()
+            if job.started_at is not None and job.completed_at is not None:
+                c.duration.labels(ct).observe(max((job.completed_at - job.started_at).total_seconds(), 0.0))
+        elif action is Action.FAIL_RETRY:
+            c.failures.labels(ct, "requeued").inc()
+            c.requeues.labels(ct, "failure").inc()
+        elif action is Action.FAIL:
+            c.failures.labels(ct, "failed").inc()
+        elif action is Action.LAPSE_RETRY:
+            c.lease_expiries.labels(ct, "requeued").inc()
+            c.requeues.labels(ct, "lease_expired").inc()
+        elif action is Action.LAPSE:
+            c.lease_expiries.labels(ct, "timeout").inc()
+        elif action is Action.RETRY:
+            c.requeues.labels(ct, "retry").inc()
+
+
+class QueueCollector:
+    """Gauges read from the store when scraped (the store is shared; a process's memory is not)."""
+
+    def __init__(self, content_types: tuple[str, ...]) -> None:
+        self.content_types = content_types
+
+    def collect(self) -> Iterator[Metric]:
+        body = stats_body()
+        types = sorted(set(self.content_types) | {ct for per in body["counts"].values() for ct in per})
+        depth = GaugeMetricFamily(f"{PREFIX}_jobs", "Jobs in the store by status and content type.",
+                                  labels=["status", "content_type"])
+        for status in STATUSES:
+            per = body["counts"].get(status, {})
+            for ct in types:
+                depth.add_metric([status, ct], per.get(ct, 0))
+        yield depth
+        yield GaugeMetricFamily(f"{PREFIX}_oldest_pending_job_age_seconds",
+                                "Age of the oldest pending job (0 when none is pending).",
+                                value=body["oldest_pending_age_seconds"] or 0.0)
+        yield GaugeMetricFamily(f"{PREFIX}_active_workers",
+                                "Workers that claimed or heartbeated within the longest lease.",
+                                value=len(body["active_workers"]))
+
+
+class MetricsExporter:
+    """Builds the exposition of a scrape: the counters (this process's registry, or every process's
+    files in multiprocess mode) and the queue gauges."""
+
+    def __init__(self, content_types: tuple[str, ...], multiprocess_dir: str | None) -> None:
+        self.queue = QueueCollector(content_types)
+        self.multiprocess_dir = multiprocess_dir
+        if multiprocess_dir is None:
+            self.registry = CollectorRegistry()
+            self.counters = JobCounters(self.registry)
+            self.registry.register(self.queue)
+        else:
+            self.registry = None
+            self.counters = _multiprocess_counters()
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition in the format the scraper asked for, and its content type."""
+        registry = self.registry
+        if registry is None:  # read every process's files now: workers come and go
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=self.multiprocess_dir)
+            registry.register(self.queue)
+        encoder, content_type = exposition.choose_encoder(accept or "")
+        return encoder(registry), content_type
+
+
+def multiprocess_dir() -> str | None:
+    """The directory of multiprocess mode, when that mode is on (see the module docstring)."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path:
+        return None
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        # prometheus_client was imported before the variable was set: its values live in memory
+        # only, so the files would be empty. Count in this process rather than count nothing.
+        log.warning("metrics.multiprocess_unavailable", detail=f"{MULTIPROC_ENV} was set after "
+                    "prometheus_client was imported; counting in this process only")
+        return None
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def init_metrics(app: Flask) -> MetricsExporter:
+    """Build this app's exporter and register its counters on the service as an observer."""
+    exporter = MetricsExporter(tuple(app.config["CONTENT_TYPES"]), multiprocess_dir())
+    app.extensions[SERVICE].observers.append(JobMetrics(exporter.counters))
+    app.extensions[METRICS] = exporter
+    return exporter
+
+
+def metrics_exporter() -> MetricsExporter:
+    return current_app.extensions[METRICS]
+
+
+def is_public(value: Any) -> bool:
+    """``METRICS_PUBLIC`` as a flag: only an explicit yes opens /metrics ("no" must not)."""
+    if isinstance(value, str):
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    return isinstance(value, (bool, int)) and bool(value)

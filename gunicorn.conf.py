@@ -1,20 +1,79 @@
-"""gunicorn settings for morag-remote: ``gunicorn -c gunicorn.conf.py wsgi:app``.
+"""gunicorn settings for morag-remote in production: ``gunicorn -c gunicorn.conf.py wsgi:app``.
 
-Worker class: ``gthread``. Long polls hold a request open for up to POLL_MAX_WAIT_SECONDS while
-doing nothing, and downloads stream for as long as the network takes; a thread per request is cheap
-for both (a waiting thread sleeps on a condition variable), while sync workers would let a handful of
-long polls starve the API. Each process runs THREADS threads; the service lets at most
-POLL_MAX_WAITERS of them wait in long polls, so short requests always find a thread.
+Worker class ``gthread``: most requests are short, but two kinds hold a connection for long while
+doing little: long polls (up to POLL_MAX_WAIT_SECONDS, sleeping on a condition variable) and
+source downloads (streamed for as long as a remote worker's network takes). A thread per request
+is cheap for both; ``sync`` workers would let a handful of long polls starve the API, and the async
+classes (gevent, eventlet) would stall a whole process whenever a thread waits on the store's
+``flock``, which is a blocking system call that no event loop can interleave. Each process runs
+THREADS threads; the app lets at most POLL_MAX_WAITERS of them wait in long polls, so short
+requests and downloads always find one. gthread answers gunicorn's liveness check from its main
+loop, so a long request never looks like a hung worker.
+
+Worker count: WEB_CONCURRENCY, else one process per core (at least 2, so one process rebuilding
+its catalog or paused never stops the service). Every write to the JSON store takes one lock, so
+processes beyond the core count add memory (each keeps its own catalog) without adding throughput.
+
+Logs: JSON lines through structlog (``morag_remote.gunicorn_log.JsonLogger``). gunicorn writes the
+access line (``http.access``) after the last byte is sent, so a download's line has its real
+duration and size (hence ``sendfile = False``), and the app adds its request id, worker id and
+job id to it. The app's own per-request line is switched off (MORAG_REMOTE_REQUEST_LOG=false), so
+each request is logged once, by the only party that knows when its body was fully sent.
+
+Metrics: prometheus_client's multiprocess mode sums the counters of every worker process from
+files in PROMETHEUS_MULTIPROC_DIR (default ``<instance>/prometheus``). The variable is set here,
+before any worker imports prometheus_client (which reads it once, on import); the directory is
+emptied when gunicorn starts, and a dead worker's files are marked in ``child_exit``.
 """
+import glob
 import os
 
+
+def _instance_path() -> str:
+    """The app's instance folder, found without importing the app (see Metrics above)."""
+    configured = os.environ.get("MORAG_REMOTE_INSTANCE_PATH")
+    if configured:
+        return os.path.abspath(configured)
+    from flask import Flask
+
+    return Flask("morag_remote").instance_path
+
+
+_instance = _instance_path()
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", os.path.join(_instance, "prometheus"))
+os.environ.setdefault("MORAG_REMOTE_REQUEST_LOG", "false")
+
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+workers = int(os.environ.get("WEB_CONCURRENCY") or max(os.cpu_count() or 1, 2))
 worker_class = "gthread"
 threads = int(os.environ.get("GUNICORN_THREADS", "64"))
-timeout = 60            # a worker process silent this long is restarted (gthread pings from its loop)
-graceful_timeout = 30   # on SIGTERM, requests in flight (long polls end within 20 s) may finish
+timeout = 60            # a worker whose main loop is silent this long is restarted
+# On SIGTERM/HUP, requests in flight get this long: more than the longest long poll (20 s); a
+# download still running after it is cut, and the worker resumes it with a Range request.
+graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
 keepalive = 5
-max_requests = 0
-accesslog = None        # the app logs one structured line per request (morag_remote.log)
+max_requests = 0        # no recycling: a new process re-reads the whole store into its catalog
+preload_app = False     # each worker builds its own app (and store catalog) after the fork
+logger_class = "morag_remote.gunicorn_log.JsonLogger"
+accesslog = "-"         # stdout; gunicorn's own messages go to stderr
 errorlog = "-"
+# gunicorn counts no bytes sent with sendfile(2), so a download cut short could not be told from a
+# complete one in the access log. Downloads are bound by the remote worker's network, not the copy.
+sendfile = False
+# gunicornc's socket: one per instance (the default, in $HOME, is shared by every gunicorn of the user)
+control_socket = os.path.join(_instance, "gunicorn.ctl")
+
+
+def on_starting(server):
+    """Empty the metrics directory: files of a previous run would be added to this run's counts."""
+    path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(path, exist_ok=True)
+    for name in glob.glob(os.path.join(path, "*.db")):
+        os.unlink(name)
+
+
+def child_exit(server, worker):
+    """A worker is gone: drop its live gauges (its counters stay, summed into the totals)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "POLL_MAX_WAITERS": 48,
     "LAPSED_PER_POLL": 20,
     "METRICS_PUBLIC": False,
+    "REQUEST_LOG": True,            # the app's http.request line; gunicorn.conf.py logs access instead
     "DATABASE_URL": None,
     "LOG_JSON": None,               # None: JSON lines unless debug
 }

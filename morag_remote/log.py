@@ -2,10 +2,13 @@
 
 Configured once (the first app built in a process configures it); every line is key=value, JSON
 lines unless in debug. A request id is bound per request (``X-Request-ID`` when the client sent a
-sane one, else a new one) and echoed back. Nothing secret is logged: headers and query strings are
-never logged, fields named like a secret are masked, and :func:`redact_text` masks anything shaped
-like an API key, a ``token=`` parameter or a ``Bearer`` credential in every logged string (tracebacks
-included), and in the lines of stdlib loggers (werkzeug's request lines under ``flask run``).
+sane one, else a new one) and echoed back. Each request is logged once: by the app
+(``http.request``) or, under ``gunicorn.conf.py``, by the server once the body is sent
+(``http.access``, see ``gunicorn_log.py``; that config turns ``REQUEST_LOG`` off). Nothing secret
+is logged: headers and query strings are never logged, fields named like a secret are masked, and
+:func:`redact_text` masks anything shaped like an API key, a ``token=`` parameter or a ``Bearer``
+credential in every logged string (tracebacks included), and in the lines of stdlib loggers
+(werkzeug's request lines under ``flask run``, gunicorn's under ``gunicorn_log.JsonLogger``).
 """
 from __future__ import annotations
 
@@ -25,6 +28,10 @@ _SECRET_TEXT = re.compile(r"mrk_[A-Za-z0-9_-]+|(?<=token=)[^&\s\"'#]+|(?i:(?<=be
 REDACTED = "[redacted]"
 
 log = structlog.get_logger("morag_remote.request")
+
+# WSGI environ key: what the app learnt about a request (request id, worker id, job id), read by
+# the server's access log after the response is sent.
+ACCESS_CONTEXT = "morag_remote.access_context"
 
 
 def redact_text(text: str) -> str:
@@ -88,10 +95,13 @@ def init_request_logging(app: Flask) -> None:
     @app.after_request
     def _log_request(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.get("request_id", "")
-        started = g.get("started")
-        duration_ms = round((time.perf_counter() - started) * 1000, 2) if started else None
-        log.info("http.request", method=request.method, path=request.path, status=response.status_code,
-                 duration_ms=duration_ms, worker_id=g.get("worker_id"), job_id=g.get("job_id"))
+        context = {"request_id": g.get("request_id"), "worker_id": g.get("worker_id"), "job_id": g.get("job_id")}
+        request.environ[ACCESS_CONTEXT] = context  # for the server's access line (gunicorn_log.py)
+        if app.config["REQUEST_LOG"]:
+            started = g.get("started")
+            duration_ms = round((time.perf_counter() - started) * 1000, 2) if started else None
+            log.info("http.request", method=request.method, path=request.path, status=response.status_code,
+                     duration_ms=duration_ms, **context)
         return response
 
     @app.teardown_request

@@ -1,0 +1,72 @@
+"""gunicorn's logs as JSON lines through structlog (``logger_class`` in ``gunicorn.conf.py``).
+
+- The access log: one ``http.access`` line per request, written by gunicorn after the last byte of
+  the body is sent, so a streamed download's line has its real duration and byte count. It carries
+  what the app learnt about the request (request id, worker id, job id; see ``log.ACCESS_CONTEXT``)
+  and the gunicorn process id. The query string is not logged: a download URL carries a token.
+- gunicorn's own messages (boot, worker exits, timeouts): the same JSON shape, event = the message.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+from typing import Any
+
+import structlog
+from gunicorn.glogging import Logger
+
+from .log import ACCESS_CONTEXT
+
+_PRE_CHAIN = [
+    structlog.stdlib.add_log_level,
+    structlog.stdlib.add_logger_name,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+    structlog.stdlib.ExtraAdder(),
+]
+
+
+def json_formatter() -> logging.Formatter:
+    """A stdlib formatter that renders every record as one JSON object (structlog's renderer)."""
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_PRE_CHAIN,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info,
+                    structlog.processors.JSONRenderer()],
+    )
+
+
+class JsonLogger(Logger):
+    """gunicorn's logger with JSON formatters on its handlers and a structured access line."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for log in (self.error_log, self.access_log):
+            for handler in log.handlers:
+                if getattr(handler, "_gunicorn", False):
+                    handler.setFormatter(json_formatter())
+
+    def access(self, resp: Any, req: Any, environ: dict, request_time: _dt.timedelta) -> None:
+        if not self.access_log_enabled:
+            return
+        status = resp.status
+        if isinstance(status, str):
+            status = status.split(None, 1)[0]
+        context = environ.get(ACCESS_CONTEXT) or {}
+        fields = {
+            "method": environ.get("REQUEST_METHOD"),
+            "path": environ.get("PATH_INFO"),
+            "status": int(status) if str(status).isdigit() else status,
+            "bytes": getattr(resp, "sent", None),
+            "duration_ms": round(request_time.total_seconds() * 1000, 2),
+            "remote_addr": environ.get("REMOTE_ADDR"),
+            "user_agent": environ.get("HTTP_USER_AGENT"),
+            "request_id": context.get("request_id"),
+            "worker_id": context.get("worker_id"),
+            "job_id": context.get("job_id"),
+            "pid": os.getpid(),
+        }
+        try:
+            self.access_log.info("http.access", extra=fields)
+        except Exception:  # pragma: no cover - gunicorn's own policy: a log failure never fails a request
+            self.exception("access log failed")

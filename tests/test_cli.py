@@ -352,6 +352,47 @@ def test_fsck_repair_moves_a_corrupt_file_aside_and_exits_0(runner, app, produce
     assert [j["id"] for j in run_json(runner, "remote-jobs", "list")["jobs"]] == [keep]
 
 
+def test_fsck_repair_removes_a_leftover_temp_file(runner, app):
+    leftover = os.path.join(app.config["JOBS_DATA_DIR"], "pending", f"{TEMP_PREFIX}x.json.1.2")
+    with open(leftover, "w") as fh:
+        fh.write("{")
+    assert run(runner, "remote-jobs", "fsck", "--repair").exit_code == 0
+    assert not os.path.exists(leftover)
+
+
+def _file_of(app, status: str, job_id: str) -> str:
+    return os.path.join(app.config["JOBS_DATA_DIR"], status, f"{job_id}.json")
+
+
+def test_fsck_repair_keeps_the_newer_copy_of_a_job_left_in_two_directories(runner, app, producer, worker, service):
+    job_id = producer.create_id()
+    stale = open(_file_of(app, "pending", job_id)).read()
+    worker.claim()  # now version 2 in processing/; put the version-1 copy back, as a cut move would
+    with open(_file_of(app, "pending", job_id), "w") as fh:
+        fh.write(stale)
+    result = run(runner, "remote-jobs", "fsck", "--json")
+    assert result.exit_code == 1
+    assert [(f["kind"], f["path"]) for f in json.loads(result.stdout)] == [("duplicate", f"pending/{job_id}.json")]
+    assert run(runner, "remote-jobs", "fsck", "--repair").exit_code == 0
+    assert not os.path.exists(_file_of(app, "pending", job_id))
+    assert service.get(job_id).status == "processing"
+    assert run(runner, "remote-jobs", "fsck").exit_code == 0
+
+
+def test_fsck_repair_moves_a_misplaced_job_to_the_directory_of_its_status(runner, app, producer, service):
+    job_id = producer.create_id()
+    record = json.loads(open(_file_of(app, "pending", job_id)).read())
+    record["status"] = "cancelled"
+    with open(_file_of(app, "pending", job_id), "w") as fh:
+        json.dump(record, fh)
+    result = run(runner, "remote-jobs", "fsck")
+    assert result.exit_code == 1 and "misplaced" in result.stdout
+    assert run(runner, "remote-jobs", "fsck", "--repair").exit_code == 0
+    assert os.path.exists(_file_of(app, "cancelled", job_id))
+    assert not os.path.exists(_file_of(app, "pending", job_id))
+    assert run_json(runner, "remote-jobs", "list", "--status", "cancelled")["jobs"][0]["id"] == job_id
+
+
 def test_fsck_rejects_an_unknown_option(runner):
     assert_one_line_error(run(runner, "remote-jobs", "fsck", "--fix"), 2, "--fix")
 

@@ -4,7 +4,8 @@
   the body is sent, so a streamed download's line has its real duration and byte count. It carries
   what the app learnt about the request (request id, worker id, job id; see ``log.ACCESS_CONTEXT``)
   and the gunicorn process id. The query string is not logged: a download URL carries a token.
-- gunicorn's own messages (boot, worker exits, timeouts): the same JSON shape, event = the message.
+- gunicorn's own messages (boot, worker exits, timeouts): the same JSON shape, event = the message,
+  with keys, tokens and Bearer credentials masked as in the app's own lines (``log.RedactFilter``).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 import structlog
 from gunicorn.glogging import Logger
 
-from .log import ACCESS_CONTEXT
+from .log import ACCESS_CONTEXT, RedactFilter
 
 _PRE_CHAIN = [
     structlog.stdlib.add_log_level,
@@ -45,6 +46,7 @@ class JsonLogger(Logger):
             for handler in log.handlers:
                 if getattr(handler, "_gunicorn", False):
                     handler.setFormatter(json_formatter())
+                    handler.addFilter(RedactFilter())
 
     def access(self, resp: Any, req: Any, environ: dict, request_time: _dt.timedelta) -> None:
         if not self.access_log_enabled:

@@ -227,7 +227,7 @@ def test_served_full_cycle_logs_no_key_token_lease_id_or_authorization_header(se
         assert s.get(url + "x", headers=auth(keys["worker"]), timeout=10).status_code == 403
         assert s.get(url, headers=auth(keys["worker"]), timeout=10).status_code == 409
     log = server.log()
-    assert '"http.request"' in log and '"key.created"' in log  # the capture saw the server and the CLI
+    assert '"http.access"' in log and '"key.created"' in log  # the capture saw the server and the CLI
     assert_nothing_secret(log, [*keys.values(), unknown, token_of(url), lease_id])
 
 

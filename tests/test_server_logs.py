@@ -139,6 +139,12 @@ def test_gunicorn_messages_are_json_lines(capsys):
                                                                  "gunicorn.error")
 
 
+def test_gunicorn_messages_mask_keys_and_tokens(capsys):
+    _logger().error("Invalid request from ip=1.2.3.4: GET /x?token=abc.def mrk_leakedkey")
+    err = capsys.readouterr().err
+    assert "abc.def" not in err and "mrk_leakedkey" not in err and "[redacted]" in err
+
+
 # -- what the app hands to the server's access line -----------------------------------------------
 
 @pytest.fixture

@@ -17,13 +17,16 @@ from typing import Any
 import structlog
 from gunicorn.glogging import Logger
 
-from .log import ACCESS_CONTEXT, RedactFilter
+from .log import ACCESS_CONTEXT, RedactFilter, _redact
+
+ACCESS_FIELDS = ("method", "path", "status", "bytes", "duration_ms", "remote_addr", "user_agent",
+                 "request_id", "worker_id", "job_id", "pid")
 
 _PRE_CHAIN = [
     structlog.stdlib.add_log_level,
     structlog.stdlib.add_logger_name,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
-    structlog.stdlib.ExtraAdder(),
+    structlog.stdlib.ExtraAdder(allow=ACCESS_FIELDS),  # only ours: a record carries other attributes
 ]
 
 
@@ -33,6 +36,7 @@ def json_formatter() -> logging.Formatter:
         foreign_pre_chain=_PRE_CHAIN,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                     structlog.processors.format_exc_info,
+                    _redact,
                     structlog.processors.JSONRenderer()],
     )
 
@@ -55,7 +59,7 @@ class JsonLogger(Logger):
         if isinstance(status, str):
             status = status.split(None, 1)[0]
         context = environ.get(ACCESS_CONTEXT) or {}
-        fields = {
+        fields = {  # the keys of ACCESS_FIELDS
             "method": environ.get("REQUEST_METHOD"),
             "path": environ.get("PATH_INFO"),
             "status": int(status) if str(status).isdigit() else status,

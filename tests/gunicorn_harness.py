@@ -2,7 +2,6 @@
 on a port the kernel picks on 127.0.0.1, for tests that need several OS processes."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -81,13 +80,6 @@ class Gunicorn:
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
-
-    def json_lines(self, path: Path) -> list[dict]:
-        out = []
-        for line in path.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                out.append(json.loads(line))
-        return out
 
     def booted_pids(self) -> list[int]:
         return [int(pid) for pid in _BOOTING.findall(self.stderr())]

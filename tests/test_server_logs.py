@@ -6,7 +6,6 @@ import json
 import os
 import runpy
 from datetime import timedelta
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

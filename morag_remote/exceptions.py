@@ -21,6 +21,13 @@ class JobNotFound(ServiceError):
     title = "Job not found"
 
 
+class JobUnreadable(ServiceError):
+    """The job's record exists but cannot be read (damaged on disk): an operator must run fsck."""
+
+    status_code = 500
+    title = "Job record unreadable"
+
+
 class InvalidTransition(ServiceError):
     """The job's state does not allow the action (a cancelled job cannot complete, ...)."""
 

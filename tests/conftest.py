@@ -46,6 +46,12 @@ def app(instance_path: Path, app_config: dict[str, Any]):
 
 
 @pytest.fixture
+def runner(app):
+    """Flask's CLI runner: ``runner.invoke(args=["remote-jobs", ...])`` against ``app``."""
+    return app.test_cli_runner()
+
+
+@pytest.fixture
 def service(app):
     return app.extensions[SERVICE]
 

@@ -189,7 +189,10 @@ class RemoteJob:
         _check_types(values)
         for name in _TIME_FIELDS:
             if name in values:
-                values[name] = from_iso(values[name])
+                try:
+                    values[name] = from_iso(values[name])
+                except ValueError as exc:
+                    raise ValueError(f"field {name!r}: {exc}") from None
         Status(values.get("status", Status.PENDING.value))  # reject unknown statuses early
         return cls(**values)
 

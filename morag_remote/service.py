@@ -257,6 +257,16 @@ class JobService:
     def submit_result(self, job_id: str, caller: Caller, *, success: bool, content: str | None = None,
                       metadata: dict[str, Any] | None = None, error_message: str | None = None,
                       processing_time: float | None = None, retryable: bool | None = None) -> ResultOutcome:
+        """Record a worker's result for the job's current attempt.
+
+        Fencing: a caller that sends a lease id must hold the current one, and a key bound to a
+        worker id must belong to the current holder; otherwise 409 and nothing changes. The seed's
+        worker sends neither, so it cannot be told apart from the current holder: its result is
+        accepted while the job is processing, which makes the first result for the current attempt
+        win, and the other worker's result then gets 409 (its download token was already fenced).
+        The same result sent again (same body, same or no lease id) answers as the first time did,
+        without a second completion.
+        """
         digest = _digest(success, content, metadata, error_message, processing_time, retryable)
 
         def mutate(job: RemoteJob) -> RemoteJob:

@@ -279,8 +279,8 @@ def test_cleanup_expired_requeues_every_lapsed_lease_and_prints_the_count(servic
 
     result = runner.invoke(args=["remote-jobs", "cleanup-expired"])
 
-    assert result.exit_code == 0, result.output
-    assert result.output.strip() == "3 job(s) handled"
+    assert result.exit_code == 0, result.stdout
+    assert result.stdout.strip() == "3 job(s) handled"
     assert {service.get(job_id).status for job_id in ids} == {"pending"}
 
 
@@ -289,7 +289,7 @@ def test_cleanup_expired_json_output_counts_nothing_when_no_lease_lapsed(service
     clock.advance(0.5)
     result = runner.invoke(args=["remote-jobs", "cleanup-expired", "--json"])
     assert result.exit_code == 0
-    assert json.loads(result.output) == {"expired": 0}
+    assert json.loads(result.stdout) == {"expired": 0}
 
 
 def test_lapse_with_no_retry_left_times_the_job_out(service, clock):
@@ -394,3 +394,16 @@ def test_retry_of_a_ttl_expired_job_gets_a_fresh_ttl(service, clock):
     assert service.expire_due() == 0
     assert [j.id for j in service.poll("w1", ["audio"])] == [job.id]
 
+
+
+@pytest.mark.parametrize("app_config", [{**TTL, "RETRY_BACKOFF_SECONDS": 30}])
+def test_pending_ttl_starts_when_a_backoff_ends(service, clock):
+    service.rng = lambda: 0.0
+    job = claimed_job(service)
+    service.submit_result(job.id, Caller(job.lease_id), success=False, error_message="flaky")
+
+    clock.advance(30 + 9.5)
+    assert service.expire_due() == 0
+    clock.advance(1)
+    assert service.expire_due() == 1
+    assert service.get(job.id).status == "timeout"

@@ -2,7 +2,6 @@
 ``estimated_completion``."""
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,25 +36,6 @@ def test_cancelled_job_lease_no_longer_opens_the_source(producer, worker):
     claimed = worker.claim("audio")
     producer.cancel(job_id)
     assert worker.download(claimed["source_file_url"]).status_code == 409
-
-
-def test_cancel_from_the_cli_prints_the_new_status(service, runner):
-    job = new_job(service)
-    result = runner.invoke(args=["remote-jobs", "cancel", job.id])
-    assert result.exit_code == 0
-    assert result.output.strip() == f"{job.id} cancelled"
-
-
-def test_cancel_from_the_cli_of_a_finished_job_exits_1_with_one_line(service, runner):
-    job = service.cancel(new_job(service).id)
-    result = runner.invoke(args=["remote-jobs", "cancel", job.id])
-    assert result.exit_code == 1
-    assert result.output.strip() == "Error: cannot cancel a job that is cancelled"
-
-
-def test_cancel_from_the_cli_of_an_unknown_job_exits_1(runner):
-    result = runner.invoke(args=["remote-jobs", "cancel", UNKNOWN])
-    assert result.exit_code == 1 and "no job with id" in result.output
 
 
 # -- retry ------------------------------------------------------------------------------------
@@ -94,21 +74,6 @@ def test_retry_gives_the_next_claim_a_new_lease(service):
     service.retry(job.id)
     again = service.poll("w2", ["audio"])[0]
     assert again.lease_id != job.lease_id and again.attempt == job.attempt + 1
-
-
-def test_retry_from_the_cli_prints_the_new_status(service, runner):
-    job = service.cancel(new_job(service).id)
-    result = runner.invoke(args=["remote-jobs", "retry", job.id])
-    assert result.exit_code == 0
-    assert result.output.strip() == f"{job.id} pending"
-
-
-def test_retry_from_the_cli_of_a_pending_job_exits_1(service, runner):
-    job = new_job(service)
-    result = runner.invoke(args=["remote-jobs", "retry", job.id])
-    assert result.exit_code == 1
-    assert "cannot retry a job that is pending" in result.output
-    assert "Traceback" not in result.output
 
 
 # -- delete -----------------------------------------------------------------------------------
@@ -192,21 +157,6 @@ def test_stats_counts_a_heartbeat_as_seeing_the_worker(client, keys, service, cl
     service.heartbeat(job.id, Caller(job.lease_id))
     clock.advance(20)
     assert _stats(client, keys["admin"])["active_workers"] == ["gpu-1"]
-
-
-def test_stats_from_the_cli_as_json(service, runner):
-    new_job(service, "audio")
-    result = runner.invoke(args=["remote-jobs", "stats", "--json"])
-    assert result.exit_code == 0
-    body = json.loads(result.output)
-    assert body["counts"]["pending"] == {"audio": 1}
-
-
-def test_stats_from_the_cli_for_people(service, runner):
-    new_job(service, "audio")
-    result = runner.invoke(args=["remote-jobs", "stats"])
-    assert result.exit_code == 0
-    assert "pending    audio     1" in result.output
 
 
 # -- estimated completion ---------------------------------------------------------------------

@@ -314,3 +314,25 @@ def test_the_job_is_gone_but_its_bytes_are_kept_after_repair(one_corrupt, produc
     fsck(runner, "--repair")
     assert producer.get(bad).status_code == 404
     assert len(list((root / "corrupt").iterdir())) == 1
+
+
+def test_polls_keep_working_when_a_lapsed_jobs_file_is_damaged(service, clock, root):
+    held = claimed_job(service, "w1")
+    _damage(root / "processing" / f"{held.id}.json", "truncated")
+    clock.advance(service.settings.lease_for("audio") + 1)
+    waiting = new_job(service)
+
+    assert [j.id for j in service.poll("w2", ["audio"])] == [waiting.id]
+    assert service.store.lapsed(clock.now, 10) == []  # the damaged job is no longer retried
+
+
+def test_cleanup_expired_skips_a_damaged_job(service, clock, root, runner):
+    held = claimed_job(service, "w1")
+    other = claimed_job(service, "w2")
+    _damage(root / "processing" / f"{held.id}.json", "not_an_object")
+    clock.advance(service.settings.lease_for("audio") + 1)
+
+    result = runner.invoke(args=["remote-jobs", "cleanup-expired", "--json"])
+
+    assert result.exit_code == 0 and json.loads(result.stdout) == {"expired": 1}
+    assert service.get(other.id).status == "pending"

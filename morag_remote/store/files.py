@@ -102,8 +102,10 @@ class FileJobStore:
         copies = self._copies(job_id)
         return copies[0][0] if copies else None
 
-    def _absent(self, job_id: str) -> JobNotFound | JobUnreadable:
-        """The error for a job with no readable copy: unreadable when a file of it is there."""
+    def _absent(self, job_id: str) -> JobNotFound:
+        """The error for a job with no readable copy (unreadable when a file of it is there); the
+        catalog forgets the job, so a damaged file does not come back in every lapse or claim."""
+        self.catalog.apply(job_id, None)
         if any(os.path.lexists(self.path(status, job_id)) for status in STATUSES):
             return JobUnreadable(f"the record of job {job_id} is damaged; an operator must run "
                                  "'flask remote-jobs fsck --repair'", job_id=job_id)

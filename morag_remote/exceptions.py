@@ -21,6 +21,17 @@ class JobNotFound(ServiceError):
     title = "Job not found"
 
 
+class JobUnreadable(JobNotFound):
+    """The job's record exists but cannot be read (damaged on disk): an operator must run fsck.
+
+    A kind of JobNotFound, so code that skips vanished jobs (lease reaping, cleanup) skips a
+    damaged one too instead of failing; the client is told the truth (500, run fsck), not 404.
+    """
+
+    status_code = 500
+    title = "Job record unreadable"
+
+
 class InvalidTransition(ServiceError):
     """The job's state does not allow the action (a cancelled job cannot complete, ...)."""
 

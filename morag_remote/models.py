@@ -104,10 +104,45 @@ def to_iso(value: datetime | None) -> str | None:
 def from_iso(value: str | None) -> datetime | None:
     if value is None:
         return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected an ISO 8601 timestamp, got {type(value).__name__}")
     parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     if parsed.tzinfo is None:  # records written by other tools: naive means UTC
         parsed = parsed.replace(tzinfo=timezone.utc)
     return parsed
+
+
+# What each stored field must hold. A record that breaks this is unreadable, not a job: a stray type
+# (a string priority, a number for a timestamp) would otherwise break sorting and arithmetic for
+# every job a process indexes, not just this one.
+_STR_FIELDS = ("id", "ingestion_task_id", "source_file_path", "content_type", "status")
+_OPTIONAL_STR_FIELDS = ("worker_id", "error_message", "lease_id", "progress_message", "result_digest")
+_INT_FIELDS = ("retry_count", "max_retries", "priority", "attempt", "version")
+_DICT_FIELDS = ("task_options", "extra")
+
+
+def _check_types(values: dict[str, Any]) -> None:
+    """ValueError naming the first field whose stored value has the wrong type."""
+    def bad(name: str, expected: str) -> ValueError:
+        return ValueError(f"field {name!r} must be {expected}, got {type(values[name]).__name__}")
+
+    for name in _STR_FIELDS:
+        if name in values and not isinstance(values[name], str):
+            raise bad(name, "a string")
+    for name in _OPTIONAL_STR_FIELDS:
+        if values.get(name) is not None and not isinstance(values[name], str):
+            raise bad(name, "a string or null")
+    for name in _INT_FIELDS:
+        if name in values and (not isinstance(values[name], int) or isinstance(values[name], bool)):
+            raise bad(name, "an integer")
+    for name in _DICT_FIELDS:
+        if name in values and not isinstance(values[name], dict):
+            raise bad(name, "an object")
+    if values.get("result_data") is not None and not isinstance(values["result_data"], dict):
+        raise bad("result_data", "an object or null")
+    progress = values.get("progress")
+    if progress is not None and (not isinstance(progress, (int, float)) or isinstance(progress, bool)):
+        raise bad("progress", "a number or null")
 
 
 @dataclasses.dataclass
@@ -151,9 +186,13 @@ class RemoteJob:
     def from_dict(cls, data: dict[str, Any]) -> "RemoteJob":
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
+        _check_types(values)
         for name in _TIME_FIELDS:
             if name in values:
-                values[name] = from_iso(values[name])
+                try:
+                    values[name] = from_iso(values[name])
+                except ValueError as exc:
+                    raise ValueError(f"field {name!r}: {exc}") from None
         Status(values.get("status", Status.PENDING.value))  # reject unknown statuses early
         return cls(**values)
 

@@ -85,6 +85,7 @@ class JobService:
         self.observers: list[JobObserver] = []
         self._waiters = threading.BoundedSemaphore(max(settings.poll_max_waiters, 1))
         self._durations: dict[str, tuple[float, float | None]] = {}
+        self.duration_sample = DURATION_SAMPLE
 
     # -- producers -------------------------------------------------------------------------------
 
@@ -216,15 +217,25 @@ class JobService:
             self._observe(Action.CLAIM, job)
         return jobs
 
-    def holder_check(self, job: RemoteJob, caller: Caller) -> None:
-        """LeaseConflict unless ``caller`` may act for the job's current attempt."""
-        if job.status != Status.PROCESSING.value:
+    def holder_check(self, job: RemoteJob, caller: Caller, action: Action | None = None) -> None:
+        """Refuse unless ``caller`` may act for the job's current attempt.
+
+        With an ``action``, the job's status is checked against the transition table first
+        (InvalidTransition: a cancelled or re-queued job cannot be completed); then the lease
+        (LeaseConflict: the job is processing, but for another attempt or another worker). Both
+        are 409 and change nothing.
+        """
+        if action is not None:
+            next_status(job.status, action)
+        elif job.status != Status.PROCESSING.value:
             raise LeaseConflict(f"job {job.id} is {job.status}: no lease is held on it",
                                 job_status=job.status)
         if caller.lease_id is not None and caller.lease_id != job.lease_id:
-            raise LeaseConflict(f"lease {caller.lease_id} is not the current lease of job {job.id}")
+            raise LeaseConflict(f"lease {caller.lease_id} is not the current lease of job {job.id}",
+                                job_status=job.status)
         if caller.bound_worker_id is not None and caller.bound_worker_id != job.worker_id:
-            raise LeaseConflict(f"job {job.id} is not held by worker {caller.bound_worker_id}")
+            raise LeaseConflict(f"job {job.id} is not held by worker {caller.bound_worker_id}",
+                                job_status=job.status)
 
     def open_source(self, job_id: str, caller: Caller, privileged: bool = False) -> tuple[RemoteJob, BinaryIO, os.stat_result]:
         """The job and its source opened for reading, for the worker holding the current attempt.
@@ -244,8 +255,9 @@ class JobService:
                   message: str | None = None) -> RemoteJob:
         def mutate(job: RemoteJob) -> RemoteJob:
             if job.status == Status.CANCELLED.value:
-                raise LeaseConflict(f"job {job_id} was cancelled; stop working on it", job_status=job.status)
-            self.holder_check(job, caller)
+                raise InvalidTransition(f"job {job_id} was cancelled; stop working on it",
+                                        job_status=job.status, action=Action.HEARTBEAT.value)
+            self.holder_check(job, caller, Action.HEARTBEAT)
             now = self.clock()
             job.status = next_status(job.status, Action.HEARTBEAT).value
             job.timeout_at = now + timedelta(seconds=self.settings.lease_for(job.content_type))
@@ -263,12 +275,22 @@ class JobService:
     def submit_result(self, job_id: str, caller: Caller, *, success: bool, content: str | None = None,
                       metadata: dict[str, Any] | None = None, error_message: str | None = None,
                       processing_time: float | None = None, retryable: bool | None = None) -> ResultOutcome:
+        """Record a worker's result for the job's current attempt.
+
+        Fencing: a caller that sends a lease id must hold the current one, and a key bound to a
+        worker id must belong to the current holder; otherwise 409 and nothing changes. The seed's
+        worker sends neither, so it cannot be told apart from the current holder: its result is
+        accepted while the job is processing, which makes the first result for the current attempt
+        win, and the other worker's result then gets 409 (its download token was already fenced).
+        The same result sent again (same body, same or no lease id) answers as the first time did,
+        without a second completion.
+        """
         digest = _digest(success, content, metadata, error_message, processing_time, retryable)
 
         def mutate(job: RemoteJob) -> RemoteJob:
             if job.result_digest == digest and (caller.lease_id is None or caller.lease_id == job.lease_id):
                 raise _NoChange(job)  # the same result again (a retried request): answer as before
-            self.holder_check(job, caller)
+            self.holder_check(job, caller, Action.COMPLETE if success else Action.FAIL)
             now = self.clock()
             job.updated_at = now
             job.result_digest = digest
@@ -299,6 +321,8 @@ class JobService:
         log.info("job.result", job_id=job_id, success=success, job_status=job.status,
                  retry_count=job.retry_count, processing_time=processing_time)
         self._observe(_RESULT_ACTIONS[job.status], job)
+        if job.status == Status.COMPLETED.value:
+            self._durations.pop(job.content_type, None)  # a new observation: estimate afresh
         return ResultOutcome(job, ingestion_continued=self._finished(job))
 
     def backoff(self, n: int) -> float:
@@ -318,7 +342,7 @@ class JobService:
         ttl = self.settings.pending_ttl_seconds
         if ttl:
             cutoff = now - timedelta(seconds=ttl)
-            for job_id in self.store.pending_created_before(cutoff, limit):
+            for job_id in self.store.pending_available_before(cutoff, limit):
                 count += self._apply_if(job_id, self._expire_pending, _EXPIRE_ACTIONS)
         return count
 
@@ -353,9 +377,12 @@ class JobService:
         return job
 
     def _expire_pending(self, job: RemoteJob) -> RemoteJob:
+        """Time out a job that stayed claimable for the whole TTL: counted from ``available_at``
+        (creation, re-queue or explicit retry, or the end of a backoff), not from creation."""
         now = self.clock()
         ttl = self.settings.pending_ttl_seconds or 0
-        if job.status != Status.PENDING.value or job.created_at > now - timedelta(seconds=ttl):
+        waiting_since = job.available_at or job.created_at
+        if job.status != Status.PENDING.value or waiting_since > now - timedelta(seconds=ttl):
             raise _NoChange(job)
         job.status = next_status(job.status, Action.EXPIRE).value
         job.completed_at = job.updated_at = now
@@ -386,12 +413,14 @@ class JobService:
         return job.started_at + timedelta(seconds=self.typical_duration(job.content_type))
 
     def typical_duration(self, content_type: str) -> float:
-        """Median processing time of recent completed jobs of this type (cached a minute)."""
+        """Median duration (claim to result) of the most recently completed jobs of this type.
+
+        Cached a minute per process; a completion seen by this process drops the cached value.
+        """
         now = time.monotonic()
         cached = self._durations.get(content_type)
         if cached is None or now - cached[0] > DURATION_CACHE_SECONDS:
-            done, _ = self.store.list(JobFilter(status=Status.COMPLETED.value, content_type=content_type),
-                                      None, DURATION_SAMPLE)
+            done = self.store.recently_completed(content_type, self.duration_sample)
             durations = [(j.completed_at - j.started_at).total_seconds()
                          for j in done if j.completed_at and j.started_at]
             cached = (now, statistics.median(durations) if durations else None)

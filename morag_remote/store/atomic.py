@@ -9,6 +9,7 @@ import errno
 import fcntl
 import json
 import os
+import secrets
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,8 +27,12 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
-    """Replace ``path`` with ``data`` durably; on any failure the temp file is removed."""
-    tmp = path.parent / f"{TEMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}"
+    """Replace ``path`` with ``data`` durably; on any failure the temp file is removed.
+
+    The temp name carries random bytes besides the pid: a process killed mid-write leaves its temp
+    file behind, and a later process given the same pid must not find its name taken.
+    """
+    tmp = path.parent / f"{TEMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:

@@ -61,8 +61,14 @@ class JobRepository(Protocol):
     def lapsed(self, now: datetime, limit: int) -> list[str]:
         """Ids of processing jobs whose lease ended before ``now``."""
 
-    def pending_created_before(self, cutoff: datetime, limit: int) -> list[str]:
-        """Ids of pending jobs created before ``cutoff`` (for the optional pending TTL)."""
+    def pending_available_before(self, cutoff: datetime, limit: int) -> list[str]:
+        """Ids of pending jobs claimable since before ``cutoff`` (``available_at < cutoff``), oldest
+        first: the optional pending TTL counts from when a job last became claimable, so a job
+        re-queued or retried is not expired for the time it spent queued or running before."""
+
+    def recently_completed(self, content_type: str, limit: int) -> list[RemoteJob]:
+        """The ``limit`` most recently completed jobs of ``content_type``, newest first (for
+        ``estimated_completion``; in SQL: ``ORDER BY completed_at DESC LIMIT``)."""
 
     def finished_before(self, cutoff: datetime, limit: int) -> list[str]:
         """Ids of terminal jobs that finished before ``cutoff`` (for cleanup-old)."""

@@ -61,6 +61,8 @@ class Catalog:
         self._ready: dict[str, SortedList] = {}      # content type -> (-priority, created, id)
         self._delayed: dict[str, SortedList] = {}    # content type -> (available, id)
         self._pending_age = SortedList()             # (created, id)
+        self._pending_since = SortedList()           # (available, id): claimable since, for the TTL
+        self._completed: dict[str, SortedList] = {}  # content type -> (finished, id) of completed jobs
         self._leases = SortedList()                  # (timeout, id) of processing jobs
         self._finished = SortedList()                # (finished, id) of terminal jobs
         self.worker_seen: dict[str, float] = {}
@@ -101,10 +103,13 @@ class Catalog:
                 ready.discard((-e.priority, e.created, job_id))
                 delayed.discard((e.available, job_id))
             op(self._pending_age, (e.created, job_id))
+            op(self._pending_since, (e.available, job_id))
         elif e.status == Status.PROCESSING.value and e.timeout is not None:
             op(self._leases, (e.timeout, job_id))
         elif Status(e.status) in TERMINAL and e.finished is not None:
             op(self._finished, (e.finished, job_id))
+            if e.status == Status.COMPLETED.value:
+                op(self._completed.setdefault(e.content_type, SortedList()), (e.finished, job_id))
 
     def _promote(self, content_types: set[str], now: float) -> None:
         """Move jobs whose backoff has ended from the delayed view to the ready one."""
@@ -147,8 +152,20 @@ class Catalog:
             out.append(job_id)
         return out
 
-    def pending_created_before(self, cutoff: float, limit: int) -> list[str]:
-        return [job_id for created, job_id in self._pending_age.islice(0, limit) if created < cutoff]
+    def pending_available_before(self, cutoff: float, limit: int) -> list[str]:
+        out = []
+        for available, job_id in self._pending_since:
+            if available >= cutoff or len(out) >= limit:
+                break
+            out.append(job_id)
+        return out
+
+    def recently_completed(self, content_type: str, limit: int) -> list[str]:
+        """Ids of the ``limit`` most recently completed jobs of ``content_type``, newest first."""
+        done = self._completed.get(content_type)
+        if not done:
+            return []
+        return [job_id for _, job_id in done.islice(max(len(done) - limit, 0), reverse=True)]
 
     def finished_before(self, cutoff: float, limit: int) -> list[str]:
         out = []

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 
 import structlog
 
-from ..exceptions import JobNotFound, StoreUnavailable
+from ..exceptions import JobNotFound, JobUnreadable, StoreUnavailable
 from ..models import STATUSES, RemoteJob
 from .atomic import TEMP_PREFIX, FileLock, fsync_dir, read_json, unlink_quietly, write_atomic
 from .base import JobFilter, Mutator, StoreStats
@@ -42,7 +42,11 @@ class CorruptJobFile(Exception):
 
 
 def load_job_file(path: Path) -> RemoteJob:
-    """Parse one job file; CorruptJobFile when it is not a readable job record."""
+    """Parse one job file; CorruptJobFile when it is not a readable job record.
+
+    FileNotFoundError passes through (the job moved or never was); any other failure to read the
+    file (a directory in its place, no permission) makes it as unreadable as bad JSON.
+    """
     try:
         data = read_json(path)
         if not isinstance(data, dict):
@@ -51,6 +55,10 @@ def load_job_file(path: Path) -> RemoteJob:
         if job.id != path.stem:
             raise ValueError(f"id {job.id!r} does not match the file name")
         return job
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CorruptJobFile(path, exc.strerror or type(exc).__name__) from None
     except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
         raise CorruptJobFile(path, str(exc)) from None
 
@@ -94,6 +102,15 @@ class FileJobStore:
     def _read(self, job_id: str) -> RemoteJob | None:
         copies = self._copies(job_id)
         return copies[0][0] if copies else None
+
+    def _absent(self, job_id: str) -> JobNotFound:
+        """The error for a job with no readable copy (unreadable when a file of it is there); the
+        catalog forgets the job, so a damaged file does not come back in every lapse or claim."""
+        self.catalog.apply(job_id, None)
+        if any(os.path.lexists(self.path(status, job_id)) for status in STATUSES):
+            return JobUnreadable(f"the record of job {job_id} is damaged; an operator must run "
+                                 "'flask remote-jobs fsck --repair'", job_id=job_id)
+        return JobNotFound(f"no job with id {job_id!r}")
 
     # -- the lock and the catalog --------------------------------------------------------------
 
@@ -168,8 +185,8 @@ class FileJobStore:
         if job is None:  # a move may have been under way; look again while no writer can act
             with self._locked(exclusive=False):
                 job = self._read(job_id)
-        if job is None:
-            raise JobNotFound(f"no job with id {job_id!r}")
+                if job is None:
+                    raise self._absent(job_id)
         return job
 
     def update(self, job_id: str, mutate: Mutator) -> RemoteJob:
@@ -178,7 +195,7 @@ class FileJobStore:
         with self._locked():
             copies = self._copies(job_id)
             if not copies:
-                raise JobNotFound(f"no job with id {job_id!r}")
+                raise self._absent(job_id)
             current = copies[0][0]
             new = mutate(current.copy())
             new.version = current.version + 1
@@ -212,7 +229,7 @@ class FileJobStore:
         with self._locked():
             copies = self._copies(job_id)
             if not copies:
-                raise JobNotFound(f"no job with id {job_id!r}")
+                raise self._absent(job_id)
             self._position = self.journal.append([job_id])
             for _, p in copies:
                 unlink_quietly(p)
@@ -239,9 +256,14 @@ class FileJobStore:
         with self._locked(exclusive=False):
             return self.catalog.lapsed(now.timestamp(), limit)
 
-    def pending_created_before(self, cutoff: datetime, limit: int) -> list[str]:
+    def pending_available_before(self, cutoff: datetime, limit: int) -> list[str]:
         with self._locked(exclusive=False):
-            return self.catalog.pending_created_before(cutoff.timestamp(), limit)
+            return self.catalog.pending_available_before(cutoff.timestamp(), limit)
+
+    def recently_completed(self, content_type: str, limit: int) -> list[RemoteJob]:
+        with self._locked(exclusive=False):
+            ids = self.catalog.recently_completed(content_type, limit)
+            return [job for job in map(self._read, ids) if job is not None]
 
     def finished_before(self, cutoff: datetime, limit: int) -> list[str]:
         with self._locked(exclusive=False):

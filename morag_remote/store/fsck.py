@@ -4,10 +4,13 @@ Findings, and the deterministic repair of each:
 - ``temp``: a leftover temp file (a write that never reached its rename): removed; the rename is the
   commit point, so a temp file was never the job.
 - ``duplicate``: one id in several status directories (a move cut short): the copy with the highest
-  ``version`` stays, the others are removed.
+  ``version`` stays (on a tie, the one in the directory its status names), the others are removed.
 - ``misplaced``: a file whose ``status`` disagrees with its directory: moved to the directory its
   status names.
-- ``corrupt``: a file that is not a readable job: moved to ``<data>/corrupt/`` (never deleted).
+- ``corrupt``: a file that is not a readable job: moved to ``<data>/corrupt/`` (never deleted, never
+  overwriting an earlier one).
+
+A repair that fails (an OSError) leaves its finding unrepaired with the reason, so the CLI exits 1.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..models import STATUSES, RemoteJob
 from .atomic import TEMP_PREFIX, fsync_dir, unlink_quietly, write_atomic
@@ -48,8 +52,7 @@ def fsck(store: FileJobStore, repair: bool = False) -> list[Finding]:
                 if name.startswith(TEMP_PREFIX):
                     f = Finding("temp", rel, None, "leftover temp file of an interrupted write")
                     if repair:
-                        unlink_quietly(path)
-                        f.repaired = True
+                        _attempt(f, lambda: unlink_quietly(path))
                     findings.append(f)
                 elif name.endswith(".json"):
                     try:
@@ -58,32 +61,25 @@ def fsck(store: FileJobStore, repair: bool = False) -> list[Finding]:
                     except CorruptJobFile as exc:
                         f = Finding("corrupt", rel, name[:-5], f"unreadable job file: {exc.reason}")
                         if repair:
-                            _quarantine(store, path, status)
-                            f.repaired = True
+                            _attempt(f, lambda: _quarantine(store, path, status))
                         findings.append(f)
                     except FileNotFoundError:  # pragma: no cover - removed while we listed
                         continue
         touched: list[str] = []
         for job_id, found in sorted(copies.items()):
-            found.sort(key=lambda item: (item[0].version, STATUSES.index(item[0].status)), reverse=True)
+            found.sort(key=lambda item: (item[0].version, item[1].parent.name == item[0].status,
+                                         STATUSES.index(item[0].status)), reverse=True)
             keep, keep_path = found[0]
             for _, path in found[1:]:
                 f = Finding("duplicate", _rel(store, path), job_id,
                             f"older copy (kept version {keep.version} in {keep_path.parent.name}/)")
-                if repair:
-                    unlink_quietly(path)
-                    fsync_dir(path.parent)
-                    f.repaired = True
+                if repair and _attempt(f, lambda: _remove(path)):
                     touched.append(job_id)
                 findings.append(f)
             if keep_path.parent.name != keep.status:
                 f = Finding("misplaced", _rel(store, keep_path), job_id,
                             f"status is {keep.status!r} but the file is in {keep_path.parent.name}/")
-                if repair:
-                    write_atomic(store.path(keep.status, job_id), _encode(keep))
-                    unlink_quietly(keep_path)
-                    fsync_dir(keep_path.parent)
-                    f.repaired = True
+                if repair and _attempt(f, lambda: _move(store, keep, keep_path)):
                     touched.append(job_id)
                 findings.append(f)
         if touched or any(f.kind == "corrupt" and f.repaired for f in findings):
@@ -96,9 +92,41 @@ def _rel(store: FileJobStore, path: Path) -> str:
     return str(path.relative_to(store.root))
 
 
+def _attempt(finding: Finding, repair: Callable[[], object]) -> bool:
+    """Run one repair; on OSError the finding stays unrepaired and says why."""
+    try:
+        repair()
+    except OSError as exc:
+        finding.detail += f" (repair failed: {exc.strerror or exc})"
+        return False
+    finding.repaired = True
+    return True
+
+
+def _remove(path: Path) -> None:
+    unlink_quietly(path)
+    fsync_dir(path.parent)
+
+
+def _move(store: FileJobStore, job: RemoteJob, path: Path) -> None:
+    """Write the job where its status says (the new copy first), then drop the misplaced one."""
+    write_atomic(store.path(job.status, job.id), _encode(job))
+    _remove(path)
+
+
 def _quarantine(store: FileJobStore, path: Path, status: str) -> Path:
-    target = store.root / CORRUPT_DIR / f"{status}-{path.name}.{int(time.time())}"
-    os.replace(path, target)
-    fsync_dir(target.parent)
+    """Move an unreadable file into ``corrupt/`` under a name no earlier quarantined file has.
+
+    Only fsck writes there, and it holds the store's exclusive lock, so a free name stays free.
+    """
+    folder = store.root / CORRUPT_DIR
+    stem = f"{status}-{path.name}.{int(time.time())}"
+    target = folder / stem
+    n = 0
+    while os.path.lexists(target):
+        n += 1
+        target = folder / f"{stem}.{n}"
+    os.rename(path, target)
+    fsync_dir(folder)
     fsync_dir(path.parent)
     return target

@@ -58,13 +58,12 @@ def handle_service(exc: ServiceError) -> Response:
 def handle_http(exc: HTTPException) -> Response:
     code = exc.code or 500
     detail = exc.description or exc.name
-    if code == 400 and "JSON" in str(detail):
-        detail = "the request body is not valid JSON"
     response = problem(code, exc.name, detail)
-    if code == 405 and exc.response is None:
-        valid = getattr(exc, "valid_methods", None)
-        if valid:
-            response.headers["Allow"] = ", ".join(valid)
+    # The headers werkzeug attaches to the error (Allow on 405, Content-Range on 416, ...) belong
+    # to the problem response too; only its HTML content type does not.
+    for name, value in exc.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
     return response
 
 
@@ -72,7 +71,7 @@ def handle_unexpected(exc: Exception) -> Response:
     if isinstance(exc, HTTPException):
         return handle_http(exc)
     log.exception("request.crashed", error_type=type(exc).__name__)
-    return problem(500, InternalServerError.name, "the server failed to handle the request")
+    return problem(500, InternalServerError().name, "the server failed to handle the request")
 
 
 def register_error_handlers(app: Flask) -> None:

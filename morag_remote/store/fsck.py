@@ -53,7 +53,8 @@ def fsck(store: FileJobStore, repair: bool = False) -> list[Finding]:
                     findings.append(f)
                 elif name.endswith(".json"):
                     try:
-                        copies[name[:-5]].append((load_job_file(path), path))
+                        job = load_job_file(path)  # before copies[...]: no empty entry on failure
+                        copies[name[:-5]].append((job, path))
                     except CorruptJobFile as exc:
                         f = Finding("corrupt", rel, name[:-5], f"unreadable job file: {exc.reason}")
                         if repair:

@@ -462,3 +462,55 @@ def test_health_is_503_when_the_data_dir_is_read_only(client, app):
         assert response.status_code == 503
     finally:
         data_dir.chmod(0o700)
+
+
+# -- source confinement at download time ---------------------------------------------------------
+
+
+def test_download_refuses_a_source_swapped_for_a_symlink_out_of_the_roots(producer, worker, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private")
+    job_id = producer.create_id("audio", name="swap.mp3")
+    url = worker.claim("audio")["source_file_url"]
+    source = producer.sources / "swap.mp3"
+    source.unlink()
+    source.symlink_to(secret)
+    response = worker.download(url)
+    assert response.status_code == 403 and b"private" not in response.data
+    assert producer.get(job_id).json["status"] == "processing"
+
+
+def test_download_refuses_a_source_whose_directory_now_leads_out_of_the_roots(producer, worker, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "clip.mp3").write_text("private")
+    inner = producer.sources / "inner"
+    inner.mkdir()
+    (inner / "clip.mp3").write_text("public")
+    response = producer.client.post(BASE, headers=producer.headers, json={
+        "source_file_path": str(inner / "clip.mp3"), "content_type": "audio", "ingestion_task_id": "t"})
+    assert response.status_code == 201
+    url = worker.claim("audio")["source_file_url"]
+    (inner / "clip.mp3").unlink()
+    inner.rmdir()
+    inner.symlink_to(outside)
+    response = worker.download(url)
+    assert response.status_code == 403 and b"private" not in response.data
+
+
+def test_create_refuses_a_symlink_that_leads_out_of_the_roots(producer, tmp_path):
+    (tmp_path / "elsewhere.mp3").write_text("x")
+    (producer.sources / "link.mp3").symlink_to(tmp_path / "elsewhere.mp3")
+    response = producer.client.post(BASE, headers=producer.headers, json={
+        "source_file_path": str(producer.sources / "link.mp3"), "content_type": "audio",
+        "ingestion_task_id": "t"})
+    assert response.status_code == 422
+
+
+def test_create_refuses_a_directory(producer):
+    (producer.sources / "folder").mkdir()
+    response = producer.client.post(BASE, headers=producer.headers, json={
+        "source_file_path": str(producer.sources / "folder"), "content_type": "audio",
+        "ingestion_task_id": "t"})
+    assert response.status_code == 422
+    assert response.json["errors"] == {"source_file_path": ["not a regular file"]}

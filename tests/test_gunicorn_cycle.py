@@ -66,8 +66,11 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _wait_until(condition, what: str, proc: subprocess.Popen, log: Path, attempts: int = 300) -> None:
-    for _ in range(attempts):  # bounded: 300 tries, 0.1 s apart at most
+def _wait_until(condition, what: str, proc: subprocess.Popen, log: Path, seconds: float = 90) -> None:
+    """Poll ``condition`` until it holds; fail when gunicorn exits or ``seconds`` pass (a loaded
+    2-core machine may take a while to boot three workers)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"gunicorn exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         if condition():
@@ -78,8 +81,8 @@ def _wait_until(condition, what: str, proc: subprocess.Popen, log: Path, attempt
 
 def _healthy(base: str) -> bool:
     try:
-        return requests.get(base + "/health", timeout=2).status_code == 200
-    except requests.ConnectionError:
+        return requests.get(base + "/health", timeout=5).status_code == 200
+    except requests.RequestException:  # refused, or accepted by the kernel before a worker is up
         return False
 
 

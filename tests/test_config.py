@@ -138,3 +138,11 @@ def test_the_cli_uses_the_instance_path_from_the_environment(tmp_path):
     assert [k["name"] for k in stored["keys"]] == ["p1"]
     listed = _flask("keys", "list", "--json", env={"MORAG_REMOTE_INSTANCE_PATH": str(target)})
     assert [k["name"] for k in json.loads(listed.stdout)] == ["p1"]
+
+
+def test_a_nested_environment_override_changes_only_its_own_app(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("MORAG_REMOTE_LEASE_SECONDS__audio", "60")
+    assert _app(folder).extensions[SERVICE].settings.lease_for("audio") == 60
+    monkeypatch.delenv("MORAG_REMOTE_LEASE_SECONDS__audio")
+    assert _app(tmp_path / "other").extensions[SERVICE].settings.lease_for("audio") == 1800
+    assert DEFAULTS["LEASE_SECONDS"]["audio"] == 1800

@@ -100,6 +100,23 @@ def test_write_atomic_removes_its_temp_file_when_the_rename_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["occupied"]
 
 
+def test_a_temp_file_left_by_an_earlier_process_with_the_same_pid_does_not_block_writes(store, data_dir):
+    """After a restart, processes often get the pids the crashed ones had."""
+    job = make_job()
+    leftover = data_dir / "pending" / f"{TEMP_PREFIX}{job.id}.json.{os.getpid()}.{threading.get_ident()}"
+    leftover.write_text("half a job")
+    store.create(job)
+    assert store.get(job.id).id == job.id
+    assert [f.kind for f in fsck(store)] == ["temp"]
+
+
+def test_a_large_record_is_written_whole(store, data_dir):
+    job = make_job()
+    job.result_data = {"content": "x" * (8 * 1024 * 1024), "metadata": {}, "processing_time": 1.0}
+    store.create(job)
+    assert store.get(job.id).result_data == job.result_data
+
+
 def test_a_mutator_that_raises_changes_nothing(store, data_dir):
     job = store.create(make_job())
 

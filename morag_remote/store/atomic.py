@@ -9,6 +9,7 @@ import errno
 import fcntl
 import json
 import os
+import secrets
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,11 +28,15 @@ def fsync_dir(path: Path) -> None:
 
 def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
     """Replace ``path`` with ``data`` durably; on any failure the temp file is removed."""
-    tmp = path.parent / f"{TEMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}"
+    # pid and thread name the writer; the random part keeps a temp file left by a killed process
+    # whose pid was reused (a restarted container numbers its processes alike) from blocking O_EXCL.
+    tmp = path.parent / f"{TEMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(4)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:  # os.write may write less than asked: never commit a short file
+                view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)

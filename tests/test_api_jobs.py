@@ -440,7 +440,9 @@ def test_health_is_503_when_the_data_dir_is_replaced_by_a_file(client, app):
     try:
         response = client.get("/health")
         assert response.status_code == 503
-        assert response.json["status"] == "unavailable" and response.json["store"] == "unwritable"
+        assert response.content_type == "application/problem+json"
+        assert response.json["title"] == "Store unavailable"
+        assert response.json["detail"].startswith("the job store is not writable")
     finally:
         data_dir.unlink()
         moved.rename(data_dir)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, Mapping
 
@@ -28,7 +29,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     instance_path = (test_config or {}).get("INSTANCE_PATH") or instance_path_from_env()
     app = Flask(__name__, instance_relative_config=True, static_folder=None,
                 instance_path=os.path.abspath(instance_path) if instance_path else None)
-    app.config.from_mapping(DEFAULTS)
+    app.config.from_mapping(copy.deepcopy(DEFAULTS))  # nested env overrides (X__y) edit in place
     app.config.from_pyfile("config.py", silent=True)
     app.config.from_prefixed_env(ENV_PREFIX)
     if test_config:

@@ -58,17 +58,16 @@ def handle_service(exc: ServiceError) -> Response:
 def handle_http(exc: HTTPException) -> Response:
     code = exc.code or 500
     detail = exc.description or exc.name
-    if code == 400 and "JSON" in str(detail):
-        detail = "the request body is not valid JSON"
     if isinstance(exc, RequestEntityTooLarge):
         limit = current_app.config.get("MAX_CONTENT_LENGTH")
         detail = (f"the request body is larger than the {limit} bytes this server accepts "
                   "(MORAG_REMOTE_MAX_CONTENT_LENGTH)")
     response = problem(code, exc.name, detail)
-    if code == 405 and exc.response is None:
-        valid = getattr(exc, "valid_methods", None)
-        if valid:
-            response.headers["Allow"] = ", ".join(valid)
+    # The headers werkzeug attaches to the error (Allow on 405, Content-Range on 416, ...) belong
+    # to the problem response too; only its HTML content type does not.
+    for name, value in exc.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
     return response
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -23,11 +24,30 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+_id_lock = threading.Lock()
+_id_last: list[int] = [0, 0]  # the (milliseconds, counter) of the last id this process made
+
+
 def new_job_id() -> str:
-    """A UUIDv7-style id: 48 bits of milliseconds first, so string order is creation order."""
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms << 80) | (0x7 << 76) | ((rand >> 68) & 0xFFF) << 64 | (0b10 << 62) | (rand & ((1 << 62) - 1))
+    """A UUIDv7 id (RFC 9562): 48 bits of milliseconds, then a 12-bit counter, then random bits.
+
+    String order is creation order within a process, even for ids made in the same millisecond:
+    the counter (seeded randomly in each new millisecond, with room to count up) orders them, and
+    when it runs out the id borrows the next millisecond (RFC 9562 section 6.2, method 1). The
+    list cursor relies on this order.
+    """
+    with _id_lock:
+        ms = time.time_ns() // 1_000_000
+        last_ms, counter = _id_last
+        if ms > last_ms:
+            counter = int.from_bytes(os.urandom(2), "big") & 0x7FF
+        else:  # same millisecond, or the clock stepped back: keep counting from the last id
+            ms, counter = last_ms, counter + 1
+            if counter > 0xFFF:
+                ms, counter = last_ms + 1, int.from_bytes(os.urandom(2), "big") & 0x7FF
+        _id_last[:] = [ms, counter]
+    rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    value = (ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | rand
     return str(uuid.UUID(int=value))
 
 

@@ -141,6 +141,12 @@ class PollResponse(Schema):
     jobs = fields.List(fields.Nested(ClaimedJob))
 
 
+class DownloadQuery(StrictSchema):
+    """The download URL's query string: the signed token the poll response put there, if any."""
+
+    token = fields.String(load_default=None, validate=validate.Length(min=1, max=2048))
+
+
 class LeaseMixin(Schema):
     lease_id = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=64))
 

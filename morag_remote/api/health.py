@@ -1,11 +1,11 @@
-"""``GET /health``: 200 while the store takes writes, 503 when it does not. No key needed."""
+"""``GET /health``: 200 while the store takes writes; 503 (problem+json, like every error) when it
+does not. No key needed."""
 from __future__ import annotations
 
 from flask import Blueprint, Response
 
 from .. import schemas
 from ..context import service
-from ..exceptions import StoreUnavailable
 from .http import respond
 
 bp = Blueprint("health", __name__)
@@ -13,9 +13,5 @@ bp = Blueprint("health", __name__)
 
 @bp.get("/health")
 def health() -> Response:
-    try:
-        service().store.check_writable()
-    except StoreUnavailable as exc:
-        return respond(schemas.HealthResponse(), {"status": "unavailable", "store": "unwritable",
-                                                  "detail": exc.detail}, 503)
+    service().store.check_writable()  # StoreUnavailable: rendered as a 503 problem by errors.py
     return respond(schemas.HealthResponse(), {"status": "ok", "store": "writable", "detail": "ready"})

@@ -2,6 +2,7 @@
 schema, dump once on the way out."""
 from __future__ import annotations
 
+import json
 from typing import Any, BinaryIO
 
 from flask import Response, current_app, request
@@ -9,25 +10,56 @@ from marshmallow import Schema
 from werkzeug.exceptions import BadRequest
 from werkzeug.wsgi import wrap_file
 
+MAX_JSON_DEPTH = 64
+
 
 def json_body(schema: Schema, allow_empty: bool = False) -> dict[str, Any]:
-    """The request's JSON body loaded by ``schema``: 400 when it is not JSON, 422 when invalid."""
-    if allow_empty and not request.get_data(cache=True):
-        payload: Any = {}
-    else:
-        try:
-            payload = request.get_json(force=True, silent=True)
-        except RecursionError:  # json raises it, not ValueError, for very deep nesting
-            raise BadRequest("the request body nests arrays or objects too deeply") from None
-        if payload is None:
-            raise BadRequest("the request body must be a JSON object")
+    """The request's JSON body loaded by ``schema``: 400 when it is not a JSON object, 422 when invalid.
+
+    The body is parsed here rather than with ``request.get_json``, which lets a deeply nested
+    document escape as a RecursionError (a 500); nesting deeper than MAX_JSON_DEPTH is refused too,
+    since every later dump and load of the job would have to survive it again.
+    """
+    raw = request.get_data(cache=True)
+    if allow_empty and not raw:
+        return schema.load({})
+    try:
+        payload = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise BadRequest("the request body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise BadRequest("the request body must be a JSON object")
+    if _depth(payload) > MAX_JSON_DEPTH:
+        raise BadRequest(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
     return schema.load(payload)
 
 
+def _reject_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON (RFC 8259), though Python's parser takes them."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in ``value`` (iterative: no recursion limit to hit)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
 def query_args(schema: Schema) -> dict[str, Any]:
-    """The query string loaded by ``schema`` (a repeated parameter keeps its last value)."""
+    """The query string loaded by ``schema`` (a repeated parameter keeps its first value)."""
     return schema.load(request.args.to_dict())
 
 
@@ -44,4 +76,8 @@ def respond_file(fh: BinaryIO, size: int, mtime: float, name: str) -> Response:
     response.last_modified = mtime
     response.headers.set("Content-Disposition", "attachment", filename=name)
     response.cache_control.no_store = True
-    return response.make_conditional(request.environ, accept_ranges=True, complete_length=size)
+    try:
+        return response.make_conditional(request.environ, accept_ranges=True, complete_length=size)
+    except BaseException:  # an unsatisfiable Range (416): the file is not sent, so close it now
+        response.close()
+        raise

@@ -70,7 +70,7 @@ def poll() -> Response:
 @requires("worker")
 def download(job_id: str) -> Response:
     g.job_id = job_id
-    token = request.args.get("token")
+    token = query_args(schemas.DownloadQuery())["token"]
     if token is None:
         lease_id = request.headers.get("X-Lease-Id") or None
     else:

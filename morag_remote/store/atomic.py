@@ -36,7 +36,9 @@ def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:  # os.write may write less than asked: never commit a short file
+                view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)

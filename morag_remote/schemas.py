@@ -141,10 +141,17 @@ class PollResponse(Schema):
     jobs = fields.List(fields.Nested(ClaimedJob))
 
 
-class DownloadQuery(StrictSchema):
-    """The download URL's query string: the signed token the poll response put there, if any."""
+class DownloadQuery(Schema):
+    """The download URL's query string: the signed token the poll response put there, if any.
 
-    token = fields.String(load_default=None, validate=validate.Length(min=1, max=2048))
+    Unknown parameters are ignored (EXCLUDE): download clients append cache-busters and the like.
+    An empty token is a token that does not verify (403), not a malformed request.
+    """
+
+    class Meta:
+        unknown = EXCLUDE
+
+    token = fields.String(load_default=None, validate=validate.Length(max=2048))
 
 
 class LeaseMixin(Schema):

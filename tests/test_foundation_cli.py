@@ -79,34 +79,6 @@ def test_bootstrap_admin_does_nothing_once_a_key_exists(cli, app, keys):
     assert not os.path.exists(os.path.join(app.instance_path, "admin-key.txt"))
 
 
-def test_remote_jobs_list_show_and_stats(cli, producer, worker):
-    job_id = producer.create_id("audio")
-    producer.create_id("video")
-    worker.poll("audio")
-    rows = json.loads(cli.invoke(args=["remote-jobs", "list", "--json", "--status", "processing"]).output)
-    assert [r["id"] for r in rows] == [job_id]
-    assert job_id in cli.invoke(args=["remote-jobs", "list", "--content-type", "audio"]).output
-    assert cli.invoke(args=["remote-jobs", "list", "--status", "failed"]).output.strip() == "no jobs"
-    shown = json.loads(cli.invoke(args=["remote-jobs", "show", job_id]).output)
-    assert shown["status"] == "processing" and "result_data" in shown
-    stats = json.loads(cli.invoke(args=["remote-jobs", "stats", "--json"]).output)
-    assert stats["totals"]["pending"] == 1 and stats["totals"]["processing"] == 1
-    assert "processing" in cli.invoke(args=["remote-jobs", "stats"]).output
-
-
-def test_remote_jobs_show_of_an_unknown_id_is_one_line_and_exit_1(cli):
-    result = cli.invoke(args=["remote-jobs", "show", "nope"])
-    assert result.exit_code == 1
-    assert result.output.strip().splitlines() == ["Error: no job with id 'nope'"]
-
-
-def test_remote_jobs_cancel_and_retry(cli, producer):
-    job_id = producer.create_id()
-    assert cli.invoke(args=["remote-jobs", "cancel", job_id]).output.strip() == f"{job_id} cancelled"
-    assert cli.invoke(args=["remote-jobs", "cancel", job_id]).exit_code == 1
-    assert cli.invoke(args=["remote-jobs", "retry", job_id]).output.strip() == f"{job_id} pending"
-
-
 def test_remote_jobs_cleanup_expired_handles_lapsed_leases(cli, producer, worker, clock):
     producer.create_id("audio")
     worker.claim("audio")

@@ -209,7 +209,7 @@ def test_each_request_is_one_json_log_line_with_the_request_id(server):
     assert missing.status_code == 404 and missing.headers["Content-Type"] == "application/problem+json"
 
     def logged() -> list[dict]:
-        return [line for line in server.log_lines() if line.get("event") == "http.request"
+        return [line for line in server.log_lines() if line.get("event") == "http.access"
                 and line.get("request_id") in ("gunicorn-check-1", missing.headers["X-Request-ID"])]
 
     _wait_until(lambda: len(logged()) == 2, "two request log lines", server.proc, server.log)

@@ -250,8 +250,8 @@ def test_time_queries_answer_from_the_index(store):
     store.update(done.id, set_status("completed", T0 + timedelta(seconds=5)))
     assert store.lapsed(T0 + timedelta(seconds=9), 10) == []
     assert store.lapsed(T0 + timedelta(seconds=11), 10) == [running.id]
-    assert store.pending_created_before(T0 + timedelta(seconds=1), 10) == [pending.id]
-    assert store.pending_created_before(T0, 10) == []
+    assert store.pending_available_before(T0 + timedelta(seconds=1), 10) == [pending.id]
+    assert store.pending_available_before(T0, 10) == []
     assert store.finished_before(T0 + timedelta(seconds=6), 10) == [done.id]
     assert store.finished_before(T0 + timedelta(seconds=5), 10) == []
 

@@ -25,7 +25,9 @@ def json_body(schema: Schema, allow_empty: bool = False) -> dict[str, Any]:
         return schema.load({})
     try:
         payload = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
+    except RecursionError:
+        raise BadRequest("the request body nests arrays or objects too deeply") from None
+    except ValueError:
         raise BadRequest("the request body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise BadRequest("the request body must be a JSON object")

@@ -73,6 +73,10 @@ class JobRepository(Protocol):
     def finished_before(self, cutoff: datetime, limit: int) -> list[str]:
         """Ids of terminal jobs that finished before ``cutoff`` (for cleanup-old)."""
 
+    def finished_since(self, cutoff: datetime, limit: int) -> list[str]:
+        """Ids of terminal jobs that finished at or after ``cutoff``, earliest first (reconciling
+        completion events)."""
+
     def stats(self) -> StoreStats:
         """Counts by (status, content type), the oldest pending job and when each worker was last seen."""
 

@@ -65,6 +65,16 @@ def parse_key(value: str | None) -> str | None:
     return value
 
 
+def key_id_of(scope: str, key: str) -> str:
+    """The record's name: the key hashed with the API key name it was sent with."""
+    return hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()
+
+
+def fingerprint_of(request: dict[str, Any]) -> str:
+    """The validated request (defaults filled in), so equal bodies match whatever their spelling."""
+    return hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()
+
+
 @dataclasses.dataclass
 class IdempotencyRecord:
     key_id: str
@@ -154,8 +164,7 @@ class IdempotentCreates:
 
     def create(self, scope: str, key: str, request: dict[str, Any]) -> tuple[RemoteJob, bool]:
         """The job for ``key`` (made now when new); the flag says whether this call created it."""
-        key_id = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()
-        fingerprint = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()
+        key_id, fingerprint = key_id_of(scope, key), fingerprint_of(request)
         self._maybe_purge()
         with self.records.locked(key_id):
             now = self.service.clock()

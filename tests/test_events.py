@@ -467,3 +467,79 @@ def test_verify_accepts_the_signature_the_sender_computes():
 def test_verify_refuses_tampered_foreign_or_stale_signatures(secret, timestamp, body, now):
     header = signature("k", 1700000000, b'{"event_id":"e1"}')
     assert not verify(secret, timestamp, body, header, now=now)
+
+
+# -- bounds and settings ---------------------------------------------------------------------------
+
+def test_a_later_request_makes_at_most_one_failed_attempt(producer, worker, receiver, clock, client):
+    receiver.status = 503
+    for _ in range(3):
+        finish(producer, worker)
+    clock.advance(3600)
+    receiver.requests.clear()
+    client.get("/health", buffered=True)
+    assert len(receiver.requests) == 1
+
+
+def test_deliver_attempts_no_more_than_its_limit(producer, worker, receiver, runner):
+    receiver.status = 503
+    finish(producer, worker)
+    finish(producer, worker)
+    receiver.status = 200
+    assert deliver(runner, "--limit", "1")["pending"] == 1
+    assert deliver(runner)["delivered"] == 1
+
+
+def test_reconciliation_in_batches_reaches_every_job(producer, receiver, runner, app, crash_after_job_write):
+    first, second = producer.create_id(), producer.create_id()
+    crash_after_job_write()
+    crash_after_job_write()
+    with app.app_context():
+        assert events().reconcile(limit=1) == 1
+        assert events().reconcile(limit=1) == 1
+        assert events().reconcile(limit=1) == 0
+    deliver(runner)
+    assert {e["job_id"] for e in receiver.accepted.values()} == {first, second}
+
+
+@pytest.mark.parametrize("app_config", [{"CALLBACK_RETENTION_DAYS": 1}], indirect=True)
+def test_retry_long_after_delivery_does_not_resend_a_purged_event(producer, worker, receiver, runner, clock):
+    job_id, _ = finish(producer, worker, success=False)
+    clock.advance(2 * 86400)
+    assert deliver(runner)["purged"] == 1
+    producer.retry(job_id)
+    assert deliver(runner)["delivered"] == 0
+    assert len(receiver.requests) == 1
+
+
+@pytest.mark.parametrize("app_config", [{"CALLBACK_URL": None}], indirect=True)
+def test_with_only_webhook_prefixes_a_job_without_a_webhook_sends_nothing(producer, worker, receiver):
+    job_id, result = finish(producer, worker)
+    assert result.json["ingestion_continued"] is False
+    assert producer.get(job_id).json["event_delivery"] is None
+    job_id, result = finish(producer, worker, task_options={"webhook_url": f"{receiver.url}/hooks/x"})
+    assert result.json["ingestion_continued"] is True
+
+
+@pytest.mark.parametrize("app_config", [{"CALLBACK_ALLOWED_PREFIXES": "http://127.0.0.1/hooks/"}], indirect=True)
+def test_a_single_prefix_may_be_given_without_json_brackets(producer):
+    assert producer.create(task_options={"webhook_url": "http://127.0.0.1/hooks/a"}).status_code == 201
+
+
+@pytest.mark.parametrize("url", ["{base}/hooks/" + "a" * 2048, "http://127.0.0.1:port/hooks/"])
+def test_overlong_or_malformed_webhook_urls_are_refused(producer, receiver, app, url):
+    app.config  # the prefixes include the receiver's base URL
+    response = producer.create(task_options={"webhook_url": url.replace("{base}", receiver.url)})
+    assert response.status_code == 422
+
+
+@pytest.mark.parametrize("callback, error", [("https://127.0.0.1:{port}/x", "SSL"),
+                                             ("http://127.0.0.1:notaport/x", "bad callback URL")])
+def test_a_misconfigured_callback_is_a_failed_attempt_with_its_reason(producer, worker, receiver, app, callback,
+                                                                      error):
+    events_settings = app.extensions["morag_remote.events"].settings
+    app.extensions["morag_remote.events"].settings = type(events_settings)(
+        **{**events_settings.__dict__, "callback_url": callback.replace("{port}", str(receiver.port))})
+    job_id, result = finish(producer, worker)
+    assert result.json["ingestion_continued"] is False
+    assert error in producer.get(job_id).json["event_delivery"]["last_error"]

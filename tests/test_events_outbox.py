@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 
 from morag_remote.events.model import Event
-from morag_remote.events.outbox import FileOutbox
+from morag_remote.events.outbox import Checkpoint, FileOutbox
 from morag_remote.models import RemoteJob, utcnow
 
 CLAIM = 12.0
@@ -139,9 +139,20 @@ def test_purge_forgets_only_delivered_events_older_than_the_cutoff(outbox):
 def test_the_checkpoint_never_moves_backwards(outbox):
     now = utcnow()
     assert outbox.checkpoint() is None
-    outbox.set_checkpoint(now)
-    outbox.set_checkpoint(now - timedelta(hours=1))
-    assert outbox.checkpoint() == now
+    outbox.set_checkpoint(Checkpoint(now, "job-b"))
+    outbox.set_checkpoint(Checkpoint(now - timedelta(hours=1)))
+    outbox.set_checkpoint(Checkpoint(now, "job-a"))
+    assert outbox.checkpoint() == Checkpoint(now, "job-b")
+    outbox.set_checkpoint(Checkpoint(now + timedelta(microseconds=1)))
+    assert outbox.checkpoint() == Checkpoint(now + timedelta(microseconds=1))
+
+
+def test_a_checkpoint_covers_what_came_before_it_in_finish_order():
+    now = utcnow()
+    assert Checkpoint(now).covers(now - timedelta(microseconds=1), "z")
+    assert not Checkpoint(now).covers(now, "a")
+    assert Checkpoint(now, "job-b").covers(now, "job-b") and Checkpoint(now, "job-b").covers(now, "job-a")
+    assert not Checkpoint(now, "job-b").covers(now, "job-c")
 
 
 def test_event_ids_that_could_escape_the_folder_are_refused(outbox):
@@ -155,3 +166,25 @@ def test_the_outbox_survives_a_copy_of_its_folder(outbox, tmp_path):
     event, _ = outbox.record(event_for(terminal_job()), now, None)
     shutil.copytree(outbox.root, tmp_path / "restored")
     assert FileOutbox(tmp_path / "restored").get(event.id).body == event.body
+
+
+def test_an_event_recorded_without_a_claim_can_be_claimed_by_its_next_recorder(outbox):
+    job = terminal_job()
+    now = utcnow()
+    outbox.record(event_for(job), now, None)
+    event, claimed = outbox.record(event_for(job), now, CLAIM)
+    assert claimed and event.attempts == 1
+
+
+def test_finished_since_pages_through_jobs_that_share_a_finish_time(tmp_path):
+    from morag_remote.store.files import FileJobStore
+
+    store = FileJobStore(tmp_path / "jobs")
+    same = utcnow()
+    for job_id in ("job-a", "job-b", "job-c"):
+        job = terminal_job(job_id)
+        job.completed_at = same
+        store.create(job)
+    assert store.finished_since(same, 2) == ["job-a", "job-b"]
+    assert store.finished_since(same, 2, after_id="job-b") == ["job-c"]
+    assert store.finished_since(same + timedelta(microseconds=1), 10) == []

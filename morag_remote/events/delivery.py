@@ -48,7 +48,7 @@ from ..models import RemoteJob, Status
 from ..store.base import JobRepository
 from .destinations import job_webhook, normalize_prefixes, webhook_problem
 from .model import Event, event_id_for, occurred_at
-from .outbox import EventOutbox
+from .outbox import Checkpoint, EventOutbox
 from .transport import post_event
 
 log = structlog.get_logger(__name__)
@@ -141,7 +141,7 @@ class EventDelivery:
         """Make sure the event of the terminal state ``job`` is leaving exists (see module doc)."""
         checkpoint = self.outbox.checkpoint()
         when = occurred_at(job)
-        if checkpoint is not None and when is not None and when < checkpoint:
+        if checkpoint is not None and when is not None and checkpoint.covers(when, job.id):
             return  # reconciled already: its event was recorded (and may have been purged since)
         event = self._event_for(job)
         if event is not None:
@@ -212,10 +212,10 @@ class EventDelivery:
     def reconcile(self, limit: int = RECONCILE_BATCH) -> int:
         """Record the events missing for terminal jobs finished since the checkpoint; returns how many."""
         now = self.clock()
-        start = self.outbox.checkpoint() or now - RECONCILE_MARGIN
-        ids = self.store.finished_since(start, limit)
+        start = self.outbox.checkpoint() or Checkpoint(now - RECONCILE_MARGIN)
+        ids = self.store.finished_since(start.when, limit, start.after_id)
         recorded = 0
-        last: datetime | None = None
+        last: Checkpoint | None = None
         for job_id in ids:
             try:
                 job = self.store.get(job_id)
@@ -223,14 +223,16 @@ class EventDelivery:
                 continue
             if not Status(job.status).is_terminal:
                 continue
-            last = occurred_at(job) or last
+            finished = occurred_at(job)
+            if finished is not None:
+                last = Checkpoint(finished, job.id)
             event = self._event_for(job)
             if event is not None and self.outbox.get(event.id) is None:
                 self.outbox.record(event, now, None)
                 recorded += 1
                 log.warning("event.reconciled", event_id=event.id, job_id=job.id, job_status=job.status)
         if len(ids) < limit:
-            self.outbox.set_checkpoint(now - RECONCILE_MARGIN)
+            self.outbox.set_checkpoint(Checkpoint(now - RECONCILE_MARGIN))
         elif last is not None:
             self.outbox.set_checkpoint(last)
         return recorded

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Collection, Protocol
@@ -29,6 +30,22 @@ from ..store.atomic import FileLock, fsync_dir, read_json, unlink_quietly, write
 from .model import DELIVERED, Event
 
 log = structlog.get_logger(__name__)
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Reconciliation reached ``when``: every job that finished before it, and those that finished
+    exactly then with an id up to ``after_id``, has its event."""
+
+    when: datetime
+    after_id: str | None = None
+
+    @property
+    def key(self) -> tuple[datetime, str]:
+        return (self.when, self.after_id or "")
+
+    def covers(self, finished: datetime, job_id: str) -> bool:
+        return (finished, job_id) <= self.key if self.after_id else finished < self.when
+
 
 class EventOutbox(Protocol):
     def record(self, event: Event, now: datetime, claim_seconds: float | None) -> tuple[Event, bool]:
@@ -52,10 +69,10 @@ class EventOutbox(Protocol):
     def mark_failed(self, event_id: str, error: str, next_attempt_at: datetime) -> None:
         """The attempt failed: release the claim, schedule the next attempt."""
 
-    def checkpoint(self) -> datetime | None:
-        """Terminal jobs that finished before this moment have been reconciled."""
+    def checkpoint(self) -> Checkpoint | None:
+        """How far reconciliation got: every terminal job before it in (finish time, id) order."""
 
-    def set_checkpoint(self, when: datetime) -> None:
+    def set_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Move the reconciliation checkpoint (never backwards)."""
 
     def purge_delivered(self, before: datetime, limit: int) -> int:
@@ -161,18 +178,20 @@ class FileOutbox:
             event.claimed_until = None
             self._save(path, event)
 
-    def checkpoint(self) -> datetime | None:
+    def checkpoint(self) -> Checkpoint | None:
         try:
-            return from_iso(read_json(self.root / "checkpoint.json").get("reconciled_through"))
-        except (FileNotFoundError, ValueError, AttributeError):
+            data = read_json(self.root / "checkpoint.json")
+            return Checkpoint(from_iso(data["reconciled_through"]), data.get("after_id"))
+        except (FileNotFoundError, ValueError, AttributeError, KeyError, TypeError):
             return None
 
-    def set_checkpoint(self, when: datetime) -> None:
+    def set_checkpoint(self, checkpoint: Checkpoint) -> None:
         with self.lock.hold():
             current = self.checkpoint()
-            if current is not None and current >= when:
+            if current is not None and current.key >= checkpoint.key:
                 return
-            write_json_atomic(self.root / "checkpoint.json", {"reconciled_through": to_iso(when)})
+            write_json_atomic(self.root / "checkpoint.json", {"reconciled_through": to_iso(checkpoint.when),
+                                                             "after_id": checkpoint.after_id})
 
     def purge_delivered(self, before: datetime, limit: int) -> int:
         cutoff = before.timestamp()

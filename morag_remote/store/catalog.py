@@ -175,9 +175,13 @@ class Catalog:
             out.append(job_id)
         return out
 
-    def finished_since(self, cutoff: float, limit: int) -> list[str]:
+    def finished_since(self, cutoff: float, limit: int, after_id: str | None = None) -> list[str]:
+        if after_id is None:
+            keys = self._finished.irange(minimum=(cutoff,))
+        else:
+            keys = self._finished.irange(minimum=(cutoff, after_id), inclusive=(False, True))
         out = []
-        for _, job_id in self._finished.irange(minimum=(cutoff,)):
+        for _, job_id in keys:
             if len(out) >= limit:
                 break
             out.append(job_id)

@@ -269,9 +269,9 @@ class FileJobStore:
         with self._locked(exclusive=False):
             return self.catalog.finished_before(cutoff.timestamp(), limit)
 
-    def finished_since(self, cutoff: datetime, limit: int) -> list[str]:
+    def finished_since(self, cutoff: datetime, limit: int, after_id: str | None = None) -> list[str]:
         with self._locked(exclusive=False):
-            return self.catalog.finished_since(cutoff.timestamp(), limit)
+            return self.catalog.finished_since(cutoff.timestamp(), limit, after_id)
 
     def stats(self) -> StoreStats:
         with self._locked(exclusive=False):

@@ -189,7 +189,7 @@ class SubmitResultResponse(Schema):
     ingestion_continued = fields.Boolean()
 
 
-class EventDelivery(Schema):
+class EventDeliveryState(Schema):
     """Where the job's completion event is (present once the job is terminal and events are on)."""
 
     event_id = fields.String()
@@ -215,7 +215,7 @@ class JobStatusResponse(Schema):
     progress_message = fields.String(allow_none=True)
     timeout_at = fields.AwareDateTime(allow_none=True)
     estimated_completion = fields.AwareDateTime(allow_none=True)
-    event_delivery = fields.Nested(EventDelivery, allow_none=True)
+    event_delivery = fields.Nested(EventDeliveryState, allow_none=True)
 
 
 class JobSummary(Schema):
@@ -246,7 +246,7 @@ class JobSummary(Schema):
 
 class JobDetail(JobSummary):
     result_data = fields.Dict(allow_none=True)
-    event_delivery = fields.Nested(EventDelivery, allow_none=True)
+    event_delivery = fields.Nested(EventDeliveryState, allow_none=True)
 
 
 class ListJobsQuery(StrictSchema):

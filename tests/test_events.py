@@ -19,11 +19,8 @@ import pytest
 from morag_remote import create_app
 from morag_remote.context import SERVICE
 from morag_remote.events import events
-from morag_remote.events.delivery import DeliveryReport
-from morag_remote.events.model import Event
-from morag_remote.events.outbox import FileOutbox
 from morag_remote.events.signing import signature, verify
-from morag_remote.models import from_iso, utcnow
+from morag_remote.models import from_iso
 
 SECRET = "receiver-shared-secret"
 
@@ -103,7 +100,8 @@ def app_config(request, receiver) -> dict[str, Any]:
     config = {"CALLBACK_URL": f"{receiver.url}/morag/events", "CALLBACK_SECRET": SECRET,
               "CALLBACK_ALLOWED_PREFIXES": [f"{receiver.url}/hooks/"],
               "CALLBACK_PUMP_INTERVAL_SECONDS": 0}
-    config.update(getattr(request, "param", {}))
+    for name, value in getattr(request, "param", {}).items():
+        config[name] = value.replace("{port}", str(receiver.port)) if isinstance(value, str) else value
     return config
 
 
@@ -527,19 +525,16 @@ def test_a_single_prefix_may_be_given_without_json_brackets(producer):
 
 
 @pytest.mark.parametrize("url", ["{base}/hooks/" + "a" * 2048, "http://127.0.0.1:port/hooks/"])
-def test_overlong_or_malformed_webhook_urls_are_refused(producer, receiver, app, url):
-    app.config  # the prefixes include the receiver's base URL
+def test_overlong_or_malformed_webhook_urls_are_refused(producer, receiver, url):
     response = producer.create(task_options={"webhook_url": url.replace("{base}", receiver.url)})
     assert response.status_code == 422
 
 
-@pytest.mark.parametrize("callback, error", [("https://127.0.0.1:{port}/x", "SSL"),
-                                             ("http://127.0.0.1:notaport/x", "bad callback URL")])
-def test_a_misconfigured_callback_is_a_failed_attempt_with_its_reason(producer, worker, receiver, app, callback,
-                                                                      error):
-    events_settings = app.extensions["morag_remote.events"].settings
-    app.extensions["morag_remote.events"].settings = type(events_settings)(
-        **{**events_settings.__dict__, "callback_url": callback.replace("{port}", str(receiver.port))})
+@pytest.mark.parametrize("app_config, error", [
+    ({"CALLBACK_URL": "https://127.0.0.1:{port}/x"}, "SSL"),  # the receiver speaks plain HTTP
+    ({"CALLBACK_URL": "http://127.0.0.1:notaport/x"}, "bad callback URL"),
+], indirect=["app_config"])
+def test_a_misconfigured_callback_is_a_failed_attempt_with_its_reason(producer, worker, error):
     job_id, result = finish(producer, worker)
     assert result.json["ingestion_continued"] is False
     assert error in producer.get(job_id).json["event_delivery"]["last_error"]

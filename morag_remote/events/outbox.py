@@ -26,7 +26,7 @@ from typing import Collection, Protocol
 import structlog
 
 from ..models import from_iso, to_iso
-from ..store.atomic import FileLock, fsync_dir, read_json, unlink_quietly, write_atomic, write_json_atomic
+from ..store.atomic import FileLock, fsync_dir, read_json, unlink_quietly, write_json_atomic
 from .model import DELIVERED, Event
 
 log = structlog.get_logger(__name__)

@@ -32,7 +32,7 @@ from flask import current_app
 from .exceptions import InvalidRequest, ServiceError
 from .models import RemoteJob, from_iso, new_job_id, to_iso
 from .service import JobService
-from .store.atomic import FileLock, fsync_dir, read_json, unlink_quietly, write_json_atomic
+from .store.atomic import FileLock, fsync_dir, read_json, unlink_quietly, write_atomic
 
 IDEMPOTENCY = "morag_remote.idempotency"
 HEADER = "Idempotency-Key"
@@ -136,7 +136,10 @@ class FileIdempotencyRecords:
             return None
 
     def put(self, record: IdempotencyRecord) -> None:
-        write_json_atomic(self._path(record.key_id), record.to_dict())
+        # Marking a record done need not wait for the directory's fsync: if a crash undoes it, the
+        # record reads as reserved, and the recovery path finds the job and completes it again.
+        data = json.dumps(record.to_dict(), separators=(",", ":"), sort_keys=True).encode()
+        write_atomic(self._path(record.key_id), data, sync_dir=record.state == RESERVED)
 
     def delete(self, key_id: str) -> None:
         if unlink_quietly(self._path(key_id)):

@@ -538,3 +538,23 @@ def test_a_misconfigured_callback_is_a_failed_attempt_with_its_reason(producer, 
     job_id, result = finish(producer, worker)
     assert result.json["ingestion_continued"] is False
     assert error in producer.get(job_id).json["event_delivery"]["last_error"]
+
+
+def test_an_outbox_that_cannot_be_written_does_not_fail_the_result_and_is_caught_up_later(
+        producer, worker, receiver, runner, client, app):
+    pending = Path(app.config["JOBS_DATA_DIR"]) / "events" / "pending"
+    job_id = producer.create_id()
+    worker.claim()
+    pending.rename(pending.with_name("pending-away"))
+    pending.write_text("not a directory")  # every write into pending/ now fails
+    try:
+        result = worker.result(job_id, True)
+        assert result.status_code == 200
+        assert result.json == {"status": "completed", "ingestion_continued": False}
+        assert client.get("/health", buffered=True).status_code == 200  # the pump fails quietly
+    finally:
+        pending.unlink()
+        pending.with_name("pending-away").rename(pending)
+    report = deliver(runner)
+    assert report["reconciled"] == 1 and report["delivered"] == 1
+    assert [e["type"] for e in receiver.events_of(job_id)] == ["job.completed"]

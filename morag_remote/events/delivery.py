@@ -133,8 +133,12 @@ class EventDelivery:
         if event is None:
             return False
         inline = time.monotonic() >= self._down_until.get(event.webhook_url, 0.0)
-        stored, claimed = self.outbox.record(event, self.clock(),
-                                             self.settings.claim_seconds if inline else None)
+        try:
+            stored, claimed = self.outbox.record(event, self.clock(),
+                                                 self.settings.claim_seconds if inline else None)
+        except OSError as exc:  # the job is committed; reconciliation records the event later
+            log.error("event.record_failed", event_id=event.id, job_id=job.id, error=str(exc))
+            return False
         return self._attempt(stored) if claimed else False
 
     def job_leaving_terminal(self, job: RemoteJob) -> None:

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
+
+import live_gunicorn
 
 from morag_remote import create_app
 from morag_remote.context import SERVICE
@@ -38,6 +41,7 @@ class Receiver:
         self.hold: threading.Event | None = None
         self.server: ThreadingHTTPServer | None = None
         self.port = 0
+        self.arrived = threading.Condition()
 
     def start(self) -> "Receiver":
         receiver = self
@@ -61,6 +65,8 @@ class Receiver:
                     self.send_header(name, value)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+                with receiver.arrived:
+                    receiver.arrived.notify_all()
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -80,6 +86,10 @@ class Receiver:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def wait_for_accepted(self, count: int, timeout: float = 30) -> bool:
+        with self.arrived:
+            return self.arrived.wait_for(lambda: len(self.accepted) >= count, timeout)
 
     def events_of(self, job_id: str) -> list[dict]:
         return [e for e in self.accepted.values() if e["job_id"] == job_id]
@@ -409,6 +419,33 @@ def test_two_deliver_processes_at_once_send_each_event_once(producer, worker, re
     assert sum(r["delivered"] for r in reports) == 12
     assert len(receiver.requests) == 12
     assert sorted(e["job_id"] for e in receiver.accepted.values()) == sorted(job_ids)
+
+
+@pytest.mark.slow
+def test_under_gunicorn_a_failed_event_is_sent_after_a_later_response(receiver, instance_path, keys, producer):
+    receiver.status = 503
+    env = {"MORAG_REMOTE_CALLBACK_URL": receiver.url, "MORAG_REMOTE_CALLBACK_SECRET": SECRET,
+           "MORAG_REMOTE_CALLBACK_RETRY_SECONDS": "0", "MORAG_REMOTE_CALLBACK_PUMP_INTERVAL_SECONDS": "0"}
+    source = producer.source("talk.mp3")
+    with live_gunicorn.gunicorn(instance_path, env, workers=1) as base:
+        p, w = ({"Authorization": f"Bearer {keys[role]}"} for role in ("producer", "worker"))
+        job_id = requests.post(f"{base}/api/v1/remote-jobs/", headers=p, timeout=10, json={
+            "source_file_path": str(source), "content_type": "audio", "ingestion_task_id": "i"}).json()["job_id"]
+        requests.get(f"{base}/api/v1/remote-jobs/poll", headers=w, timeout=10,
+                     params={"worker_id": "w1", "content_types": "audio"})
+        result = requests.put(f"{base}/api/v1/remote-jobs/{job_id}/result", headers=w, timeout=30,
+                              json={"success": True, "content": "text"})
+        assert result.json() == {"status": "completed", "ingestion_continued": False}
+        receiver.status = 200
+        requests.get(f"{base}/health", timeout=10)
+        assert receiver.wait_for_accepted(1)
+        for _ in range(100):  # the sender marks the event delivered once it has read the 200
+            state = requests.get(f"{base}/api/v1/remote-jobs/{job_id}", headers=p, timeout=10).json()
+            if state["event_delivery"]["state"] == "delivered":
+                break
+            threading.Event().wait(0.05)
+    assert [e["job_id"] for e in receiver.accepted.values()] == [job_id]
+    assert state["event_delivery"]["state"] == "delivered" and state["event_delivery"]["attempts"] >= 2
 
 
 def test_deliver_stops_trying_a_failing_receiver_after_one_attempt(producer, worker, receiver, runner):

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,13 +11,13 @@ from typing import Any
 import pytest
 import requests
 
+import live_gunicorn
+
 from morag_remote import create_app
 from morag_remote.context import KEYS, SERVICE
 from morag_remote.idempotency import IDEMPOTENCY, IdempotencyRecord, fingerprint_of, key_id_of
 from morag_remote.models import new_job_id, utcnow
 from morag_remote.schemas import CreateJobRequest
-
-ROOT = Path(__file__).parent.parent
 
 
 def keyed(producer, key: str, **body: Any):
@@ -218,38 +214,12 @@ def test_four_processes_of_two_threads_with_one_key_make_one_job(producer, insta
 
 # -- across gunicorn processes --------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def gunicorn(instance_path):
-    """A real gunicorn serving the instance folder; yields its base URL. Two worker processes of four
-    threads, each taking at most four connections, so eight requests at once reach both processes."""
-    port = _free_port()
-    env = dict(os.environ, MORAG_REMOTE_INSTANCE_PATH=str(instance_path), HOST="127.0.0.1", PORT=str(port),
-               WEB_CONCURRENCY="2", GUNICORN_THREADS="4", MORAG_REMOTE_LOG_JSON="true")
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
-                             "--worker-connections", "4", "wsgi:app"], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if requests.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert proc.poll() is None, "gunicorn exited"
-            threading.Event().wait(0.1)
-        else:
-            pytest.fail("gunicorn did not come up")
+    """Two worker processes of four threads, each taking at most four connections: eight requests at
+    once reach both processes."""
+    with live_gunicorn.gunicorn(instance_path) as base:
         yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
 
 
 @pytest.mark.slow

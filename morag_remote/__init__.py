@@ -16,6 +16,8 @@ from .auth import KeyFileUnreadable, KeyStore, auth_disabled
 from .config import DEFAULTS, ENV_PREFIX, Settings, instance_path_from_env, resolve_paths
 from .context import KEYS, SERVICE, TOKENS
 from .errors import register_error_handlers
+from .events import init_events
+from .idempotency import init_idempotency
 from .log import configure_logging, init_request_logging
 from .secrets_file import load_or_create_secret
 from .service import JobService
@@ -47,6 +49,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions[SERVICE] = JobService(store, Settings.from_config(app.config))
     app.extensions[TOKENS] = DownloadTokens(app.config["SECRET_KEY"])
     app.extensions[KEYS] = KeyStore(os.path.join(app.instance_path, "api_keys.json"))
+    init_events(app, app.extensions[SERVICE])
+    init_idempotency(app, app.extensions[SERVICE])
 
     from .api import health, metrics, remote_jobs, stats
     from .cli import jobs_cli, keys_cli

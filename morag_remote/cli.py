@@ -22,6 +22,7 @@ from flask.cli import with_appcontext
 from . import schemas
 from .auth import ROLES, key_store
 from .context import service
+from .events.cli import deliver_command
 from .exceptions import ServiceError
 from .models import STATUSES
 from .store.base import JobFilter
@@ -256,3 +257,5 @@ def keys_revoke(name: str) -> None:
     _run(lambda: key_store().revoke(name))
     click.echo(f"revoked {name}")
 
+
+jobs_cli.add_command(deliver_command)

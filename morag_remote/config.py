@@ -28,6 +28,13 @@ DEFAULTS: dict[str, Any] = {
     "CALLBACK_URL": None,
     "CALLBACK_SECRET": None,
     "CALLBACK_ALLOWED_PREFIXES": [],
+    "CALLBACK_CONNECT_TIMEOUT_SECONDS": 2,
+    "CALLBACK_READ_TIMEOUT_SECONDS": 5,
+    "CALLBACK_RETRY_SECONDS": 10,       # first retry delay of a failed event; doubles each attempt
+    "CALLBACK_RETRY_MAX_SECONDS": 3600,
+    "CALLBACK_PUMP_INTERVAL_SECONDS": 5,  # how often requests retry due events (per process)
+    "CALLBACK_RETENTION_DAYS": 7,       # delivered events kept this long
+    "IDEMPOTENCY_TTL_SECONDS": 86400,   # Idempotency-Key records kept at least this long
     "POLL_MAX_WAIT_SECONDS": 20,
     "POLL_MAX_JOBS": 10,
     "POLL_MAX_WAITERS": 48,

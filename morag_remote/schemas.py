@@ -11,6 +11,7 @@ import json
 
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate, validates
 
+from .events.destinations import webhook_problem
 from .models import STATUSES
 
 ID_LENGTH = validate.Length(min=1, max=128)
@@ -63,9 +64,11 @@ class CreateJobRequest(StrictSchema):
     priority = fields.Integer(load_default=0, validate=validate.Range(min=-1000, max=1000))
     max_retries = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(min=0, max=100))
 
-    def __init__(self, *args, content_types: tuple[str, ...] = (), **kwargs) -> None:
+    def __init__(self, *args, content_types: tuple[str, ...] = (), webhook_prefixes: tuple[str, ...] = (),
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.allowed_content_types = content_types
+        self.webhook_prefixes = webhook_prefixes
 
     @validates("content_type")
     def _known_type(self, value: str, **_) -> None:
@@ -75,6 +78,13 @@ class CreateJobRequest(StrictSchema):
     @validates("task_options")
     def _options_size(self, value: dict, **_) -> None:
         _json_size_check(value, MAX_OPTIONS_BYTES, "task_options")
+
+    @validates("task_options")
+    def _webhook_allowed(self, value: dict, **_) -> None:
+        if "webhook_url" in value:
+            problem = webhook_problem(value["webhook_url"], self.webhook_prefixes)
+            if problem:
+                raise ValidationError({"webhook_url": [problem]})
 
 
 class CreateJobResponse(Schema):
@@ -192,6 +202,17 @@ class SubmitResultResponse(Schema):
     ingestion_continued = fields.Boolean()
 
 
+class EventDeliveryState(Schema):
+    """Where the job's completion event is (present once the job is terminal and events are on)."""
+
+    event_id = fields.String()
+    state = fields.String(metadata={"enum": ["pending", "retrying", "delivered"]})
+    attempts = fields.Integer()
+    last_error = fields.String(allow_none=True)
+    delivered_at = fields.AwareDateTime(allow_none=True)
+    next_attempt_at = fields.AwareDateTime(allow_none=True)
+
+
 class JobStatusResponse(Schema):
     job_id = fields.String(attribute="id")
     status = fields.String()
@@ -207,6 +228,7 @@ class JobStatusResponse(Schema):
     progress_message = fields.String(allow_none=True)
     timeout_at = fields.AwareDateTime(allow_none=True)
     estimated_completion = fields.AwareDateTime(allow_none=True)
+    event_delivery = fields.Nested(EventDeliveryState, allow_none=True)
 
 
 class JobSummary(Schema):
@@ -237,6 +259,7 @@ class JobSummary(Schema):
 
 class JobDetail(JobSummary):
     result_data = fields.Dict(allow_none=True)
+    event_delivery = fields.Nested(EventDeliveryState, allow_none=True)
 
 
 class ListJobsQuery(StrictSchema):

@@ -44,6 +44,9 @@ class Caller:
 
 
 class TerminalListener(Protocol):
+    """Told about terminal transitions. A listener may also define ``job_leaving_terminal(job)``,
+    called before a terminal job is re-opened (inside the store's critical section) or deleted."""
+
     def job_finished(self, job: RemoteJob) -> bool:
         """Called once per terminal transition; True when the ingestion side accepted it now."""
 
@@ -91,11 +94,11 @@ class JobService:
 
     def create(self, *, source_file_path: str, content_type: str, ingestion_task_id: str,
                task_options: dict[str, Any] | None = None, priority: int = 0,
-               max_retries: int | None = None) -> RemoteJob:
+               max_retries: int | None = None, job_id: str | None = None) -> RemoteJob:
         confine(source_file_path, self.settings.source_roots)
         now = self.clock()
         job = RemoteJob(
-            id=new_job_id(),
+            id=job_id or new_job_id(),
             ingestion_task_id=ingestion_task_id,
             source_file_path=source_file_path,
             content_type=content_type,
@@ -138,7 +141,9 @@ class JobService:
 
         def mutate(job: RemoteJob) -> RemoteJob:
             now = self.clock()
-            job.status = next_status(job.status, Action.RETRY).value
+            reopened = next_status(job.status, Action.RETRY)
+            self._leaving_terminal(job)  # inside the store's critical section, before the write
+            job.status = reopened.value
             job.max_retries = max(job.max_retries, job.retry_count + 1)
             job.worker_id = job.lease_id = None
             job.started_at = job.completed_at = job.timeout_at = None
@@ -154,6 +159,8 @@ class JobService:
         return job
 
     def delete(self, job_id: str) -> None:
+        if self.listeners:
+            self._leaving_terminal(self.store.get(job_id))
         self.store.delete(job_id)
         log.info("job.deleted", job_id=job_id)
 
@@ -395,6 +402,8 @@ class JobService:
         count = 0
         for job_id in self.store.finished_before(cutoff, 1_000_000):
             try:
+                if self.listeners:
+                    self._leaving_terminal(self.store.get(job_id))
                 self.store.delete(job_id)
                 count += 1
             except JobNotFound:
@@ -445,6 +454,16 @@ class JobService:
         for listener in self.listeners:
             accepted = listener.job_finished(job) or accepted
         return accepted
+
+    def _leaving_terminal(self, job: RemoteJob) -> None:
+        """Tell listeners a job is about to leave a terminal state or be deleted (they may need to
+        record what that state meant first, e.g. a completion event not yet recorded)."""
+        if not Status(job.status).is_terminal:
+            return
+        for listener in self.listeners:
+            hook = getattr(listener, "job_leaving_terminal", None)
+            if hook is not None:
+                hook(job)
 
 
 def _digest(*parts: Any) -> str:

@@ -1,6 +1,7 @@
 """The remote-jobs resource: ``/api/v1/remote-jobs``. Views parse, call the service, serialize."""
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 from flask import Blueprint, Response, g, request, url_for
@@ -8,7 +9,10 @@ from flask import Blueprint, Response, g, request, url_for
 from .. import schemas
 from ..auth import ANY, Forbidden, current_principal, requires
 from ..context import service, tokens
+from ..events import events
 from ..exceptions import InvalidRequest
+from ..idempotency import HEADER as IDEMPOTENCY_HEADER
+from ..idempotency import idempotent_creates, parse_key
 from ..models import RemoteJob
 from ..service import Caller
 from ..sources import download_name
@@ -32,9 +36,14 @@ def _caller(body_lease_id: str | None = None) -> Caller:
 @bp.post("/")
 @requires("producer")
 def create_job() -> Response:
-    data = json_body(schemas.CreateJobRequest(content_types=service().settings.content_types))
-    job = service().create(**data)
-    response = respond(schemas.CreateJobResponse(), job, 201)
+    key = parse_key(request.headers.get(IDEMPOTENCY_HEADER))
+    data = json_body(schemas.CreateJobRequest(content_types=service().settings.content_types,
+                                              webhook_prefixes=events().settings.allowed_prefixes))
+    if key is None:
+        job, created = service().create(**data), True
+    else:
+        job, created = idempotent_creates().create(current_principal().name, key, data)
+    response = respond(schemas.CreateJobResponse(), job, 201 if created else 200)
     response.headers["Location"] = url_for("remote_jobs.get_job", job_id=job.id)
     return response
 
@@ -106,14 +115,16 @@ def submit_result(job_id: str) -> Response:
 @requires(*ANY)
 def job_status(job_id: str) -> Response:
     job = service().get(job_id)
-    body = dict(vars(job), estimated_completion=service().estimated_completion(job))
+    body = dict(vars(job), estimated_completion=service().estimated_completion(job),
+                event_delivery=events().delivery_state(job))
     return respond(schemas.JobStatusResponse(), body)
 
 
 @bp.get("/<job_id>")
 @requires("producer")
 def get_job(job_id: str) -> Response:
-    return respond(schemas.JobDetail(), service().get(job_id))
+    job = service().get(job_id)
+    return respond(schemas.JobDetail(), SimpleNamespace(**vars(job), event_delivery=events().delivery_state(job)))
 
 
 @bp.get("")

@@ -73,6 +73,11 @@ class JobRepository(Protocol):
     def finished_before(self, cutoff: datetime, limit: int) -> list[str]:
         """Ids of terminal jobs that finished before ``cutoff`` (for cleanup-old)."""
 
+    def finished_since(self, cutoff: datetime, limit: int, after_id: str | None = None) -> list[str]:
+        """Ids of terminal jobs in (finish time, id) order from ``cutoff`` on: finished at or after
+        it, or with ``after_id`` after the pair (cutoff, after_id), so a caller can page through
+        jobs that share a finish time (reconciling completion events)."""
+
     def stats(self) -> StoreStats:
         """Counts by (status, content type), the oldest pending job and when each worker was last seen."""
 

@@ -175,6 +175,18 @@ class Catalog:
             out.append(job_id)
         return out
 
+    def finished_since(self, cutoff: float, limit: int, after_id: str | None = None) -> list[str]:
+        if after_id is None:
+            keys = self._finished.irange(minimum=(cutoff,))
+        else:
+            keys = self._finished.irange(minimum=(cutoff, after_id), inclusive=(False, True))
+        out = []
+        for _, job_id in keys:
+            if len(out) >= limit:
+                break
+            out.append(job_id)
+        return out
+
     def ids(self, status: str | None, after: str | None) -> Iterator[str]:
         """Ids in creation order (ids are time-ordered) after the cursor, optionally of one status."""
         sl = self._by_status[status] if status else self._all

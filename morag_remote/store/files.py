@@ -269,6 +269,10 @@ class FileJobStore:
         with self._locked(exclusive=False):
             return self.catalog.finished_before(cutoff.timestamp(), limit)
 
+    def finished_since(self, cutoff: datetime, limit: int, after_id: str | None = None) -> list[str]:
+        with self._locked(exclusive=False):
+            return self.catalog.finished_since(cutoff.timestamp(), limit, after_id)
+
     def stats(self) -> StoreStats:
         with self._locked(exclusive=False):
             oldest = self.catalog.oldest_pending()

@@ -90,7 +90,9 @@ def test_sigkill_at_random_moments_loses_no_job_and_leaves_each_in_one_state(ser
         child.start()
         os.close(write_fd)
         try:
-            ready, _, _ = select.select([read_fd], [], [], READY_TIMEOUT)
+            poller = select.poll()  # not select(): the suite's earlier tests may leave fds above 1024
+            poller.register(read_fd, select.POLLIN)
+            ready = poller.poll(READY_TIMEOUT * 1000)
             assert ready and os.read(read_fd, 1) == b"r", f"child {i} never became ready"
         finally:
             os.close(read_fd)

@@ -11,14 +11,14 @@ from typing import Any, Mapping
 import structlog
 from flask import Flask
 
-from .auth import KeyStore
 from .config import DEFAULTS, ENV_PREFIX, Settings, instance_path_from_env, resolve_paths
 from .context import KEYS, SERVICE, TOKENS
 from .errors import register_error_handlers
+from .exceptions import StoreUnavailable
 from .log import configure_logging, init_request_logging
 from .secrets_file import load_or_create_secret
 from .service import JobService
-from .store.factory import build_store
+from .store.factory import build_key_store, build_store
 from .tokens import DownloadTokens
 
 log = structlog.get_logger(__name__)
@@ -44,10 +44,10 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     store = build_store(app.config)
     app.extensions[SERVICE] = JobService(store, Settings.from_config(app.config))
     app.extensions[TOKENS] = DownloadTokens(app.config["SECRET_KEY"])
-    app.extensions[KEYS] = KeyStore(os.path.join(app.instance_path, "api_keys.json"))
+    app.extensions[KEYS] = build_key_store(store, app.instance_path)
 
     from .api import health, remote_jobs, stats
-    from .cli import jobs_cli, keys_cli
+    from .cli import db_cli, jobs_cli, keys_cli
 
     app.register_blueprint(health.bp)
     app.register_blueprint(stats.bp)  # before remote_jobs: /stats must not match /<job_id>
@@ -56,6 +56,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     init_request_logging(app)
     app.cli.add_command(jobs_cli)
     app.cli.add_command(keys_cli)
+    app.cli.add_command(db_cli)
     _warn_about_auth(app)
     return app
 
@@ -64,6 +65,12 @@ def _warn_about_auth(app: Flask) -> None:
     if app.config["AUTH_DISABLED"]:
         log.warning("auth.disabled", detail="MORAG_REMOTE_AUTH_DISABLED is set: every request is admin; "
                     "local development only")
-    elif not app.extensions[KEYS].has_keys():
+        return
+    try:
+        has_keys = app.extensions[KEYS].has_keys()
+    except StoreUnavailable as exc:  # e.g. `flask db upgrade` on a database without the schema yet
+        log.warning("auth.keys_unknown", detail=exc.detail)
+        return
+    if not has_keys:
         log.warning("auth.no_keys", detail="no API key exists yet: every API call answers 401; create one with "
                     "'flask --app morag_remote keys create --role admin --name admin'")

@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "LAPSED_PER_POLL": 20,
     "METRICS_PUBLIC": False,
     "DATABASE_URL": None,
+    "DATABASE_POOL_SIZE": 10,       # connections per process (PostgreSQL backend)
     "LOG_JSON": None,               # None: JSON lines unless debug
 }
 

@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "METRICS_PUBLIC": False,
     "DATABASE_URL": None,
     "DATABASE_POOL_SIZE": 10,       # connections per process (PostgreSQL backend)
+    "DATABASE_TIMEOUT": 5.0,        # seconds to connect / to wait for a free connection, then 503
     "LOG_JSON": None,               # None: JSON lines unless debug
 }
 

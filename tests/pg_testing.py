@@ -62,3 +62,90 @@ def probe() -> tuple[TestDatabase | None, str]:
         first = (str(exc).strip().splitlines() or ["unreachable"])[0]
         return None, f"no PostgreSQL at {ENV} ({first})"
     return TestDatabase(base, f"mrtest_{os.getpid()}_{secrets.token_hex(4)}"), ""
+
+
+# -- real processes: claimers and gunicorn hosts sharing the test database -------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def claim_until_empty(url: str, worker_id: str, start, out) -> None:
+    """A claiming process (multiprocessing target): poll through the service until nothing is left."""
+    import random
+
+    from morag_remote.config import Settings
+    from morag_remote.service import JobService
+    from morag_remote.store.pgdb import database
+    from morag_remote.store.postgres import PostgresJobStore
+
+    service = JobService(PostgresJobStore(database(url, pool_size=2)), Settings())
+    start.wait(60)
+    claimed: list[str] = []
+    empty = 0
+    for _ in range(5000):  # bounded: 1,000 jobs need at most 1,000 polls in all
+        jobs = service.poll(worker_id, ["audio"], max_jobs=random.randint(1, 4))
+        claimed.extend(j.id for j in jobs)
+        empty = 0 if jobs else empty + 1
+        if empty == 3:
+            break
+    out.put((worker_id, claimed))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Host:
+    """``gunicorn -c gunicorn.conf.py wsgi:app`` on a free loopback port, as ``make run`` starts it."""
+
+    def __init__(self, name: str, database_url: str, instance: str, sources: str, secret: str,
+                 workers: int = 2) -> None:
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(instance, f"{name}.log")
+        os.makedirs(instance, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MORAG_REMOTE_")}
+        env.update(HOST="127.0.0.1", PORT=str(self.port), WEB_CONCURRENCY=str(workers), GUNICORN_THREADS="24",
+                   MORAG_REMOTE_DATABASE_URL=database_url, MORAG_REMOTE_INSTANCE_PATH=instance,
+                   MORAG_REMOTE_SOURCE_ROOTS=f'["{sources}"]', MORAG_REMOTE_SECRET_KEY=secret,
+                   MORAG_REMOTE_DATABASE_POOL_SIZE="4", MORAG_REMOTE_POLL_MAX_WAIT_SECONDS="20")
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+                                     cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        import time
+
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited: {open(self.log_path).read()[-2000:]}")
+            try:
+                if requests.get(self.base + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)  # polling a process that gives no other signal of readiness
+        raise RuntimeError(f"gunicorn did not answer /health in {timeout} s")
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()

@@ -14,7 +14,8 @@ def build_store(config: Mapping[str, Any]) -> JobRepository:
         from .pgdb import database
         from .postgres import PostgresJobStore
 
-        return PostgresJobStore(database(url, int(config.get("DATABASE_POOL_SIZE") or 10)))
+        return PostgresJobStore(database(url, int(config.get("DATABASE_POOL_SIZE") or 10),
+                                         float(config.get("DATABASE_TIMEOUT") or 5.0)))
     return FileJobStore(config["JOBS_DATA_DIR"])
 
 

@@ -16,6 +16,7 @@ waiting request holds no connection.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import threading
@@ -25,6 +26,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 import structlog
+from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..exceptions import StoreUnavailable
@@ -34,7 +36,7 @@ log = structlog.get_logger(__name__)
 
 CHANNEL = "morag_remote_jobs"
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_INSTANCES: dict[tuple[int, str, int], "Database"] = {}
+_INSTANCES: dict[tuple[int, str, int, float], "Database"] = {}
 _INSTANCES_LOCK = threading.Lock()
 _INHERITED: list[Any] = []  # pools and connections from a parent process: kept, never closed
 
@@ -65,13 +67,13 @@ def parse_url(url: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(query=urlencode(kept))), schema
 
 
-def database(url: str, pool_size: int = 10) -> "Database":
-    """The process's :class:`Database` for ``url`` (one per process, URL and pool size)."""
-    key = (os.getpid(), url, pool_size)
+def database(url: str, pool_size: int = 10, timeout: float = 5.0) -> "Database":
+    """The process's :class:`Database` for ``url`` (one per process and setting)."""
+    key = (os.getpid(), url, pool_size, timeout)
     with _INSTANCES_LOCK:
         db = _INSTANCES.get(key)
         if db is None:
-            db = _INSTANCES[key] = Database(url, pool_size)
+            db = _INSTANCES[key] = Database(url, pool_size, timeout)
         return db
 
 
@@ -79,6 +81,9 @@ class Database:
     def __init__(self, url: str, pool_size: int = 10, connect_timeout: float = 5.0) -> None:
         self.url = url
         self.conninfo, self.schema = parse_url(url)
+        # one channel per schema: deployments (or test runs) sharing a database do not wake each other
+        self.channel = CHANNEL if self.schema is None else \
+            f"{CHANNEL}_{hashlib.sha256(self.schema.encode()).hexdigest()[:16]}"
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self._lock = threading.Lock()
@@ -89,11 +94,15 @@ class Database:
         self._changed = threading.Condition()
         self._generation = 0
         self._local = threading.local()
+        self._listening = threading.Event()
 
     # -- connections -------------------------------------------------------------------------------
 
     def _connect_kwargs(self) -> dict[str, Any]:
-        return {"connect_timeout": max(int(self.connect_timeout), 1), "application_name": "morag-remote"}
+        kwargs: dict[str, Any] = {"connect_timeout": max(round(self.connect_timeout), 1)}
+        if "application_name=" not in self.conninfo:
+            kwargs["application_name"] = "morag-remote"
+        return kwargs
 
     def connect(self, autocommit: bool = False) -> psycopg.Connection:
         """A connection of its own (CLI migrations, the listener), not from the pool."""
@@ -108,14 +117,23 @@ class Database:
                 _INHERITED.append(self._pool)  # the parent's: closing it would close its sessions
                 self._pool = None
                 self._listener = None
+                self._listening = threading.Event()
                 self._changed = threading.Condition()
                 self._schema_checked = False
             if self._pool is None:
                 self._pool = ConnectionPool(self.conninfo, kwargs=self._connect_kwargs(), min_size=1,
                                             max_size=self.pool_size, timeout=self.connect_timeout,
-                                            name=f"morag-remote-{pid}", open=True)
+                                            name=f"morag-remote-{pid}", open=True,
+                                            reconnect_timeout=max(self.connect_timeout * 12, 60.0))
                 self._pid = pid
             return self._pool
+
+    def close(self) -> None:
+        """Close this process's pool (the listener thread ends with the process)."""
+        with self._lock:
+            if self._pool is not None and self._pid == os.getpid():
+                self._pool.close()
+            self._pool = None
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[psycopg.Connection]:
@@ -147,7 +165,7 @@ class Database:
 
     def notify(self, conn: psycopg.Connection, payload: str) -> None:
         """Queue a wake-up for every host's long polls; sent when ``conn``'s transaction commits."""
-        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+        conn.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
 
     def mark_seen(self) -> None:
         """Remember, for this thread, the changes it has already looked at (see :meth:`wait`)."""
@@ -167,29 +185,37 @@ class Database:
         """
         self._ensure_listener()
         with self._changed:
-            if getattr(self._local, "seen", None) not in (None, (self._pid, self._generation)):
-                return True
-            return self._changed.wait(timeout)
+            seen = getattr(self._local, "seen", None)
+            changed = seen not in (None, (self._pid, self._generation)) or self._changed.wait(timeout)
+            self._local.seen = (self._pid, self._generation)
+            return changed
 
-    def _ensure_listener(self) -> None:
+    def _ensure_listener(self) -> threading.Event:
         self._pool_here()
         with self._lock:
             if self._listener is None or not self._listener.is_alive():
-                self._listener = threading.Thread(target=self._listen, args=(os.getpid(),),
+                self._listener = threading.Thread(target=self._listen, args=(os.getpid(), self._listening),
                                                   name="pg-listener", daemon=True)
                 self._listener.start()
+            return self._listening
 
-    def _listen(self, pid: int) -> None:
+    def ensure_listening(self, timeout: float) -> bool:
+        """Start this process's listener if needed and wait until it listens; False if it could not."""
+        return self._ensure_listener().wait(timeout)
+
+    def _listen(self, pid: int, listening: threading.Event) -> None:
         delay = 0.1
         while os.getpid() == pid:
             try:
                 with self.connect(autocommit=True) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                    listening.set()
                     self.wake_local()  # whatever happened while not listening: look again
                     delay = 0.1
                     for _ in conn.notifies():
                         self.wake_local()
             except psycopg.Error as exc:
+                listening.clear()
                 log.warning("db.listener_lost", error=str(exc).strip()[:200], retry_in_s=delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)

@@ -28,7 +28,6 @@ from .pgdb import Database
 _PENDING = Status.PENDING.value
 _PROCESSING = Status.PROCESSING.value
 _TERMINAL = [s.value for s in TERMINAL]
-_BATCH = 1000
 
 _WRITE_COLUMNS = ("status", "content_type", "priority", "created_at", "available_at", "timeout_at",
                   "completed_at", "finished_at", "seen_at", "worker_id", "ingestion_task_id", "version", "doc")
@@ -85,8 +84,9 @@ def _params(job: RemoteJob) -> dict[str, Any]:
 
 
 class PostgresJobStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, batch_size: int = 1000) -> None:
         self.db = db
+        self.batch_size = batch_size
 
     # -- writes ----------------------------------------------------------------------------------
 
@@ -228,10 +228,10 @@ class PostgresJobStore:
         while True:
             with self.db.transaction() as conn:
                 rows = conn.execute("SELECT version, doc FROM remote_jobs WHERE id > %s ORDER BY id LIMIT %s",
-                                    (after, _BATCH)).fetchall()
+                                    (after, self.batch_size)).fetchall()
             for row in rows:
                 yield _job(*row)
-            if len(rows) < _BATCH:
+            if len(rows) < self.batch_size:
                 return
             after = rows[-1][1]["id"]
 

@@ -166,3 +166,105 @@ def test_schema_parameter_becomes_the_search_path():
 def test_bad_database_urls_are_refused(url):
     with pytest.raises(ValueError):
         parse_url(url)
+
+
+def test_a_read_only_database_is_unavailable_for_health_and_writes(pg_url):
+    db = Database(pg_url + "&options=-cdefault_transaction_read_only%3Don")
+    try:
+        read_only = PostgresJobStore(db)
+        with pytest.raises(StoreUnavailable, match="read-only"):
+            read_only.check_writable()
+        with pytest.raises(StoreUnavailable, match="read-only"):
+            read_only.create(job())
+    finally:
+        db.close()
+
+
+def _backend_pid(db: Database) -> int:
+    with db.transaction() as conn:
+        return conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+
+def _terminate(pg_database, pid: int) -> None:
+    with pg_database.connect() as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def test_a_connection_the_server_dropped_costs_one_unavailable_then_the_pool_recovers(pg_url, pg_database):
+    db = Database(pg_url, pool_size=1)
+    try:
+        store = PostgresJobStore(db)
+        j = store.create(job())
+        _terminate(pg_database, _backend_pid(db))
+        with pytest.raises(StoreUnavailable):
+            store.get(j.id)
+        assert store.get(j.id).id == j.id
+    finally:
+        db.close()
+
+
+def _listener_pids(pg_database, name: str) -> list[int]:
+    with pg_database.connect() as conn:
+        return [r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s "
+                                           "AND query LIKE 'LISTEN%%'", (name,)).fetchall()]
+
+
+def test_the_listener_comes_back_after_losing_its_connection(pg_url, pg_database, other_host):
+    name = "mr-listener-test"
+    db = Database(f"{pg_url}&application_name={name}")
+    try:
+        store = PostgresJobStore(db)
+        assert db.ensure_listening(10)
+        (old,) = _listener_pids(pg_database, name)
+        _terminate(pg_database, old)
+        for _ in range(200):  # bounded: the listener reconnects after 0.1 s
+            new = _listener_pids(pg_database, name)
+            if new and new != [old]:
+                break
+            db.wait(0.05)
+        assert new and new != [old]
+        ready, woke = threading.Event(), []
+
+        def waiter() -> None:
+            store.has_available(["audio"], NOW)
+            ready.set()
+            woke.append(store.wait_for_change(60))
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        assert ready.wait(10)
+        other_host.create(job())
+        thread.join(65)
+        assert woke == [True]
+    finally:
+        db.close()
+
+
+def test_a_job_without_created_at_is_refused(store):
+    j = job()
+    j.created_at = None
+    with pytest.raises(ValueError):
+        store.create(j)
+
+
+def test_a_claim_for_no_content_type_claims_nothing(store):
+    store.create(job())
+    assert store.claim([], 5, NOW, claim_as("w1")) == []
+
+
+def test_upgrade_without_a_schema_uses_the_connections_search_path(pg_database):
+    import psycopg
+    from psycopg import sql
+
+    from morag_remote.store import migrate
+
+    schema = f"{pg_database.schema}_plain"
+    with psycopg.connect(pg_database.base_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        try:
+            conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+            applied = migrate.upgrade(conn)
+            assert [m.version for m in applied] == [m.version for m in migrate.available()]
+            assert migrate.current_version(conn) == migrate.latest_version()
+        finally:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))

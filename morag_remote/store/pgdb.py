@@ -22,7 +22,7 @@ import re
 import threading
 import time
 from typing import Any, Iterator
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import psycopg
 import structlog
@@ -64,7 +64,7 @@ def parse_url(url: str) -> tuple[str, str | None]:
         options = [v for k, v in kept if k == "options"]
         kept = [(k, v) for k, v in kept if k != "options"]
         kept.append(("options", " ".join(options + [f"-csearch_path={schema}"])))
-    return urlunsplit(parts._replace(query=urlencode(kept))), schema
+    return urlunsplit(parts._replace(query=urlencode(kept, quote_via=quote))), schema
 
 
 def database(url: str, pool_size: int = 10, timeout: float = 5.0) -> "Database":

@@ -170,8 +170,10 @@ def pytest_configure(config) -> None:
     cov = config.pluginmanager.getplugin("_cov")
     if config.pg_database is None and cov is not None and cov.cov_controller is not None:
         # those modules cannot run without a server: judge the coverage floor on the rest
-        report = cov.cov_controller.cov.config
-        report.report_omit = [*(report.report_omit or []), *pg_testing.PG_MODULES]
+        for name in ("cov", "combining_cov"):  # pytest-cov reports through the second
+            measured = getattr(cov.cov_controller, name, None)
+            if measured is not None:
+                measured.config.report_omit = [*(measured.config.report_omit or []), *pg_testing.PG_MODULES]
 
 
 def pytest_generate_tests(metafunc) -> None:

@@ -26,8 +26,6 @@ from .base import JobFilter, Mutator, StoreStats
 from .pgdb import Database
 
 _PENDING = Status.PENDING.value
-_PROCESSING = Status.PROCESSING.value
-_TERMINAL = [s.value for s in TERMINAL]
 
 _WRITE_COLUMNS = ("status", "content_type", "priority", "created_at", "available_at", "timeout_at",
                   "completed_at", "finished_at", "seen_at", "worker_id", "ingestion_task_id", "version", "doc")

@@ -100,8 +100,7 @@ def test_cli_stats_and_list_read_the_configured_backend(app, service, instance_p
     runner = app.test_cli_runner()
     stats = json.loads(runner.invoke(args=["remote-jobs", "stats", "--json"]).output)
     assert stats["counts"]["pending"] == {"audio": 1}
-    listed = json.loads(runner.invoke(args=["remote-jobs", "list", "--json"]).output)
-    assert [r["id"] for r in listed] == [job.id]
+    assert runner.invoke(args=["remote-jobs", "list"]).output.startswith(job.id)
 
 
 def test_cli_cleanup_expired_requeues_a_lapsed_lease(app, service, clock, instance_path):

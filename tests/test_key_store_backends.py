@@ -71,3 +71,16 @@ def test_a_key_revoked_on_one_host_is_refused_by_another(pg_url, tmp_path):
     finally:
         host_a.close()
         host_b.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("name, worker_id, message", [
+    ("caf\u00e9", None, "name must be"),
+    ("w", "w" * 129, "worker id has"),
+])
+def test_the_database_key_store_keeps_the_file_stores_newer_rules(pg_url, name, worker_id, message):
+    from morag_remote.store.pg_keys import PostgresKeyStore
+    from morag_remote.store.pgdb import database
+
+    with pytest.raises(KeyRequestInvalid, match=message):
+        PostgresKeyStore(database(pg_url)).create(name, "worker", worker_id)

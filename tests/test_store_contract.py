@@ -81,10 +81,20 @@ def test_create_refuses_an_existing_id(repo):
         repo.create(job(id=j.id))
 
 
-@pytest.mark.parametrize("job_id", ["0190-missing", "../etc/passwd", "x" * 80])
-def test_get_of_unknown_or_malformed_id_is_job_not_found(repo, job_id):
+@pytest.mark.parametrize("job_id", ["0190-missing", "../etc/passwd", "x" * 80, "..\x00", "a\x00b"])
+def test_unknown_or_malformed_ids_are_job_not_found(repo, job_id):
     with pytest.raises(JobNotFound):
         repo.get(job_id)
+    with pytest.raises(JobNotFound):
+        repo.update(job_id, claim_as("w1"))
+    with pytest.raises(JobNotFound):
+        repo.delete(job_id)
+
+
+def test_a_list_cursor_with_a_nul_is_only_a_position(repo):
+    ids = sorted(repo.create(job()).id for _ in range(2))
+    jobs, _ = repo.list(JobFilter(), ids[0] + "\x00", 10)
+    assert [j.id for j in jobs] == ids[1:]
 
 
 def test_update_applies_the_mutator_and_bumps_the_version(repo):

@@ -21,14 +21,19 @@ log = structlog.get_logger(__name__)
 _COLUMNS = "name, role, key_hash, worker_id, created_at, last_used_at"
 
 
+MAX_WORKER_ID = 128  # the API's worker_id limit
+
+
 def _validate(name: str, role: str, worker_id: str | None) -> None:
     """The rules of ``auth.KeyStore.create``, checked before anything is written."""
     if role not in ROLES:
         raise KeyRequestInvalid(f"role must be one of {', '.join(ROLES)}")
-    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
+    if not name or len(name) > 64 or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in name):
         raise KeyRequestInvalid("name must be 1-64 letters, digits, '-', '_' or '.'")
     if worker_id is not None and role != "worker":
         raise KeyRequestInvalid("only worker keys can be bound to a worker id")
+    if worker_id is not None and not 0 < len(worker_id) <= MAX_WORKER_ID:
+        raise KeyRequestInvalid(f"a worker id has 1-{MAX_WORKER_ID} characters")
 
 
 class PostgresKeyStore:

@@ -23,6 +23,7 @@ from psycopg.types.json import Jsonb
 from ..exceptions import JobNotFound, StoreUnavailable
 from ..models import TERMINAL, RemoteJob, Status
 from .base import JobFilter, Mutator, StoreStats
+from .files import _valid_id as valid_job_id
 from .pgdb import Database
 
 _PENDING = Status.PENDING.value
@@ -56,6 +57,12 @@ def _job(version: int, doc: dict[str, Any]) -> RemoteJob:
     job = RemoteJob.from_dict(doc)
     job.version = version
     return job
+
+
+def _check_id(job_id: str) -> None:
+    """The file store's rule for ids (a NUL, for one, is no id and PostgreSQL text cannot hold it)."""
+    if not valid_job_id(job_id):
+        raise JobNotFound(f"no job with id {job_id!r}")
 
 
 def _params(job: RemoteJob) -> dict[str, Any]:
@@ -113,6 +120,7 @@ class PostgresJobStore:
         return job
 
     def update(self, job_id: str, mutate: Mutator) -> RemoteJob:
+        _check_id(job_id)
         with self.db.transaction() as conn:
             row = conn.execute("SELECT version, doc FROM remote_jobs WHERE id = %s FOR UPDATE",
                                (job_id,)).fetchone()
@@ -144,6 +152,7 @@ class PostgresJobStore:
         return claimed
 
     def delete(self, job_id: str) -> None:
+        _check_id(job_id)
         with self.db.transaction() as conn:
             if not conn.execute("DELETE FROM remote_jobs WHERE id = %s", (job_id,)).rowcount:
                 raise JobNotFound(f"no job with id {job_id!r}")
@@ -155,6 +164,7 @@ class PostgresJobStore:
     # -- reads -----------------------------------------------------------------------------------
 
     def get(self, job_id: str) -> RemoteJob:
+        _check_id(job_id)
         with self.db.transaction() as conn:
             row = conn.execute("SELECT version, doc FROM remote_jobs WHERE id = %s", (job_id,)).fetchone()
         if row is None:
@@ -169,6 +179,7 @@ class PostgresJobStore:
                 where.append(f"{column} = %s")
                 params.append(value)
         if after:
+            after = after.replace("\x00", "")  # a cursor is compared, never stored: drop what text cannot hold
             where.append("id > %s")
             params.append(after)
         query = ("SELECT version, doc FROM remote_jobs"

@@ -216,13 +216,11 @@ def import_command(input_, as_json: bool) -> None:
 db_cli = click.Group("db", help="Schema of the PostgreSQL backend (MORAG_REMOTE_DATABASE_URL).")
 
 
-def _database():
-    from .store.pgdb import Database
-
+def _database_url() -> str:
     url = current_app.config.get("DATABASE_URL")
     if not url:
         raise click.ClickException("MORAG_REMOTE_DATABASE_URL is not set: the JSON-file store needs no migrations")
-    return Database(url)
+    return url
 
 
 @db_cli.command("upgrade")
@@ -231,13 +229,9 @@ def db_upgrade() -> None:
     """Apply the pending migrations (safe to run on every start and from several hosts at once)."""
     from .store import migrate
 
-    db = _database()
-    with _run(lambda: _connected(db)) as conn:
-        applied = migrate.upgrade(conn, db.schema)
-        version = migrate.current_version(conn)
-    click.echo(f"applied {', '.join(f'{m.version:04d}_{m.name}' for m in applied)}; " if applied else "up to date; ",
-               nl=False)
-    click.echo(f"schema version {version}")
+    applied, version = _run(lambda: migrate.upgrade_database(_database_url()))
+    done = f"applied {', '.join(f'{m.version:04d}_{m.name}' for m in applied)}" if applied else "up to date"
+    click.echo(f"{done}; schema version {version}")
 
 
 @db_cli.command("current")
@@ -246,19 +240,5 @@ def db_current() -> None:
     """Print the schema version of the database, and whether migrations are pending."""
     from .store import migrate
 
-    db = _database()
-    with _run(lambda: _connected(db)) as conn:
-        version = migrate.current_version(conn)
-    latest = migrate.latest_version()
+    version, latest = _run(lambda: migrate.database_version(_database_url())), migrate.latest_version()
     click.echo(f"{version}" + ("" if version >= latest else f" (latest {latest}: run 'db upgrade')"))
-
-
-def _connected(db):
-    import psycopg
-
-    from .exceptions import StoreUnavailable
-
-    try:
-        return db.connect(autocommit=True)
-    except psycopg.OperationalError as exc:
-        raise StoreUnavailable(f"cannot connect to the database: {str(exc).strip().splitlines()[-1]}") from None

@@ -21,6 +21,7 @@ $(STAMP): requirements.txt
 install: $(STAMP)
 
 run: $(STAMP)
+	$(if $(MORAG_REMOTE_DATABASE_URL),$(BIN)/flask --app morag_remote db upgrade)
 	$(BIN)/flask --app morag_remote keys bootstrap-admin
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 

@@ -12,16 +12,17 @@ from typing import Any, Mapping
 import structlog
 from flask import Flask
 
-from .auth import KeyFileUnreadable, KeyStore, auth_disabled
+from .auth import KeyFileUnreadable, auth_disabled
 from .config import DEFAULTS, ENV_PREFIX, Settings, instance_path_from_env, resolve_paths
 from .context import KEYS, SERVICE, TOKENS
 from .errors import register_error_handlers
 from .events import init_events
+from .exceptions import StoreUnavailable
 from .idempotency import init_idempotency
 from .log import configure_logging, init_request_logging
 from .secrets_file import load_or_create_secret
 from .service import JobService
-from .store.factory import build_store
+from .store.factory import build_key_store, build_store
 from .tokens import DownloadTokens
 
 log = structlog.get_logger(__name__)
@@ -48,12 +49,12 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     store = build_store(app.config)
     app.extensions[SERVICE] = JobService(store, Settings.from_config(app.config))
     app.extensions[TOKENS] = DownloadTokens(app.config["SECRET_KEY"])
-    app.extensions[KEYS] = KeyStore(os.path.join(app.instance_path, "api_keys.json"))
+    app.extensions[KEYS] = build_key_store(store, app.instance_path)
     init_events(app, app.extensions[SERVICE])
     init_idempotency(app, app.extensions[SERVICE])
 
     from .api import health, metrics, remote_jobs, stats
-    from .cli import jobs_cli, keys_cli
+    from .cli import db_cli, jobs_cli, keys_cli
     from .metrics import init_metrics  # here, not at the top: see gunicorn.conf.py
 
     init_metrics(app)
@@ -65,6 +66,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     init_request_logging(app)
     app.cli.add_command(jobs_cli)
     app.cli.add_command(keys_cli)
+    app.cli.add_command(db_cli)
     _warn_about_auth(app)
     return app
 
@@ -79,6 +81,9 @@ def _warn_about_auth(app: Flask) -> None:
         has_keys = app.extensions[KEYS].has_keys()
     except KeyFileUnreadable as exc:
         log.error("auth.keys_unreadable", detail=exc.detail)
+        return
+    except StoreUnavailable as exc:  # e.g. `flask db upgrade` on a database without the schema yet
+        log.warning("auth.keys_unknown", detail=exc.detail)
         return
     if not has_keys:
         log.warning("auth.no_keys", detail="no API key exists yet: every API call answers 401; create one with "

@@ -259,3 +259,62 @@ def keys_revoke(name: str) -> None:
 
 
 jobs_cli.add_command(deliver_command)
+
+@jobs_cli.command("export")
+@click.option("--output", type=click.File("w", encoding="utf-8", atomic=True), default="-",
+              help="File to write (default: standard output).")
+@with_appcontext
+def export_command(output) -> None:
+    """Write every job as JSON lines (to move the store to another backend)."""
+    from .transfer import export_jobs
+
+    count = _run(lambda: export_jobs(service().store, output))
+    click.echo(f"exported {count} job(s)", err=True)
+
+
+@jobs_cli.command("import")
+@click.option("--input", "input_", type=click.File("r", encoding="utf-8"), default="-",
+              help="JSON lines from 'remote-jobs export' (default: standard input).")
+@json_option
+@with_appcontext
+def import_command(input_, as_json: bool) -> None:
+    """Store the jobs of an export; idempotent by id, never replaces a newer copy. Exit 1 on a bad line."""
+    from .transfer import import_jobs
+
+    report = _run(lambda: import_jobs(service().store, input_))
+    for error in report.errors:
+        click.echo(error, err=True)
+    _emit(as_json, report.as_dict(), lambda r: ", ".join(f"{n} {k}" for k, n in r.items()))
+    if report.errors:
+        sys.exit(1)
+
+
+db_cli = click.Group("db", help="Schema of the PostgreSQL backend (MORAG_REMOTE_DATABASE_URL).")
+
+
+def _database_url() -> str:
+    url = current_app.config.get("DATABASE_URL")
+    if not url:
+        raise click.ClickException("MORAG_REMOTE_DATABASE_URL is not set: the JSON-file store needs no migrations")
+    return url
+
+
+@db_cli.command("upgrade")
+@with_appcontext
+def db_upgrade() -> None:
+    """Apply the pending migrations (safe to run on every start and from several hosts at once)."""
+    from .store import migrate
+
+    applied, version = _run(lambda: migrate.upgrade_database(_database_url()))
+    done = f"applied {', '.join(f'{m.version:04d}_{m.name}' for m in applied)}" if applied else "up to date"
+    click.echo(f"{done}; schema version {version}")
+
+
+@db_cli.command("current")
+@with_appcontext
+def db_current() -> None:
+    """Print the schema version of the database, and whether migrations are pending."""
+    from .store import migrate
+
+    version, latest = _run(lambda: migrate.database_version(_database_url())), migrate.latest_version()
+    click.echo(f"{version}" + ("" if version >= latest else f" (latest {latest}: run 'db upgrade')"))

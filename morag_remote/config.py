@@ -42,6 +42,8 @@ DEFAULTS: dict[str, Any] = {
     "METRICS_PUBLIC": False,
     "REQUEST_LOG": True,            # the app's http.request line; gunicorn.conf.py logs access instead
     "DATABASE_URL": None,
+    "DATABASE_POOL_SIZE": 10,       # connections per process (PostgreSQL backend)
+    "DATABASE_TIMEOUT": 5.0,        # seconds to connect / to wait for a free connection, then 503
     "LOG_JSON": None,               # None: JSON lines unless debug
 }
 

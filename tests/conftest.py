@@ -43,8 +43,9 @@ def app_config() -> dict[str, Any]:
 
 
 @pytest.fixture
-def app(instance_path: Path, app_config: dict[str, Any]):
+def app(instance_path: Path, app_config: dict[str, Any], backend_config: dict[str, Any]):
     config = {"TESTING": True, "INSTANCE_PATH": str(instance_path), "LOG_JSON": True}
+    config.update(backend_config)
     config.update(app_config)
     return create_app(config)
 
@@ -188,3 +189,82 @@ def log_output():
         root.removeHandler(handler)
         root.setLevel(saved_level)
         structlog.configure(logger_factory=saved)
+
+
+# -- backends: every test that builds an app runs against the JSON files and against PostgreSQL ------
+# (``@pytest.mark.files_only`` keeps a test that looks at the files themselves on the file store)
+
+import pg_testing  # noqa: E402  (tests/ is on sys.path: pytest puts a conftest's folder there)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "files_only: runs on the JSON-file store only")
+    config.addinivalue_line("markers", "postgres: needs PostgreSQL (MORAG_REMOTE_TEST_DATABASE_URL)")
+    config.pg_database, config.pg_unavailable = pg_testing.probe()
+    cov = config.pluginmanager.getplugin("_cov")
+    if config.pg_database is None and cov is not None and cov.cov_controller is not None:
+        # those modules cannot run without a server: judge the coverage floor on the rest
+        for name in ("cov", "combining_cov"):  # pytest-cov reports through the second
+            measured = getattr(cov.cov_controller, name, None)
+            if measured is not None:
+                measured.config.report_omit = [*(measured.config.report_omit or []), *pg_testing.PG_MODULES]
+
+
+def pytest_generate_tests(metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        files_only = metafunc.definition.get_closest_marker("files_only") is not None
+        metafunc.parametrize("backend", ["files"] if files_only else ["files", "postgres"], indirect=True)
+
+
+def _needs_postgres(item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    return (item.get_closest_marker("postgres") is not None
+            or (callspec is not None and callspec.params.get("backend") == "postgres"))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Without a server, leave the PostgreSQL tests out (one line in the summary says so)."""
+    if config.pg_database is not None:
+        return
+    left_out = [item for item in items if _needs_postgres(item)]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if not _needs_postgres(item)]
+    config.pg_left_out = len(left_out)
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    if getattr(config, "pg_left_out", 0):
+        terminalreporter.write_line(f"{config.pg_left_out} PostgreSQL tests skipped: {config.pg_unavailable}; "
+                                    f"{pg_testing.HOW}", yellow=True)
+
+
+@pytest.fixture(scope="session")
+def pg_database(pytestconfig):
+    """This run's own schema on the test server, dropped at the end."""
+    db = pytestconfig.pg_database
+    if db is None:
+        pytest.skip(f"PostgreSQL tests skipped: {pytestconfig.pg_unavailable}; {pg_testing.HOW}")
+    db.create()
+    yield db
+    db.drop()
+
+
+@pytest.fixture
+def pg_url(pg_database) -> str:
+    """The test database's URL, emptied for this test."""
+    pg_database.truncate()
+    return pg_database.url
+
+
+@pytest.fixture
+def backend(request) -> str:
+    """``files`` or ``postgres`` (parametrized by ``pytest_generate_tests``)."""
+    if request.param == "postgres":
+        request.getfixturevalue("pg_url")
+    return request.param
+
+
+@pytest.fixture
+def backend_config(backend: str, request) -> dict[str, Any]:
+    return {"DATABASE_URL": request.getfixturevalue("pg_url")} if backend == "postgres" else {}

@@ -40,6 +40,7 @@ def test_keys_create_prints_the_key_alone_on_the_last_line_and_it_works(cli, cli
     assert client.get(STATS, headers=auth(key)).status_code == 200
 
 
+@pytest.mark.files_only
 def test_only_a_hash_of_the_key_is_stored_in_a_private_file(cli, instance_path):
     key = create_key(cli, "--role", "worker", "--name", "gpu-1")
     path = instance_path / "api_keys.json"
@@ -100,6 +101,7 @@ def test_keys_list_shows_names_roles_created_last_used_and_never_the_key(cli, cl
             assert key not in output and hash_key(key) not in output
 
 
+@pytest.mark.files_only
 def test_last_used_is_written_back_at_most_once_a_minute_per_key(app, client, cli, instance_path):
     store = app.extensions[KEYS]
     now = [1000.0]
@@ -127,6 +129,7 @@ def test_revoked_key_is_401_at_once_even_after_use(cli, client):
     assert response.status_code == 401 and response.headers["WWW-Authenticate"].startswith("Bearer")
 
 
+@pytest.mark.files_only
 def test_key_revoked_by_another_process_is_401_here(cli, client, instance_path):
     """The CLI runs in another process in production: a second app on the instance stands in for it."""
     key = create_key(cli, "--role", "admin", "--name", "ops")
@@ -156,6 +159,7 @@ def test_keys_revoke_unknown_name_fails_in_one_line(cli):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.files_only
 def test_unreadable_key_file_fails_closed(cli, client, keys, instance_path):
     (instance_path / "api_keys.json").write_text("{not json")
     response = client.get(STATS, headers=auth(keys["admin"]))

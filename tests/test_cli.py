@@ -319,6 +319,7 @@ def test_retry_an_unknown_job_exits_3(runner):
 
 # -- fsck --------------------------------------------------------------------------------------
 
+@pytest.mark.files_only
 def test_fsck_of_a_clean_store_exits_0(runner, producer):
     producer.create_id()
     result = run(runner, "remote-jobs", "fsck")
@@ -326,6 +327,7 @@ def test_fsck_of_a_clean_store_exits_0(runner, producer):
     assert run_json(runner, "remote-jobs", "fsck") == []
 
 
+@pytest.mark.files_only
 def test_fsck_reports_a_leftover_temp_file_and_exits_1(runner, app):
     leftover = os.path.join(app.config["JOBS_DATA_DIR"], "pending", f"{TEMP_PREFIX}x.json.1.2")
     with open(leftover, "w") as fh:
@@ -337,6 +339,7 @@ def test_fsck_reports_a_leftover_temp_file_and_exits_1(runner, app):
     assert os.path.exists(leftover)
 
 
+@pytest.mark.files_only
 def test_fsck_repair_moves_a_corrupt_file_aside_and_exits_0(runner, app, producer):
     keep = producer.create_id()
     data = app.config["JOBS_DATA_DIR"]
@@ -352,6 +355,7 @@ def test_fsck_repair_moves_a_corrupt_file_aside_and_exits_0(runner, app, produce
     assert [j["id"] for j in run_json(runner, "remote-jobs", "list")["jobs"]] == [keep]
 
 
+@pytest.mark.files_only
 def test_fsck_repair_removes_a_leftover_temp_file(runner, app):
     leftover = os.path.join(app.config["JOBS_DATA_DIR"], "pending", f"{TEMP_PREFIX}x.json.1.2")
     with open(leftover, "w") as fh:
@@ -364,6 +368,7 @@ def _file_of(app, status: str, job_id: str) -> str:
     return os.path.join(app.config["JOBS_DATA_DIR"], status, f"{job_id}.json")
 
 
+@pytest.mark.files_only
 def test_fsck_repair_keeps_the_newer_copy_of_a_job_left_in_two_directories(runner, app, producer, worker, service):
     job_id = producer.create_id()
     stale = open(_file_of(app, "pending", job_id)).read()
@@ -379,6 +384,7 @@ def test_fsck_repair_keeps_the_newer_copy_of_a_job_left_in_two_directories(runne
     assert run(runner, "remote-jobs", "fsck").exit_code == 0
 
 
+@pytest.mark.files_only
 def test_fsck_repair_moves_a_misplaced_job_to_the_directory_of_its_status(runner, app, producer, service):
     job_id = producer.create_id()
     record = json.loads(open(_file_of(app, "pending", job_id)).read())
@@ -393,6 +399,7 @@ def test_fsck_repair_moves_a_misplaced_job_to_the_directory_of_its_status(runner
     assert run_json(runner, "remote-jobs", "list", "--status", "cancelled")["jobs"][0]["id"] == job_id
 
 
+@pytest.mark.files_only
 def test_fsck_rejects_an_unknown_option(runner):
     assert_one_line_error(run(runner, "remote-jobs", "fsck", "--fix"), 2, "--fix")
 

@@ -314,6 +314,7 @@ def test_download_of_a_deleted_source_is_404_with_a_clear_detail(claimed_job):
     assert path.name in response.json["detail"]
 
 
+@pytest.mark.files_only
 def test_download_rechecks_against_the_roots_configured_now(claimed_job, instance_path, tmp_path):
     path, worker, claimed = claimed_job
     elsewhere = tmp_path / "new-root"

@@ -1,6 +1,7 @@
 """Choose the job repository from the configuration: the JSON files unless a database URL is set."""
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 from .base import JobRepository
@@ -8,4 +9,24 @@ from .files import FileJobStore
 
 
 def build_store(config: Mapping[str, Any]) -> JobRepository:
+    url = config.get("DATABASE_URL")
+    if url:
+        from .pgdb import database
+        from .postgres import PostgresJobStore
+
+        return PostgresJobStore(database(url, int(config.get("DATABASE_POOL_SIZE") or 10),
+                                         float(config.get("DATABASE_TIMEOUT") or 5.0)))
     return FileJobStore(config["JOBS_DATA_DIR"])
+
+
+def build_key_store(store: JobRepository, instance_path: str):
+    """API keys live beside the jobs: in the database when the jobs do, else in the instance folder."""
+    from .postgres import PostgresJobStore
+
+    if isinstance(store, PostgresJobStore):
+        from .pg_keys import PostgresKeyStore
+
+        return PostgresKeyStore(store.db)
+    from ..auth import KeyStore
+
+    return KeyStore(os.path.join(instance_path, "api_keys.json"))

@@ -1,0 +1,272 @@
+"""The PostgreSQL job repository: the scale-out backend, for several API hosts sharing one database.
+
+One row per job: the columns that queries filter and order on, plus the whole record as JSONB
+(``doc``), which is what reads return. Semantics are the JSON-file store's (``files.py``):
+
+- ``update``: ``SELECT ... FOR UPDATE`` of the row, the service's mutator applied to the job in
+  Python, ``UPDATE``, all in one transaction. A mutator that raises rolls the transaction back and
+  the exception propagates (the service refuses or skips that way).
+- ``claim``: per wanted content type, the best pending jobs in claim order are locked with
+  ``FOR UPDATE SKIP LOCKED`` over the partial index ``remote_jobs_claim``; the best ``limit`` of
+  them are mutated and written. Concurrent claims never wait on each other and never get the same
+  job; the cost does not grow with the number of pending jobs.
+- A change that leaves a job pending (create, retry, re-queue) sends ``NOTIFY`` in the same
+  transaction, which wakes long polls on every host (``pgdb.Database.wait``).
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Iterable, Iterator
+
+from psycopg.types.json import Jsonb
+
+from ..exceptions import JobNotFound, StoreUnavailable
+from ..models import TERMINAL, RemoteJob, Status
+from .base import JobFilter, Mutator, StoreStats
+from .files import _valid_id as valid_job_id
+from .pgdb import Database
+
+_PENDING = Status.PENDING.value
+
+_WRITE_COLUMNS = ("status", "content_type", "priority", "created_at", "available_at", "timeout_at",
+                  "completed_at", "finished_at", "seen_at", "worker_id", "ingestion_task_id", "version", "doc")
+_INSERT = (f"INSERT INTO remote_jobs (id, {', '.join(_WRITE_COLUMNS)}) "
+           f"VALUES (%(id)s, {', '.join(f'%({c})s' for c in _WRITE_COLUMNS)})")
+_UPDATE = (f"UPDATE remote_jobs SET {', '.join(f'{c} = %({c})s' for c in _WRITE_COLUMNS)} "
+           "WHERE id = %(id)s")
+
+# Up to ``limit`` jobs per content type, each branch an ordered walk of the claim index that skips
+# rows another transaction holds; the caller keeps the best ``limit`` overall (Python's sort, same
+# key as the index) and the surplus locks end with the transaction.
+_CLAIM = """
+SELECT j.version, j.doc
+  FROM unnest(%(types)s::text[]) AS t(content_type)
+  CROSS JOIN LATERAL (
+        SELECT version, doc, priority, created_at, id
+          FROM remote_jobs
+         WHERE status = 'pending' AND content_type = t.content_type AND available_at <= %(now)s
+         ORDER BY priority DESC, created_at, id
+         LIMIT %(limit)s
+           FOR UPDATE SKIP LOCKED) AS j
+ ORDER BY j.priority DESC, j.created_at, j.id
+ LIMIT %(limit)s
+"""
+
+
+def _job(version: int, doc: dict[str, Any]) -> RemoteJob:
+    job = RemoteJob.from_dict(doc)
+    job.version = version
+    return job
+
+
+def _check_id(job_id: str) -> None:
+    """The file store's rule for ids (a NUL, for one, is no id and PostgreSQL text cannot hold it)."""
+    if not valid_job_id(job_id):
+        raise JobNotFound(f"no job with id {job_id!r}")
+
+
+def _params(job: RemoteJob) -> dict[str, Any]:
+    created = job.created_at
+    if created is None:
+        raise ValueError(f"job {job.id} has no created_at")
+    terminal = Status(job.status) in TERMINAL
+    return {
+        "id": job.id,
+        "status": job.status,
+        "content_type": job.content_type,
+        "priority": job.priority,
+        "created_at": created,
+        "available_at": job.available_at or created,
+        "timeout_at": job.timeout_at,
+        "completed_at": job.completed_at,
+        "finished_at": (job.completed_at or job.updated_at) if terminal else None,
+        "seen_at": job.heartbeat_at or job.started_at,
+        "worker_id": job.worker_id,
+        "ingestion_task_id": job.ingestion_task_id,
+        "version": job.version,
+        "doc": Jsonb(job.to_dict()),
+    }
+
+
+class PostgresJobStore:
+    def __init__(self, db: Database, batch_size: int = 1000) -> None:
+        self.db = db
+        self.batch_size = batch_size
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    def _announce(self, conn, job: RemoteJob) -> None:
+        if job.status == _PENDING:
+            self.db.notify(conn, job.content_type)
+
+    def create(self, job: RemoteJob) -> RemoteJob:
+        job.version = 1
+        params = _params(job)
+        with self.db.transaction() as conn:
+            inserted = conn.execute(_INSERT + " ON CONFLICT (id) DO NOTHING", params).rowcount
+            if not inserted:
+                raise ValueError(f"job {job.id} exists")
+            self._announce(conn, job)
+        self._changed(job)
+        return job
+
+    def put(self, job: RemoteJob) -> RemoteJob:
+        with self.db.transaction() as conn:
+            row = conn.execute("SELECT version FROM remote_jobs WHERE id = %s FOR UPDATE", (job.id,)).fetchone()
+            job.version = row[0] + 1 if row else max(job.version, 1)
+            conn.execute(_UPDATE if row else _INSERT, _params(job))
+            self._announce(conn, job)
+        self._changed(job)
+        return job
+
+    def update(self, job_id: str, mutate: Mutator) -> RemoteJob:
+        _check_id(job_id)
+        with self.db.transaction() as conn:
+            row = conn.execute("SELECT version, doc FROM remote_jobs WHERE id = %s FOR UPDATE",
+                               (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFound(f"no job with id {job_id!r}")
+            current = _job(*row)
+            new = mutate(current.copy())
+            new.version = current.version + 1
+            conn.execute(_UPDATE, _params(new))
+            self._announce(conn, new)
+        self._changed(new)
+        return new
+
+    def claim(self, content_types: Iterable[str], limit: int, now: datetime,
+              mutate: Mutator) -> list[RemoteJob]:
+        types = sorted(set(content_types))
+        self.db.mark_seen()
+        if not types or limit <= 0:
+            return []
+        claimed: list[RemoteJob] = []
+        with self.db.transaction() as conn:
+            rows = conn.execute(_CLAIM, {"types": types, "now": now, "limit": limit}).fetchall()
+            for version, doc in rows:
+                current = _job(version, doc)
+                new = mutate(current.copy())
+                new.version = current.version + 1
+                conn.execute(_UPDATE, _params(new))
+                claimed.append(new)
+        return claimed
+
+    def delete(self, job_id: str) -> None:
+        _check_id(job_id)
+        with self.db.transaction() as conn:
+            if not conn.execute("DELETE FROM remote_jobs WHERE id = %s", (job_id,)).rowcount:
+                raise JobNotFound(f"no job with id {job_id!r}")
+
+    def _changed(self, job: RemoteJob) -> None:
+        if job.status == _PENDING:
+            self.db.wake_local()  # this process's waiters need not wait for the round trip
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> RemoteJob:
+        _check_id(job_id)
+        with self.db.transaction() as conn:
+            row = conn.execute("SELECT version, doc FROM remote_jobs WHERE id = %s", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job with id {job_id!r}")
+        return _job(*row)
+
+    def list(self, filters: JobFilter, after: str | None, limit: int) -> tuple[list[RemoteJob], str | None]:
+        where, params = [], []
+        for column in ("status", "content_type", "ingestion_task_id", "worker_id"):
+            value = getattr(filters, column)
+            if value is not None:
+                where.append(f"{column} = %s")
+                params.append(value)
+        if after:
+            after = after.replace("\x00", "")  # a cursor is compared, never stored: drop what text cannot hold
+            where.append("id > %s")
+            params.append(after)
+        query = ("SELECT version, doc FROM remote_jobs"
+                 + (" WHERE " + " AND ".join(where) if where else "")
+                 + " ORDER BY id LIMIT %s")
+        with self.db.transaction() as conn:
+            rows = conn.execute(query, [*params, limit + 1]).fetchall()
+        jobs = [_job(*row) for row in rows[:limit]]
+        return jobs, (jobs[-1].id if len(rows) > limit and jobs else None)
+
+    def _ids(self, query: str, *params: Any) -> list[str]:
+        with self.db.transaction() as conn:
+            return [row[0] for row in conn.execute(query, params).fetchall()]
+
+    def lapsed(self, now: datetime, limit: int) -> list[str]:
+        return self._ids("SELECT id FROM remote_jobs WHERE status = 'processing' AND timeout_at <= %s "
+                         "ORDER BY timeout_at, id LIMIT %s", now, limit)
+
+    def pending_available_before(self, cutoff: datetime, limit: int) -> list[str]:
+        return self._ids("SELECT id FROM remote_jobs WHERE status = 'pending' AND available_at < %s "
+                         "ORDER BY available_at, id LIMIT %s", cutoff, limit)
+
+    def recently_completed(self, content_type: str, limit: int) -> list[RemoteJob]:
+        with self.db.transaction() as conn:
+            rows = conn.execute("SELECT version, doc FROM remote_jobs WHERE status = 'completed' "
+                                "AND content_type = %s ORDER BY completed_at DESC, id DESC LIMIT %s",
+                                (content_type, limit)).fetchall()
+        return [_job(*row) for row in rows]
+
+    def finished_since(self, cutoff: datetime, limit: int, after_id: str | None = None) -> list[str]:
+        if after_id is None:
+            return self._ids("SELECT id FROM remote_jobs WHERE finished_at >= %s "
+                             "ORDER BY finished_at, id LIMIT %s", cutoff, limit)
+        return self._ids("SELECT id FROM remote_jobs WHERE finished_at IS NOT NULL "
+                         "AND (finished_at, id) > (%s, %s) ORDER BY finished_at, id LIMIT %s",
+                         cutoff, after_id.replace("\x00", ""), limit)
+
+    def finished_before(self, cutoff: datetime, limit: int) -> list[str]:
+        return self._ids("SELECT id FROM remote_jobs WHERE finished_at < %s "
+                         "ORDER BY finished_at, id LIMIT %s", cutoff, limit)
+
+    def stats(self) -> StoreStats:
+        with self.db.transaction() as conn:
+            counts = conn.execute("SELECT status, content_type, count(*) FROM remote_jobs "
+                                  "GROUP BY status, content_type").fetchall()
+            oldest = conn.execute("SELECT min(created_at) FROM remote_jobs WHERE status = 'pending'").fetchone()[0]
+            seen = conn.execute("SELECT worker_id, max(seen_at) FROM remote_jobs "
+                                "WHERE worker_id IS NOT NULL AND seen_at IS NOT NULL "
+                                "GROUP BY worker_id").fetchall()
+        return StoreStats(counts={(s, ct): n for s, ct, n in counts},
+                          oldest_pending_created_at=oldest,
+                          worker_last_seen=dict(seen))
+
+    def has_available(self, content_types: Iterable[str], now: datetime) -> bool:
+        self.db.mark_seen()
+        types = sorted(set(content_types))
+        with self.db.transaction() as conn:
+            return conn.execute("SELECT EXISTS (SELECT 1 FROM remote_jobs WHERE status = 'pending' "
+                                "AND content_type = ANY(%s) AND available_at <= %s)", (types, now)).fetchone()[0]
+
+    def next_available_at(self, content_types: Iterable[str]) -> datetime | None:
+        types = sorted(set(content_types))
+        with self.db.transaction() as conn:
+            return conn.execute("SELECT min(available_at) FROM remote_jobs WHERE status = 'pending' "
+                                "AND content_type = ANY(%s)", (types,)).fetchone()[0]
+
+    def iter_all(self) -> Iterator[RemoteJob]:
+        """Every job in id order, read in batches (no transaction is held between batches)."""
+        after = ""
+        while True:
+            with self.db.transaction() as conn:
+                rows = conn.execute("SELECT version, doc FROM remote_jobs WHERE id > %s ORDER BY id LIMIT %s",
+                                    (after, self.batch_size)).fetchall()
+            for row in rows:
+                yield _job(*row)
+            if len(rows) < self.batch_size:
+                return
+            after = rows[-1][1]["id"]
+
+    # -- health and long polls -------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        with self.db.transaction() as conn:
+            recovery, read_only = conn.execute(
+                "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')").fetchone()
+        if recovery or read_only == "on":
+            raise StoreUnavailable("the job database is read-only (a standby, or in read-only mode)")
+
+    def wait_for_change(self, timeout: float) -> bool:
+        return self.db.wait(timeout)

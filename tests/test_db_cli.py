@@ -1,0 +1,128 @@
+"""``flask db upgrade`` / ``db current``, and the operator commands on either backend."""
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from datetime import timedelta
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from morag_remote import create_app
+from morag_remote.store import migrate
+from morag_remote.store.pgdb import parse_url
+
+
+@pytest.fixture
+def fresh_schema_url(pg_database):
+    """A URL naming a schema that does not exist yet (dropped afterwards)."""
+    schema = f"mrtest_fresh_{secrets.token_hex(4)}"
+    yield f"{pg_database.base_url}{'&' if '?' in pg_database.base_url else '?'}schema={schema}"
+    with psycopg.connect(pg_database.base_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def _runner(tmp_path, url=None, **extra):
+    config = {"TESTING": True, "INSTANCE_PATH": str(tmp_path / "instance"), "LOG_JSON": True, **extra}
+    if url:
+        config["DATABASE_URL"] = url
+    return create_app(config).test_cli_runner()
+
+
+@pytest.mark.postgres
+def test_db_upgrade_creates_the_schema_then_has_nothing_left_to_do(tmp_path, fresh_schema_url):
+    runner = _runner(tmp_path, fresh_schema_url)
+    latest = migrate.latest_version()
+    assert runner.invoke(args=["db", "current"]).output.strip().startswith(f"0 (latest {latest}")
+    first = runner.invoke(args=["db", "upgrade"])
+    assert first.exit_code == 0, first.output
+    assert "applied 0001_jobs" in first.output and f"schema version {latest}" in first.output
+    second = runner.invoke(args=["db", "upgrade"])
+    assert second.exit_code == 0 and "up to date" in second.output
+    assert runner.invoke(args=["db", "current"]).output.strip() == str(latest)
+
+
+@pytest.mark.postgres
+def test_concurrent_upgraders_apply_each_migration_once(fresh_schema_url):
+    conninfo, schema = parse_url(fresh_schema_url)
+    applied, errors = [], []
+    start = threading.Barrier(3)
+
+    def upgrader() -> None:
+        try:
+            with psycopg.connect(conninfo, autocommit=True) as conn:
+                start.wait(10)
+                applied.extend(m.version for m in migrate.upgrade(conn, schema))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=upgrader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert sorted(applied) == [m.version for m in migrate.available()]
+    with psycopg.connect(conninfo) as conn:
+        rows = conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
+    assert [r[0] for r in rows] == [m.version for m in migrate.available()]
+
+
+def test_db_commands_without_a_database_url_say_so(tmp_path):
+    out = _runner(tmp_path).invoke(args=["db", "upgrade"])
+    assert out.exit_code == 1
+    assert "MORAG_REMOTE_DATABASE_URL is not set" in out.output
+
+
+def test_db_upgrade_against_an_unreachable_server_is_one_line(tmp_path):
+    out = _runner(tmp_path, "postgresql://postgres@127.0.0.1:1/test", DATABASE_TIMEOUT=1).invoke(args=["db", "upgrade"])
+    assert out.exit_code == 1
+    assert out.output.startswith("Error: cannot connect to the database") and "Traceback" not in out.output
+
+
+def test_migrations_are_numbered_without_gaps():
+    assert [m.version for m in migrate.available()] == list(range(1, len(migrate.available()) + 1))
+
+
+# -- operator commands: ``app`` runs on both backends ---------------------------------------------
+
+def _create(service, instance_path, **kw):
+    source = instance_path / "sources" / "a.mp3"
+    source.write_bytes(b"a")
+    return service.create(source_file_path=str(source), content_type=kw.pop("content_type", "audio"),
+                          ingestion_task_id="t", **kw)
+
+
+def test_cli_stats_and_list_read_the_configured_backend(app, service, instance_path):
+    job = _create(service, instance_path)
+    runner = app.test_cli_runner()
+    stats = json.loads(runner.invoke(args=["remote-jobs", "stats", "--json"]).output)
+    assert stats["counts"]["pending"] == {"audio": 1}
+    assert runner.invoke(args=["remote-jobs", "list"]).output.startswith(job.id)
+
+
+def test_cli_cleanup_expired_requeues_a_lapsed_lease(app, service, clock, instance_path):
+    job = _create(service, instance_path)
+    service.poll("w1", ["audio"])
+    clock.advance(service.settings.lease_for("audio") + 1)
+    out = app.test_cli_runner().invoke(args=["remote-jobs", "cleanup-expired", "--json"])
+    assert json.loads(out.output) == {"expired": 1}
+    assert service.get(job.id).status == "pending" and service.get(job.id).retry_count == 1
+
+
+def test_cli_cleanup_old_deletes_finished_jobs(app, service, clock, instance_path):
+    job = _create(service, instance_path)
+    service.cancel(job.id)
+    clock.advance(timedelta(days=3).total_seconds())
+    out = app.test_cli_runner().invoke(args=["remote-jobs", "cleanup-old", "--days", "2", "--json"])
+    assert json.loads(out.output) == {"deleted": 1}
+
+
+def test_fsck_on_postgres_says_it_checks_the_file_store_only(app, backend):
+    out = app.test_cli_runner().invoke(args=["remote-jobs", "fsck"])
+    if backend == "postgres":
+        assert out.exit_code == 1 and "JSON-file store" in out.output
+    else:
+        assert out.exit_code == 0 and "store is clean" in out.output

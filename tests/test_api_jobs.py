@@ -36,6 +36,7 @@ def test_create_answers_201_with_location_with_or_without_trailing_slash(produce
     assert producer.client.get(response.headers["Location"], headers=producer.headers).json["id"] == job_id
 
 
+@pytest.mark.files_only
 def test_create_stores_the_job_as_one_file_in_the_pending_directory(producer, app):
     job_id = producer.create_id("video", task_options={"lang": "de"}, priority=3, max_retries=5)
     data_dir = Path(app.config["JOBS_DATA_DIR"])
@@ -136,6 +137,7 @@ def test_poll_takes_higher_priority_first_then_oldest(producer, worker, clock):
     assert [j["job_id"] for j in worker.poll("audio", max_jobs=3).json["jobs"]] == [high, low, low_later]
 
 
+@pytest.mark.files_only
 def test_poll_order_ignores_file_modification_times(producer, clock, app, keys, client):
     """A new process rebuilds its index from the files: order still comes from created_at."""
     older = producer.create_id("audio")
@@ -401,6 +403,7 @@ def _assert_aware_utc(value: str) -> None:
     assert parsed.tzinfo is not None and parsed.utcoffset() == timedelta(0), value
 
 
+@pytest.mark.files_only
 def test_every_timestamp_in_responses_and_files_is_aware_utc_iso8601(producer, worker, claimed, app):
     worker.result(claimed["job_id"])
     job = producer.get(claimed["job_id"]).json
@@ -431,6 +434,7 @@ def test_health_is_200_without_a_key_when_the_store_is_writable(client):
     assert response.json == {"status": "ok", "store": "writable", "detail": "ready"}
 
 
+@pytest.mark.files_only
 def test_health_is_503_when_the_data_dir_is_replaced_by_a_file(client, app):
     """A lost volume: the data directory is gone and a file stands where it was."""
     data_dir = Path(app.config["JOBS_DATA_DIR"])

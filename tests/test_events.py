@@ -348,6 +348,7 @@ def crash_after_job_write(app, instance_path):
     return run
 
 
+@pytest.mark.files_only
 def test_event_lost_to_a_crash_after_the_job_write_is_recorded_and_sent_by_deliver(
         producer, receiver, runner, crash_after_job_write):
     job_id = producer.create_id()
@@ -361,6 +362,7 @@ def test_event_lost_to_a_crash_after_the_job_write_is_recorded_and_sent_by_deliv
     assert deliver(runner) == {"delivered": 0, "failed": 0, "reconciled": 0, "purged": 0, "pending": 0}
 
 
+@pytest.mark.files_only
 def test_retry_before_reconciliation_still_sends_the_event_of_the_state_it_left(
         producer, receiver, runner, crash_after_job_write):
     job_id = producer.create_id()
@@ -372,6 +374,7 @@ def test_retry_before_reconciliation_still_sends_the_event_of_the_state_it_left(
     assert event["type"] == "job.failed" and event["error"] == "gpu fell off"
 
 
+@pytest.mark.files_only
 def test_delete_before_reconciliation_still_sends_the_event(producer, receiver, runner, admin_headers,
                                                              crash_after_job_write):
     job_id = producer.create_id()
@@ -381,6 +384,7 @@ def test_delete_before_reconciliation_still_sends_the_event(producer, receiver, 
     assert [e["type"] for e in receiver.events_of(job_id)] == ["job.completed"]
 
 
+@pytest.mark.files_only
 def test_cleanup_old_before_reconciliation_still_sends_the_event(producer, receiver, runner,
                                                                  crash_after_job_write):
     job_id = producer.create_id()
@@ -421,6 +425,7 @@ def test_two_deliver_processes_at_once_send_each_event_once(producer, worker, re
     assert sorted(e["job_id"] for e in receiver.accepted.values()) == sorted(job_ids)
 
 
+@pytest.mark.files_only
 @pytest.mark.slow
 def test_under_gunicorn_a_failed_event_is_sent_after_a_later_response(receiver, instance_path, keys, producer):
     receiver.status = 503
@@ -525,6 +530,7 @@ def test_deliver_attempts_no_more_than_its_limit(producer, worker, receiver, run
     assert deliver(runner)["delivered"] == 1
 
 
+@pytest.mark.files_only
 def test_reconciliation_in_batches_reaches_every_job(producer, receiver, runner, app, crash_after_job_write):
     first, second = producer.create_id(), producer.create_id()
     crash_after_job_write()

@@ -71,6 +71,7 @@ def test_with_auth_disabled_every_request_is_admin(instance_path):
     assert client.delete(f"{BASE}/0190d6a0-0000-7000-8000-000000000000").status_code == 404
 
 
+@pytest.mark.files_only
 def test_a_key_made_by_another_process_is_accepted_without_a_restart(client, app, instance_path):
     secret = KeyStore(instance_path / "api_keys.json").create("late", "producer")[1]
     assert client.get(BASE, headers=auth(secret)).status_code == 200

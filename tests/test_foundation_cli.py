@@ -99,6 +99,7 @@ def test_remote_jobs_cleanup_old_deletes_finished_jobs_older_than_days(cli, prod
     assert cli.invoke(args=["remote-jobs", "cleanup-old", "--days", "2"]).output.strip() == "0 job(s) deleted"
 
 
+@pytest.mark.files_only
 def test_remote_jobs_fsck_exit_codes(cli, producer, app):
     producer.create_id()
     clean = cli.invoke(args=["remote-jobs", "fsck"])

@@ -158,6 +158,7 @@ def _reserve_and_die(instance_path: str, key: str, body: dict, create_job: bool,
     os._exit(0)
 
 
+@pytest.mark.files_only
 @pytest.mark.parametrize("job_made", [False, True])
 def test_a_create_that_died_after_taking_the_key_is_completed_by_the_retry(producer, instance_path, job_made):
     body = {"source_file_path": str(producer.source("talk.mp3")), "content_type": "audio",
@@ -194,6 +195,7 @@ def _create_in_threads(instance_path: str, body: dict, barrier, results) -> None
         t.join(60)
 
 
+@pytest.mark.files_only
 @pytest.mark.slow
 def test_four_processes_of_two_threads_with_one_key_make_one_job(producer, instance_path):
     ctx = multiprocessing.get_context("fork")
@@ -222,6 +224,7 @@ def gunicorn(instance_path):
         yield base
 
 
+@pytest.mark.files_only
 @pytest.mark.slow
 def test_eight_threads_against_two_gunicorn_processes_with_one_key_make_one_job(gunicorn, app, keys, producer):
     producer.source("talk.mp3")

@@ -11,6 +11,8 @@ import pytest
 from lifecycle_support import new_job
 from morag_remote.store.files import CorruptJobFile, load_job_file
 
+pytestmark = pytest.mark.files_only  # damage and crashes of the JSON files themselves
+
 
 @pytest.fixture
 def job_file(service) -> Path:

@@ -78,6 +78,7 @@ def test_retry_gives_the_next_claim_a_new_lease(service):
 
 # -- delete -----------------------------------------------------------------------------------
 
+@pytest.mark.files_only
 def test_delete_by_admin_answers_204_and_removes_the_file(producer, admin_headers, service):
     job_id = producer.create_id("audio")
     response = producer.client.delete(f"/api/v1/remote-jobs/{job_id}", headers=admin_headers)

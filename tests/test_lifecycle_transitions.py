@@ -91,6 +91,7 @@ def _setup(service: JobService, clock, status: Status, action: Action) -> Remote
     return job_in(service, clock, status, max_retries=0 if action is Action.LAPSE else 3)
 
 
+@pytest.mark.files_only
 @pytest.mark.parametrize("status, action", LEGAL, ids=map(_id, LEGAL))
 def test_service_legal_transition_moves_the_job_to_its_one_new_directory(service, clock, status, action):
     job = _setup(service, clock, status, action)
@@ -105,6 +106,7 @@ def test_service_legal_transition_moves_the_job_to_its_one_new_directory(service
     assert service.get(job.id).version > job.version
 
 
+@pytest.mark.files_only
 @pytest.mark.parametrize("status, action", ILLEGAL, ids=map(_id, ILLEGAL))
 def test_service_illegal_transition_is_refused_and_changes_nothing_on_disk(service, clock, status, action):
     job = _setup(service, clock, status, action)
@@ -145,6 +147,7 @@ def test_api_cancel_processing_job_answers_200_cancelled(producer, worker):
     assert producer.cancel(job_id).json["status"] == "cancelled"
 
 
+@pytest.mark.files_only
 def test_api_cancel_completed_job_is_409_and_keeps_the_result(producer, worker, service):
     job_id = producer.create_id()
     worker.claim()
@@ -159,6 +162,7 @@ def test_api_cancel_completed_job_is_409_and_keeps_the_result(producer, worker, 
     assert disk_snapshot(Path(service.store.root)) == before
 
 
+@pytest.mark.files_only
 def test_api_retry_pending_job_is_409(producer, service):
     job_id = producer.create_id()
     before = disk_snapshot(Path(service.store.root))
@@ -175,6 +179,7 @@ def test_api_retry_cancelled_job_puts_it_back_in_the_queue(producer, worker):
     assert worker.claim()["job_id"] == job_id
 
 
+@pytest.mark.files_only
 def test_api_heartbeat_on_cancelled_job_is_409_telling_the_worker_to_stop(producer, worker, service):
     job_id = producer.create_id()
     claimed = worker.claim()
@@ -187,6 +192,7 @@ def test_api_heartbeat_on_cancelled_job_is_409_telling_the_worker_to_stop(produc
     assert disk_snapshot(Path(service.store.root)) == before
 
 
+@pytest.mark.files_only
 def test_api_result_for_cancelled_job_is_409_and_changes_nothing(producer, worker, service):
     job_id = producer.create_id()
     claimed = worker.claim()
@@ -199,6 +205,7 @@ def test_api_result_for_cancelled_job_is_409_and_changes_nothing(producer, worke
     assert disk_snapshot(Path(service.store.root)) == before
 
 
+@pytest.mark.files_only
 def test_api_different_result_for_completed_job_is_409_and_keeps_the_first(producer, worker, service):
     job_id = producer.create_id()
     worker.claim()

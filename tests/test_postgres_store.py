@@ -128,7 +128,7 @@ def test_an_unreachable_server_is_store_unavailable_and_health_503(tmp_path):
                       "DATABASE_URL": url, "DATABASE_TIMEOUT": 1})
     response = app.test_client().get("/health")
     assert response.status_code == 503
-    assert response.json["status"] == "unavailable"
+    assert response.json["status"] == 503 and response.mimetype == "application/problem+json"
 
 
 def test_a_forked_child_uses_its_own_pool_and_leaves_the_parents_alone(store):

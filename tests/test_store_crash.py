@@ -22,6 +22,8 @@ from morag_remote.models import STATUSES
 from morag_remote.service import Caller, JobService
 from morag_remote.store.files import FileJobStore
 
+pytestmark = pytest.mark.files_only  # damage and crashes of the JSON files themselves
+
 KILLS = 200
 READY_TIMEOUT = 30.0
 

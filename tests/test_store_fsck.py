@@ -13,6 +13,8 @@ from morag_remote import create_app
 from morag_remote.context import SERVICE
 from morag_remote.service import Caller
 
+pytestmark = pytest.mark.files_only  # damage and crashes of the JSON files themselves
+
 
 @pytest.fixture
 def root(service) -> Path:

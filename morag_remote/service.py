@@ -159,9 +159,11 @@ class JobService:
         return job
 
     def delete(self, job_id: str) -> None:
-        if self.listeners:
-            self._leaving_terminal(self.store.get(job_id))
-        self.store.delete(job_id)
+        def leaving(job: RemoteJob) -> bool:
+            self._leaving_terminal(job)  # inside the store's critical section, before the delete
+            return True
+
+        self.store.delete(job_id, only_if=leaving)
         log.info("job.deleted", job_id=job_id)
 
     # -- workers ---------------------------------------------------------------------------------
@@ -400,12 +402,19 @@ class JobService:
     def cleanup_old(self, days: float) -> int:
         cutoff = self.clock() - timedelta(days=days)
         count = 0
+
+        def still_old(job: RemoteJob) -> bool:
+            """Checked under the store's lock: the job may have been re-opened since it was listed."""
+            if not Status(job.status).is_terminal or (job.completed_at or job.updated_at) >= cutoff:
+                log.info("job.cleanup_skipped", job_id=job.id, job_status=job.status)
+                return False
+            self._leaving_terminal(job)
+            return True
+
         for job_id in self.store.finished_before(cutoff, 1_000_000):
             try:
-                if self.listeners:
-                    self._leaving_terminal(self.store.get(job_id))
-                self.store.delete(job_id)
-                count += 1
+                if self.store.delete(job_id, only_if=still_old):
+                    count += 1
             except JobNotFound:
                 continue
         log.info("jobs.cleaned", count=count, days=days)

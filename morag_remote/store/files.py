@@ -18,7 +18,7 @@ import time
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import structlog
 
@@ -223,18 +223,21 @@ class FileJobStore:
                     claimed.append(self._write(new, [p for _, p in copies]))
         return claimed
 
-    def delete(self, job_id: str) -> None:
+    def delete(self, job_id: str, only_if: Callable[[RemoteJob], bool] | None = None) -> bool:
         if not _valid_id(job_id):
             raise JobNotFound(f"no job with id {job_id!r}")
         with self._locked():
             copies = self._copies(job_id)
             if not copies:
                 raise self._absent(job_id)
+            if only_if is not None and not only_if(copies[0][0]):
+                return False
             self._position = self.journal.append([job_id])
             for _, p in copies:
                 unlink_quietly(p)
                 fsync_dir(p.parent)
             self.catalog.apply(job_id, None)
+        return True
 
     # -- queries from the catalog --------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import threading
 import time
 from datetime import datetime, timezone
@@ -300,10 +301,11 @@ class FileJobStore:
                 yield job
 
     def check_writable(self) -> None:
-        probe = self.root / f"{TEMP_PREFIX}health.{os.getpid()}"
+        # a name per call: threads probing at once must not replace or remove each other's file
+        probe = self.root / f"{TEMP_PREFIX}health.{os.getpid()}.{secrets.token_hex(8)}"
         try:
             write_atomic(probe, b"ok", sync_dir=False)
-            os.unlink(probe)
+            unlink_quietly(probe)
         except OSError as exc:
             raise StoreUnavailable(f"the job store is not writable: {exc.strerror}") from None
 

@@ -75,8 +75,11 @@ def unlink_quietly(path: Path) -> bool:
 class FileLock:
     """An exclusive/shared lock across processes (``flock``) and threads (a mutex) on one file.
 
-    Re-entrant within a thread: only the outermost ``hold`` takes and releases the flock. The file
-    is reopened after a fork, because a flock belongs to an open file description.
+    Re-entrant within a thread: only the outermost ``hold`` takes and releases the flock, so a
+    nested hold has the outermost one's kind: a shared hold inside an exclusive one stays exclusive,
+    and an exclusive hold inside a shared one is a RuntimeError (it cannot be had without letting
+    go, and going on shared would let another process write in between). The file is reopened
+    after a fork, because a flock belongs to an open file description.
     """
 
     def __init__(self, path: Path) -> None:
@@ -85,6 +88,7 @@ class FileLock:
         self._fd: int | None = None
         self._pid: int | None = None
         self._depth = 0
+        self._exclusive = False
 
     def _descriptor(self) -> int:
         if self._fd is None or self._pid != os.getpid():
@@ -96,6 +100,8 @@ class FileLock:
     def hold(self, exclusive: bool = True) -> Iterator[None]:
         with self._mutex:
             outermost = self._depth == 0
+            if not outermost and exclusive and not self._exclusive:
+                raise RuntimeError(f"an exclusive hold of {self.path} inside a shared one")
             if outermost:
                 fd = self._descriptor()
                 while True:
@@ -105,6 +111,7 @@ class FileLock:
                     except OSError as exc:  # pragma: no cover - EINTR from a signal
                         if exc.errno != errno.EINTR:
                             raise
+                self._exclusive = exclusive
             self._depth += 1
             try:
                 yield

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -33,6 +34,11 @@ from .journal import Journal, JournalGap, Position
 log = structlog.get_logger(__name__)
 
 CORRUPT_DIR = "corrupt"
+# Failures that say what sits at a job file's path is no readable record (a directory, no
+# permission, a symlink loop, a special file). Any other OSError (EMFILE, ENFILE, EIO, ENOMEM...) is
+# the system's trouble, not the file's: it propagates, and the job is neither reported corrupt nor
+# left out of a catalog.
+_UNREADABLE_ERRNOS = frozenset({errno.EISDIR, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENXIO})
 
 
 class CorruptJobFile(Exception):
@@ -45,8 +51,9 @@ class CorruptJobFile(Exception):
 def load_job_file(path: Path) -> RemoteJob:
     """Parse one job file; CorruptJobFile when it is not a readable job record.
 
-    FileNotFoundError passes through (the job moved or never was); any other failure to read the
-    file (a directory in its place, no permission) makes it as unreadable as bad JSON.
+    FileNotFoundError passes through (the job moved or never was), and so does an OSError of the
+    system (too many open files, an I/O error); a failure that is about what sits at the path (a
+    directory in its place, no permission) makes it as unreadable as bad JSON.
     """
     try:
         data = read_json(path)
@@ -59,6 +66,8 @@ def load_job_file(path: Path) -> RemoteJob:
     except FileNotFoundError:
         raise
     except OSError as exc:
+        if exc.errno not in _UNREADABLE_ERRNOS:
+            raise
         raise CorruptJobFile(path, exc.strerror or type(exc).__name__) from None
     except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
         raise CorruptJobFile(path, str(exc)) from None
@@ -124,21 +133,24 @@ class FileJobStore:
             self._changed = threading.Condition()
         if self._position is not None:
             try:
-                ids, self._position = self.journal.read_since(self._position)
+                ids, position = self.journal.read_since(self._position)
             except JournalGap:
                 self._position = None
             else:
                 for job_id in dict.fromkeys(ids):
                     self.catalog.apply(job_id, self._read(job_id))
+                self._position = position  # only now: a read that failed is done again next time
                 return
         self._rebuild()
 
     def _rebuild(self) -> None:
         started = time.monotonic()
-        self._position = self.journal.head()
+        self._position = None  # until every job is indexed: a rebuild that failed is done again
+        head = self.journal.head()
         self.catalog.clear()
         for job_id in self._scan_ids():
             self.catalog.apply(job_id, self._read(job_id))
+        self._position = head
         log.info("store.catalog_rebuilt", jobs=len(self.catalog.entries),
                  duration_ms=round((time.monotonic() - started) * 1000, 1))
 
@@ -377,5 +389,6 @@ def _dt(ts: float | None) -> datetime | None:
 
 
 def _valid_id(job_id: str) -> bool:
-    """Ids name files: refuse anything that is not a plain token (no '/', '..', NUL)."""
-    return 0 < len(job_id) <= 64 and all(c.isalnum() or c in "-_" for c in job_id)
+    """Ids name files: refuse anything that is not a plain ASCII token (no '/', '..', NUL, and no
+    non-ASCII letters or digits, whose UTF-8 bytes can make a name too long for the file system)."""
+    return 0 < len(job_id) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_") for c in job_id)

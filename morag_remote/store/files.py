@@ -225,15 +225,23 @@ class FileJobStore:
                 batch = list(islice(self.catalog.candidates(types, now.timestamp()), limit - len(claimed)))
                 if not batch:
                     break
-                for job_id in batch:
-                    copies = self._copies(job_id)
-                    if not copies or copies[0][0].status != "pending":
-                        self.catalog.apply(job_id, copies[0][0] if copies else None)
-                        continue
-                    current = copies[0][0]
-                    new = mutate(current.copy())
-                    new.version = current.version + 1
-                    claimed.append(self._write(new, [p for _, p in copies]))
+                try:
+                    for job_id in batch:
+                        copies = self._copies(job_id)
+                        if not copies or copies[0][0].status != "pending":
+                            self.catalog.apply(job_id, copies[0][0] if copies else None)
+                            continue
+                        current = copies[0][0]
+                        new = mutate(current.copy())
+                        new.version = current.version + 1
+                        claimed.append(self._write(new, [p for _, p in copies]))
+                except Exception as exc:
+                    if not claimed:
+                        raise
+                    # the jobs claimed so far are the caller's now: hand them over, or their
+                    # leases would run out with no one working on them
+                    log.error("store.claim_stopped", claimed=len(claimed), error=str(exc))
+                    break
         return claimed
 
     def delete(self, job_id: str, only_if: Callable[[RemoteJob], bool] | None = None) -> bool:

@@ -4,6 +4,7 @@ a hold that silently stays shared."""
 from __future__ import annotations
 
 import fcntl
+import gc
 import multiprocessing
 import os
 from pathlib import Path
@@ -68,3 +69,15 @@ def test_an_exclusive_hold_nested_in_a_shared_one_is_a_runtime_error(lock):
                 pass  # pragma: no cover - never entered
         assert other_process_gets(lock.path, exclusive=False) is True  # still held, still shared
     assert other_process_gets(lock.path, exclusive=True) is True  # and released at the end
+
+
+def test_a_lock_no_longer_referenced_closes_its_file(tmp_path):
+    """Every app opens a few locks; a process that makes many (the test suite) must not run out."""
+    path = tmp_path / ".lock"
+    lock = FileLock(path)
+    with lock.hold():
+        fd = lock._fd
+    assert os.readlink(f"/proc/self/fd/{fd}") == str(path)
+    del lock
+    gc.collect()
+    assert not os.path.exists(f"/proc/self/fd/{fd}") or os.readlink(f"/proc/self/fd/{fd}") != str(path)

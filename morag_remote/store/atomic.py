@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import threading
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -94,6 +95,7 @@ class FileLock:
         if self._fd is None or self._pid != os.getpid():
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             self._pid = os.getpid()
+            weakref.finalize(self, _close_in, self._pid, self._fd)  # a lock dropped drops its file
         return self._fd
 
     @contextmanager
@@ -119,3 +121,9 @@ class FileLock:
                 self._depth -= 1
                 if outermost:
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+def _close_in(pid: int, fd: int) -> None:
+    """Close ``fd`` if this is the process that opened it (a forked child has its own descriptor)."""
+    if os.getpid() == pid:
+        os.close(fd)

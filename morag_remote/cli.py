@@ -184,7 +184,10 @@ def fsck_command(repair: bool, as_json: bool) -> None:
     store = service().store
     if not isinstance(store, FileJobStore):
         raise CommandFailed("fsck checks the JSON-file store; this instance uses another backend")
-    findings = fsck(store, repair=repair)
+    try:
+        findings = fsck(store, repair=repair)
+    except OSError as exc:  # the system failed (EIO, EMFILE...): no verdict on any file, nothing moved
+        raise CommandFailed(f"fsck stopped: {exc}") from None
     _emit(as_json, [f.as_dict() for f in findings], lambda fs: "\n".join(
         f"{f['kind']:<10} {f['path']}  {f['detail']}{'  [repaired]' if f['repaired'] else ''}" for f in fs)
         or "store is clean")

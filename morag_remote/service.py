@@ -159,9 +159,11 @@ class JobService:
         return job
 
     def delete(self, job_id: str) -> None:
-        if self.listeners:
-            self._leaving_terminal(self.store.get(job_id))
-        self.store.delete(job_id)
+        def leaving(job: RemoteJob) -> bool:
+            self._leaving_terminal(job)  # inside the store's critical section, before the delete
+            return True
+
+        self.store.delete(job_id, only_if=leaving)
         log.info("job.deleted", job_id=job_id)
 
     # -- workers ---------------------------------------------------------------------------------
@@ -289,13 +291,15 @@ class JobService:
         worker sends neither, so it cannot be told apart from the current holder: its result is
         accepted while the job is processing, which makes the first result for the current attempt
         win, and the other worker's result then gets 409 (its download token was already fenced).
-        The same result sent again (same body, same or no lease id) answers as the first time did,
-        without a second completion.
+        The same result sent again (same body, same or no lease id, and a key bound to the same
+        worker or unbound) answers as the first time did, without a second completion.
         """
         digest = _digest(success, content, metadata, error_message, processing_time, retryable)
 
         def mutate(job: RemoteJob) -> RemoteJob:
-            if job.result_digest == digest and (caller.lease_id is None or caller.lease_id == job.lease_id):
+            if (job.result_digest == digest
+                    and (caller.lease_id is None or caller.lease_id == job.lease_id)
+                    and (caller.bound_worker_id is None or caller.bound_worker_id == job.worker_id)):
                 raise _NoChange(job)  # the same result again (a retried request): answer as before
             self.holder_check(job, caller, Action.COMPLETE if success else Action.FAIL)
             now = self.clock()
@@ -400,12 +404,19 @@ class JobService:
     def cleanup_old(self, days: float) -> int:
         cutoff = self.clock() - timedelta(days=days)
         count = 0
+
+        def still_old(job: RemoteJob) -> bool:
+            """Checked under the store's lock: the job may have been re-opened since it was listed."""
+            if not Status(job.status).is_terminal or (job.completed_at or job.updated_at) >= cutoff:
+                log.info("job.cleanup_skipped", job_id=job.id, job_status=job.status)
+                return False
+            self._leaving_terminal(job)
+            return True
+
         for job_id in self.store.finished_before(cutoff, 1_000_000):
             try:
-                if self.listeners:
-                    self._leaving_terminal(self.store.get(job_id))
-                self.store.delete(job_id)
-                count += 1
+                if self.store.delete(job_id, only_if=still_old):
+                    count += 1
             except JobNotFound:
                 continue
         log.info("jobs.cleaned", count=count, days=days)

@@ -48,6 +48,16 @@ def _resolve(path: str) -> str | None:
         return None
 
 
+def _valid_name(path: str) -> bool:
+    """Whether ``path`` can name a file: a lone surrogate (JSON "\\ud800") encodes to no bytes,
+    while the surrogateescape form Python gives a real non-UTF-8 name does."""
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _refuse(detail: str, message: str) -> InvalidRequest:
     return InvalidRequest(f"source_file_path {detail}", {FIELD: [message]})
 
@@ -65,6 +75,8 @@ def confine(source_file_path: str, roots: Iterable[str]) -> str:
     roots = list(roots)
     if "\x00" in source_file_path:
         raise _refuse("contains a NUL byte", "contains a NUL byte")
+    if not _valid_name(source_file_path):
+        raise _refuse("is not a valid file name (it contains a lone surrogate)", "not a valid file name")
     candidate = _candidate(source_file_path, roots)
     real_roots = _real_roots(roots)
     try:
@@ -95,6 +107,8 @@ def open_source(source_file_path: str, roots: Iterable[str]) -> tuple[BinaryIO, 
     roots = list(roots)
     if "\x00" in source_file_path:
         raise SourceForbidden("the job's source path may not be served (it contains a NUL byte)")
+    if not _valid_name(source_file_path):
+        raise SourceForbidden("the job's source path may not be served (it is not a valid file name)")
     real_roots = _real_roots(roots)
     real = _resolve(_candidate(source_file_path, roots))
     if real is None:

@@ -91,3 +91,21 @@ def test_bound_key_loses_the_job_once_it_was_handed_to_another_worker(producer, 
     assert bound.heartbeat(job_id).status_code == 409
     assert bound.result(job_id).status_code == 409
     assert service.get(job_id).worker_id == "w1"
+
+
+def test_bound_key_repeating_another_workers_identical_result_is_409(held_by_other, worker, bound, service):
+    job_id, _ = held_by_other
+    assert worker.result(job_id, content="w1's transcript").status_code == 200
+    before = service.get(job_id)
+    response = bound.result(job_id, content="w1's transcript")
+    assert response.status_code == 409
+    assert service.get(job_id).version == before.version
+
+
+def test_bound_key_repeating_its_own_result_answers_as_the_first_time(producer, bound, service):
+    job_id = producer.create_id("audio")
+    bound.claim("audio")
+    first = bound.result(job_id, content="mine")
+    again = bound.result(job_id, content="mine")
+    assert (first.status_code, again.status_code) == (200, 200)
+    assert again.json["status"] == first.json["status"] == "completed"

@@ -182,6 +182,17 @@ def test_delete_removes_the_job(repo):
         repo.delete(j.id)
 
 
+def test_delete_only_if_checks_the_predicate_on_the_stored_job(repo):
+    j = repo.create(job())
+    repo.update(j.id, claim_as("w1"))
+    seen = []
+    assert repo.delete(j.id, only_if=lambda current: seen.append(current.status) or False) is False
+    assert seen == ["processing"] and repo.get(j.id).status == "processing"
+    assert repo.delete(j.id, only_if=lambda current: current.status == "processing") is True
+    with pytest.raises(JobNotFound):
+        repo.get(j.id)
+
+
 def test_list_pages_through_jobs_in_creation_order(repo):
     ids = sorted(repo.create(job()).id for _ in range(5))  # ids order creation (to the ms)
     page1, cursor = repo.list(JobFilter(), None, 2)

@@ -92,14 +92,14 @@ def test_sigkill_at_random_moments_loses_no_job_and_leaves_each_in_one_state(ser
         child.start()
         os.close(write_fd)
         try:
-            poller = select.poll()  # not select(): the suite's earlier tests may leave fds above 1024
+            poller = select.poll()  # not select(): the suite may hold more than FD_SETSIZE descriptors
             poller.register(read_fd, select.POLLIN)
             ready = poller.poll(READY_TIMEOUT * 1000)
             assert ready and os.read(read_fd, 1) == b"r", f"child {i} never became ready"
+            time.sleep(rng.uniform(0.005, 0.05))  # the random moment of the kill
         finally:
             os.close(read_fd)
-        time.sleep(rng.uniform(0.005, 0.05))  # the random moment of the kill
-        os.kill(child.pid, signal.SIGKILL)
+            os.kill(child.pid, signal.SIGKILL)  # always: a child left running would hang pytest's exit
         child.join(READY_TIMEOUT)
         assert child.exitcode == -signal.SIGKILL, f"child {i} died on its own (exit {child.exitcode})"
 

@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import threading
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -75,8 +76,11 @@ def unlink_quietly(path: Path) -> bool:
 class FileLock:
     """An exclusive/shared lock across processes (``flock``) and threads (a mutex) on one file.
 
-    Re-entrant within a thread: only the outermost ``hold`` takes and releases the flock. The file
-    is reopened after a fork, because a flock belongs to an open file description.
+    Re-entrant within a thread: only the outermost ``hold`` takes and releases the flock, so a
+    nested hold has the outermost one's kind: a shared hold inside an exclusive one stays exclusive,
+    and an exclusive hold inside a shared one is a RuntimeError (it cannot be had without letting
+    go, and going on shared would let another process write in between). The file is reopened
+    after a fork, because a flock belongs to an open file description.
     """
 
     def __init__(self, path: Path) -> None:
@@ -85,17 +89,21 @@ class FileLock:
         self._fd: int | None = None
         self._pid: int | None = None
         self._depth = 0
+        self._exclusive = False
 
     def _descriptor(self) -> int:
         if self._fd is None or self._pid != os.getpid():
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             self._pid = os.getpid()
+            weakref.finalize(self, _close_in, self._pid, self._fd)  # a lock dropped drops its file
         return self._fd
 
     @contextmanager
     def hold(self, exclusive: bool = True) -> Iterator[None]:
         with self._mutex:
             outermost = self._depth == 0
+            if not outermost and exclusive and not self._exclusive:
+                raise RuntimeError(f"an exclusive hold of {self.path} inside a shared one")
             if outermost:
                 fd = self._descriptor()
                 while True:
@@ -105,6 +113,7 @@ class FileLock:
                     except OSError as exc:  # pragma: no cover - EINTR from a signal
                         if exc.errno != errno.EINTR:
                             raise
+                self._exclusive = exclusive
             self._depth += 1
             try:
                 yield
@@ -112,3 +121,9 @@ class FileLock:
                 self._depth -= 1
                 if outermost:
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+def _close_in(pid: int, fd: int) -> None:
+    """Close ``fd`` if this is the process that opened it (a forked child has its own descriptor)."""
+    if os.getpid() == pid:
+        os.close(fd)

@@ -52,8 +52,10 @@ class JobRepository(Protocol):
               mutate: Mutator) -> list[RemoteJob]:
         """Take up to ``limit`` pending jobs available at ``now``, best first, applying ``mutate``."""
 
-    def delete(self, job_id: str) -> None:
-        """Remove the job, or JobNotFound."""
+    def delete(self, job_id: str, only_if: Callable[[RemoteJob], bool] | None = None) -> bool:
+        """Remove the job, or JobNotFound. With ``only_if``, it is called with the job as stored
+        while no one else can change it (in SQL: ``SELECT ... FOR UPDATE``, check, ``DELETE``), and
+        the job is kept when it returns False. True when the job was removed."""
 
     def list(self, filters: JobFilter, after: str | None, limit: int) -> tuple[list[RemoteJob], str | None]:
         """Jobs in creation order after the cursor ``after``, and the cursor of the next page."""

@@ -11,14 +11,16 @@
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 import threading
 import time
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import structlog
 
@@ -32,6 +34,11 @@ from .journal import Journal, JournalGap, Position
 log = structlog.get_logger(__name__)
 
 CORRUPT_DIR = "corrupt"
+# Failures that say what sits at a job file's path is no readable record (a directory, no
+# permission, a symlink loop, a special file). Any other OSError (EMFILE, ENFILE, EIO, ENOMEM...) is
+# the system's trouble, not the file's: it propagates, and the job is neither reported corrupt nor
+# left out of a catalog.
+_UNREADABLE_ERRNOS = frozenset({errno.EISDIR, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENXIO})
 
 
 class CorruptJobFile(Exception):
@@ -44,8 +51,9 @@ class CorruptJobFile(Exception):
 def load_job_file(path: Path) -> RemoteJob:
     """Parse one job file; CorruptJobFile when it is not a readable job record.
 
-    FileNotFoundError passes through (the job moved or never was); any other failure to read the
-    file (a directory in its place, no permission) makes it as unreadable as bad JSON.
+    FileNotFoundError passes through (the job moved or never was), and so does an OSError of the
+    system (too many open files, an I/O error); a failure that is about what sits at the path (a
+    directory in its place, no permission) makes it as unreadable as bad JSON.
     """
     try:
         data = read_json(path)
@@ -58,6 +66,8 @@ def load_job_file(path: Path) -> RemoteJob:
     except FileNotFoundError:
         raise
     except OSError as exc:
+        if exc.errno not in _UNREADABLE_ERRNOS:
+            raise
         raise CorruptJobFile(path, exc.strerror or type(exc).__name__) from None
     except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
         raise CorruptJobFile(path, str(exc)) from None
@@ -123,21 +133,24 @@ class FileJobStore:
             self._changed = threading.Condition()
         if self._position is not None:
             try:
-                ids, self._position = self.journal.read_since(self._position)
+                ids, position = self.journal.read_since(self._position)
             except JournalGap:
                 self._position = None
             else:
                 for job_id in dict.fromkeys(ids):
                     self.catalog.apply(job_id, self._read(job_id))
+                self._position = position  # only now: a read that failed is done again next time
                 return
         self._rebuild()
 
     def _rebuild(self) -> None:
         started = time.monotonic()
-        self._position = self.journal.head()
+        self._position = None  # until every job is indexed: a rebuild that failed is done again
+        head = self.journal.head()
         self.catalog.clear()
         for job_id in self._scan_ids():
             self.catalog.apply(job_id, self._read(job_id))
+        self._position = head
         log.info("store.catalog_rebuilt", jobs=len(self.catalog.entries),
                  duration_ms=round((time.monotonic() - started) * 1000, 1))
 
@@ -212,29 +225,40 @@ class FileJobStore:
                 batch = list(islice(self.catalog.candidates(types, now.timestamp()), limit - len(claimed)))
                 if not batch:
                     break
-                for job_id in batch:
-                    copies = self._copies(job_id)
-                    if not copies or copies[0][0].status != "pending":
-                        self.catalog.apply(job_id, copies[0][0] if copies else None)
-                        continue
-                    current = copies[0][0]
-                    new = mutate(current.copy())
-                    new.version = current.version + 1
-                    claimed.append(self._write(new, [p for _, p in copies]))
+                try:
+                    for job_id in batch:
+                        copies = self._copies(job_id)
+                        if not copies or copies[0][0].status != "pending":
+                            self.catalog.apply(job_id, copies[0][0] if copies else None)
+                            continue
+                        current = copies[0][0]
+                        new = mutate(current.copy())
+                        new.version = current.version + 1
+                        claimed.append(self._write(new, [p for _, p in copies]))
+                except Exception as exc:
+                    if not claimed:
+                        raise
+                    # the jobs claimed so far are the caller's now: hand them over, or their
+                    # leases would run out with no one working on them
+                    log.error("store.claim_stopped", claimed=len(claimed), error=str(exc))
+                    break
         return claimed
 
-    def delete(self, job_id: str) -> None:
+    def delete(self, job_id: str, only_if: Callable[[RemoteJob], bool] | None = None) -> bool:
         if not _valid_id(job_id):
             raise JobNotFound(f"no job with id {job_id!r}")
         with self._locked():
             copies = self._copies(job_id)
             if not copies:
                 raise self._absent(job_id)
+            if only_if is not None and not only_if(copies[0][0]):
+                return False
             self._position = self.journal.append([job_id])
             for _, p in copies:
                 unlink_quietly(p)
                 fsync_dir(p.parent)
             self.catalog.apply(job_id, None)
+        return True
 
     # -- queries from the catalog --------------------------------------------------------------
 
@@ -297,10 +321,11 @@ class FileJobStore:
                 yield job
 
     def check_writable(self) -> None:
-        probe = self.root / f"{TEMP_PREFIX}health.{os.getpid()}"
+        # a name per call: threads probing at once must not replace or remove each other's file
+        probe = self.root / f"{TEMP_PREFIX}health.{os.getpid()}.{secrets.token_hex(8)}"
         try:
             write_atomic(probe, b"ok", sync_dir=False)
-            os.unlink(probe)
+            unlink_quietly(probe)
         except OSError as exc:
             raise StoreUnavailable(f"the job store is not writable: {exc.strerror}") from None
 
@@ -372,5 +397,6 @@ def _dt(ts: float | None) -> datetime | None:
 
 
 def _valid_id(job_id: str) -> bool:
-    """Ids name files: refuse anything that is not a plain token (no '/', '..', NUL)."""
-    return 0 < len(job_id) <= 64 and all(c.isalnum() or c in "-_" for c in job_id)
+    """Ids name files: refuse anything that is not a plain ASCII token (no '/', '..', NUL, and no
+    non-ASCII letters or digits, whose UTF-8 bytes can make a name too long for the file system)."""
+    return 0 < len(job_id) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_") for c in job_id)

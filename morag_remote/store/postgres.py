@@ -16,7 +16,7 @@ One row per job: the columns that queries filter and order on, plus the whole re
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from psycopg.types.json import Jsonb
 
@@ -151,11 +151,18 @@ class PostgresJobStore:
                 claimed.append(new)
         return claimed
 
-    def delete(self, job_id: str) -> None:
+    def delete(self, job_id: str, only_if: Callable[[RemoteJob], bool] | None = None) -> bool:
+        """Delete the job; with ``only_if``, only when the predicate holds for the locked row."""
         _check_id(job_id)
         with self.db.transaction() as conn:
-            if not conn.execute("DELETE FROM remote_jobs WHERE id = %s", (job_id,)).rowcount:
+            row = conn.execute("SELECT version, doc FROM remote_jobs WHERE id = %s FOR UPDATE",
+                               (job_id,)).fetchone()
+            if row is None:
                 raise JobNotFound(f"no job with id {job_id!r}")
+            if only_if is not None and not only_if(_job(*row)):
+                return False
+            conn.execute("DELETE FROM remote_jobs WHERE id = %s", (job_id,))
+        return True
 
     def _changed(self, job: RemoteJob) -> None:
         if job.status == _PENDING:

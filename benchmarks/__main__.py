@@ -1,0 +1,103 @@
+"""``python -m benchmarks`` (``make bench``): run every measurement, print the table, write JSON.
+
+``--quick`` runs the same code with small sizes (a smoke run, its figures mean nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+
+from . import report, scenarios
+from .server import REPO, Instance
+
+
+SCENARIOS = ("raw", "claims", "cycles", "pickup", "idle")
+DEPTHS = [("100", {"audio": 100}), ("10000", {"audio": 10_000}), ("50000", {"audio": 50_000}),
+          ("10000-other", {"video": 10_000, "audio": 100})]
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown cpu"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_average_start": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version(), "kernel": platform.release()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--out", default="bench-results.json", help="where to write the JSON figures")
+    parser.add_argument("--quick", action="store_true", help="small sizes: check that the benchmark runs")
+    parser.add_argument("--only", default=",".join(SCENARIOS),
+                        help=f"comma-separated subset of {','.join(SCENARIOS)} (the targets need all)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary instance folder")
+    args = parser.parse_args(argv)
+    q = args.quick
+    only = set(args.only.split(","))
+    if not only <= set(SCENARIOS):
+        parser.error(f"--only takes {','.join(SCENARIOS)}")
+    instance = Instance.create()
+    started = time.monotonic()
+    results: dict = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+                     "quick": q, "server": gunicorn_settings()}
+    try:
+        def step(name: str) -> None:
+            print(f"[{time.monotonic() - started:6.1f} s] {name}", file=sys.stderr, flush=True)
+
+        if "raw" in only:
+            step("raw store")
+            results["raw_store"] = scenarios.raw_store(instance, seconds=1 if q else 5)
+        if "claims" in only:
+            results["claims"] = []
+            for label, seeded in DEPTHS:
+                if q:
+                    seeded = {t: max(n // 100, 5) for t, n in seeded.items()}
+                step(f"claim latency, {label}")
+                results["claims"].append(scenarios.claim_latency(instance, label, seeded, samples=30 if q else 500,
+                                                                 warmup=5 if q else 20))
+        if "cycles" in only:
+            step("full cycles")
+            results["cycles"] = scenarios.full_cycles(instance, clients=4 if q else 16, seconds=2 if q else 20)
+        if "pickup" in only:
+            step("long-poll pick-up")
+            results["pickup"] = scenarios.pickup_latency(instance, jobs=5 if q else 50)
+        if "idle" in only:
+            step("idle long polls")
+            results["idle"] = scenarios.idle_cpu(instance, pollers=10 if q else 100, seconds=2 if q else 20,
+                                                 wait=3 if q else 20)
+    finally:
+        if not args.keep:
+            shutil.rmtree(instance.path, ignore_errors=True)
+    results["checks"] = report.checks(results)
+    results["total_seconds"] = round(time.monotonic() - started, 1)
+    with open(args.out, "w") as fh:
+        json.dump(results, fh, indent=2)
+    print(report.table(results))
+    print(f"\nwritten to {args.out} in {results['total_seconds']} s")
+    return 0
+
+
+def gunicorn_settings() -> dict:
+    """What gunicorn.conf.py chooses in this environment (the servers are started with it)."""
+    namespace: dict = {}
+    with open(REPO / "gunicorn.conf.py") as fh:
+        exec(compile(fh.read(), "gunicorn.conf.py", "exec"), namespace)
+    return {"workers": namespace.get("workers"), "threads": namespace.get("threads"),
+            "worker_class": namespace.get("worker_class"),
+            "poll_max_waiters": os.environ.get("MORAG_REMOTE_POLL_MAX_WAITERS", "app default")}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

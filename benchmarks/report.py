@@ -1,0 +1,95 @@
+"""The issue's targets, checked against one run's figures, and the printed table."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+SEED_CYCLES_PER_S = 60.0  # the original specification's implementation, same kind of machine
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a is not None and b else None
+
+
+def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of issue #8 whose figures this run has: value, goal, met or not."""
+    rows: list[tuple[str, Any, str, Callable[[Any], bool]]] = []
+    if "claims" in r:
+        claims = {c["label"]: c for c in r["claims"]}
+        base = claims["100"]["median_ms"]
+        rows += [
+            ("claim median at 50,000 / at 100", _ratio(claims["50000"]["median_ms"], base), "<= 2",
+             lambda v: v is not None and v <= 2),
+            ("claim median at 10,000 other type / at 100", _ratio(claims["10000-other"]["median_ms"], base),
+             "<= 2", lambda v: v is not None and v <= 2),
+        ]
+    if "pickup" in r:
+        rows.append(("long-poll pick-up median (ms)", r["pickup"]["median_ms"], "<= 100",
+                     lambda v: v is not None and v <= 100))
+    if "idle" in r:
+        rows.append(("100 idle long polls, % of one core", r["idle"]["percent_of_one_core"], "< 5", lambda v: v < 5))
+    if "cycles" in r:
+        cyc = r["cycles"]
+        if "raw_store" in r:
+            rows.append(("full cycles/s / raw store cycles/s", _ratio(cyc["cycles_per_s"], r["raw_store"]["cycles_per_s"]),
+                         ">= 0.4", lambda v: v is not None and v >= 0.4))
+        rows += [
+            ("full cycles/s vs the original (60/s)", cyc["cycles_per_s"], f">= {3 * SEED_CYCLES_PER_S:g}",
+             lambda v: v >= 3 * SEED_CYCLES_PER_S),
+            ("double claims", cyc["double_claims"], "0", lambda v: v == 0),
+        ]
+    rows.append(("errors (all scenarios)", total_errors(r), "0", lambda v: v == 0))
+    return [{"check": name, "value": value, "target": target, "ok": bool(ok(value))}
+            for name, value, target, ok in rows]
+
+
+def total_errors(r: dict[str, Any]) -> int:
+    """Failed requests, polls that came back without the job they should have had, fsck findings."""
+    n = sum(c["errors"] for c in r.get("claims", []))
+    if "cycles" in r:
+        n += r["cycles"]["errors"] + r["cycles"]["store_after"]["fsck_findings"]
+    if "pickup" in r:
+        n += r["pickup"]["errors"] + r["pickup"]["missed"]
+    if "idle" in r:
+        n += r["idle"]["errors"] + r["idle"]["returned_early"]
+    return n
+
+
+def table(r: dict[str, Any]) -> str:
+    m, s = r["machine"], r["server"]
+    lines = [f"machine: {m['cpu']} x{m['cores']}, load average at start {m['load_average_start']}; "
+             f"gunicorn {s['workers']} workers x {s['threads']} threads ({s['worker_class']})", ""]
+    if "claims" in r:
+        lines.append(f"{'claim latency (one poll claims one job)':<44}{'median ms':>10}{'p99 ms':>9}{'ready s':>9}")
+        for c in r["claims"]:
+            pending = ", ".join(f"{n:,} {t}" for t, n in c["pending"].items())
+            lines.append(f"  {pending + ' pending':<42}{c['median_ms']:>10}{c['p99_ms']:>9}"
+                         f"{c['server_ready_seconds']:>9}")
+        lines.append("")
+    if "raw_store" in r:
+        raw = r["raw_store"]
+        lines.append(f"raw store (in-process, fsync'd): {raw['transitions_per_s']} transitions/s = "
+                     f"{raw['ms_per_transition']} ms each ({raw['fsyncs_per_transition']} fsyncs), "
+                     f"{raw['cycles_per_s']} cycles/s")
+    if "cycles" in r:
+        cyc = r["cycles"]
+        lines.append(
+            f"full cycles over HTTP, {cyc['clients']} clients x {cyc['seconds']} s: {cyc['cycles_per_s']} cycles/s "
+            f"({cyc['cycles']} cycles, {cyc['empty_polls']} empty polls, {cyc['errors']} errors, "
+            f"{cyc['double_claims']} double claims, fsck findings {cyc['store_after']['fsck_findings']}; "
+            f"CPU: server {cyc['server_cpu_percent_of_one_core']}% of a core "
+            f"({cyc['server_cpu_ms_per_cycle']['user']} ms user + {cyc['server_cpu_ms_per_cycle']['system']} ms "
+            f"system per cycle), clients "
+            f"{cyc['clients_cpu_percent_of_one_core']}%, whole machine {cyc['machine_busy_percent']}% busy)")
+    if "pickup" in r:
+        pick = r["pickup"]
+        lines.append(f"long-poll pick-up over {pick['jobs']} jobs ({pick['waiters']} waiters): median "
+                     f"{pick['median_ms']} ms, p99 {pick['p99_ms']} ms (a create alone: {pick['create_median_ms']} ms)")
+    if "idle" in r:
+        idle = r["idle"]
+        lines.append(f"{idle['pollers']} idle long polls for {idle['seconds']} s: {idle['cpu_seconds']} CPU s = "
+                     f"{idle['percent_of_one_core']}% of one core ({idle['returned_early']} returned early; "
+                     f"all released in {idle['release_all_seconds']} s)")
+    lines += ["", f"{'target':<46}{'value':>10}  {'goal':<9}ok"]
+    for c in r["checks"]:
+        lines.append(f"  {c['check']:<44}{str(c['value']):>10}  {c['target']:<9}{'yes' if c['ok'] else 'NO'}")
+    return "\n".join(lines)

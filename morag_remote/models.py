@@ -5,6 +5,7 @@ state machine: a (status, action) pair that is not in it is an :class:`InvalidTr
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import os
@@ -197,7 +198,10 @@ class RemoteJob:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        """The record as JSON-ready values. Shallow: nested dicts are the job's own (encode them, do
+        not change them); ``dataclasses.asdict`` deep-copied every value and cost more than the rest
+        of a store write."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for name in _TIME_FIELDS:
             data[name] = to_iso(data[name])
         return data
@@ -217,7 +221,13 @@ class RemoteJob:
         return cls(**values)
 
     def copy(self) -> "RemoteJob":
-        return RemoteJob.from_dict(self.to_dict())
+        """An independent copy (nested dicts and lists copied too), for a mutator to change."""
+        clone = dataclasses.replace(self)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (dict, list)):
+                setattr(clone, f.name, copy.deepcopy(value))
+        return clone
 
     @property
     def status_enum(self) -> Status:

@@ -27,13 +27,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
-    """Replace ``path`` with ``data`` durably; on any failure the temp file is removed.
+def stage(folder: Path, name: str, data: bytes) -> Path:
+    """A new temp file in ``folder`` holding ``data``, fsynced: ready to be renamed into place.
 
-    The temp name carries random bytes besides the pid: a process killed mid-write leaves its temp
-    file behind, and a later process given the same pid must not find its name taken.
+    The caller renames it (the commit point) or removes it; on failure here it is removed. The temp
+    name carries random bytes besides the pid: a process killed mid-write leaves its temp file
+    behind, and a later process given the same pid must not find its name taken.
     """
-    tmp = path.parent / f"{TEMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    tmp = folder / f"{TEMP_PREFIX}{name}.{os.getpid()}.{secrets.token_hex(4)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:
@@ -43,12 +44,20 @@ def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+    return tmp
+
+
+def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    """Replace ``path`` with ``data`` durably (a staged temp file renamed over it); on any failure
+    the temp file is removed."""
+    tmp = stage(path.parent, path.name, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        unlink_quietly(tmp)
         raise
     if sync_dir:
         fsync_dir(path.parent)
@@ -97,6 +106,12 @@ class FileLock:
             self._pid = os.getpid()
             weakref.finalize(self, _close_in, self._pid, self._fd)  # a lock dropped drops its file
         return self._fd
+
+    @contextmanager
+    def local(self) -> Iterator[None]:
+        """Only the mutex: excludes this process's other threads, not other processes."""
+        with self._mutex:
+            yield
 
     @contextmanager
     def hold(self, exclusive: bool = True) -> Iterator[None]:

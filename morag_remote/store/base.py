@@ -16,6 +16,19 @@ from ..models import RemoteJob
 Mutator = Callable[[RemoteJob], RemoteJob]
 
 
+def pure(mutate: Mutator) -> Mutator:
+    """Mark ``mutate`` as a pure function of the job it is given: no side effects (no logging, no
+    I/O), so a backend may apply it to a snapshot outside its lock and, when the job changed
+    meanwhile, again to the current version. The JSON-file store then writes and fsyncs the new
+    record before it takes the lock, which it holds only to check the version and rename."""
+    mutate.pure = True  # type: ignore[attr-defined]
+    return mutate
+
+
+def is_pure(mutate: Mutator) -> bool:
+    return getattr(mutate, "pure", False) is True
+
+
 @dataclass(frozen=True)
 class JobFilter:
     status: str | None = None

@@ -28,6 +28,7 @@ class Entry:
     ingestion_task_id: str
     worker_id: str | None
     seen: float | None
+    version: int
 
     @classmethod
     def of(cls, job: RemoteJob) -> "Entry":
@@ -43,6 +44,7 @@ class Entry:
             ingestion_task_id=job.ingestion_task_id,
             worker_id=job.worker_id,
             seen=_ts(job.heartbeat_at) or _ts(job.started_at),
+            version=job.version,
         )
 
 
@@ -151,6 +153,10 @@ class Catalog:
                 break
             out.append(job_id)
         return out
+
+    def next_lease_end(self) -> float:
+        """When the first lease ends (infinity when no job is processing)."""
+        return self._leases[0][0] if self._leases else float("inf")
 
     def pending_available_before(self, cutoff: float, limit: int) -> list[str]:
         out = []

@@ -2,10 +2,12 @@
 
 - Every state change happens under one exclusive ``flock`` on ``<data>/.lock`` (and a mutex for the
   threads of a process), so a claim is exclusive across every gunicorn process and thread.
-- A job is written to its new status directory first (temp file, fsync, rename, fsync of the
-  directory) and only then removed from the old one: at every instant it exists in at least one
-  directory. If a crash leaves it in two, the copy with the higher ``version`` is the job; readers
-  pick it and fsck removes the other.
+- A job is written to its new status directory first (temp file, fsync, rename: under the lock),
+  the directory is fsynced (after the lock is released, so the fsyncs of concurrent requests overlap
+  instead of queueing) and only then is the job removed from the old directory (under the lock
+  again): at every instant it exists durably in at least one directory, and a request is answered
+  only once its change is durable. If a crash leaves a job in two directories, the copy with the
+  higher ``version`` is the job; readers pick it and fsck removes the other.
 - Each process keeps a :class:`~.catalog.Catalog` of the jobs, kept current through the
   :class:`~.journal.Journal`, so claims, lists and stats read only the files they return.
 """
@@ -17,8 +19,9 @@ import os
 import secrets
 import threading
 import time
+import weakref
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -26,10 +29,11 @@ import structlog
 
 from ..exceptions import JobNotFound, JobUnreadable, StoreUnavailable
 from ..models import STATUSES, RemoteJob
-from .atomic import TEMP_PREFIX, FileLock, fsync_dir, read_json, unlink_quietly, write_atomic
-from .base import JobFilter, Mutator, StoreStats
+from .atomic import TEMP_PREFIX, FileLock, fsync_dir, read_json, stage, unlink_quietly, write_atomic
+from .base import JobFilter, Mutator, StoreStats, is_pure
 from .catalog import Catalog
 from .journal import Journal, JournalGap, Position
+from .stale import StaleCopies
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +43,7 @@ CORRUPT_DIR = "corrupt"
 # the system's trouble, not the file's: it propagates, and the job is neither reported corrupt nor
 # left out of a catalog.
 _UNREADABLE_ERRNOS = frozenset({errno.EISDIR, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENXIO})
+INCOMING_DIR = ".incoming"  # temp files written before the lock is taken (never a job)
 
 
 class CorruptJobFile(Exception):
@@ -48,19 +53,21 @@ class CorruptJobFile(Exception):
         self.reason = reason
 
 
-def load_job_file(path: Path) -> RemoteJob:
+def load_job_file(path: str | os.PathLike, job_id: str | None = None) -> RemoteJob:
     """Parse one job file; CorruptJobFile when it is not a readable job record.
 
     FileNotFoundError passes through (the job moved or never was), and so does an OSError of the
     system (too many open files, an I/O error); a failure that is about what sits at the path (a
-    directory in its place, no permission) makes it as unreadable as bad JSON.
+    directory in its place, no permission) makes it as unreadable as bad JSON. ``job_id`` is the id
+    its name says (taken from the name when not given).
     """
     try:
         data = read_json(path)
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         job = RemoteJob.from_dict(data)
-        if job.id != path.stem:
+        expected = job_id if job_id is not None else Path(path).stem
+        if job.id != expected:
             raise ValueError(f"id {job.id!r} does not match the file name")
         return job
     except FileNotFoundError:
@@ -68,18 +75,20 @@ def load_job_file(path: Path) -> RemoteJob:
     except OSError as exc:
         if exc.errno not in _UNREADABLE_ERRNOS:
             raise
-        raise CorruptJobFile(path, exc.strerror or type(exc).__name__) from None
+        raise CorruptJobFile(Path(path), exc.strerror or type(exc).__name__) from None
     except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
-        raise CorruptJobFile(path, str(exc)) from None
+        raise CorruptJobFile(Path(path), str(exc)) from None
 
 
 class FileJobStore:
     def __init__(self, data_dir: str | os.PathLike, *, journal_segment_bytes: int | None = None,
-                 watch_interval: float = 0.02) -> None:
+                 watch_interval: float = 0.02, watch_linger: float = 5.0) -> None:
         self.root = Path(data_dir)
+        self._folders = tuple(str(self.root / status) for status in STATUSES)
         for status in STATUSES:
             (self.root / status).mkdir(parents=True, exist_ok=True)
         (self.root / CORRUPT_DIR).mkdir(exist_ok=True)
+        (self.root / INCOMING_DIR).mkdir(exist_ok=True)
         self.lock = FileLock(self.root / ".lock")
         self.journal = Journal(self.root / "journal", **(
             {"segment_bytes": journal_segment_bytes} if journal_segment_bytes else {}))
@@ -87,8 +96,14 @@ class FileJobStore:
         self._position: Position | None = None
         self._pid = os.getpid()
         self._watch_interval = watch_interval
+        self._watch_linger = watch_linger
         self._changed = threading.Condition()
+        self._changes = 0   # see change_marker
+        self._waiting = 0   # requests in wait_for_change
         self._watcher: threading.Thread | None = None
+        self._stale: StaleCopies | None = None
+        self._first_lease_end = float("-inf")  # unknown until the catalog is first synced
+        self._stale_pid: int | None = None
 
     # -- paths and raw reads -------------------------------------------------------------------
 
@@ -96,17 +111,22 @@ class FileJobStore:
         return self.root / status / f"{job_id}.json"
 
     def _copies(self, job_id: str) -> list[tuple[RemoteJob, Path]]:
-        """Every readable copy of the job, newest version first (more than one only after a crash)."""
+        """Every readable copy of the job, newest version first (more than one only after a crash,
+        or for the moment a move takes to settle). Paths are built as strings: this runs for every
+        job a request touches or learns about from the journal, and pathlib cost more than the
+        reads."""
         found = []
-        for status in STATUSES:
-            p = self.path(status, job_id)
+        for folder in self._folders:
+            name = f"{folder}/{job_id}.json"
             try:
-                found.append((load_job_file(p), p))
+                found.append((load_job_file(name, job_id), Path(name)))
             except FileNotFoundError:
                 continue
             except CorruptJobFile as exc:
-                log.warning("store.corrupt_file", file=f"{status}/{p.name}", reason=exc.reason)
-        found.sort(key=lambda item: item[0].version, reverse=True)
+                log.warning("store.corrupt_file", file=f"{os.path.basename(folder)}/{job_id}.json",
+                            reason=exc.reason)
+        if len(found) > 1:
+            found.sort(key=lambda item: item[0].version, reverse=True)
         return found
 
     def _read(self, job_id: str) -> RemoteJob | None:
@@ -131,6 +151,7 @@ class FileJobStore:
             self._position = None
             self._watcher = None
             self._changed = threading.Condition()
+            self._waiting = 0
         if self._position is not None:
             try:
                 ids, position = self.journal.read_since(self._position)
@@ -140,8 +161,10 @@ class FileJobStore:
                 for job_id in dict.fromkeys(ids):
                     self.catalog.apply(job_id, self._read(job_id))
                 self._position = position  # only now: a read that failed is done again next time
+                self._first_lease_end = self.catalog.next_lease_end()
                 return
         self._rebuild()
+        self._first_lease_end = self.catalog.next_lease_end()
 
     def _rebuild(self) -> None:
         started = time.monotonic()
@@ -166,30 +189,68 @@ class FileJobStore:
 
     # -- writes ----------------------------------------------------------------------------------
 
-    def _write(self, job: RemoteJob, previous: list[Path]) -> RemoteJob:
-        """Commit ``job`` (caller holds the exclusive lock), then drop every older copy."""
+    def _stage(self, job: RemoteJob) -> Path:
+        """The job's bytes in a fsynced temp file, written before the lock is taken."""
+        return stage(self.root / INCOMING_DIR, f"{job.id}.json", _encode(job))
+
+    def _place(self, job: RemoteJob, copies: list[tuple[RemoteJob, Path]], staged: Path | None = None) -> _Commit:
+        """Put ``job`` in place (caller holds the exclusive lock); what is left to do is returned.
+
+        The journal line comes first, then the new file (a temp file, fsynced, renamed; ``staged``
+        when it was written before the lock was taken): from here on every reader and every later
+        writer sees this version. Making the rename durable and removing the older copies is
+        :meth:`_settle`'s work, after the lock is released.
+        """
         self._position = self.journal.append([job.id])
         target = self.path(job.status, job.id)
-        write_atomic(target, _encode(job))
-        for old in previous:
-            if old != target and unlink_quietly(old):
-                fsync_dir(old.parent)
+        if staged is None:
+            write_atomic(target, _encode(job), sync_dir=False)
+        else:
+            os.replace(staged, target)
         self.catalog.apply(job.id, job)
         self.notify_local()
-        return job
+        return _Commit(target, [(p, old.version) for old, p in copies if p != target])
+
+    def _settle(self, commits: list[_Commit]) -> None:
+        """Make committed writes durable, then drop the copies they replaced (lock not held).
+
+        The fsync of the directory runs outside the lock, so the fsyncs of concurrent requests
+        overlap (the filesystem commits them together) instead of queueing behind the lock. An
+        older copy goes only once the directory holding the new one was fsynced, so the job is on
+        disk in at least one directory at every instant.
+        """
+        for folder in dict.fromkeys(c.target.parent for c in commits):
+            fsync_dir(folder)
+        stale = [item for c in commits for item in c.stale]
+        if stale:
+            self._stale_copies().remove(stale)
+
+    def _stale_copies(self) -> StaleCopies:
+        if self._stale is None or self._stale_pid != os.getpid():
+            self._stale, self._stale_pid = StaleCopies(self.lock), os.getpid()
+        return self._stale
 
     def create(self, job: RemoteJob) -> RemoteJob:
-        with self._locked():
-            if self._copies(job.id):
-                raise ValueError(f"job {job.id} exists")
-            job.version = 1
-            return self._write(job, [])
+        job.version = 1
+        staged = self._stage(job)
+        try:
+            with self._locked():
+                if job.id in self.catalog.entries or self.path(job.status, job.id).exists():
+                    raise ValueError(f"job {job.id} exists")
+                commit = self._place(job, [], staged)
+        except BaseException:
+            unlink_quietly(staged)
+            raise
+        self._settle([commit])
+        return job
 
     def put(self, job: RemoteJob) -> RemoteJob:
         with self._locked():
             copies = self._copies(job.id)
             job.version = (copies[0][0].version + 1) if copies else max(job.version, 1)
-            return self._write(job, [p for _, p in copies])
+            commit = self._place(job, copies)
+        self._settle([commit])
+        return job
 
     def get(self, job_id: str) -> RemoteJob:
         if not _valid_id(job_id):
@@ -205,6 +266,10 @@ class FileJobStore:
     def update(self, job_id: str, mutate: Mutator) -> RemoteJob:
         if not _valid_id(job_id):
             raise JobNotFound(f"no job with id {job_id!r}")
+        if is_pure(mutate):
+            done = self._update_staged(job_id, mutate)
+            if done is not None:
+                return done
         with self._locked():
             copies = self._copies(job_id)
             if not copies:
@@ -212,29 +277,63 @@ class FileJobStore:
             current = copies[0][0]
             new = mutate(current.copy())
             new.version = current.version + 1
-            return self._write(new, [p for _, p in copies])
+            commit = self._place(new, copies)
+        self._settle([commit])
+        return new
+
+    def _update_staged(self, job_id: str, mutate: Mutator) -> RemoteJob | None:
+        """Apply a pure mutator to the job as it is now and write the result before taking the lock;
+        under the lock only check that the job is still that version and rename. None when the job
+        changed meanwhile or the mutator refused: the caller then decides again under the lock, on
+        the current version (so a refusal is never based on an old one)."""
+        copies = self._copies(job_id)
+        if not copies:
+            return None
+        current = copies[0][0]
+        try:
+            new = mutate(current.copy())
+        except Exception:
+            return None
+        new.version = current.version + 1
+        staged: Path | None = self._stage(new)
+        try:
+            with self._locked():
+                entry = self.catalog.entries.get(job_id)
+                if entry is None or entry.version != current.version:
+                    return None
+                commit = self._place(new, copies, staged)
+                staged = None
+        finally:
+            if staged is not None:
+                unlink_quietly(staged)
+        self._settle([commit])
+        return new
 
     def claim(self, content_types: Iterable[str], limit: int, now: datetime,
               mutate: Mutator) -> list[RemoteJob]:
+        """Take the best ``limit`` pending jobs. The catalog names them in claim order; each is
+        read again under the lock (the files are the truth) before it is taken, and a catalog entry
+        the file contradicts is corrected, so the loop ends: every turn claims or drops the head."""
         claimed: list[RemoteJob] = []
+        commits: list[_Commit] = []
         types = list(content_types)
+        ts = now.timestamp()
         with self._locked():
-            # Take candidates a few at a time: each one handled leaves the ready view (claimed, or
-            # re-indexed from its file if the catalog was behind), so the loop always advances.
+            seen: set[str] = set()
             while len(claimed) < limit:
-                batch = list(islice(self.catalog.candidates(types, now.timestamp()), limit - len(claimed)))
-                if not batch:
+                job_id = next((j for j in self.catalog.candidates(types, ts) if j not in seen), None)
+                if job_id is None:
                     break
+                seen.add(job_id)
                 try:
-                    for job_id in batch:
-                        copies = self._copies(job_id)
-                        if not copies or copies[0][0].status != "pending":
-                            self.catalog.apply(job_id, copies[0][0] if copies else None)
-                            continue
-                        current = copies[0][0]
-                        new = mutate(current.copy())
-                        new.version = current.version + 1
-                        claimed.append(self._write(new, [p for _, p in copies]))
+                    copies = self._copies(job_id)
+                    if not copies or copies[0][0].status != "pending":
+                        self.catalog.apply(job_id, copies[0][0] if copies else None)
+                        continue
+                    current = copies[0][0]
+                    new = mutate(current.copy())
+                    new.version = current.version + 1
+                    commits.append(self._place(new, copies))
                 except Exception as exc:
                     if not claimed:
                         raise
@@ -242,6 +341,9 @@ class FileJobStore:
                     # leases would run out with no one working on them
                     log.error("store.claim_stopped", claimed=len(claimed), error=str(exc))
                     break
+                claimed.append(new)
+        if commits:
+            self._settle(commits)
         return claimed
 
     def delete(self, job_id: str, only_if: Callable[[RemoteJob], bool] | None = None) -> bool:
@@ -277,6 +379,12 @@ class FileJobStore:
         return jobs, None
 
     def lapsed(self, now: datetime, limit: int) -> list[str]:
+        """Every poll asks this first, so the common answer (nothing lapsed) takes no lock: when no
+        process changed anything since this one last synced (the journal ends where it did) and the
+        first lease this process knows of ends after ``now``, nothing lapsed."""
+        if (now.timestamp() < self._first_lease_end and self._pid == os.getpid()
+                and self.journal.head() == self._position):
+            return []
         with self._locked(exclusive=False):
             return self.catalog.lapsed(now.timestamp(), limit)
 
@@ -331,42 +439,93 @@ class FileJobStore:
 
     # -- change notification (long polls) ------------------------------------------------------
 
-    def wait_for_change(self, timeout: float) -> bool:
-        """Wait until another request or process changes the store, or ``timeout`` passes.
+    def change_marker(self) -> int:
+        """A number that grows with every change this process makes or notices. Take it before
+        looking for work, pass it to :meth:`wait_for_change`: a change in between is not missed."""
+        return self._changes
 
-        One watcher thread per process looks at the journal's end every ``watch_interval`` seconds
-        and wakes every waiting request, so idle long polls cost one stat per interval per process.
+    def wait_for_change(self, timeout: float, since: int | None = None) -> bool:
+        """Wait until the store changes (after ``since``, a :meth:`change_marker`), or ``timeout``
+        passes; True when it changed.
+
+        A change made by this process wakes its waiters at once; one watcher thread per process
+        notices the changes of other processes (the journal's end moves) within ``watch_interval``
+        seconds. The watcher runs only while someone waits (it stops ``watch_linger`` seconds after
+        the last one left), so idle long polls cost two stats per interval per process.
         """
-        self._ensure_watcher()
         with self._changed:
-            return self._changed.wait(timeout)
+            self._waiting += 1
+        try:
+            self._ensure_watcher()
+            with self._changed:
+                if since is None:
+                    return self._changed.wait(timeout)
+                return self._changed.wait_for(lambda: self._changes != since, timeout)
+        finally:
+            with self._changed:
+                self._waiting -= 1
 
     def _ensure_watcher(self) -> None:
-        if self._watcher is not None and self._watcher.is_alive() and self._pid == os.getpid():
+        if self._watcher is not None and self._pid == os.getpid():
             return
         with self.lock.hold(exclusive=False):
+            before = self._position
             self._sync()
-            if self._watcher is None or not self._watcher.is_alive():
-                self._watcher = threading.Thread(target=self._watch, name="store-watcher", daemon=True)
-                self._watcher.start()
+            baseline = self._position
+            with self._changed:
+                if before != baseline:  # changes learnt here would reach no waiter otherwise
+                    self._bump()
+                if self._watcher is None:
+                    self._watcher = threading.Thread(target=_watch, args=(weakref.ref(self), baseline),
+                                                     name="store-watcher", daemon=True)
+                    self._watcher.start()
 
-    def _watch(self) -> None:
-        last = self.journal.signature()
-        while True:
-            time.sleep(self._watch_interval)
-            try:
-                current = self.journal.signature()
-            except OSError:  # pragma: no cover - store removed under us (tests' tmp dirs)
-                return
-            if current != last:
-                last = current
-                with self._changed:
-                    self._changed.notify_all()
+    def _bump(self) -> None:
+        """Count a change and wake every waiter (caller holds ``_changed``)."""
+        self._changes += 1
+        self._changed.notify_all()
 
     def notify_local(self) -> None:
         """Wake this process's waiting long polls now (a change made by this process)."""
         with self._changed:
-            self._changed.notify_all()
+            self._bump()
+
+
+def _watch(ref: "weakref.ref[FileJobStore]", last: Position | None) -> None:
+    """The watcher thread: wake the store's waiters when the journal's end moves. Holds the store
+    only weakly, and ends when it is gone or nobody has waited for the store's ``watch_linger``."""
+    idle_since = time.monotonic()
+    while True:
+        store = ref()
+        if store is None:
+            return
+        interval = store._watch_interval
+        try:
+            current = store.journal.signature()
+        except OSError:  # the store's directory was removed (tests' tmp dirs)
+            current = None
+        with store._changed:
+            if current is None:
+                store._watcher = None
+                return
+            if current != last:
+                last = current
+                store._bump()
+            if store._waiting:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > store._watch_linger:
+                store._watcher = None
+                return
+        del store
+        time.sleep(interval)
+
+
+@dataclass
+class _Commit:
+    """A write that is in place but not yet settled: where it went, and the copies it replaced."""
+
+    target: Path
+    stale: list[tuple[Path, int]]
 
 
 class _Locked:
@@ -385,6 +544,7 @@ class _Locked:
             raise
 
     def __exit__(self, *exc) -> None:
+        self.store._first_lease_end = self.store.catalog.next_lease_end()
         self.cm.__exit__(*exc)
 
 

@@ -4,7 +4,10 @@ Findings, and the deterministic repair of each:
 - ``temp``: a leftover temp file (a write that never reached its rename): removed; the rename is the
   commit point, so a temp file was never the job.
 - ``duplicate``: one id in several status directories (a move cut short): the copy with the highest
-  ``version`` stays (on a tie, the one in the directory its status names), the others are removed.
+  ``version`` stays (on a tie, the one in the directory its status names; its directory is fsynced
+  first), the others are removed. A move in flight leaves its older copy for the moment it takes
+  to fsync the new one's directory, so a duplicate counts only when a second look, a moment later,
+  still finds it.
 - ``misplaced``: a file whose ``status`` disagrees with its directory: moved to the directory its
   status names.
 - ``corrupt``: a file that is not a readable job: moved to ``<data>/corrupt/`` (never deleted, never
@@ -38,7 +41,20 @@ class Finding:
         return asdict(self)
 
 
+IN_FLIGHT_SECONDS = 0.2  # longer than a write needs to settle (fsync a directory, drop the older copy)
+
+
 def fsck(store: FileJobStore, repair: bool = False) -> list[Finding]:
+    findings = _scan(store, repair=False)
+    if any(f.kind == "duplicate" for f in findings):
+        time.sleep(IN_FLIGHT_SECONDS)
+        findings = _scan(store, repair=False)
+    if repair and findings:
+        findings = _scan(store, repair=True)
+    return findings
+
+
+def _scan(store: FileJobStore, repair: bool) -> list[Finding]:
     findings: list[Finding] = []
     copies: dict[str, list[tuple[RemoteJob, Path]]] = defaultdict(list)
     with store.lock.hold():
@@ -73,7 +89,7 @@ def fsck(store: FileJobStore, repair: bool = False) -> list[Finding]:
             for _, path in found[1:]:
                 f = Finding("duplicate", _rel(store, path), job_id,
                             f"older copy (kept version {keep.version} in {keep_path.parent.name}/)")
-                if repair and _attempt(f, lambda: _remove(path)):
+                if repair and _attempt(f, lambda: _drop_older(path, keep_path)):
                     touched.append(job_id)
                 findings.append(f)
             if keep_path.parent.name != keep.status:
@@ -101,6 +117,12 @@ def _attempt(finding: Finding, repair: Callable[[], object]) -> bool:
         return False
     finding.repaired = True
     return True
+
+
+def _drop_older(path: Path, kept: Path) -> None:
+    """Remove an older copy once the copy that stays is durable (its directory fsynced)."""
+    fsync_dir(kept.parent)
+    _remove(path)
 
 
 def _remove(path: Path) -> None:

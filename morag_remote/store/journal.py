@@ -26,6 +26,7 @@ class Journal:
         self.dir = directory
         self.segment_bytes = segment_bytes
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._last: int | None = None  # the newest segment seen (a hint for head)
 
     def _path(self, segment: int) -> Path:
         return self.dir / f"{segment:012d}.log"
@@ -35,13 +36,25 @@ class Journal:
                       if name.endswith(".log") and name[:-4].isdigit())
 
     def head(self) -> Position:
-        """Where the journal ends now (creating the first segment if there is none)."""
+        """Where the journal ends now (creating the first segment if there is none).
+
+        Two stats in the common case: the segment found last time, and that no newer one exists
+        (a segment is created before older ones are removed); a listing only when that changed.
+        """
+        last = self._last
+        if last is not None:
+            try:
+                size = os.stat(self._path(last)).st_size
+            except FileNotFoundError:
+                size = None
+            if size is not None and not os.path.exists(self._path(last + 1)):
+                return (last, size)
         segments = self._segments()
         if not segments:
             self._path(1).touch()
-            return (1, 0)
-        last = segments[-1]
-        return (last, os.stat(self._path(last)).st_size)
+            segments = [1]
+        self._last = segments[-1]
+        return (self._last, os.stat(self._path(self._last)).st_size)
 
     def append(self, job_ids: list[str]) -> Position:
         """Log ``job_ids`` (caller holds the exclusive store lock); returns the new end."""

@@ -1,0 +1,72 @@
+"""Removing the copy a move left behind, once the new copy is durable: in batches.
+
+A job moving between status directories exists in both for a moment: the new file is renamed into
+place under the store lock, its directory is fsynced after the lock is released, and only then may
+the old file go (under the lock again, and only if it is still the version that was replaced). If
+every request took the lock a second time for its own old file, that second turn would cost as much
+as the first; instead the requests of a process queue their old files here and the first one to
+find work queued removes everyone's in one turn of the lock (a leader/follower "group commit"),
+while the others wait for it, so every request still answers only once its old copy is gone.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Iterable
+
+from .atomic import FileLock, fsync_dir, read_json, unlink_quietly
+
+StaleCopy = tuple[Path, int]  # the old file and the version it held when it was replaced
+
+
+class StaleCopies:
+    def __init__(self, lock: FileLock) -> None:
+        self._lock = lock
+        self._cond = threading.Condition()
+        self._queue: list[StaleCopy] = []
+        self._queued = 0      # how many copies were ever queued (a sequence number)
+        self._handled = 0     # every copy queued up to this number has been handled
+        self._leading = False
+
+    def remove(self, copies: Iterable[StaleCopy]) -> None:
+        """Remove ``copies`` (or see another request remove them) before returning."""
+        items = list(copies)
+        with self._cond:
+            self._queue.extend(items)
+            self._queued += len(items)
+            mine = self._queued
+            while self._handled < mine:
+                if not self._leading:
+                    self._leading = True
+                    batch, self._queue = self._queue, []
+                    upto = self._queued
+                    break
+                self._cond.wait()
+            else:
+                return
+        try:
+            self._remove(batch)
+        finally:
+            with self._cond:
+                self._handled = upto
+                self._leading = False
+                self._cond.notify_all()
+
+    def _remove(self, batch: list[StaleCopy]) -> None:
+        emptied: dict[Path, None] = {}
+        with self._lock.hold():
+            for path, version in batch:
+                found = version_at(path)
+                if found is not None and found <= version and unlink_quietly(path):
+                    emptied[path.parent] = None
+        for folder in emptied:  # not needed for safety (a copy that comes back is the older one)
+            fsync_dir(folder)
+
+
+def version_at(path: Path) -> int | None:
+    """The version of the job file at ``path``; None when it is gone or unreadable."""
+    try:
+        version = read_json(path).get("version")
+    except (FileNotFoundError, ValueError, AttributeError):
+        return None
+    return version if isinstance(version, int) else None

@@ -24,7 +24,7 @@ from .config import Settings
 from .exceptions import InvalidTransition, JobNotFound, LeaseConflict, SourceForbidden
 from .models import Action, Clock, RemoteJob, Status, new_job_id, next_status, utcnow
 from .sources import confine, open_source
-from .store.base import JobFilter, JobRepository, StoreStats
+from .store.base import JobFilter, JobRepository, StoreStats, pure
 
 log = structlog.get_logger(__name__)
 
@@ -87,6 +87,8 @@ class JobService:
         self.listeners: list[TerminalListener] = []
         self.observers: list[JobObserver] = []
         self._waiters = threading.BoundedSemaphore(max(settings.poll_max_waiters, 1))
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
         self._durations: dict[str, tuple[float, float | None]] = {}
         self.duration_sample = DURATION_SAMPLE
 
@@ -176,24 +178,47 @@ class JobService:
         a dead worker's job to come back.
         """
         types = list(dict.fromkeys(content_types))
+        marker = self._change_marker()
         jobs = self._claim(worker_id, types, max_jobs)
         if jobs or wait <= 0:
             return jobs
         if not self._waiters.acquire(blocking=False):
             log.warning("poll.waiters_full", worker_id=worker_id)
             return jobs
+        self._count_waiting(+1)
         try:
             deadline = time.monotonic() + wait
             while not jobs:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                self.store.wait_for_change(min(remaining, self._next_wake(types)))
+                timeout = min(remaining, self._next_wake(types))
+                if marker is None:
+                    self.store.wait_for_change(timeout)
+                else:
+                    self.store.wait_for_change(timeout, since=marker)
+                marker = self._change_marker()
                 if self.store.has_available(types, self.clock()) or self.store.lapsed(self.clock(), 1):
                     jobs = self._claim(worker_id, types, max_jobs)
         finally:
+            self._count_waiting(-1)
             self._waiters.release()
         return jobs
+
+    @property
+    def waiting(self) -> int:
+        """How many long polls of this process are waiting right now."""
+        return self._waiting
+
+    def _count_waiting(self, delta: int) -> None:
+        with self._waiting_lock:
+            self._waiting += delta
+
+    def _change_marker(self) -> int | None:
+        """The store's change counter, taken before looking for work, so that a job created
+        between the look and the wait wakes the waiter (None: a store without one)."""
+        marker = getattr(self.store, "change_marker", None)
+        return marker() if marker is not None else None
 
     def _next_wake(self, types: list[str]) -> float:
         """How long a long poll may sleep before a delayed job or a lease could need it (<= 2 s)."""
@@ -262,6 +287,7 @@ class JobService:
 
     def heartbeat(self, job_id: str, caller: Caller, progress: float | None = None,
                   message: str | None = None) -> RemoteJob:
+        @pure
         def mutate(job: RemoteJob) -> RemoteJob:
             if job.status == Status.CANCELLED.value:
                 raise InvalidTransition(f"job {job_id} was cancelled; stop working on it",
@@ -296,6 +322,7 @@ class JobService:
         """
         digest = _digest(success, content, metadata, error_message, processing_time, retryable)
 
+        @pure
         def mutate(job: RemoteJob) -> RemoteJob:
             if (job.result_digest == digest
                     and (caller.lease_id is None or caller.lease_id == job.lease_id)

@@ -1,0 +1,223 @@
+"""Long polling: ``wait`` on GET/POST /poll returns as soon as a job can be claimed, empty when the
+wait ends, never beyond the configured maximum, and never holds more threads than the cap allows."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from conftest import ProducerActions, WorkerActions, auth
+
+POLL = "/api/v1/remote-jobs/poll"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    """Wait (bounded) for a condition that has no event to wait on."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
+class PollInThread:
+    """A long poll run on its own thread and test client, as a second worker would."""
+
+    def __init__(self, app, key: str, worker_id: str, content_types: str, wait: float) -> None:
+        self.response = None
+        client = app.test_client()
+        query = {"worker_id": worker_id, "content_types": content_types, "wait": wait}
+        self.thread = threading.Thread(
+            target=lambda: setattr(self, "response", client.get(POLL, query_string=query, headers=auth(key))),
+            daemon=True)
+        self.thread.start()
+
+    def result(self, timeout: float = 30.0):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the poll did not return"
+        return self.response
+
+
+def test_waiting_poll_returns_job_created_by_another_thread_meanwhile(app, service, keys, producer):
+    waiter = PollInThread(app, keys["worker"], "w-wait", "audio", wait=20)
+    wait_until(lambda: service.waiting == 1)
+    job_id = producer.create_id("audio")
+    response = waiter.result()
+    assert response.status_code == 200
+    assert response.json["job_id"] == job_id
+    assert response.json["jobs"][0]["lease_id"]
+
+
+def test_waiting_poll_returns_job_created_by_another_process_meanwhile(app, service, keys, instance_path):
+    source = instance_path / "sources" / "other.mp3"
+    source.write_bytes(b"audio")
+    waiter = PollInThread(app, keys["worker"], "w-wait", "audio", wait=20)
+    wait_until(lambda: service.waiting == 1)
+    script = ("import json, sys\n"
+              "from morag_remote import create_app\n"
+              "from morag_remote.context import SERVICE\n"
+              "app = create_app({'INSTANCE_PATH': sys.argv[1], 'LOG_JSON': True})\n"
+              "job = app.extensions[SERVICE].create(source_file_path=sys.argv[2], content_type='audio',\n"
+              "                                     ingestion_task_id='elsewhere')\n"
+              "print(json.dumps({'id': job.id}))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(instance_path), str(source)],
+                          capture_output=True, text=True, timeout=60, check=True)
+    job_id = json.loads(done.stdout.strip().splitlines()[-1])["id"]
+    response = waiter.result()
+    assert response.json["job_id"] == job_id
+
+
+def test_poll_returns_empty_when_the_wait_ends(worker):
+    response = worker.poll("audio", wait=0.2)
+    assert response.status_code == 200
+    assert response.json["job_id"] is None
+    assert response.json["jobs"] == []
+
+
+def test_post_poll_waits_as_get_does(app, service, keys, producer):
+    client = app.test_client()
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("r", client.post(
+        POLL, json={"worker_id": "w-post", "content_types": ["video"], "wait": 20},
+        headers=auth(keys["worker"]))), daemon=True)
+    thread.start()
+    wait_until(lambda: service.waiting == 1)
+    job_id = producer.create_id("video")
+    thread.join(30)
+    assert box["r"].json["job_id"] == job_id
+
+
+@pytest.mark.parametrize("wait", ["20.5", "-1", "soon"])
+def test_wait_outside_zero_to_the_maximum_is_422(worker, wait):
+    response = worker.poll("audio", wait=wait)
+    assert response.status_code == 422
+    assert response.content_type == "application/problem+json"
+    assert "wait" in response.json["errors"]
+
+
+@pytest.mark.parametrize("app_config", [{"POLL_MAX_WAIT_SECONDS": 5}])
+def test_configured_maximum_wait_is_enforced(worker, app_config):
+    assert worker.poll("audio", wait=5).status_code == 200
+    response = worker.poll("audio", wait=5.5)
+    assert response.status_code == 422
+    assert "5" in response.json["errors"]["wait"][0]
+
+
+@pytest.mark.parametrize("app_config", [{"POLL_MAX_WAITERS": 1}])
+def test_polls_beyond_the_waiter_cap_return_at_once_instead_of_waiting(app, service, keys, producer, app_config):
+    first = PollInThread(app, keys["worker"], "w-first", "audio", wait=20)
+    wait_until(lambda: service.waiting == 1)
+    second = app.test_client().get(POLL, query_string={"worker_id": "w-second", "content_types": "audio",
+                                                       "wait": 20}, headers=auth(keys["worker"]))
+    assert second.status_code == 200
+    assert second.json["job_id"] is None
+    assert first.thread.is_alive() and service.waiting == 1  # the first is still waiting
+    job_id = producer.create_id("audio")
+    assert first.result().json["job_id"] == job_id
+
+
+@pytest.mark.parametrize("app_config", [{"RETRY_BACKOFF_SECONDS": 0.3, "RETRY_BACKOFF_MAX_SECONDS": 0.3}])
+def test_delayed_retry_wakes_a_waiting_poll_when_its_backoff_ends(app, service, keys, producer, worker, app_config):
+    job_id = producer.create_id("audio")
+    worker.claim("audio")
+    failed = worker.result(job_id, success=False, error_message="GPU out of memory")
+    assert failed.json["status"] == "pending"
+    assert worker.poll("audio").json["job_id"] is None  # still in its backoff
+
+    response = WorkerActions(app.test_client(), keys["worker"], "w2").poll("audio", wait=20)
+    assert response.json["job_id"] == job_id
+    job = producer.get(job_id).json
+    assert job["retry_count"] == 1 and job["worker_id"] == "w2"
+    assert job["started_at"] >= job["available_at"]
+
+
+def test_a_job_of_another_type_does_not_end_the_wait(app, service, keys, producer):
+    waiter = PollInThread(app, keys["worker"], "w-wait", "audio", wait=20)
+    wait_until(lambda: service.waiting == 1)
+    producer.create_id("video")
+    audio_id = producer.create_id("audio")
+    assert waiter.result().json["job_id"] == audio_id
+    assert producer.get(audio_id).json["worker_id"] == "w-wait"
+
+
+# -- over a real gunicorn ---------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def gunicorn_server(instance_path: Path, keys: dict[str, str]):
+    """gunicorn with gunicorn.conf.py: 1 process, 3 threads, at most 2 of them in long polls."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HOST="127.0.0.1", PORT=str(port), WEB_CONCURRENCY="1", GUNICORN_THREADS="3",
+               MORAG_REMOTE_POLL_MAX_WAITERS="2", MORAG_REMOTE_INSTANCE_PATH=str(instance_path))
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        import requests
+
+        def up() -> bool:
+            try:
+                return requests.get(f"{base}/health", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return proc.poll() is not None  # ends the wait; the assert below reports it
+        wait_until(up, timeout=60)
+        assert proc.poll() is None, "gunicorn exited"
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_long_polls_over_gunicorn_leave_a_thread_for_the_rest_of_the_api(gunicorn_server, keys, instance_path):
+    import requests
+
+    base, worker_h, producer_h = gunicorn_server, auth(keys["worker"]), auth(keys["producer"])
+    source = instance_path / "sources" / "talk.mp3"
+    source.write_bytes(b"audio" * 100)
+    results: list[dict] = []
+
+    def long_poll(i: int) -> None:
+        r = requests.get(f"{base}{POLL}", params={"worker_id": f"lp-{i}", "content_types": "audio", "wait": 20},
+                         headers=worker_h, timeout=60)
+        results.append(r.json())
+
+    threads = [threading.Thread(target=long_poll, args=(i,), daemon=True) for i in range(4)]
+    for t in threads:
+        t.start()
+    # 2 of the 4 may wait (the cap); the other 2 answer at once, empty: then 2 are surely waiting
+    wait_until(lambda: len(results) == 2, timeout=30)
+    assert all(r["job_id"] is None for r in results)
+
+    # with 2 of 3 threads waiting, the rest of the API still answers
+    created = requests.post(f"{base}/api/v1/remote-jobs/", headers=producer_h, timeout=30, json={
+        "source_file_path": str(source), "content_type": "video", "ingestion_task_id": "t"})
+    assert created.status_code == 201
+    status = requests.get(f"{base}/api/v1/remote-jobs/{created.json()['job_id']}/status", headers=producer_h,
+                          timeout=30)
+    assert status.status_code == 200 and status.json()["status"] == "pending"
+
+    # and each waiting poll gets the audio job created for it
+    audio = [requests.post(f"{base}/api/v1/remote-jobs/", headers=producer_h, timeout=30, json={
+        "source_file_path": str(source), "content_type": "audio", "ingestion_task_id": "t"}).json()["job_id"]
+        for _ in range(2)]
+    for t in threads:
+        t.join(30)
+    assert sorted(r["job_id"] for r in results if r["job_id"]) == sorted(audio)

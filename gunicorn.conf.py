@@ -10,6 +10,21 @@ THREADS threads; the app lets at most POLL_MAX_WAITERS of them wait in long poll
 requests and downloads always find one. gthread answers gunicorn's liveness check from its main
 loop, so a long request never looks like a hung worker.
 
+Capacity (defaults: WEB_CONCURRENCY processes x GUNICORN_THREADS=128 threads):
+- each process runs at most GUNICORN_THREADS requests at once; of these, at most
+  MORAG_REMOTE_POLL_MAX_WAITERS (default here: threads - POLL_RESERVED_THREADS = 96) may be long
+  polls that wait, so at least 32 threads per process are always free for everything else (creates,
+  results, heartbeats, downloads, status); a long poll beyond the cap does not wait: it answers at
+  once, empty (logged as ``poll.waiters_full``), and the worker polls again after its interval;
+- so 2 processes hold up to 192 waiting long polls (100 idle workers with room to spare: the kernel
+  does not spread connections evenly between processes) and serve 64 short requests at once; more
+  connections than threads queue in the process that accepted them (gthread accepts up to
+  worker_connections, 1000) and are served as threads come free;
+- an idle waiting poll costs a sleeping thread (its stack is reserved, little of it touched) and a
+  short check every 2 s; the rate of short requests is bounded by the job store (its lock and
+  fsyncs) and by CPU, not by the thread count (README, "Performance").
+Raise GUNICORN_THREADS (and with it the waiter cap) with the number of workers that long-poll.
+
 Worker count: WEB_CONCURRENCY, else one process per core (at least 2, so one process rebuilding
 its catalog or paused never stops the service). Every write to the JSON store takes one lock, so
 processes beyond the core count add memory (each keeps its own catalog) without adding throughput.
@@ -46,7 +61,10 @@ os.environ.setdefault("MORAG_REMOTE_REQUEST_LOG", "false")
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY") or max(os.cpu_count() or 1, 2))
 worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "64"))
+threads = int(os.environ.get("GUNICORN_THREADS", "128"))
+POLL_RESERVED_THREADS = 32  # threads per process that long polls may never take
+# The app reads its waiter cap from the environment; derive it from the thread count unless set.
+os.environ.setdefault("MORAG_REMOTE_POLL_MAX_WAITERS", str(max(threads - POLL_RESERVED_THREADS, 1)))
 timeout = 60            # a worker whose main loop is silent this long is restarted
 # On SIGTERM/HUP, requests in flight get this long: more than the longest long poll (20 s); a
 # download still running after it is cut, and the worker resumes it with a Range request.
@@ -77,3 +95,14 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+def post_worker_init(worker):
+    """Build the job store's catalog before the worker takes its first request: with a large
+    backlog that takes seconds, which the first poll after a (re)start would otherwise wait for."""
+    from morag_remote.context import SERVICE
+
+    try:
+        worker.wsgi.extensions[SERVICE].stats()
+    except Exception as exc:  # the app reports a broken store itself (/health answers 503)
+        worker.log.warning("store warm-up failed: %s", exc)

@@ -2,6 +2,7 @@
 schema, dump once on the way out."""
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, BinaryIO
 
@@ -11,6 +12,14 @@ from werkzeug.exceptions import BadRequest
 from werkzeug.wsgi import wrap_file
 
 MAX_JSON_DEPTH = 64
+
+
+@functools.lru_cache(maxsize=256)
+def schema(cls: type[Schema], **options: Any) -> Schema:
+    """One shared instance per schema class and options (hashable: tuples, numbers). Building a
+    marshmallow schema deep-copies its fields, which cost a hot request more than loading it;
+    ``load`` and ``dump`` do not change the instance, so threads may share it."""
+    return cls(**options)
 
 
 def json_body(schema: Schema, allow_empty: bool = False) -> dict[str, Any]:

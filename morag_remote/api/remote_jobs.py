@@ -17,7 +17,7 @@ from ..models import RemoteJob
 from ..service import Caller
 from ..sources import download_name
 from ..store.base import JobFilter
-from .http import json_body, query_args, respond, respond_file
+from .http import json_body, query_args, respond, respond_file, schema
 
 bp = Blueprint("remote_jobs", __name__, url_prefix="/api/v1/remote-jobs")
 MAX_LEASE_ID = 64
@@ -37,13 +37,13 @@ def _caller(body_lease_id: str | None = None) -> Caller:
 @requires("producer")
 def create_job() -> Response:
     key = parse_key(request.headers.get(IDEMPOTENCY_HEADER))
-    data = json_body(schemas.CreateJobRequest(content_types=service().settings.content_types,
-                                              webhook_prefixes=events().settings.allowed_prefixes))
+    data = json_body(schema(schemas.CreateJobRequest, content_types=service().settings.content_types,
+                            webhook_prefixes=events().settings.allowed_prefixes))
     if key is None:
         job, created = service().create(**data), True
     else:
         job, created = idempotent_creates().create(current_principal().name, key, data)
-    response = respond(schemas.CreateJobResponse(), job, 201 if created else 200)
+    response = respond(schema(schemas.CreateJobResponse), job, 201 if created else 200)
     response.headers["Location"] = url_for("remote_jobs.get_job", job_id=job.id)
     return response
 
@@ -60,8 +60,8 @@ def _claimed(job: RemoteJob) -> dict[str, Any]:
 @requires("worker")
 def poll() -> Response:
     settings = service().settings
-    schema = schemas.PollRequest(max_jobs=settings.poll_max_jobs, max_wait=settings.poll_max_wait_seconds)
-    data = query_args(schema) if request.method == "GET" else json_body(schema)
+    loader = schema(schemas.PollRequest, max_jobs=settings.poll_max_jobs, max_wait=settings.poll_max_wait_seconds)
+    data = query_args(loader) if request.method == "GET" else json_body(loader)
     bound = current_principal().worker_id
     if bound is not None and bound != data["worker_id"]:
         raise Forbidden(f"this key may only poll as worker {bound!r}")
@@ -72,7 +72,7 @@ def poll() -> Response:
     body = {"job_id": first.get("id"), "source_file_url": first.get("source_file_url"),
             "content_type": first.get("content_type"), "task_options": first.get("task_options"),
             "jobs": jobs}
-    return respond(schemas.PollResponse(), body)
+    return respond(schema(schemas.PollResponse), body)
 
 
 @bp.get("/<job_id>/download")
@@ -95,19 +95,19 @@ def download(job_id: str) -> Response:
 @requires("worker")
 def heartbeat(job_id: str) -> Response:
     g.job_id = job_id
-    data = json_body(schemas.HeartbeatRequest(), allow_empty=True)
+    data = json_body(schema(schemas.HeartbeatRequest), allow_empty=True)
     job = service().heartbeat(job_id, _caller(data["lease_id"]), data["progress"], data["message"])
-    return respond(schemas.HeartbeatResponse(), job)
+    return respond(schema(schemas.HeartbeatResponse), job)
 
 
 @bp.put("/<job_id>/result")
 @requires("worker")
 def submit_result(job_id: str) -> Response:
     g.job_id = job_id
-    data = json_body(schemas.SubmitResultRequest())
+    data = json_body(schema(schemas.SubmitResultRequest))
     caller = _caller(data.pop("lease_id"))
     outcome = service().submit_result(job_id, caller, **data)
-    return respond(schemas.SubmitResultResponse(),
+    return respond(schema(schemas.SubmitResultResponse),
                    {"status": outcome.job.status, "ingestion_continued": outcome.ingestion_continued})
 
 

@@ -238,6 +238,19 @@ def test_fsck_still_reports_and_repairs_a_duplicate_left_by_a_crash(tmp_path):
     assert store.get(job.id).status == "processing"
 
 
+def test_fsck_removes_an_old_staged_record_but_not_one_in_flight(tmp_path):
+    store = FileJobStore(tmp_path / "data")
+    incoming = store.root / ".incoming"
+    old, fresh = incoming / ".tmp-a.json.1.aa", incoming / ".tmp-b.json.2.bb"
+    old.write_bytes(b"{}")
+    fresh.write_bytes(b"{}")
+    os.utime(old, (0, 0))  # its writer died long ago
+    (finding,) = fsck(store)
+    assert (finding.kind, finding.path) == ("temp", ".incoming/.tmp-a.json.1.aa")
+    fsck(store, repair=True)
+    assert not old.exists() and fresh.exists()
+
+
 def test_the_change_watcher_stops_when_nobody_waits(tmp_path):
     store = FileJobStore(tmp_path / "data", watch_interval=0.01, watch_linger=0.05)
     store.stats()

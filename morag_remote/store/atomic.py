@@ -108,12 +108,6 @@ class FileLock:
         return self._fd
 
     @contextmanager
-    def local(self) -> Iterator[None]:
-        """Only the mutex: excludes this process's other threads, not other processes."""
-        with self._mutex:
-            yield
-
-    @contextmanager
     def hold(self, exclusive: bool = True) -> Iterator[None]:
         with self._mutex:
             outermost = self._depth == 0

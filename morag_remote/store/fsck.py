@@ -2,7 +2,8 @@
 
 Findings, and the deterministic repair of each:
 - ``temp``: a leftover temp file (a write that never reached its rename): removed; the rename is the
-  commit point, so a temp file was never the job.
+  commit point, so a temp file was never the job. In ``.incoming/``, where requests write new
+  records before they take the lock, only a file older than ``INCOMING_STALE_SECONDS`` is one.
 - ``duplicate``: one id in several status directories (a move cut short): the copy with the highest
   ``version`` stays (on a tie, the one in the directory its status names; its directory is fsynced
   first), the others are removed. A move in flight leaves its older copy for the moment it takes
@@ -26,7 +27,7 @@ from typing import Callable
 
 from ..models import STATUSES, RemoteJob
 from .atomic import TEMP_PREFIX, fsync_dir, unlink_quietly, write_atomic
-from .files import CORRUPT_DIR, CorruptJobFile, FileJobStore, _encode, load_job_file
+from .files import CORRUPT_DIR, INCOMING_DIR, CorruptJobFile, FileJobStore, _encode, load_job_file
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Finding:
 
 
 IN_FLIGHT_SECONDS = 0.2  # longer than a write needs to settle (fsync a directory, drop the older copy)
+INCOMING_STALE_SECONDS = 600.0  # a staged record lives for one request; this one's writer is gone
 
 
 def fsck(store: FileJobStore, repair: bool = False) -> list[Finding]:
@@ -58,6 +60,7 @@ def _scan(store: FileJobStore, repair: bool) -> list[Finding]:
     findings: list[Finding] = []
     copies: dict[str, list[tuple[RemoteJob, Path]]] = defaultdict(list)
     with store.lock.hold():
+        findings.extend(_stale_incoming(store, repair))
         for status in STATUSES:
             folder = store.root / status
             with os.scandir(folder) as it:
@@ -101,6 +104,24 @@ def _scan(store: FileJobStore, repair: bool) -> list[Finding]:
         if touched or any(f.kind == "corrupt" and f.repaired for f in findings):
             corrupt_ids = [f.job_id for f in findings if f.kind == "corrupt" and f.job_id]
             store.journal.append(sorted(set(touched + corrupt_ids)))
+    return findings
+
+
+def _stale_incoming(store: FileJobStore, repair: bool) -> list[Finding]:
+    findings = []
+    cutoff = time.time() - INCOMING_STALE_SECONDS
+    with os.scandir(store.root / INCOMING_DIR) as it:
+        entries = sorted((e for e in it if e.name.startswith(TEMP_PREFIX)), key=lambda e: e.name)
+    for entry in entries:
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
+                continue
+        except FileNotFoundError:  # renamed into place while we looked
+            continue
+        f = Finding("temp", f"{INCOMING_DIR}/{entry.name}", None, "leftover record of a request that never committed")
+        if repair:
+            _attempt(f, lambda path=Path(entry.path): unlink_quietly(path))
+        findings.append(f)
     return findings
 
 

@@ -106,6 +106,20 @@ def test_a_claim_does_not_read_jobs_of_other_content_types(tmp_path):
     assert {Path(p).stem for p in opened} == {audio.id}
 
 
+def test_a_rebuilt_catalog_takes_the_newest_copy_and_skips_an_unreadable_file(tmp_path):
+    store = FileJobStore(tmp_path / "data")
+    moved, broken, plain = make_job(), make_job(), make_job()
+    for job in (moved, broken, plain):
+        store.create(job)
+    store.claim(["audio"], 1, NOW, claim_mutator)  # the oldest: moved to processing, version 2
+    store.path("pending", moved.id).write_bytes(_encode(moved))  # and its version 1 back, as after a crash
+    store.path("pending", broken.id).write_bytes(b"{not json")
+    fresh = FileJobStore(tmp_path / "data")
+    counts = fresh.stats().counts
+    assert counts == {("processing", "audio"): 1, ("pending", "audio"): 1}
+    assert fresh.claim(["audio"], 5, NOW, claim_mutator)[0].id == plain.id
+
+
 def test_claims_follow_priority_then_age_without_reading_the_queue(tmp_path):
     store = FileJobStore(tmp_path / "data")
     old = make_job(created_at=NOW - timedelta(seconds=2))

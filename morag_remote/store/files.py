@@ -171,11 +171,33 @@ class FileJobStore:
         self._position = None  # until every job is indexed: a rebuild that failed is done again
         head = self.journal.head()
         self.catalog.clear()
-        for job_id in self._scan_ids():
-            self.catalog.apply(job_id, self._read(job_id))
+        for job_id, folders in self._scan_folders().items():
+            # the lock is held, so nothing moves: a job found in one directory is read there only
+            self.catalog.apply(job_id, self._read_in(folders[0], job_id) if len(folders) == 1
+                               else self._read(job_id))
         self._position = head
         log.info("store.catalog_rebuilt", jobs=len(self.catalog.entries),
                  duration_ms=round((time.monotonic() - started) * 1000, 1))
+
+    def _scan_folders(self) -> dict[str, list[str]]:
+        """Every job id on disk and the status directories that hold a file of it."""
+        found: dict[str, list[str]] = {}
+        for folder in self._folders:
+            with os.scandir(folder) as it:
+                for e in it:
+                    if e.name.endswith(".json"):
+                        found.setdefault(e.name[:-5], []).append(folder)
+        return found
+
+    def _read_in(self, folder: str, job_id: str) -> RemoteJob | None:
+        """The job from its file in ``folder`` (None when unreadable, as :meth:`_copies` says)."""
+        try:
+            return load_job_file(f"{folder}/{job_id}.json", job_id)
+        except FileNotFoundError:
+            return self._read(job_id)
+        except CorruptJobFile as exc:
+            log.warning("store.corrupt_file", file=f"{os.path.basename(folder)}/{job_id}.json", reason=exc.reason)
+            return None
 
     def _scan_ids(self) -> set[str]:
         ids: set[str] = set()
@@ -383,7 +405,7 @@ class FileJobStore:
         process changed anything since this one last synced (the journal ends where it did) and the
         first lease this process knows of ends after ``now``, nothing lapsed."""
         if (now.timestamp() < self._first_lease_end and self._pid == os.getpid()
-                and self.journal.head() == self._position):
+                and self.journal.end() == self._position):
             return []
         with self._locked(exclusive=False):
             return self.catalog.lapsed(now.timestamp(), limit)
@@ -505,7 +527,7 @@ def _watch(ref: "weakref.ref[FileJobStore]", last: Position | None) -> None:
         except OSError:  # the store's directory was removed (tests' tmp dirs)
             current = None
         with store._changed:
-            if current is None:
+            if current is None and not store.root.is_dir():
                 store._watcher = None
                 return
             if current != last:

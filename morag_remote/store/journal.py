@@ -36,7 +36,16 @@ class Journal:
                       if name.endswith(".log") and name[:-4].isdigit())
 
     def head(self) -> Position:
-        """Where the journal ends now (creating the first segment if there is none).
+        """Where the journal ends now (creating the first segment if there is none)."""
+        end = self.end()
+        if end is None:
+            self._path(1).touch()
+            self._last = 1
+            return (1, 0)
+        return end
+
+    def end(self) -> Position | None:
+        """Where the journal ends now (None when it has no segment yet); changes nothing.
 
         Two stats in the common case: the segment found last time, and that no newer one exists
         (a segment is created before older ones are removed); a listing only when that changed.
@@ -51,8 +60,7 @@ class Journal:
                 return (last, size)
         segments = self._segments()
         if not segments:
-            self._path(1).touch()
-            segments = [1]
+            return None
         self._last = segments[-1]
         return (self._last, os.stat(self._path(self._last)).st_size)
 
@@ -88,6 +96,7 @@ class Journal:
                 return ids, (segment, offset)
             segment, offset = segment + 1, 0
 
-    def signature(self) -> Position:
-        """A cheap token that changes whenever anything is appended (for long-poll watchers)."""
-        return self.head()
+    def signature(self) -> Position | None:
+        """A cheap token that changes whenever anything is appended (for long-poll watchers); it
+        creates nothing, so a watcher never recreates a journal that is being removed."""
+        return self.end()

@@ -3,28 +3,24 @@ wait ends, never beyond the configured maximum, and never holds more threads tha
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-from conftest import ProducerActions, WorkerActions, auth
+import live_gunicorn
+import requests
+from conftest import WorkerActions, auth
+from gunicorn_harness import wait_for
 
 POLL = "/api/v1/remote-jobs/poll"
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    """Wait (bounded) for a condition that has no event to wait on."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
+def waiting(service, n: int = 1) -> None:
+    """Wait (bounded) until ``n`` long polls of this app are waiting."""
+    wait_for(lambda: service.waiting == n, 15, f"{n} waiting poll(s)", interval=0.01)
 
 
 class PollInThread:
@@ -47,7 +43,7 @@ class PollInThread:
 
 def test_waiting_poll_returns_job_created_by_another_thread_meanwhile(app, service, keys, producer):
     waiter = PollInThread(app, keys["worker"], "w-wait", "audio", wait=20)
-    wait_until(lambda: service.waiting == 1)
+    waiting(service)
     job_id = producer.create_id("audio")
     response = waiter.result()
     assert response.status_code == 200
@@ -59,7 +55,7 @@ def test_waiting_poll_returns_job_created_by_another_process_meanwhile(app, serv
     source = instance_path / "sources" / "other.mp3"
     source.write_bytes(b"audio")
     waiter = PollInThread(app, keys["worker"], "w-wait", "audio", wait=20)
-    wait_until(lambda: service.waiting == 1)
+    waiting(service)
     script = ("import json, sys\n"
               "from morag_remote import create_app\n"
               "from morag_remote.context import SERVICE\n"
@@ -88,7 +84,7 @@ def test_post_poll_waits_as_get_does(app, service, keys, producer):
         POLL, json={"worker_id": "w-post", "content_types": ["video"], "wait": 20},
         headers=auth(keys["worker"]))), daemon=True)
     thread.start()
-    wait_until(lambda: service.waiting == 1)
+    waiting(service)
     job_id = producer.create_id("video")
     thread.join(30)
     assert box["r"].json["job_id"] == job_id
@@ -113,7 +109,7 @@ def test_configured_maximum_wait_is_enforced(worker, app_config):
 @pytest.mark.parametrize("app_config", [{"POLL_MAX_WAITERS": 1}])
 def test_polls_beyond_the_waiter_cap_return_at_once_instead_of_waiting(app, service, keys, producer, app_config):
     first = PollInThread(app, keys["worker"], "w-first", "audio", wait=20)
-    wait_until(lambda: service.waiting == 1)
+    waiting(service)
     second = app.test_client().get(POLL, query_string={"worker_id": "w-second", "content_types": "audio",
                                                        "wait": 20}, headers=auth(keys["worker"]))
     assert second.status_code == 200
@@ -140,7 +136,7 @@ def test_delayed_retry_wakes_a_waiting_poll_when_its_backoff_ends(app, service, 
 
 def test_a_job_of_another_type_does_not_end_the_wait(app, service, keys, producer):
     waiter = PollInThread(app, keys["worker"], "w-wait", "audio", wait=20)
-    wait_until(lambda: service.waiting == 1)
+    waiting(service)
     producer.create_id("video")
     audio_id = producer.create_id("audio")
     assert waiter.result().json["job_id"] == audio_id
@@ -149,47 +145,15 @@ def test_a_job_of_another_type_does_not_end_the_wait(app, service, keys, produce
 
 # -- over a real gunicorn ---------------------------------------------------------------------------
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def gunicorn_server(instance_path: Path, keys: dict[str, str]):
-    """gunicorn with gunicorn.conf.py: 1 process, 3 threads, at most 2 of them in long polls."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, HOST="127.0.0.1", PORT=str(port), WEB_CONCURRENCY="1", GUNICORN_THREADS="3",
-               MORAG_REMOTE_POLL_MAX_WAITERS="2", MORAG_REMOTE_INSTANCE_PATH=str(instance_path))
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"], cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        import requests
-
-        def up() -> bool:
-            try:
-                return requests.get(f"{base}/health", timeout=2).status_code == 200
-            except requests.ConnectionError:
-                return proc.poll() is not None  # ends the wait; the assert below reports it
-        wait_until(up, timeout=60)
-        assert proc.poll() is None, "gunicorn exited"
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 @pytest.mark.slow
-def test_long_polls_over_gunicorn_leave_a_thread_for_the_rest_of_the_api(gunicorn_server, keys, instance_path):
-    import requests
+def test_long_polls_over_gunicorn_leave_a_thread_for_the_rest_of_the_api(keys, instance_path):
+    """One process of 3 threads, at most 2 of them in long polls: the third serves everyone else."""
+    with live_gunicorn.gunicorn(instance_path, {"MORAG_REMOTE_POLL_MAX_WAITERS": "2"}, workers=1, threads=3,
+                                worker_connections=16) as base:
+        _long_polls_leave_a_thread(base, auth(keys["worker"]), auth(keys["producer"]), instance_path)
 
-    base, worker_h, producer_h = gunicorn_server, auth(keys["worker"]), auth(keys["producer"])
+
+def _long_polls_leave_a_thread(base: str, worker_h: dict, producer_h: dict, instance_path: Path) -> None:
     source = instance_path / "sources" / "talk.mp3"
     source.write_bytes(b"audio" * 100)
     results: list[dict] = []
@@ -203,7 +167,7 @@ def test_long_polls_over_gunicorn_leave_a_thread_for_the_rest_of_the_api(gunicor
     for t in threads:
         t.start()
     # 2 of the 4 may wait (the cap); the other 2 answer at once, empty: then 2 are surely waiting
-    wait_until(lambda: len(results) == 2, timeout=30)
+    wait_for(lambda: len(results) == 2, 30, "the polls beyond the cap to answer")
     assert all(r["job_id"] is None for r in results)
 
     # with 2 of 3 threads waiting, the rest of the API still answers

@@ -3,6 +3,7 @@ wait ends, never beyond the configured maximum, and never holds more threads tha
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -21,6 +22,14 @@ POLL = "/api/v1/remote-jobs/poll"
 def waiting(service, n: int = 1) -> None:
     """Wait (bounded) until ``n`` long polls of this app are waiting."""
     wait_for(lambda: service.waiting == n, 15, f"{n} waiting poll(s)", interval=0.01)
+
+
+def backend_env(app, base: dict | None = None) -> dict[str, str]:
+    """The environment for another process to use this app's store (its database, when it has one)."""
+    env = dict(os.environ) if base is None else dict(base)
+    if app.config.get("DATABASE_URL"):
+        env["MORAG_REMOTE_DATABASE_URL"] = app.config["DATABASE_URL"]
+    return env
 
 
 class PollInThread:
@@ -63,7 +72,7 @@ def test_waiting_poll_returns_job_created_by_another_process_meanwhile(app, serv
               "job = app.extensions[SERVICE].create(source_file_path=sys.argv[2], content_type='audio',\n"
               "                                     ingestion_task_id='elsewhere')\n"
               "print(json.dumps({'id': job.id}))\n")
-    done = subprocess.run([sys.executable, "-c", script, str(instance_path), str(source)],
+    done = subprocess.run([sys.executable, "-c", script, str(instance_path), str(source)], env=backend_env(app),
                           capture_output=True, text=True, timeout=60, check=True)
     job_id = json.loads(done.stdout.strip().splitlines()[-1])["id"]
     response = waiter.result()
@@ -146,10 +155,10 @@ def test_a_job_of_another_type_does_not_end_the_wait(app, service, keys, produce
 # -- over a real gunicorn ---------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_long_polls_over_gunicorn_leave_a_thread_for_the_rest_of_the_api(keys, instance_path):
+def test_long_polls_over_gunicorn_leave_a_thread_for_the_rest_of_the_api(app, keys, instance_path):
     """One process of 3 threads, at most 2 of them in long polls: the third serves everyone else."""
-    with live_gunicorn.gunicorn(instance_path, {"MORAG_REMOTE_POLL_MAX_WAITERS": "2"}, workers=1, threads=3,
-                                worker_connections=16) as base:
+    env = {**backend_env(app, {}), "MORAG_REMOTE_POLL_MAX_WAITERS": "2"}
+    with live_gunicorn.gunicorn(instance_path, env, workers=1, threads=3, worker_connections=16) as base:
         _long_polls_leave_a_thread(base, auth(keys["worker"]), auth(keys["producer"]), instance_path)
 
 

@@ -138,6 +138,7 @@ def test_an_io_error_while_catching_up_on_changes_leaves_no_job_out_of_the_catal
     assert sum(other.stats().counts.values()) == 3
 
 
+@pytest.mark.files_only
 def test_fsck_stops_on_an_io_error_and_quarantines_nothing(service, runner):
     store = service.store
     job = make_job(store)

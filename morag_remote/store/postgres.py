@@ -15,12 +15,13 @@ One row per job: the columns that queries filter and order on, plus the whole re
 """
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any, Callable, Iterable, Iterator
 
 from psycopg.types.json import Jsonb
 
-from ..exceptions import JobNotFound, StoreUnavailable
+from ..exceptions import InvalidRequest, JobNotFound, StoreUnavailable
 from ..models import TERMINAL, RemoteJob, Status
 from .base import JobFilter, Mutator, StoreStats
 from .files import _valid_id as valid_job_id
@@ -65,6 +66,21 @@ def _check_id(job_id: str) -> None:
         raise JobNotFound(f"no job with id {job_id!r}")
 
 
+def _utf8_document(job: RemoteJob) -> dict[str, Any]:
+    """The job as JSON-ready data, refused (422) when it holds text PostgreSQL cannot store.
+
+    Python keeps a file name that is not UTF-8 (or a lone surrogate sent as ``"\\ud800"``) as
+    surrogates; the file store writes them escaped, but PostgreSQL's text and jsonb are UTF-8 only.
+    """
+    doc = job.to_dict()
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest("the job holds text that is not valid UTF-8 (a file name in another "
+                             "encoding?), which the PostgreSQL backend cannot store") from None
+    return doc
+
+
 def _params(job: RemoteJob) -> dict[str, Any]:
     created = job.created_at
     if created is None:
@@ -84,7 +100,7 @@ def _params(job: RemoteJob) -> dict[str, Any]:
         "worker_id": job.worker_id,
         "ingestion_task_id": job.ingestion_task_id,
         "version": job.version,
-        "doc": Jsonb(job.to_dict()),
+        "doc": Jsonb(_utf8_document(job)),
     }
 
 

@@ -3,6 +3,7 @@ the schema check, a pool per process, and what happens when the server is not th
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 from datetime import timedelta
 
@@ -210,7 +211,7 @@ def _listener_pids(pg_database, name: str) -> list[int]:
 
 
 def test_the_listener_comes_back_after_losing_its_connection(pg_url, pg_database, other_host):
-    name = "mr-listener-test"
+    name = f"mr-listener-test-{os.getpid()}-{secrets.token_hex(3)}"  # unique: other runs share the server
     db = Database(f"{pg_url}&application_name={name}")
     try:
         store = PostgresJobStore(db)

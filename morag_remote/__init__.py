@@ -53,13 +53,14 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     init_events(app, app.extensions[SERVICE])
     init_idempotency(app, app.extensions[SERVICE])
 
-    from .api import health, metrics, remote_jobs, stats
+    from .api import docs, health, metrics, remote_jobs, stats
     from .cli import db_cli, jobs_cli, keys_cli
     from .metrics import init_metrics  # here, not at the top: see gunicorn.conf.py
 
     init_metrics(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
+    app.register_blueprint(docs.bp)
     app.register_blueprint(stats.bp)  # before remote_jobs: /stats must not match /<job_id>
     app.register_blueprint(remote_jobs.bp)
     register_error_handlers(app)

@@ -253,7 +253,30 @@ def openapi_path(rule: Rule) -> str:
     return re.sub(r"<(?:[^<>:]+:)?([^<>:]+)>", r"{\1}", rule.rule)
 
 
-def _path_parameters(rule: Rule) -> list[dict]:
+def _shadowing_literals(rule: Rule, method: str, name: str, rules: list[Rule]) -> list[str]:
+    """Values of ``name`` that another route of ``method`` takes first: werkzeug matches a literal
+    segment before a variable, so ``GET /api/v1/remote-jobs/stats`` is never ``GET .../{job_id}``."""
+    segments = rule.rule.split("/")
+    try:
+        index = segments.index(f"<{name}>") if f"<{name}>" in segments else next(
+            i for i, seg in enumerate(segments) if seg.startswith("<") and seg.endswith(f":{name}>"))
+    except StopIteration:  # pragma: no cover - a variable inside a segment (a<x>b): nothing shadows it
+        return []
+    found = set()
+    for other in rules:
+        theirs = other.rule.split("/")
+        if other is rule or method not in (other.methods or ()) or len(theirs) != len(segments):
+            continue
+        literal = theirs[index]
+        if not literal or literal.startswith("<"):
+            continue
+        if all(i == index or a == b or (a.startswith("<") and b.startswith("<"))
+               for i, (a, b) in enumerate(zip(segments, theirs))):
+            found.add(literal)
+    return sorted(found)
+
+
+def _path_parameters(rule: Rule, method: str, rules: list[Rule]) -> list[dict]:
     params = []
     for name in sorted(rule.arguments):
         converter = rule._converters.get(name)  # werkzeug keeps no public accessor for them
@@ -265,6 +288,9 @@ def _path_parameters(rule: Rule) -> list[dict]:
             schema = {"type": "string", "minLength": 1, "pattern": "^[^/]+$"}
         else:
             schema = {"type": "string", "minLength": 1}
+        shadowed = [v for v in _shadowing_literals(rule, method, name, rules) if v in schema.get("enum", [v])]
+        if shadowed:
+            schema["not"] = {"enum": shadowed}
         params.append({"in": "path", "name": name, "required": True, "schema": schema})
     return params
 
@@ -318,8 +344,8 @@ def _responses(op: Operation, schema: marshmallow.Schema | None, errors: set[int
 
 
 def _operation(rule: Rule, method: str, op: Operation, roles: tuple[str, ...] | None,
-               converter: OpenAPIConverter, settings: Settings) -> dict:
-    parameters = _path_parameters(rule)
+               converter: OpenAPIConverter, settings: Settings, rules: list[Rule]) -> dict:
+    parameters = _path_parameters(rule, method, rules)
     if op.query is not None and method == "GET":
         parameters += _query_parameters(converter, _instance(op.query, settings))
     parameters += [dict(p) for p in op.query_parameters]
@@ -409,6 +435,12 @@ def _package_version() -> str:
         return "0.0.0"
 
 
+def undocumented_endpoints(app: Flask) -> list[str]:
+    """Endpoints of ``app`` that OPERATIONS does not describe (each still gets a bare operation)."""
+    return sorted({rule.endpoint for rule in app.url_map.iter_rules()
+                   if rule.endpoint != "static" and rule.endpoint not in OPERATIONS})
+
+
 def build_document(app: Flask) -> dict:
     """The OpenAPI document of ``app``: every route of its URL map, documented from OPERATIONS."""
     settings = Settings.from_config(app.config)
@@ -422,7 +454,8 @@ def build_document(app: Flask) -> dict:
     _components(spec)
 
     entries = []
-    for rule in app.url_map.iter_rules():
+    rules = list(app.url_map.iter_rules())
+    for rule in rules:
         if rule.endpoint == "static":
             continue
         for method in sorted((rule.methods or set()) - IGNORED_METHODS):
@@ -437,7 +470,8 @@ def build_document(app: Flask) -> dict:
             log.warning("openapi.undocumented_route", endpoint=endpoint, path=path, method=method)
             op = Operation(summary=f"Undocumented ({endpoint})", tag="undocumented")
         roles = getattr(app.view_functions[endpoint], "required_roles", None)
-        operation = _operation(rule, method, op, tuple(roles) if roles is not None else None, converter, settings)
+        operation = _operation(rule, method, op, tuple(roles) if roles is not None else None, converter,
+                               settings, rules)
         operation["operationId"] = ids[(endpoint, method, path)]
         paths.setdefault(path, {})[method.lower()] = operation
     for path, operations in paths.items():

@@ -13,10 +13,11 @@ import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -27,6 +28,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from werkzeug.exceptions import HTTPException, NotFound
 
 from morag_remote import create_app
 from morag_remote.context import KEYS, SERVICE, TOKENS
@@ -139,6 +141,21 @@ def _steer(case, rnd, keys: dict[str, str], fixtures: Fixtures) -> None:
         case.body["source_file_path"] = str(fixtures.source)
 
 
+def _addresses(case, app, endpoint: str) -> bool:
+    """Whether Flask routes the case to the operation under test. A generated path parameter can
+    spell another route (``GET .../{job_id}`` with ``stats`` is ``GET .../stats``, which OpenAPI too
+    matches before the template; a ``/`` in it makes another path): such a case tests another
+    operation, against this one's document, so it is discarded rather than counted."""
+    adapter = app.url_map.bind("localhost")
+    try:
+        routed, _ = adapter.match(unquote(case.formatted_path), method=case.method.upper())
+    except NotFound:
+        return True  # no route at all: the 404 this operation documents
+    except HTTPException:  # 405 or a redirect: the path is another route's
+        return False
+    return routed == endpoint
+
+
 @pytest.mark.parametrize("endpoint", sorted(OPERATIONS))
 def test_operation_conforms_to_its_document(live, endpoint):
     app, schema, keys, fixtures = live
@@ -152,6 +169,8 @@ def test_operation_conforms_to_its_document(live, endpoint):
         @given(case=strategy)
         def run(case):
             _steer(case, _seeded(case), keys, fixtures)
+            if not _addresses(case, app, endpoint):
+                reject()
             statuses.append(case.call_and_validate(checks=CHECKS).status_code)
 
         run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from typing import Any, BinaryIO
 
 from flask import Response, current_app, request
@@ -33,7 +34,7 @@ def json_body(schema: Schema, allow_empty: bool = False) -> dict[str, Any]:
     if allow_empty and not raw:
         return schema.load({})
     try:
-        payload = json.loads(raw, parse_constant=_reject_constant)
+        payload = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite)
     except RecursionError:
         raise BadRequest("the request body nests arrays or objects too deeply") from None
     except ValueError:
@@ -48,6 +49,15 @@ def json_body(schema: Schema, allow_empty: bool = False) -> dict[str, Any]:
 def _reject_constant(name: str) -> Any:
     """NaN and Infinity are not JSON (RFC 8259), though Python's parser takes them."""
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float; Python reads one beyond the double range (``1e999``) as infinity,
+    which would be stored and then written back out as ``Infinity``, which is not JSON either."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is beyond the range of a double")
+    return value
 
 
 def _depth(value: Any) -> int:

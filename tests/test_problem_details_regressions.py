@@ -1,0 +1,62 @@
+"""Regressions found while fuzzing the API (issue 6): each is a defect that was fixed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from morag_remote import create_app
+
+from conftest import auth
+
+
+def test_crash_in_a_view_answers_problem_json_500_without_a_traceback(instance_path):
+    app = create_app({"TESTING": True, "INSTANCE_PATH": str(instance_path), "LOG_JSON": True})
+
+    def explode():
+        raise RuntimeError("secret internals")
+
+    app.add_url_rule("/explode", "explode", explode)
+    response = app.test_client().get("/explode")
+    assert response.status_code == 500
+    assert response.mimetype == "application/problem+json"
+    assert response.json["title"] == "Internal Server Error"
+    assert "secret internals" not in response.get_data(as_text=True)
+
+
+def test_unsatisfiable_range_keeps_its_content_range_header(producer, worker):
+    producer.create_id("audio", name="talk.mp3")
+    claimed = worker.claim("audio")
+    size = len(producer.source("talk.mp3").read_bytes())
+    response = worker.download(claimed["source_file_url"], Range=f"bytes={size + 10}-")
+    assert response.status_code == 416
+    assert response.mimetype == "application/problem+json"
+    assert response.headers["Content-Range"] == f"bytes */{size}"
+
+
+def test_method_not_allowed_keeps_its_allow_header(client):
+    response = client.put("/health")
+    assert response.status_code == 405
+    assert response.mimetype == "application/problem+json"
+    assert set(response.headers["Allow"].split(", ")) >= {"GET"}
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_json_numbers_in_a_body_are_refused_and_nothing_is_stored(client, keys, instance_path, literal):
+    source = instance_path / "sources" / "a.mp3"
+    source.write_bytes(b"audio")
+    body = ('{"source_file_path": %s, "content_type": "audio", "ingestion_task_id": "i", '
+            '"task_options": {"gain": %s}}' % (json.dumps(str(source)), literal))
+    response = client.post("/api/v1/remote-jobs/", data=body, content_type="application/json",
+                           headers=auth(keys["producer"]))
+    assert response.status_code == 400
+    assert response.mimetype == "application/problem+json"
+    listed = client.get("/api/v1/remote-jobs/", headers=auth(keys["producer"]))
+    assert listed.json["jobs"] == []
+
+
+def test_large_but_finite_numbers_are_still_accepted(producer):
+    response = producer.create("audio", task_options={"gain": 1e300, "frames": 10**30})
+    assert response.status_code == 201
+    job = producer.get(response.json["job_id"]).json
+    assert job["task_options"] == {"gain": 1e300, "frames": 10**30}

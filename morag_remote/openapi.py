@@ -70,7 +70,13 @@ class Operation:
     errors: tuple[int, ...] = ()            # beyond the implied ones
     headers: tuple[str, ...] = ()           # request headers, by name in HEADER_PARAMETERS
     extra_responses: Mapping[int, dict] = field(default_factory=dict)  # other statuses, in full
-    query_parameters: tuple[dict, ...] = ()  # query parameters read without a schema
+    public_if: Callable[[Mapping[str, Any]], bool] | None = None  # config test: served without a key
+
+
+def _metrics_public(config: Mapping[str, Any]) -> bool:
+    from .metrics import is_public  # not at import: prometheus_client reads its mode when first imported
+
+    return is_public(config["METRICS_PUBLIC"])
 
 
 def _poll_request(settings: Settings) -> marshmallow.Schema:
@@ -100,13 +106,16 @@ HEADER_PARAMETERS: dict[str, dict] = {
                    "description": "The lease id of the attempt the caller works on (from the poll "
                                   "response); fences a stale worker.",
                    "schema": {"type": "string", "maxLength": 64}},
+    "Idempotency-Key": {"in": "header", "name": "Idempotency-Key", "required": False,
+                        "description": "Makes a retried create safe: the same key and body give the same job.",
+                        "schema": {"type": "string", "pattern": r"^[\x21-\x7e]{1,255}$"}},
     "Range": {"in": "header", "name": "Range", "required": False,
               "description": "Resume a download: `bytes=first-[last]` (RFC 9110); answered with 206, or "
                              "416 when no byte of it exists.",
               "schema": {"type": "string"}},
 }
 
-_HEALTH_JSON = {"application/json": {"schema": schemas.HealthResponse}}
+_LOCATION = {"description": "The job's URL.", "required": True, "schema": {"type": "string"}}
 _PUBLIC_TAG = "service"
 _JOBS_TAG = "remote-jobs"
 _WORKER_TAG = "workers"
@@ -114,8 +123,14 @@ _WORKER_TAG = "workers"
 OPERATIONS: dict[str, Operation] = {
     "health.health": Operation(
         summary="Liveness and store health", tag=_PUBLIC_TAG, response=schemas.HealthResponse,
-        description="200 while the job store takes writes; 503 (same body) when it does not.",
-        extra_responses={503: {"description": "The job store is not writable.", "content": _HEALTH_JSON}}),
+        description="200 while the job store takes writes; 503 when it does not.", errors=(503,)),
+    "metrics.metrics": Operation(
+        summary="Prometheus metrics of the queue", tag=_PUBLIC_TAG,
+        content={"text/plain": {"schema": {"type": "string"}},
+                 "application/openmetrics-text": {"schema": {"type": "string"}}},
+        public_if=_metrics_public,
+        description="The Prometheus text format, or OpenMetrics when the scraper's `Accept` asks for it. "
+                    "Served without a key when `MORAG_REMOTE_METRICS_PUBLIC` is true."),
     "docs.openapi_json": Operation(
         summary="This OpenAPI document", tag=_PUBLIC_TAG,
         content={"application/json": {"schema": {"type": "object", "required": ["openapi", "info", "paths"]}}}),
@@ -132,10 +147,14 @@ OPERATIONS: dict[str, Operation] = {
                  "image/png": _BINARY}),
     "remote_jobs.create_job": Operation(
         summary="Create a job", tag=_JOBS_TAG, body=_create_request, success=201,
-        response=schemas.CreateJobResponse,
-        description="`source_file_path` must name a regular file inside the configured source roots.",
-        success_headers={"Location": {"description": "The new job's URL.", "required": True,
-                                      "schema": {"type": "string"}}}),
+        response=schemas.CreateJobResponse, headers=("Idempotency-Key",), errors=(409,),
+        description="`source_file_path` must name a regular file inside the configured source roots. "
+                    "With an `Idempotency-Key`, a repeated request with the same body answers 200 with the "
+                    "job it created (422 with another body, 409 when that job was deleted).",
+        success_headers={"Location": _LOCATION},
+        extra_responses={200: {"description": "The job this Idempotency-Key already created.",
+                               "headers": {"Location": _LOCATION},
+                               "content": {"application/json": {"schema": "CreateJobResponse"}}}}),
     "remote_jobs.list_jobs": Operation(
         summary="List jobs (without result bodies)", tag=_JOBS_TAG, query=schemas.ListJobsQuery,
         response=schemas.ListJobsResponse,
@@ -164,11 +183,8 @@ OPERATIONS: dict[str, Operation] = {
     "remote_jobs.download": Operation(
         summary="Download the source file of a job held by the caller", tag=_WORKER_TAG,
         content={"application/octet-stream": _BINARY}, success_headers=_FILE_HEADERS,
-        headers=("X-Lease-Id", "Range"), errors=(409, 416),
-        query_parameters=({"in": "query", "name": "token", "required": False,
-                           "description": "The signed token of `source_file_url` (bound to the attempt).",
-                           "schema": {"type": "string"}},),
-        description="Use `source_file_url` from the poll response (its token proves the attempt), or send "
+        query=schemas.DownloadQuery, headers=("X-Lease-Id", "Range"), errors=(409, 416),
+        description="Use `source_file_url` from the poll response (its `token` proves the attempt), or send "
                     "`X-Lease-Id`. 403 for a bad token or a source that may not be served, 409 once the "
                     "attempt is over.",
         extra_responses={206: {"description": "The requested byte range.",
@@ -197,6 +213,8 @@ _ERROR_TITLES = {
     413: ("PayloadTooLarge", "The request body is larger than the configured maximum."),
     416: ("RangeNotSatisfiable", "No byte of the requested range exists."),
     422: ("UnprocessableContent", "The request is well-formed but invalid; `errors` names the fields."),
+    500: ("InternalServerError", "The job's record is damaged on disk (an operator runs `remote-jobs fsck`)."),
+    503: ("ServiceUnavailable", "The job store is not writable, or the API key file cannot be read."),
 }
 
 
@@ -316,14 +334,16 @@ def _query_parameters(converter: OpenAPIConverter, schema: marshmallow.Schema) -
 def _implied_errors(rule: Rule, op: Operation, roles: tuple[str, ...] | None) -> set[int]:
     errors = set(op.errors)
     if roles is not None:
-        errors.add(401)
+        errors.update((401, 503))  # 503: the key file cannot be read (fail closed)
         if set(roles) != set(ROLES):
             errors.add(403)
     if op.body is not None:
         errors.update((400, 413, 422))
     if op.query is not None:
         errors.add(422)
-    if rule.arguments:
+    if "job_id" in rule.arguments:
+        errors.update((404, 500))  # 500: the job's record exists but cannot be read
+    elif rule.arguments:
         errors.add(404)
     return errors
 
@@ -348,7 +368,6 @@ def _operation(rule: Rule, method: str, op: Operation, roles: tuple[str, ...] | 
     parameters = _path_parameters(rule, method, rules)
     if op.query is not None and method == "GET":
         parameters += _query_parameters(converter, _instance(op.query, settings))
-    parameters += [dict(p) for p in op.query_parameters]
     parameters += list(op.headers)
     parameters.append("X-Request-ID")
     has_body = op.body is not None and method in ("POST", "PUT", "PATCH")
@@ -470,6 +489,8 @@ def build_document(app: Flask) -> dict:
             log.warning("openapi.undocumented_route", endpoint=endpoint, path=path, method=method)
             op = Operation(summary=f"Undocumented ({endpoint})", tag="undocumented")
         roles = getattr(app.view_functions[endpoint], "required_roles", None)
+        if op.public_if is not None and op.public_if(app.config):
+            roles = None
         operation = _operation(rule, method, op, tuple(roles) if roles is not None else None, converter,
                                settings, rules)
         operation["operationId"] = ids[(endpoint, method, path)]

@@ -75,6 +75,13 @@ def test_health_document_and_docs_are_public(document, path):
     assert document["paths"][path]["get"]["security"] == []
 
 
+def test_metrics_needs_a_key_unless_configured_public(instance_path):
+    for public, security in ((False, [{"bearerAuth": []}]), (True, [])):
+        app = create_app({"TESTING": True, "INSTANCE_PATH": str(instance_path), "LOG_JSON": True,
+                          "METRICS_PUBLIC": public})
+        assert app.test_client().get("/openapi.json").json["paths"]["/metrics"]["get"]["security"] == security
+
+
 def test_every_other_operation_needs_a_key_with_the_roles_of_its_view(app, document):
     by_path = {}
     for rule in app.url_map.iter_rules():
@@ -106,7 +113,7 @@ def test_job_id_of_get_excludes_the_literal_routes_that_shadow_it(document):
 def test_every_error_is_problem_json(document):
     for path, method, operation in _operations(document):
         for status, response in operation["responses"].items():
-            if int(status) < 400 or path == "/health":
+            if int(status) < 400:
                 continue
             content = _resolve(document, response)["content"]
             assert list(content) == ["application/problem+json"], f"{method} {path} {status}"
@@ -124,7 +131,7 @@ def test_body_and_path_errors_are_declared(document):
     result = document["paths"]["/api/v1/remote-jobs/{job_id}/result"]["put"]["responses"]
     assert {"400", "401", "403", "404", "409", "413", "422"} <= set(result)
     status = document["paths"]["/api/v1/remote-jobs/{job_id}/status"]["get"]["responses"]
-    assert set(status) == {"200", "401", "404"}  # any key may read a status: no 403
+    assert set(status) == {"200", "401", "404", "500", "503"}  # any key may read a status: no 403
 
 
 def test_delete_answers_204_without_a_body(document):

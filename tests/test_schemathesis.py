@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import socket
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -77,14 +78,23 @@ class Fixtures:
         return out
 
 
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     instance = tmp_path_factory.mktemp("schemathesis") / "instance"
     sources = instance / "sources"
     sources.mkdir(parents=True)
+    receiver = f"http://127.0.0.1:{_closed_port()}/"
     app = create_app({"TESTING": True, "INSTANCE_PATH": str(instance), "LOG_JSON": True,
                       # long polls would make each example wait; the document states the bound it sets
-                      "POLL_MAX_WAIT_SECONDS": 0.05})
+                      "POLL_MAX_WAIT_SECONDS": 0.05,
+                      # completion events on, to a receiver that refuses: jobs show a delivery state
+                      "CALLBACK_URL": receiver + "events", "CALLBACK_ALLOWED_PREFIXES": [receiver]})
     store = app.extensions[KEYS]
     keys = {role: store.create(f"{role}-key", role)[1] for role in ("worker", "producer", "admin")}
     keys["worker_bound"] = store.create("w-bound", "worker", worker_id="bound-worker")[1]

@@ -5,7 +5,9 @@ lapse, cancel, retry and delete, checked after every step against a simple model
 After every step: no job is lost or invented, each job is in exactly one status directory on disk,
 its stored status, retry count, worker and lease agree with the model, and both "processes" see the
 same counts. Each claim takes only jobs that were pending and available, best first; a heartbeat or
-result from anyone but the current attempt gets LeaseConflict and leaves the job's file untouched.
+result from anyone but the current attempt is refused (LeaseConflict while the job is processing for
+another attempt, InvalidTransition once it is not processing: both 409) and leaves the job's file
+untouched.
 """
 from __future__ import annotations
 
@@ -109,10 +111,17 @@ class QueueMachine(RuleBasedStateMachine):
         return Caller(bound_worker_id=kind)  # a key bound to this worker id
 
     @staticmethod
-    def _may_act(m: Model, caller: Caller) -> bool:
-        return (m.status == "processing"
-                and (caller.lease_id is None or caller.lease_id == m.lease_id)
-                and (caller.bound_worker_id is None or caller.bound_worker_id == m.worker_id))
+    def _refusal(m: Model, caller: Caller) -> type[Exception] | None:
+        """Why ``caller`` may not heartbeat or submit a result for the job now (None: it may).
+
+        A job that is not processing refuses the action itself (InvalidTransition); a processing
+        job refuses a caller of another attempt or another worker (LeaseConflict). Both are 409."""
+        if m.status != "processing":
+            return InvalidTransition
+        if (caller.lease_id is not None and caller.lease_id != m.lease_id) or \
+                (caller.bound_worker_id is not None and caller.bound_worker_id != m.worker_id):
+            return LeaseConflict
+        return None
 
     def _refused(self, job_id: str, call, error: type[Exception]) -> None:
         event(f"refused: {error.__name__}")
@@ -200,8 +209,8 @@ class QueueMachine(RuleBasedStateMachine):
         call = lambda: self.services[via].heartbeat(job_id, caller, progress=0.5)  # noqa: E731
         if m is None:
             return self._refused(job_id, call, JobNotFound)
-        if not self._may_act(m, caller):
-            return self._refused(job_id, call, LeaseConflict)
+        if refusal := self._refusal(m, caller):
+            return self._refused(job_id, call, refusal)
         job = call()
         event("heartbeat accepted")
         m.timeout_at = self.clock() + timedelta(seconds=LEASES[m.content_type])
@@ -247,9 +256,10 @@ class QueueMachine(RuleBasedStateMachine):
             return
         caller = Caller(lease_id=data.draw(st.sampled_from(stale), label="stale lease"))
         event("stale lease tried" + (" on a held job" if m.status == "processing" else ""))
-        self._refused(job_id, lambda: self.services[via].heartbeat(job_id, caller), LeaseConflict)
+        refusal = self._refusal(m, caller)
+        self._refused(job_id, lambda: self.services[via].heartbeat(job_id, caller), refusal)
         self._refused(job_id, lambda: self.services[via].submit_result(
-            job_id, caller, success=True, content=f"late-{self._next()}"), LeaseConflict)
+            job_id, caller, success=True, content=f"late-{self._next()}"), refusal)
 
     def _next(self) -> int:
         self.serial += 1
@@ -284,8 +294,8 @@ class QueueMachine(RuleBasedStateMachine):
             event("result repeated")
             assert self._bytes(job_id) == before
             return
-        if not self._may_act(m, caller):
-            return self._refused(job_id, call, LeaseConflict)
+        if refusal := self._refusal(m, caller):
+            return self._refused(job_id, call, refusal)
         outcome = call()
         now = self.clock()
         m.result = (caller.lease_id, caller.bound_worker_id, body)
@@ -344,3 +354,4 @@ class QueueMachine(RuleBasedStateMachine):
 QueueMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=30, deadline=None,
                                           suppress_health_check=[HealthCheck.too_slow])
 TestQueueStateMachine = QueueMachine.TestCase
+

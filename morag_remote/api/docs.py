@@ -24,6 +24,7 @@ ASSET_TYPES = {
     "favicon-32x32.png": "image/png",
     "favicon-16x16.png": "image/png",
 }
+ASSET_RULE = f"/docs/<any({', '.join(repr(name) for name in ASSET_TYPES)}):filename>"
 ASSET_MAX_AGE = 24 * 3600
 PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
                "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; "
@@ -97,7 +98,7 @@ def initializer() -> Response:
     return current_app.response_class(INITIALIZER, mimetype="text/javascript")
 
 
-@bp.get(f"/docs/<any({', '.join(repr(name) for name in ASSET_TYPES)}):filename>")
+@bp.get(ASSET_RULE)
 def asset(filename: str) -> Response:
     return send_from_directory(swagger_ui_dist(), filename, mimetype=ASSET_TYPES[filename],
                                max_age=ASSET_MAX_AGE)

@@ -58,5 +58,27 @@ def test_non_json_numbers_in_a_body_are_refused_and_nothing_is_stored(client, ke
 def test_large_but_finite_numbers_are_still_accepted(producer):
     response = producer.create("audio", task_options={"gain": 1e300, "frames": 10**30})
     assert response.status_code == 201
-    job = producer.get(response.json["job_id"]).json
-    assert job["task_options"] == {"gain": 1e300, "frames": 10**30}
+    options = producer.get(response.json["job_id"]).json["task_options"]
+    # as JSON numbers (PostgreSQL's jsonb writes 1e300 out in full digits: the same double)
+    assert float(options["gain"]) == 1e300 and options["frames"] == 10**30
+
+
+@pytest.mark.parametrize("query", [{"worker_id": "w1", "content_types": "audio,vi\x00deo"},
+                                   {"worker_id": "w\x001", "content_types": "audio"}])
+def test_nul_in_a_poll_is_refused_on_every_backend(worker, query):
+    response = worker.client.get("/api/v1/remote-jobs/poll", query_string=query, headers=worker.headers)
+    assert response.status_code == 422
+    assert response.mimetype == "application/problem+json"
+    assert "NUL" in response.json["detail"]
+
+
+def test_nul_in_a_body_is_refused_and_the_job_is_unchanged(producer, worker):
+    job_id = producer.create_id("audio")
+    worker.claim("audio")
+    before = producer.get(job_id).json
+    response = worker.result(job_id, content="text\x00more")
+    assert response.status_code == 422
+    assert response.json["errors"] == {"content": ["contains a NUL byte (U+0000)"]}
+    assert producer.get(job_id).json == before
+    refused = producer.create("audio", task_options={"lang\x00": "en"})
+    assert refused.status_code == 422 and refused.json["errors"] == {"task_options": ["a key contains a NUL byte (U+0000)"]}

@@ -84,17 +84,23 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
+@pytest.fixture(scope="module", params=["files", pytest.param("postgres", marks=pytest.mark.postgres)])
+def live(request, tmp_path_factory):
+    """One app per backend for the whole module (its jobs pile up, as on a server that has run a while)."""
     instance = tmp_path_factory.mktemp("schemathesis") / "instance"
     sources = instance / "sources"
     sources.mkdir(parents=True)
     receiver = f"http://127.0.0.1:{_closed_port()}/"
-    app = create_app({"TESTING": True, "INSTANCE_PATH": str(instance), "LOG_JSON": True,
-                      # long polls would make each example wait; the document states the bound it sets
-                      "POLL_MAX_WAIT_SECONDS": 0.05,
-                      # completion events on, to a receiver that refuses: jobs show a delivery state
-                      "CALLBACK_URL": receiver + "events", "CALLBACK_ALLOWED_PREFIXES": [receiver]})
+    config = {"TESTING": True, "INSTANCE_PATH": str(instance), "LOG_JSON": True,
+              # long polls would make each example wait; the document states the bound it sets
+              "POLL_MAX_WAIT_SECONDS": 0.05,
+              # completion events on, to a receiver that refuses: jobs show a delivery state
+              "CALLBACK_URL": receiver + "events", "CALLBACK_ALLOWED_PREFIXES": [receiver]}
+    if request.param == "postgres":
+        database = request.getfixturevalue("pg_database")
+        database.truncate()
+        config["DATABASE_URL"] = database.url
+    app = create_app(config)
     store = app.extensions[KEYS]
     keys = {role: store.create(f"{role}-key", role)[1] for role in ("worker", "producer", "admin")}
     keys["worker_bound"] = store.create("w-bound", "worker", worker_id="bound-worker")[1]
@@ -185,5 +191,5 @@ def test_operation_conforms_to_its_document(live, endpoint):
 
         run()
         assert len(statuses) >= EXAMPLES, f"{operation.label}: only {len(statuses)} examples ran"
-        success = min(int(code) for code in operation.definition.raw["responses"])
+        success = OPERATIONS[endpoint].success
         assert success in statuses, f"{operation.label}: never reached {success}; saw {Counter(statuses)}"

@@ -12,6 +12,8 @@ from marshmallow import Schema
 from werkzeug.exceptions import BadRequest
 from werkzeug.wsgi import wrap_file
 
+from ..exceptions import InvalidRequest
+
 MAX_JSON_DEPTH = 64
 
 
@@ -43,6 +45,7 @@ def json_body(schema: Schema, allow_empty: bool = False) -> dict[str, Any]:
         raise BadRequest("the request body must be a JSON object")
     if _depth(payload) > MAX_JSON_DEPTH:
         raise BadRequest(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
+    _refuse_nul(payload)
     return schema.load(payload)
 
 
@@ -58,6 +61,27 @@ def _finite(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{text} is beyond the range of a double")
     return value
+
+
+def _refuse_nul(value: Any) -> None:
+    """422 for a NUL character in any string of a request (key or value): PostgreSQL cannot store
+    one in text or jsonb, so the same input must be refused whatever the backend."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                field = path or "_schema"
+                raise InvalidRequest(f"{field} contains a NUL byte", {field: ["contains a NUL byte (U+0000)"]})
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if "\x00" in key:
+                    field = path or "_schema"
+                    raise InvalidRequest(f"a key of {field} contains a NUL byte",
+                                         {field: ["a key contains a NUL byte (U+0000)"]})
+                stack.append((f"{path}.{key}" if path else str(key), child))
+        elif isinstance(item, list):
+            stack.extend((f"{path}.{i}", child) for i, child in enumerate(item))
 
 
 def _depth(value: Any) -> int:
@@ -81,7 +105,9 @@ def _depth(value: Any) -> int:
 
 def query_args(schema: Schema) -> dict[str, Any]:
     """The query string loaded by ``schema`` (a repeated parameter keeps its first value)."""
-    return schema.load(request.args.to_dict())
+    args = request.args.to_dict()
+    _refuse_nul(args)
+    return schema.load(args)
 
 
 def respond(schema: Schema, obj: Any, status: int = 200) -> Response:

@@ -25,6 +25,8 @@ from .service import JobService
 from .store.factory import build_key_store, build_store
 from .tokens import DownloadTokens
 
+__version__ = "0.1.0"  # setup.cfg reads it (attr:), the OpenAPI document shows it
+
 log = structlog.get_logger(__name__)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Callable, Iterable, Mapping
 
 import marshmallow
@@ -32,7 +31,7 @@ from apispec.ext.marshmallow.common import resolve_schema_cls
 from flask import Flask
 from werkzeug.routing import AnyConverter, IntegerConverter, Rule, UnicodeConverter
 
-from . import schemas
+from . import __version__, schemas
 from .auth import ROLES
 from .config import Settings
 
@@ -447,13 +446,6 @@ def _components(spec: APISpec) -> None:
                                         "content": {PROBLEM_JSON: {"schema": "Problem"}}})
 
 
-def _package_version() -> str:
-    try:
-        return version("morag-remote")
-    except PackageNotFoundError:  # pragma: no cover - running from a checkout that was never installed
-        return "0.0.0"
-
-
 def undocumented_endpoints(app: Flask) -> list[str]:
     """Endpoints of ``app`` that OPERATIONS does not describe (each still gets a bare operation)."""
     return sorted({rule.endpoint for rule in app.url_map.iter_rules()
@@ -464,7 +456,7 @@ def build_document(app: Flask) -> dict:
     """The OpenAPI document of ``app``: every route of its URL map, documented from OPERATIONS."""
     settings = Settings.from_config(app.config)
     plugin = _Plugin()
-    spec = APISpec(title="morag-remote", version=_package_version(), openapi_version=OPENAPI_VERSION,
+    spec = APISpec(title="morag-remote", version=__version__, openapi_version=OPENAPI_VERSION,
                    plugins=[plugin], info={"description": API_DESCRIPTION})
     converter = plugin.converter
     converter.complete = _complete_schemas(

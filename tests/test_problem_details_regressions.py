@@ -7,7 +7,7 @@ import pytest
 
 from morag_remote import create_app
 
-from conftest import auth
+from conftest import WorkerActions, auth
 
 
 def test_crash_in_a_view_answers_problem_json_500_without_a_traceback(instance_path):
@@ -82,3 +82,17 @@ def test_nul_in_a_body_is_refused_and_the_job_is_unchanged(producer, worker):
     assert producer.get(job_id).json == before
     refused = producer.create("audio", task_options={"lang\x00": "en"})
     assert refused.status_code == 422 and refused.json["errors"] == {"task_options": ["a key contains a NUL byte (U+0000)"]}
+
+
+def test_bound_worker_repeating_a_requeued_failure_gets_its_first_answer(producer, client, keys, service):
+    """Found by the state machine: the re-queue cleared the job's worker id, so the shortcut for a
+    repeated result no longer recognised the bound key that sent it, and its retried request got 409."""
+    bound = WorkerActions(client, keys["worker_bound"], "bound-worker")
+    job_id = producer.create_id("audio", max_retries=2)
+    bound.claim("audio")
+    first = bound.result(job_id, success=False, error_message="GPU out of memory")
+    before = service.get(job_id)
+    again = bound.result(job_id, success=False, error_message="GPU out of memory")
+    assert (first.status_code, again.status_code) == (200, 200)
+    assert again.json == first.json == {"status": "pending", "ingestion_continued": False}
+    assert service.get(job_id).version == before.version

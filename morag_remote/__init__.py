@@ -25,6 +25,8 @@ from .service import JobService
 from .store.factory import build_key_store, build_store
 from .tokens import DownloadTokens
 
+__version__ = "0.1.0"  # setup.cfg reads it (attr:), the OpenAPI document shows it
+
 log = structlog.get_logger(__name__)
 
 
@@ -53,13 +55,14 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     init_events(app, app.extensions[SERVICE])
     init_idempotency(app, app.extensions[SERVICE])
 
-    from .api import health, metrics, remote_jobs, stats
+    from .api import docs, health, metrics, remote_jobs, stats
     from .cli import db_cli, jobs_cli, keys_cli
     from .metrics import init_metrics  # here, not at the top: see gunicorn.conf.py
 
     init_metrics(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
+    app.register_blueprint(docs.bp)
     app.register_blueprint(stats.bp)  # before remote_jobs: /stats must not match /<job_id>
     app.register_blueprint(remote_jobs.bp)
     register_error_handlers(app)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, validate, validates
+from marshmallow import EXCLUDE, INCLUDE, RAISE, Schema, ValidationError, fields, validate, validates
 
 from .events.destinations import webhook_problem
 from .models import STATUSES
@@ -47,6 +47,13 @@ def _depth(value: object) -> int:
     return deepest
 
 
+def _add_validator(schema: Schema, name: str, validator: validate.Validator) -> None:
+    """Give one schema instance's field an extra validator (a new list: marshmallow copies fields
+    shallowly, so appending would change the field of every other instance too)."""
+    field = schema.fields[name]
+    field.validators = [*field.validators, validator]
+
+
 class StrictBoolean(fields.Boolean):
     """Only JSON true/false: "no" or 0 for ``success`` is more likely a client bug than a verdict."""
 
@@ -69,11 +76,9 @@ class CreateJobRequest(StrictSchema):
         super().__init__(*args, **kwargs)
         self.allowed_content_types = content_types
         self.webhook_prefixes = webhook_prefixes
-
-    @validates("content_type")
-    def _known_type(self, value: str, **_) -> None:
-        if self.allowed_content_types and value not in self.allowed_content_types:
-            raise ValidationError(f"must be one of: {', '.join(self.allowed_content_types)}")
+        if content_types:  # a field validator, so the OpenAPI document lists the choices
+            _add_validator(self, "content_type",
+                           validate.OneOf(content_types, error=f"must be one of: {', '.join(content_types)}"))
 
     @validates("task_options")
     def _options_size(self, value: dict, **_) -> None:
@@ -121,16 +126,10 @@ class PollRequest(StrictSchema):
         super().__init__(*args, **kwargs)
         self.max_jobs_allowed = max_jobs
         self.max_wait = max_wait
-
-    @validates("max_jobs")
-    def _max_jobs(self, value: int, **_) -> None:
-        if not 1 <= value <= self.max_jobs_allowed:
-            raise ValidationError(f"must be between 1 and {self.max_jobs_allowed}")
-
-    @validates("wait")
-    def _wait(self, value: float, **_) -> None:
-        if not 0 <= value <= self.max_wait:
-            raise ValidationError(f"must be between 0 and {self.max_wait:g} seconds")
+        # field validators (not @validates methods), so the OpenAPI document states the bounds
+        _add_validator(self, "max_jobs", validate.Range(min=1, max=max_jobs, error=f"must be between 1 and {max_jobs}"))
+        _add_validator(self, "wait",
+                       validate.Range(min=0, max=max_wait, error=f"must be between 0 and {max_wait:g} seconds"))
 
 
 class ClaimedJob(Schema):
@@ -235,7 +234,7 @@ class JobSummary(Schema):
     """A job without its result body (for lists)."""
 
     id = fields.String()
-    job_id = fields.Function(lambda job: job.id)
+    job_id = fields.Function(lambda job: job.id, metadata={"type": "string"})
     ingestion_task_id = fields.String()
     source_file_path = fields.String()
     content_type = fields.String()
@@ -283,12 +282,16 @@ class HealthResponse(Schema):
 
 
 class ProblemSchema(Schema):
-    """RFC 9457 problem details, as every error of this API is rendered."""
+    """RFC 9457 problem details, as every error of this API is rendered (by ``errors.problem``, which
+    always writes the four required members; extension members such as ``job_status`` may follow)."""
 
-    type = fields.String()
-    title = fields.String()
-    status = fields.Integer()
-    detail = fields.String()
+    class Meta:
+        unknown = INCLUDE
+
+    type = fields.String(required=True)
+    title = fields.String(required=True)
+    status = fields.Integer(required=True)
+    detail = fields.String(required=True)
     errors = fields.Dict(keys=fields.String(), values=fields.List(fields.String()))
     request_id = fields.String()
 

@@ -317,16 +317,17 @@ class JobService:
         worker sends neither, so it cannot be told apart from the current holder: its result is
         accepted while the job is processing, which makes the first result for the current attempt
         win, and the other worker's result then gets 409 (its download token was already fenced).
-        The same result sent again (same body, same or no lease id, and a key bound to the same
-        worker or unbound) answers as the first time did, without a second completion.
+        The same result sent again (same body, same or no lease id, and a key with the same worker
+        binding or none) answers as the first time did, without a second completion. The binding is
+        part of the digest rather than compared with ``job.worker_id``: a failure that re-queued the
+        job cleared its worker id, and the worker's retried request must still get its first answer.
         """
-        digest = _digest(success, content, metadata, error_message, processing_time, retryable)
+        digest = _digest(success, content, metadata, error_message, processing_time, retryable,
+                         caller.bound_worker_id)
 
         @pure
         def mutate(job: RemoteJob) -> RemoteJob:
-            if (job.result_digest == digest
-                    and (caller.lease_id is None or caller.lease_id == job.lease_id)
-                    and (caller.bound_worker_id is None or caller.bound_worker_id == job.worker_id)):
+            if job.result_digest == digest and (caller.lease_id is None or caller.lease_id == job.lease_id):
                 raise _NoChange(job)  # the same result again (a retried request): answer as before
             self.holder_check(job, caller, Action.COMPLETE if success else Action.FAIL)
             now = self.clock()

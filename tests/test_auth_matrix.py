@@ -14,6 +14,7 @@ from typing import Any, Callable
 import pytest
 
 from conftest import auth
+from morag_remote.api.docs import ASSET_RULE
 from morag_remote.context import KEYS, SERVICE, TOKENS
 
 J = "/api/v1/remote-jobs"
@@ -31,6 +32,7 @@ class Route:
     body: Callable[["Cell"], Any] | None = None
     query: dict[str, Any] = field(default_factory=dict)
     token: bool = False           # a download URL from the poll response (token of the claim)
+    path: str | None = None       # the URL to request, for a rule with other variables than <job_id>
 
 
 def _create_body(cell: "Cell") -> dict[str, Any]:
@@ -45,6 +47,8 @@ ROLE_TABLE: dict[tuple[str, str], Route] = {
     ("GET", "/health"): Route(PUBLIC),
     ("GET", "/openapi.json"): Route(PUBLIC),
     ("GET", "/docs"): Route(PUBLIC),
+    ("GET", "/docs/swagger-initializer.js"): Route(PUBLIC),
+    ("GET", ASSET_RULE): Route(PUBLIC, path="/docs/swagger-ui.css"),
     ("GET", "/metrics"): Route(ANY_KEY),
     ("POST", J): Route("producer", body=_create_body),
     ("POST", J + "/"): Route("producer", body=_create_body),
@@ -105,7 +109,7 @@ class Cell:
         return job.id, None
 
     def call(self, method: str, rule: str, route: Route, headers: dict[str, str]):
-        path, query = rule, dict(route.query)
+        path, query = route.path or rule, dict(route.query)
         if route.job:
             job_id, lease_id = self.job(route.job)
             path = rule.replace("<job_id>", job_id)

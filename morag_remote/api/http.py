@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from typing import Any, BinaryIO
 
 from flask import Response, current_app, request
 from marshmallow import Schema
 from werkzeug.exceptions import BadRequest
 from werkzeug.wsgi import wrap_file
+
+from ..exceptions import InvalidRequest
 
 MAX_JSON_DEPTH = 64
 
@@ -33,7 +36,7 @@ def json_body(schema: Schema, allow_empty: bool = False) -> dict[str, Any]:
     if allow_empty and not raw:
         return schema.load({})
     try:
-        payload = json.loads(raw, parse_constant=_reject_constant)
+        payload = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite)
     except RecursionError:
         raise BadRequest("the request body nests arrays or objects too deeply") from None
     except ValueError:
@@ -42,12 +45,43 @@ def json_body(schema: Schema, allow_empty: bool = False) -> dict[str, Any]:
         raise BadRequest("the request body must be a JSON object")
     if _depth(payload) > MAX_JSON_DEPTH:
         raise BadRequest(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
+    _refuse_nul(payload)
     return schema.load(payload)
 
 
 def _reject_constant(name: str) -> Any:
     """NaN and Infinity are not JSON (RFC 8259), though Python's parser takes them."""
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float; Python reads one beyond the double range (``1e999``) as infinity,
+    which would be stored and then written back out as ``Infinity``, which is not JSON either."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is beyond the range of a double")
+    return value
+
+
+def _refuse_nul(value: Any) -> None:
+    """422 for a NUL character in any string of a request (key or value): PostgreSQL cannot store
+    one in text or jsonb, so the same input must be refused whatever the backend."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                field = path or "_schema"
+                raise InvalidRequest(f"{field} contains a NUL byte", {field: ["contains a NUL byte (U+0000)"]})
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if "\x00" in key:
+                    field = path or "_schema"
+                    raise InvalidRequest(f"a key of {field} contains a NUL byte",
+                                         {field: ["a key contains a NUL byte (U+0000)"]})
+                stack.append((f"{path}.{key}" if path else str(key), child))
+        elif isinstance(item, list):
+            stack.extend((f"{path}.{i}", child) for i, child in enumerate(item))
 
 
 def _depth(value: Any) -> int:
@@ -71,7 +105,9 @@ def _depth(value: Any) -> int:
 
 def query_args(schema: Schema) -> dict[str, Any]:
     """The query string loaded by ``schema`` (a repeated parameter keeps its first value)."""
-    return schema.load(request.args.to_dict())
+    args = request.args.to_dict()
+    _refuse_nul(args)
+    return schema.load(args)
 
 
 def respond(schema: Schema, obj: Any, status: int = 200) -> Response:

@@ -135,14 +135,19 @@ class PostgresJobStore:
         self._changed(job)
         return job
 
+    @staticmethod
+    def _lock_row(conn, job_id: str) -> RemoteJob:
+        """The job's row, locked until the transaction ends; JobNotFound when there is none."""
+        row = conn.execute("SELECT version, doc FROM remote_jobs WHERE id = %s FOR UPDATE",
+                           (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job with id {job_id!r}")
+        return _job(*row)
+
     def update(self, job_id: str, mutate: Mutator) -> RemoteJob:
         _check_id(job_id)
         with self.db.transaction() as conn:
-            row = conn.execute("SELECT version, doc FROM remote_jobs WHERE id = %s FOR UPDATE",
-                               (job_id,)).fetchone()
-            if row is None:
-                raise JobNotFound(f"no job with id {job_id!r}")
-            current = _job(*row)
+            current = self._lock_row(conn, job_id)
             new = mutate(current.copy())
             new.version = current.version + 1
             conn.execute(_UPDATE, _params(new))
@@ -171,11 +176,8 @@ class PostgresJobStore:
         """Delete the job; with ``only_if``, only when the predicate holds for the locked row."""
         _check_id(job_id)
         with self.db.transaction() as conn:
-            row = conn.execute("SELECT version, doc FROM remote_jobs WHERE id = %s FOR UPDATE",
-                               (job_id,)).fetchone()
-            if row is None:
-                raise JobNotFound(f"no job with id {job_id!r}")
-            if only_if is not None and not only_if(_job(*row)):
+            current = self._lock_row(conn, job_id)
+            if only_if is not None and not only_if(current):
                 return False
             conn.execute("DELETE FROM remote_jobs WHERE id = %s", (job_id,))
         return True

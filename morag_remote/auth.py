@@ -114,6 +114,18 @@ def auth_disabled(value: Any) -> bool:
     raise ValueError(f"MORAG_REMOTE_AUTH_DISABLED must be true or false, not {value!r}")
 
 
+def validate_key_request(name: str, role: str, worker_id: str | None) -> None:
+    """The rules of a new key, the same for every key store; KeyRequestInvalid when broken."""
+    if role not in ROLES:
+        raise KeyRequestInvalid(f"role must be one of {', '.join(ROLES)}")
+    if not name or len(name) > 64 or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in name):
+        raise KeyRequestInvalid(f"name must be {NAME_RULE}")
+    if worker_id is not None and role != "worker":
+        raise KeyRequestInvalid("only worker keys can be bound to a worker id")
+    if worker_id is not None and not 0 < len(worker_id) <= MAX_WORKER_ID:
+        raise KeyRequestInvalid(f"a worker id has 1-{MAX_WORKER_ID} characters")
+
+
 class KeyStore:
     def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = Path(path)
@@ -148,14 +160,7 @@ class KeyStore:
         self._stamp = None
 
     def create(self, name: str, role: str, worker_id: str | None = None) -> tuple[ApiKey, str]:
-        if role not in ROLES:
-            raise KeyRequestInvalid(f"role must be one of {', '.join(ROLES)}")
-        if not name or len(name) > 64 or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in name):
-            raise KeyRequestInvalid(f"name must be {NAME_RULE}")
-        if worker_id is not None and role != "worker":
-            raise KeyRequestInvalid("only worker keys can be bound to a worker id")
-        if worker_id is not None and not 0 < len(worker_id) <= MAX_WORKER_ID:
-            raise KeyRequestInvalid(f"a worker id has 1-{MAX_WORKER_ID} characters")
+        validate_key_request(name, role, worker_id)
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         with self.lock.hold():
             keys = dict(self._load())

@@ -143,9 +143,7 @@ def _describe(job: dict) -> str:
 @with_appcontext
 def stats(as_json: bool) -> None:
     """Counts by status and content type, the oldest pending job's age, workers seen."""
-    from .api.stats import stats_body
-
-    body = stats_body()
+    body = service().queue_summary()
     _emit(as_json, body, lambda b: "\n".join(
         [f"{status:<10} {ct:<9} {n}" for status, per in sorted(b["counts"].items())
          for ct, n in sorted(per.items())]

@@ -26,8 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, exposition,
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from .api.stats import stats_body
-from .context import SERVICE
+from .context import SERVICE, service
 from .models import STATUSES, Action, RemoteJob
 
 METRICS = "morag_remote.metrics"
@@ -110,7 +109,7 @@ class QueueCollector:
         self.content_types = content_types
 
     def collect(self) -> Iterator[Metric]:
-        body = stats_body()
+        body = service().queue_summary()
         types = sorted(set(self.content_types) | {ct for per in body["counts"].values() for ct in per})
         depth = GaugeMetricFamily(f"{PREFIX}_jobs", "Jobs in the store by status and content type.",
                                   labels=["status", "content_type"])

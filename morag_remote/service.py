@@ -22,7 +22,7 @@ import structlog
 
 from .config import Settings
 from .exceptions import InvalidTransition, JobNotFound, LeaseConflict, SourceForbidden
-from .models import Action, Clock, RemoteJob, Status, new_job_id, next_status, utcnow
+from .models import STATUSES, Action, Clock, RemoteJob, Status, new_job_id, next_status, utcnow
 from .sources import confine, open_source
 from .store.base import JobFilter, JobRepository, StoreStats, pure
 
@@ -454,6 +454,25 @@ class JobService:
 
     def stats(self) -> StoreStats:
         return self.store.stats()
+
+    def queue_summary(self) -> dict[str, Any]:
+        """What ``/stats``, ``remote-jobs stats`` and the metrics gauges report: counts by status and
+        content type, totals, the age of the oldest pending job, and the workers seen within the
+        longest lease period."""
+        stats = self.store.stats()
+        now = self.clock()
+        counts: dict[str, dict[str, int]] = {status: {} for status in STATUSES}
+        for (status, content_type), n in stats.counts.items():
+            counts.setdefault(status, {})[content_type] = n
+        oldest = stats.oldest_pending_created_at
+        window = timedelta(seconds=max(self.settings.lease_seconds.values(), default=3600))
+        active = sorted(w for w, seen in stats.worker_last_seen.items() if seen and now - seen <= window)
+        return {
+            "counts": counts,
+            "totals": {status: sum(per.values()) for status, per in counts.items()},
+            "oldest_pending_age_seconds": round((now - oldest).total_seconds(), 3) if oldest else None,
+            "active_workers": active,
+        }
 
     def estimated_completion(self, job: RemoteJob) -> datetime | None:
         if job.status != Status.PROCESSING.value or job.started_at is None:

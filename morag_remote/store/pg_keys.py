@@ -12,7 +12,7 @@ import time
 import psycopg
 import structlog
 
-from ..auth import KEY_PREFIX, LAST_USED_RESOLUTION, ROLES, ApiKey, KeyRequestInvalid, hash_key
+from ..auth import KEY_PREFIX, LAST_USED_RESOLUTION, ApiKey, KeyRequestInvalid, hash_key, validate_key_request
 from ..models import to_iso, utcnow
 from .pgdb import Database
 
@@ -21,28 +21,13 @@ log = structlog.get_logger(__name__)
 _COLUMNS = "name, role, key_hash, worker_id, created_at, last_used_at"
 
 
-MAX_WORKER_ID = 128  # the API's worker_id limit
-
-
-def _validate(name: str, role: str, worker_id: str | None) -> None:
-    """The rules of ``auth.KeyStore.create``, checked before anything is written."""
-    if role not in ROLES:
-        raise KeyRequestInvalid(f"role must be one of {', '.join(ROLES)}")
-    if not name or len(name) > 64 or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in name):
-        raise KeyRequestInvalid("name must be 1-64 letters, digits, '-', '_' or '.'")
-    if worker_id is not None and role != "worker":
-        raise KeyRequestInvalid("only worker keys can be bound to a worker id")
-    if worker_id is not None and not 0 < len(worker_id) <= MAX_WORKER_ID:
-        raise KeyRequestInvalid(f"a worker id has 1-{MAX_WORKER_ID} characters")
-
-
 class PostgresKeyStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._used: dict[str, float] = {}
 
     def create(self, name: str, role: str, worker_id: str | None = None) -> tuple[ApiKey, str]:
-        _validate(name, role, worker_id)
+        validate_key_request(name, role, worker_id)
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         key = ApiKey(name=name, role=role, key_hash=hash_key(secret), worker_id=worker_id,
                      created_at=to_iso(utcnow()))

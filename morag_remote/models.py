@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from .exceptions import InvalidTransition
 
@@ -142,6 +142,30 @@ _INT_FIELDS = ("retry_count", "max_retries", "priority", "attempt", "version")
 _DICT_FIELDS = ("task_options", "extra")
 
 
+def times_to_iso(data: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """``data`` with the named datetime values as ISO 8601 strings (in place), for a JSON record."""
+    for name in names:
+        data[name] = to_iso(data[name])
+    return data
+
+
+def record_values(cls: type, data: dict[str, Any], names: Iterable[str],
+                  check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The constructor arguments of dataclass ``cls`` in a stored record: unknown keys dropped,
+    ``check`` run on the raw values, the named times parsed (ValueError naming the field)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in data.items() if k in known}
+    if check is not None:
+        check(values)
+    for name in names:
+        if name in values:
+            try:
+                values[name] = from_iso(values[name])
+            except ValueError as exc:
+                raise ValueError(f"field {name!r}: {exc}") from None
+    return values
+
+
 def _check_types(values: dict[str, Any]) -> None:
     """ValueError naming the first field whose stored value has the wrong type."""
     def bad(name: str, expected: str) -> ValueError:
@@ -201,22 +225,11 @@ class RemoteJob:
         """The record as JSON-ready values. Shallow: nested dicts are the job's own (encode them, do
         not change them); ``dataclasses.asdict`` deep-copied every value and cost more than the rest
         of a store write."""
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in _TIME_FIELDS:
-            data[name] = to_iso(data[name])
-        return data
+        return times_to_iso({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, _TIME_FIELDS)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RemoteJob":
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        _check_types(values)
-        for name in _TIME_FIELDS:
-            if name in values:
-                try:
-                    values[name] = from_iso(values[name])
-                except ValueError as exc:
-                    raise ValueError(f"field {name!r}: {exc}") from None
+        values = record_values(cls, data, _TIME_FIELDS, check=_check_types)
         Status(values.get("status", Status.PENDING.value))  # reject unknown statuses early
         return cls(**values)
 

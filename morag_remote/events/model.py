@@ -13,7 +13,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from ..models import RemoteJob, Status, from_iso, to_iso
+from ..models import RemoteJob, Status, record_values, times_to_iso, to_iso
 
 EVENT_NAMESPACE = uuid.UUID("5b0f6f1e-3d6c-4c39-9a43-2f7c6a1d0e11")
 JOB_URL = "/api/v1/remote-jobs/{job_id}"
@@ -83,19 +83,11 @@ class Event:
                    body=event_body(job), created_at=now, webhook_url=webhook_url, next_attempt_at=now)
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        for name in self._TIMES:
-            data[name] = to_iso(data[name])
-        return data
+        return times_to_iso(dataclasses.asdict(self), self._TIMES)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Event":
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        for name in cls._TIMES:
-            if name in values:
-                values[name] = from_iso(values[name])
-        return cls(**values)
+        return cls(**record_values(cls, data, cls._TIMES))
 
     @property
     def delivered(self) -> bool:

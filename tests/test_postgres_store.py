@@ -82,10 +82,9 @@ def test_claim_walks_the_claim_index(store):
     assert "LockRows" in plan
 
 
-def test_a_job_created_on_another_host_wakes_a_waiter_here(other_host, store):
-    assert store.db.ensure_listening(10)
-    ready = threading.Event()
-    woke = []
+def _wakes_on_a_create_elsewhere(store, other_host) -> list[bool]:
+    """What a long-poll wait on ``store`` returned when ``other_host`` created a job meanwhile."""
+    ready, woke = threading.Event(), []
 
     def waiter() -> None:
         store.has_available(["audio"], NOW)
@@ -95,9 +94,15 @@ def test_a_job_created_on_another_host_wakes_a_waiter_here(other_host, store):
     thread = threading.Thread(target=waiter)
     thread.start()
     assert ready.wait(10)
-    other_host.create(job())  # its local wake-up cannot reach this Database: only NOTIFY can
+    other_host.create(job())
     thread.join(65)
-    assert woke == [True]
+    return woke
+
+
+def test_a_job_created_on_another_host_wakes_a_waiter_here(other_host, store):
+    assert store.db.ensure_listening(10)
+    # the other host's local wake-up cannot reach this Database: only NOTIFY can
+    assert _wakes_on_a_create_elsewhere(store, other_host) == [True]
 
 
 def test_a_claim_sends_no_wake_up(other_host, store):
@@ -224,19 +229,7 @@ def test_the_listener_comes_back_after_losing_its_connection(pg_url, pg_database
                 break
             db.wait(0.05)
         assert new and new != [old]
-        ready, woke = threading.Event(), []
-
-        def waiter() -> None:
-            store.has_available(["audio"], NOW)
-            ready.set()
-            woke.append(store.wait_for_change(60))
-
-        thread = threading.Thread(target=waiter)
-        thread.start()
-        assert ready.wait(10)
-        other_host.create(job())
-        thread.join(65)
-        assert woke == [True]
+        assert _wakes_on_a_create_elsewhere(store, other_host) == [True]
     finally:
         db.close()
 

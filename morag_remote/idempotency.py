@@ -9,8 +9,10 @@ taken under a lock on the key (``flock`` on one of 256 stripe files), and writte
 naming the job id it reserves. Under that lock a ``reserved`` record means its creator died between
 the two writes: the job is then created (or found) under the reserved id and the record completed, so
 a crash can neither lose the job nor make a second one. ``IdempotencyRecords`` is the storage
-interface (a PostgreSQL backend uses a table with the key as primary key and
-``pg_advisory_xact_lock``); ``FileIdempotencyRecords`` keeps one JSON file per key next to the jobs.
+interface, chosen with the job store (``store.factory.build_idempotency_records``):
+``FileIdempotencyRecords`` keeps one JSON file per key next to the jobs; with PostgreSQL,
+``store.pg_idempotency`` keeps a table with the key as primary key, locked with
+``pg_advisory_xact_lock``, so that every API host sees the same records.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from .exceptions import InvalidRequest, ServiceError
 from .models import RemoteJob, from_iso, new_job_id, to_iso
 from .service import JobService
 from .store.atomic import FileLock, fsync_dir, read_json, unlink_quietly, write_atomic
+from .store.factory import build_idempotency_records
 
 IDEMPOTENCY = "morag_remote.idempotency"
 HEADER = "Idempotency-Key"
@@ -53,6 +56,13 @@ class IdempotencyKeyReused(ServiceError):
 class IdempotentJobGone(ServiceError):
     status_code = 409
     title = "Idempotent job deleted"
+
+
+class IdempotencyKeyBusy(ServiceError):
+    """Another request with the key held it longer than a create may wait (PostgreSQL backend)."""
+
+    status_code = 409
+    title = "Idempotency key in use"
 
 
 def parse_key(value: str | None) -> str | None:
@@ -217,10 +227,12 @@ class IdempotentCreates:
         purged = self.records.purge(self.service.clock() - self.ttl, PURGE_BATCH)
         if purged:
             log.info("idempotency.purged", count=purged)
+        if purged >= PURGE_BATCH:
+            self._next_purge = 0.0  # more may be left: the next create purges the next batch
 
 
 def init_idempotency(app, service: JobService) -> IdempotentCreates:
-    records = FileIdempotencyRecords(os.path.join(app.config["JOBS_DATA_DIR"], "idempotency"))
+    records = build_idempotency_records(service.store, app.config["JOBS_DATA_DIR"])
     creates = IdempotentCreates(records, service, float(app.config["IDEMPOTENCY_TTL_SECONDS"]))
     app.extensions[IDEMPOTENCY] = creates
     return creates

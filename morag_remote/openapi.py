@@ -149,7 +149,8 @@ OPERATIONS: dict[str, Operation] = {
         response=schemas.CreateJobResponse, headers=("Idempotency-Key",), errors=(409,),
         description="`source_file_path` must name a regular file inside the configured source roots. "
                     "With an `Idempotency-Key`, a repeated request with the same body answers 200 with the "
-                    "job it created (422 with another body, 409 when that job was deleted).",
+                    "job it created (422 with another body, 409 when that job was deleted or, on the "
+                    "PostgreSQL backend, when another request with the key has been in progress too long).",
         success_headers={"Location": _LOCATION},
         extra_responses={200: {"description": "The job this Idempotency-Key already created.",
                                "headers": {"Location": _LOCATION},

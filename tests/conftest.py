@@ -192,7 +192,8 @@ def log_output():
 
 
 # -- backends: every test that builds an app runs against the JSON files and against PostgreSQL ------
-# (``@pytest.mark.files_only`` keeps a test that looks at the files themselves on the file store)
+# (``@pytest.mark.files_only`` keeps a test that looks at the files themselves on the file store;
+# ``@pytest.mark.postgres`` on such a test runs it on PostgreSQL only, for one that looks at the tables)
 
 import pg_testing  # noqa: E402  (tests/ is on sys.path: pytest puts a conftest's folder there)
 
@@ -212,8 +213,9 @@ def pytest_configure(config) -> None:
 
 def pytest_generate_tests(metafunc) -> None:
     if "backend" in metafunc.fixturenames:
-        files_only = metafunc.definition.get_closest_marker("files_only") is not None
-        metafunc.parametrize("backend", ["files"] if files_only else ["files", "postgres"], indirect=True)
+        marked = metafunc.definition.get_closest_marker
+        backends = ["files"] if marked("files_only") else ["postgres"] if marked("postgres") else ["files", "postgres"]
+        metafunc.parametrize("backend", backends, indirect=True)
 
 
 def _needs_postgres(item) -> bool:

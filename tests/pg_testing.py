@@ -20,7 +20,8 @@ HOW = (f"start PostgreSQL and set {ENV}=postgresql://postgres@127.0.0.1:5432/tes
 
 #: modules that only the PostgreSQL tests exercise: left out of the coverage total when those skip
 PG_MODULES = ["*/morag_remote/store/postgres.py", "*/morag_remote/store/pgdb.py",
-              "*/morag_remote/store/pg_keys.py", "*/morag_remote/store/migrate.py"]
+              "*/morag_remote/store/pg_keys.py", "*/morag_remote/store/pg_idempotency.py",
+              "*/morag_remote/store/migrate.py"]
 
 
 @dataclass
@@ -46,7 +47,7 @@ class TestDatabase:
 
     def truncate(self) -> None:
         with self.connect() as conn:
-            conn.execute("TRUNCATE remote_jobs, api_keys")
+            conn.execute("TRUNCATE remote_jobs, api_keys, idempotency_keys")
 
     def drop(self) -> None:
         with psycopg.connect(self.base_url, autocommit=True, connect_timeout=3) as conn:

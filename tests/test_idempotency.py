@@ -2,9 +2,13 @@
 threads, gunicorn processes and a crash between the record and the job."""
 from __future__ import annotations
 
+import contextlib
+import json
 import multiprocessing
 import os
+import secrets
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +16,9 @@ import pytest
 import requests
 
 import live_gunicorn
+from gunicorn_harness import wait_for
 
-from morag_remote import create_app
+from morag_remote import create_app, idempotency
 from morag_remote.context import KEYS, SERVICE
 from morag_remote.idempotency import IDEMPOTENCY, IdempotencyRecord, fingerprint_of, key_id_of
 from morag_remote.models import new_job_id, utcnow
@@ -29,6 +34,17 @@ def keyed(producer, key: str, **body: Any):
 
 def job_count(producer) -> int:
     return len(producer.client.get("/api/v1/remote-jobs/", headers=producer.headers).json["jobs"])
+
+
+def validated(app, body: dict) -> dict:
+    """``body`` as the create view passes it on (defaults filled in)."""
+    return CreateJobRequest(content_types=app.extensions[SERVICE].settings.content_types).load(body)
+
+
+def _rows(pg_database) -> dict[str, str]:
+    """``key_id -> state`` of every row of the PostgreSQL records table."""
+    with pg_database.connect() as conn:
+        return dict(conn.execute("SELECT key_id, state FROM idempotency_keys ORDER BY key_id").fetchall())
 
 
 def test_same_key_and_body_answers_200_with_the_original_job(producer):
@@ -101,6 +117,7 @@ def test_a_key_is_kept_a_day_then_names_a_new_request(producer, clock, app):
     assert second.status_code == 201 and second.json["job_id"] != first
 
 
+@pytest.mark.files_only
 def test_expired_records_are_purged(producer, clock, app):
     keyed(producer, "old")
     records_dir = Path(app.config["JOBS_DATA_DIR"]) / "idempotency"
@@ -110,6 +127,42 @@ def test_expired_records_are_purged(producer, clock, app):
     creates._next_purge = 0.0
     keyed(producer, "new")
     assert len(list(records_dir.glob("*.json"))) == 1
+
+
+@pytest.mark.postgres
+def test_expired_rows_are_purged_from_the_table(producer, clock, app, pg_database):
+    keyed(producer, "old")
+    assert _rows(pg_database) == {key_id_of("producer-key", "old"): "done"}
+    clock.advance(25 * 3600)
+    app.extensions[IDEMPOTENCY]._next_purge = 0.0
+    keyed(producer, "new")
+    assert _rows(pg_database) == {key_id_of("producer-key", "new"): "done"}
+
+
+def test_a_full_purge_batch_is_followed_by_another_at_the_next_create(producer, clock, app, monkeypatch):
+    for n in range(3):
+        keyed(producer, f"old-{n}")
+    clock.advance(25 * 3600)
+    monkeypatch.setattr(idempotency, "PURGE_BATCH", 2)
+    records = app.extensions[IDEMPOTENCY].records
+    app.extensions[IDEMPOTENCY]._next_purge = 0.0
+    keyed(producer, "new-1")  # purges two, the batch was full: the next create purges again
+    assert [records.get(key_id_of("producer-key", f"old-{n}")) is None for n in range(3)].count(True) == 2
+    keyed(producer, "new-2")
+    assert all(records.get(key_id_of("producer-key", f"old-{n}")) is None for n in range(3))
+    assert records.get(key_id_of("producer-key", "new-1")) is not None
+
+
+@pytest.mark.postgres
+def test_purge_deletes_one_batch_of_expired_rows_per_call(app, pg_database):
+    records = app.extensions[IDEMPOTENCY].records
+    now = utcnow()
+    for n in range(5):
+        records.put(IdempotencyRecord(f"old-{n}", "f", new_job_id(), {}, now - timedelta(days=2), "done"))
+    records.put(IdempotencyRecord("fresh", "f", new_job_id(), {}, now, "done"))
+    cutoff = now - timedelta(days=1)
+    assert [records.purge(cutoff, 2) for _ in range(4)] == [2, 2, 1, 0]
+    assert list(_rows(pg_database)) == ["fresh"]
 
 
 def test_a_key_whose_job_was_deleted_is_409(producer, admin_headers):
@@ -152,14 +205,123 @@ def _assert_one_job_made(answers: list[tuple[int, str]], n: int) -> None:
     assert len({job_id for _, job_id in answers}) == 1
 
 
+def test_a_file_name_postgresql_cannot_store_is_refused_there_and_leaves_the_key_free(producer, backend):
+    raw = os.fsencode(producer.sources) + b"/caf\xe9.mp3"
+    with open(raw, "wb") as fh:
+        fh.write(b"RIFF")
+    response = keyed(producer, "req-1", source_file_path=os.fsdecode(raw))
+    if backend == "files":
+        assert response.status_code == 201
+        return
+    assert response.status_code == 422 and "UTF-8" in response.json["detail"]  # not a 500
+    assert keyed(producer, "req-1").status_code == 201
+    assert job_count(producer) == 1
+
+
+# -- the PostgreSQL records' lock ---------------------------------------------------------------------
+
+@pytest.mark.postgres
+def test_the_key_lock_is_held_for_the_block_and_released_when_it_raises(app, pg_database):
+    records = app.extensions[IDEMPOTENCY].records
+    lock_id = records.lock_id("k")
+    with pg_database.connect() as other_host:
+        with pytest.raises(RuntimeError):
+            with records.locked("k"):
+                assert other_host.execute("SELECT pg_try_advisory_lock(%s)", (lock_id,)).fetchone()[0] is False
+                raise RuntimeError("the block failed")
+        assert other_host.execute("SELECT pg_try_advisory_lock(%s)", (lock_id,)).fetchone()[0] is True
+
+
+@contextlib.contextmanager
+def _key_held(records, pg_database, key_id: str, holder: str):
+    """The key held by another host (a session of its own) or by another thread of this process."""
+    if holder == "another host":
+        with pg_database.connect() as conn:
+            conn.execute("SELECT pg_advisory_lock(%s)", (records.lock_id(key_id),))
+            yield
+        return
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with records.locked(key_id):
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert held.wait(30)
+        yield
+    finally:
+        release.set()
+        thread.join(30)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("holder", ["another host", "another thread"])
+def test_a_key_held_past_the_wait_answers_409_and_makes_nothing(app, producer, pg_database, holder):
+    records = app.extensions[IDEMPOTENCY].records
+    records.lock_wait_s = 0.2
+    with _key_held(records, pg_database, key_id_of("producer-key", "req-1"), holder):
+        refused = keyed(producer, "req-1")
+    assert refused.status_code == 409, refused.json
+    assert refused.headers["Content-Type"] == "application/problem+json"
+    assert "Idempotency-Key" in refused.json["errors"]
+    assert job_count(producer) == 0
+    assert keyed(producer, "req-1").status_code == 201
+
+
+def _advisory_waits(conn, application_name: str) -> int:
+    return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                        "AND wait_event_type = 'Lock' AND wait_event = 'advisory'", (application_name,)).fetchone()[0]
+
+
+@pytest.mark.postgres
+def test_threads_waiting_for_a_key_hold_no_connection(pg_url, pg_database, instance_path):
+    """Six threads of a process with two connections wait for a key another host holds: one waits in
+    PostgreSQL, the others in the process; when the key is free all six are answered, one job made."""
+    name = f"mr-idem-{secrets.token_hex(3)}"
+    app = create_app({"TESTING": True, "INSTANCE_PATH": str(instance_path), "LOG_JSON": True,
+                      "DATABASE_URL": f"{pg_url}&application_name={name}", "DATABASE_POOL_SIZE": 2})
+    creates = app.extensions[IDEMPOTENCY]
+    (instance_path / "sources" / "talk.mp3").write_bytes(b"RIFF")
+    request = validated(app, {"source_file_path": str(instance_path / "sources" / "talk.mp3"),
+                              "content_type": "audio", "ingestion_task_id": "ingest-1"})
+    lock_id = creates.records.lock_id(key_id_of("producer-key", "busy"))
+    answers: list[Any] = []
+
+    def create() -> None:
+        try:
+            answers.append(creates.create("producer-key", "busy", request))
+        except Exception as exc:  # a 503 for want of a connection: reported by the assertion below
+            answers.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(6)]
+    try:
+        with pg_database.connect() as other_host:
+            other_host.execute("SELECT pg_advisory_lock(%s)", (lock_id,))
+            for t in threads:
+                t.start()
+            wait_for(lambda: _advisory_waits(other_host, name), 30, "a thread to wait for the key in PostgreSQL")
+            waiting_in_postgresql = _advisory_waits(other_host, name)
+        for t in threads:
+            t.join(60)
+    finally:
+        creates.records.db.close()
+    assert waiting_in_postgresql == 1
+    assert sorted(created for _, created in answers) == [False] * 5 + [True], answers
+    assert len({job.id for job, _ in answers}) == 1
+
+
 # -- a crash between the record and the job ---------------------------------------------------------
 
-def _reserve_and_die(instance_path: str, key: str, body: dict, create_job: bool, producer_name: str) -> None:
+def _reserve_and_die(instance_path: str, backend_config: dict, key: str, body: dict, create_job: bool,
+                     producer_name: str) -> None:
     """Child: take the key as a create would, then die before (or right after) making the job."""
-    app = create_app({"TESTING": True, "INSTANCE_PATH": instance_path, "LOG_JSON": True})
+    app = create_app({"TESTING": True, "INSTANCE_PATH": instance_path, "LOG_JSON": True, **backend_config})
     creates = app.extensions[IDEMPOTENCY]
     service = app.extensions[SERVICE]
-    request = CreateJobRequest(content_types=service.settings.content_types).load(body)
+    request = validated(app, body)
     record = IdempotencyRecord(key_id_of(producer_name, key), fingerprint_of(request), new_job_id(), request,
                                utcnow())
     creates.records.put(record)
@@ -168,13 +330,13 @@ def _reserve_and_die(instance_path: str, key: str, body: dict, create_job: bool,
     os._exit(0)
 
 
-@pytest.mark.files_only
 @pytest.mark.parametrize("job_made", [False, True])
-def test_a_create_that_died_after_taking_the_key_is_completed_by_the_retry(producer, instance_path, job_made):
+def test_a_create_that_died_after_taking_the_key_is_completed_by_the_retry(producer, instance_path, backend_config,
+                                                                          job_made):
     body = {"source_file_path": str(producer.source("talk.mp3")), "content_type": "audio",
             "ingestion_task_id": "ingest-1"}
     child = multiprocessing.get_context("fork").Process(
-        target=_reserve_and_die, args=(str(instance_path), "req-1", body, job_made, "producer-key"))
+        target=_reserve_and_die, args=(str(instance_path), backend_config, "req-1", body, job_made, "producer-key"))
     child.start()
     child.join(60)
     assert child.exitcode == 0
@@ -185,13 +347,32 @@ def test_a_create_that_died_after_taking_the_key_is_completed_by_the_retry(produ
     assert job_count(producer) == 1
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("job_made", [False, True])
+def test_a_reserved_row_left_in_the_table_is_completed_by_the_retry(producer, app, service, pg_database, job_made):
+    request = validated(app, {"source_file_path": str(producer.source("talk.mp3")), "content_type": "audio",
+                              "ingestion_task_id": "ingest-1"})
+    key_id, job_id = key_id_of("producer-key", "req-1"), new_job_id()
+    with pg_database.connect() as conn:
+        conn.execute("INSERT INTO idempotency_keys (key_id, fingerprint, job_id, request, created_at, state) "
+                     "VALUES (%s, %s, %s, %s::jsonb, now(), 'reserved')",
+                     (key_id, fingerprint_of(request), job_id, json.dumps(request)))
+    if job_made:
+        service.create(**request, job_id=job_id)
+    retried = keyed(producer, "req-1")
+    assert (retried.status_code, retried.json["job_id"]) == (200 if job_made else 201, job_id)
+    assert _rows(pg_database) == {key_id: "done"}
+    assert keyed(producer, "req-1").status_code == 200
+    assert job_count(producer) == 1
+
+
 # -- across processes --------------------------------------------------------------------------------
 
-def _create_in_threads(instance_path: str, body: dict, barrier, results) -> None:
+def _create_in_threads(instance_path: str, backend_config: dict, body: dict, barrier, results) -> None:
     """Child process: two threads race to create with one key, as two requests of a gunicorn worker."""
-    app = create_app({"TESTING": True, "INSTANCE_PATH": instance_path, "LOG_JSON": True})
+    app = create_app({"TESTING": True, "INSTANCE_PATH": instance_path, "LOG_JSON": True, **backend_config})
     creates = app.extensions[IDEMPOTENCY]
-    request = CreateJobRequest(content_types=app.extensions[SERVICE].settings.content_types).load(body)
+    request = validated(app, body)
 
     def create() -> None:
         barrier.wait(60)
@@ -205,14 +386,14 @@ def _create_in_threads(instance_path: str, body: dict, barrier, results) -> None
         t.join(60)
 
 
-@pytest.mark.files_only
 @pytest.mark.slow
-def test_four_processes_of_two_threads_with_one_key_make_one_job(producer, instance_path):
+def test_four_processes_of_two_threads_with_one_key_make_one_job(producer, instance_path, backend_config):
     ctx = multiprocessing.get_context("fork")
     body = {"source_file_path": str(producer.source("talk.mp3")), "content_type": "audio",
             "ingestion_task_id": "ingest-1"}
     barrier, results = ctx.Barrier(8), ctx.Queue()
-    children = [ctx.Process(target=_create_in_threads, args=(str(instance_path), body, barrier, results))
+    children = [ctx.Process(target=_create_in_threads, args=(str(instance_path), backend_config, body, barrier,
+                                                              results))
                 for _ in range(4)]
     for child in children:
         child.start()
@@ -224,32 +405,63 @@ def test_four_processes_of_two_threads_with_one_key_make_one_job(producer, insta
     assert job_count(producer) == 1
 
 
-# -- across gunicorn processes --------------------------------------------------------------------------
+# -- across gunicorn processes and hosts -----------------------------------------------------------------
+
+def _host_env(backend_config: dict) -> dict[str, str]:
+    """A host on the test's database with two connections per process: a request waiting for a key
+    another holds must not take one (three waiting would leave the key's holder none)."""
+    if not backend_config:
+        return {}
+    return {"MORAG_REMOTE_DATABASE_URL": backend_config["DATABASE_URL"], "MORAG_REMOTE_DATABASE_POOL_SIZE": "2"}
+
 
 @pytest.fixture
-def gunicorn(instance_path):
+def gunicorn(instance_path, backend_config):
     """Two worker processes of four threads, each taking at most four connections: eight requests at
     once reach both processes."""
-    with live_gunicorn.gunicorn(instance_path) as base:
+    with live_gunicorn.gunicorn(instance_path, env=_host_env(backend_config)) as base:
         yield base
 
 
-@pytest.mark.files_only
-@pytest.mark.slow
-def test_eight_threads_against_two_gunicorn_processes_with_one_key_make_one_job(gunicorn, app, keys, producer):
-    producer.source("talk.mp3")
-    body = {"source_file_path": str(producer.sources / "talk.mp3"), "content_type": "audio",
-            "ingestion_task_id": "ingest-1"}
-    headers = {"Authorization": f"Bearer {keys['producer']}", "Idempotency-Key": "gunicorn-8"}
+def _create_together(bases: list[str], producer_key: str, source: Path, key: str) -> list[tuple[int, str]]:
+    """Eight threads create with one key at once, thread ``i`` through ``bases[i % len(bases)]``."""
+    body = {"source_file_path": str(source), "content_type": "audio", "ingestion_task_id": "ingest-1"}
+    headers = {"Authorization": f"Bearer {producer_key}", "Idempotency-Key": key}
     barrier = threading.Barrier(8)
     answers: list[tuple[int, str]] = []
+    turns = iter(range(8))
 
     def create() -> None:
+        base = bases[next(turns) % len(bases)]
         barrier.wait(30)
-        r = requests.post(f"{gunicorn}/api/v1/remote-jobs/", json=body, headers=headers, timeout=30)
-        answers.append((r.status_code, r.json()["job_id"]))
+        r = requests.post(f"{base}/api/v1/remote-jobs/", json=body, headers=headers, timeout=30)
+        answers.append((r.status_code, r.json().get("job_id")))
 
     _run_together(create, 8)
+    return answers
+
+
+def _listed(base: str, producer_key: str) -> list[str]:
+    r = requests.get(f"{base}/api/v1/remote-jobs/", headers={"Authorization": f"Bearer {producer_key}"}, timeout=10)
+    return [j["id"] for j in r.json()["jobs"]]
+
+
+@pytest.mark.slow
+def test_eight_threads_against_two_gunicorn_processes_with_one_key_make_one_job(gunicorn, app, keys, producer):
+    answers = _create_together([gunicorn], keys["producer"], producer.source("talk.mp3"), "gunicorn-8")
     _assert_one_job_made(answers, 8)
-    listed = requests.get(f"{gunicorn}/api/v1/remote-jobs/", headers=headers, timeout=10).json()["jobs"]
-    assert [j["id"] for j in listed] == [answers[0][1]]
+    assert _listed(gunicorn, keys["producer"]) == [answers[0][1]]
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_eight_threads_over_two_hosts_sharing_one_database_with_one_key_make_one_job(app, keys, producer,
+                                                                                     backend_config, tmp_path):
+    """Each host has its own instance folder: only the database is shared."""
+    source = producer.source("talk.mp3")
+    env = {**_host_env(backend_config), "MORAG_REMOTE_SOURCE_ROOTS": json.dumps([str(producer.sources)])}
+    with live_gunicorn.gunicorn(tmp_path / "host-a", env=env) as host_a, \
+            live_gunicorn.gunicorn(tmp_path / "host-b", env=env) as host_b:
+        answers = _create_together([host_a, host_b], keys["producer"], source, "two-hosts")
+        _assert_one_job_made(answers, 8)
+        assert _listed(host_a, keys["producer"]) == _listed(host_b, keys["producer"]) == [answers[0][1]]

@@ -1,11 +1,15 @@
-"""Choose the job repository from the configuration: the JSON files unless a database URL is set."""
+"""Choose the job repository from the configuration: the JSON files unless a database URL is set; the
+API keys and the Idempotency-Key records live in the same place as the jobs."""
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .base import JobRepository
 from .files import FileJobStore
+
+if TYPE_CHECKING:
+    from ..idempotency import IdempotencyRecords
 
 
 def build_store(config: Mapping[str, Any]) -> JobRepository:
@@ -30,3 +34,16 @@ def build_key_store(store: JobRepository, instance_path: str):
     from ..auth import KeyStore
 
     return KeyStore(os.path.join(instance_path, "api_keys.json"))
+
+
+def build_idempotency_records(store: JobRepository, data_dir: str) -> "IdempotencyRecords":
+    """Idempotency-Key records beside the jobs: in the database when the jobs are, else under the data dir."""
+    from .postgres import PostgresJobStore
+
+    if isinstance(store, PostgresJobStore):
+        from .pg_idempotency import PostgresIdempotencyRecords
+
+        return PostgresIdempotencyRecords(store.db)
+    from ..idempotency import FileIdempotencyRecords
+
+    return FileIdempotencyRecords(os.path.join(data_dir, "idempotency"))

@@ -66,13 +66,12 @@ def _check_id(job_id: str) -> None:
         raise JobNotFound(f"no job with id {job_id!r}")
 
 
-def _utf8_document(job: RemoteJob) -> dict[str, Any]:
-    """The job as JSON-ready data, refused (422) when it holds text PostgreSQL cannot store.
+def utf8_document(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` (JSON-ready data), refused (422) when it holds text PostgreSQL cannot store.
 
     Python keeps a file name that is not UTF-8 (or a lone surrogate sent as ``"\\ud800"``) as
     surrogates; the file store writes them escaped, but PostgreSQL's text and jsonb are UTF-8 only.
     """
-    doc = job.to_dict()
     try:
         json.dumps(doc, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
@@ -100,7 +99,7 @@ def _params(job: RemoteJob) -> dict[str, Any]:
         "worker_id": job.worker_id,
         "ingestion_task_id": job.ingestion_task_id,
         "version": job.version,
-        "doc": Jsonb(_utf8_document(job)),
+        "doc": Jsonb(utf8_document(job.to_dict())),
     }
 
 

@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             schema.drop()
         if not args.keep:
             shutil.rmtree(instance.path, ignore_errors=True)
+    results["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     results["checks"] = report.checks(results)
     results["total_seconds"] = round(time.monotonic() - started, 1)
     with open(args.out, "w") as fh:

@@ -82,7 +82,8 @@ def total_errors(r: dict[str, Any]) -> int:
 
 def table(r: dict[str, Any]) -> str:
     m, s = r["machine"], r["server"]
-    lines = [f"machine: {m['cpu']} x{m['cores']}, load average at start {m['load_average_start']}; "
+    lines = [f"machine: {m['cpu']} x{m['cores']}, load average at start {m['load_average_start']}, "
+             f"at the end {m.get('load_average_end')}; "
              f"gunicorn {s['workers']} workers x {s['threads']} threads ({s['worker_class']})", ""]
     pg = r.get("postgres", {})
     if "claims" in r:

@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 COVERAGE_FLOOR ?= 95
+# make bench's PostgreSQL column (a schema of its own, dropped at the end); skipped when no server
+# answers there. MORAG_REMOTE_BENCH_DATABASE_URL= (empty) leaves it out.
+MORAG_REMOTE_BENCH_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/test
 export HOST PORT
 
 .PHONY: run test bench install clean
@@ -29,7 +32,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest --cov=morag_remote --cov-report=term --cov-fail-under=$(COVERAGE_FLOOR)
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks
+	MORAG_REMOTE_BENCH_DATABASE_URL='$(MORAG_REMOTE_BENCH_DATABASE_URL)' $(BIN)/python -m benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .coverage .hypothesis

@@ -1,6 +1,9 @@
 """``python -m benchmarks`` (``make bench``): run every measurement, print the table, write JSON.
 
-``--quick`` runs the same code with small sizes (a smoke run, its figures mean nothing).
+``--quick`` runs the same code with small sizes (a smoke run, its figures mean nothing). When the
+PostgreSQL server that ``MORAG_REMOTE_BENCH_DATABASE_URL`` names answers, the claim and cycle
+scenarios also run against a server on a schema of their own there (the PostgreSQL column);
+otherwise the table says in one line why that column is missing.
 """
 from __future__ import annotations
 
@@ -13,13 +16,14 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from . import report, scenarios
+from . import pg, report, scenarios
 from .server import REPO, Instance
 
 
 SCENARIOS = ("raw", "claims", "cycles", "pickup", "idle")
 DEPTHS = [("100", {"audio": 100}), ("10000", {"audio": 10_000}), ("50000", {"audio": 50_000}),
           ("10000-other", {"video": 10_000, "audio": 100})]
+PG_DEPTHS = ("100", "50000")  # the PostgreSQL column's claim depths (its target: the ratio of the two)
 
 
 def machine() -> dict:
@@ -42,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: check that the benchmark runs")
     parser.add_argument("--only", default=",".join(SCENARIOS),
                         help=f"comma-separated subset of {','.join(SCENARIOS)} (the targets need all)")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary instance folder")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temporary instance folder (and the PostgreSQL schema)")
     args = parser.parse_args(argv)
     q = args.quick
     only = set(args.only.split(","))
@@ -52,24 +57,38 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     results: dict = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
                      "quick": q, "server": gunicorn_settings()}
+    schema: pg.BenchSchema | None = None
+    claims = {"samples": 30, "warmup": 5} if q else {"samples": 500, "warmup": 20}
+    cycles = {"clients": 4, "seconds": 2} if q else {"clients": 16, "seconds": 20}
     try:
         def step(name: str) -> None:
             print(f"[{time.monotonic() - started:6.1f} s] {name}", file=sys.stderr, flush=True)
 
+        def sized(seeded: dict[str, int]) -> dict[str, int]:
+            return {t: max(n // 100, 5) for t, n in seeded.items()} if q else seeded
+
+        if only & {"claims", "cycles"}:
+            schema = _postgres(instance, results)
         if "raw" in only:
             step("raw store")
             results["raw_store"] = scenarios.raw_store(instance, seconds=1 if q else 5)
         if "claims" in only:
             results["claims"] = []
             for label, seeded in DEPTHS:
-                if q:
-                    seeded = {t: max(n // 100, 5) for t, n in seeded.items()}
                 step(f"claim latency, {label}")
-                results["claims"].append(scenarios.claim_latency(instance, label, seeded, samples=30 if q else 500,
-                                                                 warmup=5 if q else 20))
+                results["claims"].append(scenarios.claim_latency(instance, label, sized(seeded), **claims))
+            if schema is not None:
+                results["postgres"]["claims"] = []
+                for label in PG_DEPTHS:
+                    step(f"PostgreSQL claim latency, {label}")
+                    results["postgres"]["claims"].append(
+                        scenarios.claim_latency(instance, label, sized(dict(DEPTHS)[label]), **claims, pg=schema))
         if "cycles" in only:
             step("full cycles")
-            results["cycles"] = scenarios.full_cycles(instance, clients=4 if q else 16, seconds=2 if q else 20)
+            results["cycles"] = scenarios.full_cycles(instance, **cycles)
+            if schema is not None:
+                step("PostgreSQL full cycles")
+                results["postgres"]["cycles"] = scenarios.full_cycles(instance, **cycles, pg=schema)
         if "pickup" in only:
             step("long-poll pick-up")
             results["pickup"] = scenarios.pickup_latency(instance, jobs=5 if q else 50)
@@ -78,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             results["idle"] = scenarios.idle_cpu(instance, pollers=10 if q else 100, seconds=2 if q else 20,
                                                  wait=3 if q else 20)
     finally:
+        if schema is not None and not args.keep:
+            schema.drop()
         if not args.keep:
             shutil.rmtree(instance.path, ignore_errors=True)
+    results["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     results["checks"] = report.checks(results)
     results["total_seconds"] = round(time.monotonic() - started, 1)
     with open(args.out, "w") as fh:
@@ -87,6 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(results))
     print(f"\nwritten to {args.out} in {results['total_seconds']} s")
     return 0
+
+
+def _postgres(instance: Instance, results: dict) -> pg.BenchSchema | None:
+    """This run's PostgreSQL schema, created, or None with the reason recorded in ``results``."""
+    base, why = pg.probe()
+    if base is None:
+        results["postgres"] = {"skipped": why, "how": pg.HOW}
+        return None
+    schema = pg.BenchSchema(base, instance)
+    try:
+        schema.create()
+        results["postgres"] = {"server": schema.settings()}
+    except BaseException:
+        schema.drop()
+        raise
+    return schema
 
 
 def gunicorn_settings() -> dict:

@@ -1,4 +1,8 @@
-"""The issue's targets, checked against one run's figures, and the printed table."""
+"""The issue's targets, checked against one run's figures, and the printed table.
+
+``r["postgres"]`` holds the PostgreSQL column (its own ``claims`` and ``cycles``, shaped like the
+file store's), or ``skipped`` and ``how`` when no server answered.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -10,14 +14,20 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a is not None and b else None
 
 
+def _claim_ratio(claims: list[dict[str, Any]]) -> float | None:
+    """Median claim latency at 50,000 pending over the same at 100."""
+    by_label = {c["label"]: c["median_ms"] for c in claims}
+    return _ratio(by_label.get("50000"), by_label.get("100"))
+
+
 def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target of issue #8 whose figures this run has: value, goal, met or not."""
+    """Each target of issues #8 and #9 whose figures this run has: value, goal, met or not."""
     rows: list[tuple[str, Any, str, Callable[[Any], bool]]] = []
     if "claims" in r:
         claims = {c["label"]: c for c in r["claims"]}
         base = claims["100"]["median_ms"]
         rows += [
-            ("claim median at 50,000 / at 100", _ratio(claims["50000"]["median_ms"], base), "<= 2",
+            ("claim median at 50,000 / at 100", _claim_ratio(r["claims"]), "<= 2",
              lambda v: v is not None and v <= 2),
             ("claim median at 10,000 other type / at 100", _ratio(claims["10000-other"]["median_ms"], base),
              "<= 2", lambda v: v is not None and v <= 2),
@@ -38,15 +48,31 @@ def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
             ("double claims", cyc["double_claims"], "0", lambda v: v == 0),
         ]
     rows.append(("errors (all scenarios)", total_errors(r), "0", lambda v: v == 0))
+    pg = r.get("postgres", {})
+    if "claims" in pg:
+        rows.append(("PG claim median at 50,000 / at 100", _claim_ratio(pg["claims"]), "<= 1.5",
+                     lambda v: v is not None and v <= 1.5))
+    if "cycles" in pg:
+        rows.append(("PG double claims", pg["cycles"]["double_claims"], "0", lambda v: v == 0))
+    if "claims" in pg or "cycles" in pg:
+        rows.append(("PG errors (claims, cycles)", column_errors(pg), "0", lambda v: v == 0))
     return [{"check": name, "value": value, "target": target, "ok": bool(ok(value))}
             for name, value, target, ok in rows]
 
 
-def total_errors(r: dict[str, Any]) -> int:
-    """Failed requests, polls that came back without the job they should have had, fsck findings."""
+def column_errors(r: dict[str, Any]) -> int:
+    """Failed requests and claims of the wrong job in the claim and cycle scenarios, and what the
+    check of the store afterwards found (fsck for the files, row against document for PostgreSQL)."""
     n = sum(c["errors"] for c in r.get("claims", []))
     if "cycles" in r:
-        n += r["cycles"]["errors"] + r["cycles"]["store_after"]["fsck_findings"]
+        n += r["cycles"]["errors"] + r["cycles"]["store_after"]["findings"]
+    return n
+
+
+def total_errors(r: dict[str, Any]) -> int:
+    """The file store's errors in every scenario: those of :func:`column_errors`, long polls that
+    missed their job or returned early."""
+    n = column_errors(r)
     if "pickup" in r:
         n += r["pickup"]["errors"] + r["pickup"]["missed"]
     if "idle" in r:
@@ -56,14 +82,17 @@ def total_errors(r: dict[str, Any]) -> int:
 
 def table(r: dict[str, Any]) -> str:
     m, s = r["machine"], r["server"]
-    lines = [f"machine: {m['cpu']} x{m['cores']}, load average at start {m['load_average_start']}; "
+    lines = [f"machine: {m['cpu']} x{m['cores']}, load average at start {m['load_average_start']}, "
+             f"at the end {m.get('load_average_end')}; "
              f"gunicorn {s['workers']} workers x {s['threads']} threads ({s['worker_class']})", ""]
+    pg = r.get("postgres", {})
     if "claims" in r:
         lines.append(f"{'claim latency (one poll claims one job)':<44}{'median ms':>10}{'p99 ms':>9}{'ready s':>9}")
-        for c in r["claims"]:
-            pending = ", ".join(f"{n:,} {t}" for t, n in c["pending"].items())
-            lines.append(f"  {pending + ' pending':<42}{c['median_ms']:>10}{c['p99_ms']:>9}"
-                         f"{c['server_ready_seconds']:>9}")
+        for store, claims in (("", r["claims"]), ("PostgreSQL, ", pg.get("claims", []))):
+            for c in claims:
+                pending = ", ".join(f"{n:,} {t}" for t, n in c["pending"].items())
+                lines.append(f"  {store + pending + ' pending':<42}{c['median_ms']:>10}{c['p99_ms']:>9}"
+                             f"{c['server_ready_seconds']:>9}")
         lines.append("")
     if "raw_store" in r:
         raw = r["raw_store"]
@@ -75,11 +104,24 @@ def table(r: dict[str, Any]) -> str:
         lines.append(
             f"full cycles over HTTP, {cyc['clients']} clients x {cyc['seconds']} s: {cyc['cycles_per_s']} cycles/s "
             f"({cyc['cycles']} cycles, {cyc['empty_polls']} empty polls, {cyc['errors']} errors, "
-            f"{cyc['double_claims']} double claims, fsck findings {cyc['store_after']['fsck_findings']}; "
+            f"{cyc['double_claims']} double claims, fsck findings {cyc['store_after']['findings']}; "
             f"CPU: server {cyc['server_cpu_percent_of_one_core']}% of a core "
             f"({cyc['server_cpu_ms_per_cycle']['user']} ms user + {cyc['server_cpu_ms_per_cycle']['system']} ms "
             f"system per cycle), clients "
             f"{cyc['clients_cpu_percent_of_one_core']}%, whole machine {cyc['machine_busy_percent']}% busy)")
+    if "cycles" in pg:
+        cyc = pg["cycles"]
+        db_cpu = cyc["database_cpu_ms_per_cycle"]
+        lines.append(
+            f"PostgreSQL full cycles, {cyc['clients']} clients x {cyc['seconds']} s: {cyc['cycles_per_s']} cycles/s "
+            f"({cyc['cycles']} cycles, {cyc['empty_polls']} empty polls, {cyc['errors']} errors, "
+            f"{cyc['double_claims']} double claims, row findings {cyc['store_after']['findings']}; "
+            f"CPU: server {cyc['server_cpu_percent_of_one_core']}% of a core "
+            f"({cyc['server_cpu_ms_per_cycle']['user']} ms user + {cyc['server_cpu_ms_per_cycle']['system']} ms "
+            f"system per cycle), database "
+            + (f"{db_cpu['user']} ms user + {db_cpu['system']} ms system per cycle "
+               f"({cyc['database_backends']} backends)" if db_cpu else "not on this machine")
+            + f", whole machine {cyc['machine_busy_percent']}% busy)")
     if "pickup" in r:
         pick = r["pickup"]
         lines.append(f"long-poll pick-up over {pick['jobs']} jobs ({pick['waiters']} waiters): median "
@@ -89,7 +131,47 @@ def table(r: dict[str, Any]) -> str:
         lines.append(f"{idle['pollers']} idle long polls for {idle['seconds']} s: {idle['cpu_seconds']} CPU s = "
                      f"{idle['percent_of_one_core']}% of one core ({idle['returned_early']} returned early; "
                      f"all released in {idle['release_all_seconds']} s)")
+    lines += _columns(r)
     lines += ["", f"{'target':<46}{'value':>10}  {'goal':<9}ok"]
     for c in r["checks"]:
         lines.append(f"  {c['check']:<44}{str(c['value']):>10}  {c['target']:<9}{'yes' if c['ok'] else 'NO'}")
     return "\n".join(lines)
+
+
+def _columns(r: dict[str, Any]) -> list[str]:
+    """The file store's figures beside PostgreSQL's, or one line saying why PostgreSQL's are missing."""
+    pg = r.get("postgres")
+    if pg is None or not ({"claims", "cycles"} & r.keys()):
+        return []
+    if "skipped" in pg:
+        return ["", f"PostgreSQL column skipped: {pg['skipped']}; {pg['how']}"]
+    server = pg["server"]
+    lines = ["", f"{'same run':<46}{'files':>10}{'PostgreSQL':>12}   (PostgreSQL "
+                 f"{server['server_version'].split()[0]}, synchronous_commit={server['synchronous_commit']}, "
+                 f"fsync={server['fsync']})"]
+
+    def row(name: str, value: Callable[[dict[str, Any]], Any]) -> None:
+        lines.append(f"  {name:<44}{_shown(value, r):>10}{_shown(value, pg):>12}")
+
+    measured = pg.get("claims") or r.get("claims") or []
+    pending = {label: next((sum(c["pending"].values()) for c in measured if c["label"] == label), int(label))
+               for label in ("100", "50000")}
+    for label, n in pending.items():
+        def median(section: dict[str, Any], label: str = label) -> Any:
+            return next(c["median_ms"] for c in section["claims"] if c["label"] == label)
+        row(f"claim median ms, {n:,} pending", median)
+    row(f"claim median ratio, {pending['50000']:,} / {pending['100']:,}",
+        lambda section: _claim_ratio(section["claims"]))
+    clients = pg.get("cycles", r.get("cycles", {})).get("clients", "")
+    row(f"full cycles/s, {clients} clients", lambda section: section["cycles"]["cycles_per_s"])
+    row("double claims", lambda section: section["cycles"]["double_claims"])
+    row("errors (claims, cycles, store check)", column_errors)
+    return lines
+
+
+def _shown(value: Callable[[dict[str, Any]], Any], section: dict[str, Any]) -> str:
+    """The figure, or '-' when this run did not measure it."""
+    try:
+        return str(value(section))
+    except (KeyError, StopIteration):
+        return "-"

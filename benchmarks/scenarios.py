@@ -18,8 +18,9 @@ from morag_remote.store.files import FileJobStore
 from morag_remote.store.fsck import fsck
 
 from .client import Api, BadStatus
+from .pg import BenchSchema
 from .seed import seed_pending
-from .server import Instance, Server
+from .server import Instance, Server, process_cpu
 
 
 def machine_busy() -> tuple[float, float]:
@@ -102,19 +103,23 @@ def raw_store(instance: Instance, seconds: float = 5.0, max_cycles: int = 5000) 
 # -- (1) claim latency at a queue depth ------------------------------------------------------------
 
 def claim_latency(instance: Instance, label: str, seeded: dict[str, int], claim_type: str = "audio",
-                  samples: int = 500, warmup: int = 20) -> dict[str, Any]:
+                  samples: int = 500, warmup: int = 20, pg: BenchSchema | None = None) -> dict[str, Any]:
     """One poll claiming one job, ``samples`` times, while the queue holds what ``seeded`` says.
 
     Before each timed poll an untimed create adds a job of ``claim_type``, so the depth stays put
-    and every claim also pays for catching up with the other worker process's change.
+    and every claim also pays for catching up with the other worker process's change. ``pg``: the
+    same against a server on that PostgreSQL schema, its job table emptied and seeded first.
     """
-    data_dir = instance.data_dir(label)
+    data_dir = instance.data_dir(f"pg-{label}" if pg else label)
     seed_started = time.perf_counter()
-    seed_pending(data_dir, instance.source, seeded)
+    if pg is None:
+        seed_pending(data_dir, instance.source, seeded)
+    else:
+        pg.seed(instance.source, seeded)
     seed_seconds = time.perf_counter() - seed_started
     latencies: list[float] = []
     errors = 0
-    with Server(instance, data_dir) as server:
+    with Server(instance, data_dir, pg.server_env() if pg else None) as server:
         with Api(server.port, instance.keys["producer"]) as producer, \
                 Api(server.port, instance.keys["worker"]) as worker:
             for i in range(warmup + samples):
@@ -164,12 +169,18 @@ def _cycle_client(port: int, keys: dict[str, str], source: str, index: int, seco
              "first_errors": first_errors, "claimed": claimed, "finished": time.monotonic()})
 
 
-def full_cycles(instance: Instance, clients: int = 16, seconds: float = 20.0) -> dict[str, Any]:
-    data_dir = instance.data_dir("cycles")
+def full_cycles(instance: Instance, clients: int = 16, seconds: float = 20.0,
+                pg: BenchSchema | None = None) -> dict[str, Any]:
+    """``clients`` processes each running create, poll, download, result for ``seconds``, then the
+    store is read back. ``pg``: against a server on that PostgreSQL schema, its job table emptied
+    first; the CPU of the database's server processes is reported too when they run on this machine."""
+    data_dir = instance.data_dir("cycles-pg" if pg else "cycles")
+    if pg is not None:
+        pg.seed(instance.source, {})
     ctx = multiprocessing.get_context("fork")
     ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     start_at = ctx.Value("d", 0.0)
-    with Server(instance, data_dir) as server:
+    with Server(instance, data_dir, pg.server_env() if pg else None) as server:
         procs = [ctx.Process(target=_cycle_client, args=(server.port, instance.keys, str(instance.source), i,
                                                          seconds, ready, go, start_at, out), daemon=True)
                  for i in range(clients)]
@@ -178,10 +189,12 @@ def full_cycles(instance: Instance, clients: int = 16, seconds: float = 20.0) ->
         for _ in procs:
             ready.get(timeout=60)
         cpu_before, machine_before, children_before = server.cpu_split(), machine_busy(), os.times()
+        db_before = _cpu_by_pid(pg.backend_pids()) if pg else {}
         start_at.value = time.monotonic()
         go.set()
         reports = [out.get(timeout=seconds + 120) for _ in procs]
         cpu_after, machine_after = server.cpu_split(), machine_busy()
+        db_after = _cpu_by_pid(pg.backend_pids()) if pg else {}
         user, system = cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]
         for p in procs:
             p.join(timeout=30)
@@ -192,19 +205,33 @@ def full_cycles(instance: Instance, clients: int = 16, seconds: float = 20.0) ->
     claimed = Counter(job_id for r in reports for job_id in r["claimed"])
     double = sum(n - 1 for n in claimed.values() if n > 1)
     cycles = sum(r["cycles"] for r in reports)
-    verify = _verify_store(data_dir)
-    return {"clients": clients, "seconds": round(elapsed, 2), "cycles": cycles,
-            "cycles_per_s": round(cycles / elapsed, 1),
-            "double_claims": double + verify["claimed_more_than_once"],
-            "errors": sum(r["errors"] for r in reports),
-            "first_errors": [e for r in reports for e in r["first_errors"]][:5],
-            "empty_polls": sum(r["empty_polls"] for r in reports),
-            "server_cpu_percent_of_one_core": round((user + system) / elapsed * 100, 1),
-            "server_cpu_ms_per_cycle": {"user": round(user / max(cycles, 1) * 1000, 2),
-                                        "system": round(system / max(cycles, 1) * 1000, 2)},
-            "clients_cpu_percent_of_one_core": round(client_cpu / elapsed * 100, 1),
-            "machine_busy_percent": busy_percent(machine_before, machine_after),
-            "store_after": verify}
+    verify = pg.verify() if pg else _verify_store(data_dir)
+    figures = {"clients": clients, "seconds": round(elapsed, 2), "cycles": cycles,
+               "cycles_per_s": round(cycles / elapsed, 1),
+               "double_claims": double + verify["claimed_more_than_once"],
+               "errors": sum(r["errors"] for r in reports),
+               "first_errors": [e for r in reports for e in r["first_errors"]][:5],
+               "empty_polls": sum(r["empty_polls"] for r in reports),
+               "server_cpu_percent_of_one_core": round((user + system) / elapsed * 100, 1),
+               "server_cpu_ms_per_cycle": {"user": round(user / max(cycles, 1) * 1000, 2),
+                                           "system": round(system / max(cycles, 1) * 1000, 2)},
+               "clients_cpu_percent_of_one_core": round(client_cpu / elapsed * 100, 1),
+               "machine_busy_percent": busy_percent(machine_before, machine_after),
+               "store_after": verify}
+    if pg is not None:
+        # a backend that started during the run counts whole; one that ended in it is missed (the
+        # pools keep theirs open)
+        db_user = sum(u - db_before.get(pid, (0.0, 0.0))[0] for pid, (u, _) in db_after.items())
+        db_system = sum(s - db_before.get(pid, (0.0, 0.0))[1] for pid, (_, s) in db_after.items())
+        figures["database_backends"] = len(db_after)
+        figures["database_cpu_ms_per_cycle"] = ({"user": round(db_user / max(cycles, 1) * 1000, 2),
+                                                 "system": round(db_system / max(cycles, 1) * 1000, 2)}
+                                                if db_after else None)
+    return figures
+
+
+def _cpu_by_pid(pids: list[int]) -> dict[int, tuple[float, float]]:
+    return {pid: process_cpu(pid) for pid in pids}
 
 
 def _verify_store(data_dir: Path) -> dict[str, Any]:
@@ -218,7 +245,7 @@ def _verify_store(data_dir: Path) -> dict[str, Any]:
             more_than_once += 1
     findings = fsck(store, repair=False)
     return {"jobs": sum(statuses.values()), "by_status": dict(statuses),
-            "claimed_more_than_once": more_than_once, "fsck_findings": len(findings)}
+            "claimed_more_than_once": more_than_once, "findings": len(findings), "checked_with": "fsck"}
 
 
 # -- (3) long-poll pick-up -------------------------------------------------------------------------

@@ -1,33 +1,59 @@
-"""Fill a data directory with pending jobs fast: the job files written directly, without fsync.
+"""Fill a store with pending jobs fast: for the file store, the job files written directly, without
+fsync; for PostgreSQL, the rows loaded with one ``COPY``.
 
 The files are the store's truth and each gunicorn worker builds its catalog from them when it
-starts, so a seeded directory is exactly what a store that received these jobs one by one holds.
-Durability of the seed does not matter (it is thrown away); what is measured afterwards is durable.
+starts, so a seeded directory is exactly what a store that received these jobs one by one holds;
+the rows are what ``PostgresJobStore.create`` would have inserted. Durability of the seed does not
+matter (it is thrown away); what is measured afterwards is durable.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
+
+import psycopg
+from psycopg import sql
 
 from morag_remote.models import RemoteJob, new_job_id, utcnow
 from morag_remote.store.files import FileJobStore, _encode
+from morag_remote.store.postgres import _WRITE_COLUMNS, _params
+
+
+def _pending_jobs(source: Path, counts: dict[str, int]) -> Iterator[RemoteJob]:
+    """``counts[content_type]`` new pending jobs of each type, claimable now, in creation order."""
+    now = utcnow()
+    for content_type, n in counts.items():
+        for _ in range(n):
+            yield RemoteJob(id=new_job_id(), ingestion_task_id="bench-seed", source_file_path=str(source),
+                            content_type=content_type, task_options={}, created_at=now, updated_at=now,
+                            available_at=now, version=1)
 
 
 def seed_pending(data_dir: Path, source: Path, counts: dict[str, int]) -> int:
-    """Write ``counts[content_type]`` pending jobs of each type; returns how many were written."""
+    """Write the jobs of ``counts`` as files of the store in ``data_dir``; returns how many."""
     store = FileJobStore(data_dir)  # makes the layout
     folder = store.root / "pending"
-    now = utcnow()
     written = 0
-    for content_type, n in counts.items():
-        for _ in range(n):
-            job = RemoteJob(id=new_job_id(), ingestion_task_id="bench-seed", source_file_path=str(source),
-                            content_type=content_type, task_options={}, created_at=now, updated_at=now,
-                            available_at=now, version=1)
-            fd = os.open(folder / f"{job.id}.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, _encode(job))
-            finally:
-                os.close(fd)
+    for job in _pending_jobs(source, counts):
+        fd = os.open(folder / f"{job.id}.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, _encode(job))
+        finally:
+            os.close(fd)
+        written += 1
+    return written
+
+
+def copy_pending(conn: psycopg.Connection, source: Path, counts: dict[str, int]) -> int:
+    """Load the jobs of ``counts`` into ``remote_jobs`` (``conn``'s search path) with COPY; returns
+    how many. The caller commits."""
+    columns = ("id", *_WRITE_COLUMNS)
+    statement = sql.SQL("COPY remote_jobs ({}) FROM STDIN").format(sql.SQL(", ").join(map(sql.Identifier, columns)))
+    written = 0
+    with conn.cursor().copy(statement) as copy:
+        for job in _pending_jobs(source, counts):
+            params = _params(job)
+            copy.write_row([params[c] for c in columns])
             written += 1
     return written

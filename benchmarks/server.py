@@ -55,7 +55,8 @@ def free_port() -> int:
 
 
 class Server:
-    """``gunicorn -c gunicorn.conf.py wsgi:app`` on 127.0.0.1:<free port> for one data directory."""
+    """``gunicorn -c gunicorn.conf.py wsgi:app`` on 127.0.0.1:<free port> for one data directory, or
+    for the database that ``env``'s ``MORAG_REMOTE_DATABASE_URL`` names."""
 
     def __init__(self, instance: Instance, data_dir: Path, env: dict[str, str] | None = None) -> None:
         self.instance = instance
@@ -67,7 +68,9 @@ class Server:
         self.ready_seconds: float | None = None
 
     def __enter__(self) -> "Server":
-        env = dict(os.environ, HOST="127.0.0.1", PORT=str(self.port),
+        # the store is the one this benchmark chooses, never one the shell happens to configure
+        inherited = {k: v for k, v in os.environ.items() if k != "MORAG_REMOTE_DATABASE_URL"}
+        env = dict(inherited, HOST="127.0.0.1", PORT=str(self.port),
                    MORAG_REMOTE_INSTANCE_PATH=str(self.instance.path),
                    MORAG_REMOTE_JOBS_DATA_DIR=str(self.data_dir),
                    MORAG_REMOTE_SOURCE_ROOTS=f'["{self.instance.path / "sources"}"]',
@@ -128,7 +131,7 @@ class Server:
 
     def cpu_split(self) -> tuple[float, float]:
         """(user, system) CPU time of the master and every worker so far."""
-        times = [_cpu(pid) for pid in [self.proc.pid, *self.worker_pids()]]
+        times = [process_cpu(pid) for pid in [self.proc.pid, *self.worker_pids()]]
         return sum(u for u, _ in times), sum(s for _, s in times)
 
     def __exit__(self, *exc) -> None:
@@ -157,7 +160,8 @@ def _ppid(pid: int) -> int | None:
         return None
 
 
-def _cpu(pid: int) -> tuple[float, float]:
+def process_cpu(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of process ``pid`` (all its threads) so far; zero once it is gone."""
     try:
         fields = _stat_fields(pid)
     except OSError:

@@ -228,6 +228,7 @@ def test_claims_come_in_schedule_order_and_stop_at_the_limit(outbox):
         outbox.record(event, now, None)
     outbox.mark_failed(events[0].id, "HTTP 500", now + timedelta(seconds=10))  # now due last
     later = now + timedelta(seconds=10)
+    assert outbox.claim(later, 0, CLAIM) == []
     assert [e.job_id for e in outbox.claim(later, 2, CLAIM)] == ["job-1", "job-2"]
     assert [e.job_id for e in outbox.claim(later, 10, CLAIM)] == ["job-3", "job-4", "job-0"]
     assert outbox.claim(later, 10, CLAIM, due_only=False) == []

@@ -6,8 +6,9 @@ filter and order on, and the whole :class:`~.model.Event` as JSONB (``doc``), wh
 return. The semantics are :class:`~.outbox.FileOutbox`'s, with its rules (``claimable``,
 ``start_attempt``, ``schedule``) applied in Python to rows locked in the same transaction:
 
-- ``record``: ``INSERT ... ON CONFLICT DO NOTHING``; a second recorder of the same id waits for the
-  first one's commit, then finds the row and claims it only when it is pending, due and not held.
+- ``record``: one ``INSERT ... ON CONFLICT DO UPDATE`` that inserts the event or locks the existing
+  row; a second recorder of the same id waits for the first one's commit, then gets its row and
+  claims it only when it is pending, due and not held.
 - ``claim``: ``SELECT ... FOR UPDATE SKIP LOCKED`` walking the partial index ``event_outbox_claim``
   in schedule order (``due_at``, ``created_at``, ``id``), then the claim is written in the same
   transaction: two deliverers never wait on each other and never take the same event.
@@ -29,8 +30,12 @@ from .outbox import Checkpoint, claimable, start_attempt, valid_event_id
 log = structlog.get_logger(__name__)
 
 _COLUMNS = ("id", "state", "webhook_url", "created_at", "next_attempt_at", "claimed_until", "delivered_at", "doc")
-_INSERT = (f"INSERT INTO event_outbox ({', '.join(_COLUMNS)}) "
-           f"VALUES ({', '.join(f'%({c})s' for c in _COLUMNS)}) ON CONFLICT (id) DO NOTHING")
+# The new row, or the existing one locked (ON CONFLICT DO UPDATE locks it, so it cannot be claimed or
+# purged before this transaction ends), and whether it is new: a row this statement inserted has no
+# xmax yet, one it locked has this transaction's.
+_RECORD = (f"INSERT INTO event_outbox ({', '.join(_COLUMNS)}) "
+           f"VALUES ({', '.join(f'%({c})s' for c in _COLUMNS)}) "
+           "ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id RETURNING doc, xmax = 0")
 _UPDATE = (f"UPDATE event_outbox SET {', '.join(f'{c} = %({c})s' for c in _COLUMNS[1:])} "
            "WHERE id = %(id)s")
 _CLAIM = """
@@ -83,22 +88,17 @@ class PostgresOutbox:
         new = dataclasses.replace(event)
         if claim_seconds is not None:
             start_attempt(new, now, claim_seconds)
-        lock = " FOR UPDATE" if claim_seconds is not None else ""
-        for _ in range(3):  # a row purged between our INSERT and SELECT: insert again
-            with self.db.transaction() as conn:
-                if conn.execute(_INSERT, _params(new)).rowcount:
-                    log.info("event.recorded", event_id=new.id, job_id=new.job_id, event_type=new.type)
-                    return new, claim_seconds is not None
-                row = conn.execute(f"SELECT doc FROM event_outbox WHERE id = %s{lock}", (new.id,)).fetchone()
-                if row is None:
-                    continue
-                existing = Event.from_dict(row[0])
-                if claim_seconds is None or existing.delivered or not claimable(existing, now, due_only=True):
-                    return existing, False
-                start_attempt(existing, now, claim_seconds)
-                conn.execute(_UPDATE, _params(existing))
-                return existing, True
-        raise RuntimeError(f"event {event.id} vanished three times while being recorded")
+        with self.db.transaction() as conn:
+            doc, inserted = conn.execute(_RECORD, _params(new)).fetchone()
+            if inserted:
+                log.info("event.recorded", event_id=new.id, job_id=new.job_id, event_type=new.type)
+                return new, claim_seconds is not None
+            existing = Event.from_dict(doc)
+            if claim_seconds is None or existing.delivered or not claimable(existing, now, due_only=True):
+                return existing, False
+            start_attempt(existing, now, claim_seconds)
+            conn.execute(_UPDATE, _params(existing))
+            return existing, True
 
     def get(self, event_id: str) -> Event | None:
         valid_event_id(event_id)

@@ -21,7 +21,7 @@ HOW = (f"start PostgreSQL and set {ENV}=postgresql://postgres@127.0.0.1:5432/tes
 #: modules that only the PostgreSQL tests exercise: left out of the coverage total when those skip
 PG_MODULES = ["*/morag_remote/store/postgres.py", "*/morag_remote/store/pgdb.py",
               "*/morag_remote/store/pg_keys.py", "*/morag_remote/store/pg_idempotency.py",
-              "*/morag_remote/store/migrate.py", "*/morag_remote/events/pg_outbox.py"]
+              "*/morag_remote/store/migrate.py", "*/morag_remote/store/pg_outbox.py"]
 
 
 @dataclass

@@ -12,7 +12,7 @@ import pytest
 
 from morag_remote.events.model import Event
 from morag_remote.events.outbox import Checkpoint, EventOutbox, FileOutbox
-from morag_remote.events.pg_outbox import PostgresOutbox, claim_query
+from morag_remote.store.pg_outbox import PostgresOutbox, claim_query
 from morag_remote.models import RemoteJob, utcnow
 from morag_remote.store.pgdb import database
 

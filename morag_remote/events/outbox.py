@@ -1,9 +1,9 @@
 """The events outbox: every completion event is stored here before anyone tries to send it.
 
 :class:`EventOutbox` is the interface; :class:`FileOutbox` is the JSON-file backend next to the job
-store, and ``pg_outbox.PostgresOutbox`` the one beside the PostgreSQL job store (one table,
-``SELECT ... FOR UPDATE SKIP LOCKED`` for ``claim``). ``build_outbox`` (the package's
-``__init__``) picks the one that matches the job store. The file layout:
+store, and ``store.pg_outbox.PostgresOutbox`` the one beside the PostgreSQL job store (one table,
+``SELECT ... FOR UPDATE SKIP LOCKED`` for ``claim``); ``store.factory.build_outbox`` picks the one
+that matches the job store. The file layout:
 
     <data>/events/pending/<event id>.json     recorded, not yet accepted by the receiver
     <data>/events/delivered/<event id>.json   accepted (kept ``CALLBACK_RETENTION_DAYS``)

@@ -1,10 +1,12 @@
-"""The events outbox in PostgreSQL, beside the PostgreSQL job store: any API host records, reads and
-sends any event, and ``remote-jobs deliver`` on any host sends what any other host recorded.
+"""The completion-events outbox in PostgreSQL, beside the PostgreSQL job store: any API host
+records, reads and sends any event, and ``remote-jobs deliver`` on any host sends what any other
+host recorded.
 
 One row per event in ``event_outbox`` (migration 0004): the columns that claims, purges and counts
-filter and order on, and the whole :class:`~.model.Event` as JSONB (``doc``), which is what reads
-return. The semantics are :class:`~.outbox.FileOutbox`'s, with its rules (``claimable``,
-``start_attempt``, ``schedule``) applied in Python to rows locked in the same transaction:
+filter and order on, and the whole :class:`~morag_remote.events.model.Event` as JSONB (``doc``),
+which is what reads return. The semantics are ``events.outbox.FileOutbox``'s, with its rules
+(``claimable``, ``start_attempt``, ``schedule``) applied in Python to rows locked in the same
+transaction:
 
 - ``record``: one ``INSERT ... ON CONFLICT DO UPDATE`` that inserts the event or locks the existing
   row; a second recorder of the same id waits for the first one's commit, then gets its row and
@@ -23,9 +25,9 @@ from typing import Any, Callable, Collection
 import structlog
 from psycopg.types.json import Jsonb
 
-from ..store.pgdb import Database
-from .model import DELIVERED, PENDING, Event
-from .outbox import Checkpoint, claimable, start_attempt, valid_event_id
+from ..events.model import DELIVERED, PENDING, Event
+from ..events.outbox import Checkpoint, claimable, start_attempt, valid_event_id
+from .pgdb import Database
 
 log = structlog.get_logger(__name__)
 

@@ -21,7 +21,7 @@ HOW = (f"start PostgreSQL and set {ENV}=postgresql://postgres@127.0.0.1:5432/tes
 #: modules that only the PostgreSQL tests exercise: left out of the coverage total when those skip
 PG_MODULES = ["*/morag_remote/store/postgres.py", "*/morag_remote/store/pgdb.py",
               "*/morag_remote/store/pg_keys.py", "*/morag_remote/store/pg_idempotency.py",
-              "*/morag_remote/store/migrate.py"]
+              "*/morag_remote/store/migrate.py", "*/morag_remote/store/pg_outbox.py"]
 
 
 @dataclass
@@ -47,7 +47,7 @@ class TestDatabase:
 
     def truncate(self) -> None:
         with self.connect() as conn:
-            conn.execute("TRUNCATE remote_jobs, api_keys, idempotency_keys")
+            conn.execute("TRUNCATE remote_jobs, api_keys, idempotency_keys, event_outbox, event_checkpoint")
 
     def drop(self) -> None:
         with psycopg.connect(self.base_url, autocommit=True, connect_timeout=3) as conn:
@@ -106,7 +106,7 @@ class Host:
     """``gunicorn -c gunicorn.conf.py wsgi:app`` on a free loopback port, as ``make run`` starts it."""
 
     def __init__(self, name: str, database_url: str, instance: str, sources: str, secret: str,
-                 workers: int = 2) -> None:
+                 workers: int = 2, env: dict[str, str] | None = None) -> None:
         import subprocess
         import sys
 
@@ -114,14 +114,15 @@ class Host:
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(instance, f"{name}.log")
         os.makedirs(instance, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MORAG_REMOTE_")}
-        env.update(HOST="127.0.0.1", PORT=str(self.port), WEB_CONCURRENCY=str(workers), GUNICORN_THREADS="24",
-                   MORAG_REMOTE_DATABASE_URL=database_url, MORAG_REMOTE_INSTANCE_PATH=instance,
-                   MORAG_REMOTE_SOURCE_ROOTS=f'["{sources}"]', MORAG_REMOTE_SECRET_KEY=secret,
-                   MORAG_REMOTE_DATABASE_POOL_SIZE="4", MORAG_REMOTE_POLL_MAX_WAIT_SECONDS="20")
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("MORAG_REMOTE_")}
+        self.env.update(HOST="127.0.0.1", PORT=str(self.port), WEB_CONCURRENCY=str(workers), GUNICORN_THREADS="24",
+                        MORAG_REMOTE_DATABASE_URL=database_url, MORAG_REMOTE_INSTANCE_PATH=instance,
+                        MORAG_REMOTE_SOURCE_ROOTS=f'["{sources}"]', MORAG_REMOTE_SECRET_KEY=secret,
+                        MORAG_REMOTE_DATABASE_POOL_SIZE="4", MORAG_REMOTE_POLL_MAX_WAIT_SECONDS="20",
+                        **(env or {}))
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-                                     cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+                                     cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 60) -> None:
         import time
@@ -139,6 +140,14 @@ class Host:
                 pass
             time.sleep(0.1)  # polling a process that gives no other signal of readiness
         raise RuntimeError(f"gunicorn did not answer /health in {timeout} s")
+
+    def cli(self, *args: str, timeout: float = 120):
+        """``flask --app morag_remote <args>`` with this host's configuration (a cron job on it)."""
+        import subprocess
+        import sys
+
+        return subprocess.run([sys.executable, "-m", "flask", "--app", "morag_remote", *args], cwd=REPO,
+                              env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def stop(self) -> None:
         import signal

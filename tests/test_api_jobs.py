@@ -453,6 +453,7 @@ def test_health_is_503_when_the_data_dir_is_replaced_by_a_file(client, app):
     assert client.get("/health").status_code == 200
 
 
+@pytest.mark.files_only
 def test_health_is_503_when_the_data_dir_is_read_only(client, app):
     data_dir = Path(app.config["JOBS_DATA_DIR"])
     data_dir.chmod(0o500)

@@ -82,6 +82,13 @@ def test_db_upgrade_against_an_unreachable_server_is_one_line(tmp_path):
     assert out.output.startswith("Error: cannot connect to the database") and "Traceback" not in out.output
 
 
+def test_deliver_against_an_unreachable_server_is_one_line(tmp_path):
+    out = _runner(tmp_path, "postgresql://postgres@127.0.0.1:1/test", DATABASE_TIMEOUT=1,
+                  CALLBACK_URL="http://127.0.0.1:1/events").invoke(args=["remote-jobs", "deliver"])
+    assert out.exit_code == 1
+    assert out.output.startswith("Error: the job database") and "Traceback" not in out.output
+
+
 def test_migrations_are_numbered_without_gaps():
     assert [m.version for m in migrate.available()] == list(range(1, len(migrate.available()) + 1))
 

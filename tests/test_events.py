@@ -128,6 +128,12 @@ def finish(producer, worker, success: bool = True, **create: Any) -> tuple[str, 
     return job_id, worker.result(job_id, success, **extra)
 
 
+def database_env(app) -> dict[str, str]:
+    """The app's database for a child process (nothing on the file store)."""
+    url = app.config.get("DATABASE_URL")
+    return {"MORAG_REMOTE_DATABASE_URL": url} if url else {}
+
+
 def deliver(runner, *args: str) -> dict:
     result = runner.invoke(args=["remote-jobs", "deliver", "--json", *args])
     assert result.exit_code == 0, result.output
@@ -338,7 +344,8 @@ def _finish_in_a_process_that_dies_before_recording(config: dict, success: bool)
 @pytest.fixture
 def crash_after_job_write(app, instance_path):
     def run(success: bool = True) -> None:
-        config = {k: app.config[k] for k in ("CALLBACK_URL", "CALLBACK_SECRET", "CALLBACK_ALLOWED_PREFIXES")}
+        config = {k: app.config[k] for k in ("CALLBACK_URL", "CALLBACK_SECRET", "CALLBACK_ALLOWED_PREFIXES",
+                                             "DATABASE_URL")}
         config.update(TESTING=True, INSTANCE_PATH=str(instance_path), LOG_JSON=True)
         child = multiprocessing.get_context("fork").Process(
             target=_finish_in_a_process_that_dies_before_recording, args=(config, success))
@@ -348,7 +355,6 @@ def crash_after_job_write(app, instance_path):
     return run
 
 
-@pytest.mark.files_only
 def test_event_lost_to_a_crash_after_the_job_write_is_recorded_and_sent_by_deliver(
         producer, receiver, runner, crash_after_job_write):
     job_id = producer.create_id()
@@ -362,7 +368,6 @@ def test_event_lost_to_a_crash_after_the_job_write_is_recorded_and_sent_by_deliv
     assert deliver(runner) == {"delivered": 0, "failed": 0, "reconciled": 0, "purged": 0, "pending": 0}
 
 
-@pytest.mark.files_only
 def test_retry_before_reconciliation_still_sends_the_event_of_the_state_it_left(
         producer, receiver, runner, crash_after_job_write):
     job_id = producer.create_id()
@@ -374,7 +379,6 @@ def test_retry_before_reconciliation_still_sends_the_event_of_the_state_it_left(
     assert event["type"] == "job.failed" and event["error"] == "gpu fell off"
 
 
-@pytest.mark.files_only
 def test_delete_before_reconciliation_still_sends_the_event(producer, receiver, runner, admin_headers,
                                                              crash_after_job_write):
     job_id = producer.create_id()
@@ -384,7 +388,6 @@ def test_delete_before_reconciliation_still_sends_the_event(producer, receiver, 
     assert [e["type"] for e in receiver.events_of(job_id)] == ["job.completed"]
 
 
-@pytest.mark.files_only
 def test_cleanup_old_before_reconciliation_still_sends_the_event(producer, receiver, runner,
                                                                  crash_after_job_write):
     job_id = producer.create_id()
@@ -415,7 +418,7 @@ def test_two_deliver_processes_at_once_send_each_event_once(producer, worker, re
     receiver.status = 200
     env = dict(os.environ, MORAG_REMOTE_INSTANCE_PATH=str(instance_path),
                MORAG_REMOTE_CALLBACK_URL=app.config["CALLBACK_URL"], MORAG_REMOTE_CALLBACK_SECRET=SECRET,
-               MORAG_REMOTE_LOG_JSON="true")
+               MORAG_REMOTE_LOG_JSON="true", **database_env(app))
     command = [sys.executable, "-m", "flask", "--app", "morag_remote", "remote-jobs", "deliver", "--json"]
     procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               cwd=Path(__file__).parent.parent) for _ in range(2)]
@@ -425,12 +428,12 @@ def test_two_deliver_processes_at_once_send_each_event_once(producer, worker, re
     assert sorted(e["job_id"] for e in receiver.accepted.values()) == sorted(job_ids)
 
 
-@pytest.mark.files_only
 @pytest.mark.slow
-def test_under_gunicorn_a_failed_event_is_sent_after_a_later_response(receiver, instance_path, keys, producer):
+def test_under_gunicorn_a_failed_event_is_sent_after_a_later_response(receiver, instance_path, keys, producer, app):
     receiver.status = 503
     env = {"MORAG_REMOTE_CALLBACK_URL": receiver.url, "MORAG_REMOTE_CALLBACK_SECRET": SECRET,
-           "MORAG_REMOTE_CALLBACK_RETRY_SECONDS": "0", "MORAG_REMOTE_CALLBACK_PUMP_INTERVAL_SECONDS": "0"}
+           "MORAG_REMOTE_CALLBACK_RETRY_SECONDS": "0", "MORAG_REMOTE_CALLBACK_PUMP_INTERVAL_SECONDS": "0",
+           **database_env(app)}
     source = producer.source("talk.mp3")
     with live_gunicorn.gunicorn(instance_path, env, workers=1) as base:
         p, w = ({"Authorization": f"Bearer {keys[role]}"} for role in ("producer", "worker"))
@@ -530,7 +533,6 @@ def test_deliver_attempts_no_more_than_its_limit(producer, worker, receiver, run
     assert deliver(runner)["delivered"] == 1
 
 
-@pytest.mark.files_only
 def test_reconciliation_in_batches_reaches_every_job(producer, receiver, runner, app, crash_after_job_write):
     first, second = producer.create_id(), producer.create_id()
     crash_after_job_write()
@@ -583,6 +585,7 @@ def test_a_misconfigured_callback_is_a_failed_attempt_with_its_reason(producer, 
     assert error in producer.get(job_id).json["event_delivery"]["last_error"]
 
 
+@pytest.mark.files_only
 def test_an_outbox_that_cannot_be_written_does_not_fail_the_result_and_is_caught_up_later(
         producer, worker, receiver, runner, client, app):
     pending = Path(app.config["JOBS_DATA_DIR"]) / "events" / "pending"
@@ -601,3 +604,58 @@ def test_an_outbox_that_cannot_be_written_does_not_fail_the_result_and_is_caught
     report = deliver(runner)
     assert report["reconciled"] == 1 and report["delivered"] == 1
     assert [e["type"] for e in receiver.events_of(job_id)] == ["job.completed"]
+
+
+@pytest.mark.postgres
+def test_an_event_table_that_refuses_writes_does_not_fail_the_result_and_is_caught_up_later(
+        producer, worker, receiver, runner, client, pg_database):
+    """The database's counterpart of the test above: the server cannot write the event (disk full)."""
+    job_id = producer.create_id()
+    worker.claim()
+    with pg_database.connect() as conn:
+        conn.execute("""CREATE FUNCTION refuse_event() RETURNS trigger LANGUAGE plpgsql AS $$
+                        BEGIN RAISE EXCEPTION 'could not extend file' USING ERRCODE = 'disk_full'; END $$""")
+        conn.execute("CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON event_outbox "
+                      "FOR EACH ROW EXECUTE FUNCTION refuse_event()")
+        try:
+            result = worker.result(job_id, True)
+            assert result.status_code == 200
+            assert result.json == {"status": "completed", "ingestion_continued": False}
+            assert client.get("/health", buffered=True).status_code == 200  # the pump fails quietly
+            assert producer.get(job_id).json["event_delivery"] is None
+        finally:
+            conn.execute("DROP TRIGGER refuse ON event_outbox")
+            conn.execute("DROP FUNCTION refuse_event()")
+    report = deliver(runner)
+    assert report["reconciled"] == 1 and report["delivered"] == 1
+    assert [e["type"] for e in receiver.events_of(job_id)] == ["job.completed"]
+
+
+def test_each_backend_keeps_its_events_beside_its_jobs(producer, worker, receiver, app, backend):
+    job_id, _ = finish(producer, worker)
+    events_dir = Path(app.config["JOBS_DATA_DIR"]) / "events"
+    with app.app_context():
+        outbox = events().outbox
+        state = events().delivery_state(events().store.get(job_id))
+    assert type(outbox).__name__ == {"files": "FileOutbox", "postgres": "PostgresOutbox"}[backend]
+    assert state["state"] == "delivered"
+    assert events_dir.exists() == (backend == "files")
+
+
+@pytest.mark.postgres
+def test_any_host_reads_and_delivers_an_event_another_host_recorded(
+        producer, worker, receiver, runner, app, app_config, tmp_path):
+    """Two apps on one database with instance folders of their own: two API hosts."""
+    receiver.stop()
+    job_id, result = finish(producer, worker)
+    assert result.json["ingestion_continued"] is False
+    host_b = create_app({"TESTING": True, "INSTANCE_PATH": str(tmp_path / "host-b"), "LOG_JSON": True,
+                         "DATABASE_URL": app.config["DATABASE_URL"], **app_config})
+    b = host_b.test_client()
+    seen_by_b = b.get(f"/api/v1/remote-jobs/{job_id}", headers=producer.headers).json["event_delivery"]
+    assert seen_by_b["state"] == "retrying" and seen_by_b["attempts"] == 1
+    receiver.start()
+    assert deliver(host_b.test_cli_runner())["delivered"] == 1
+    assert deliver(runner)["delivered"] == 0
+    assert len(receiver.requests) == 1 and [e["job_id"] for e in receiver.accepted.values()] == [job_id]
+    assert producer.get(job_id).json["event_delivery"]["state"] == "delivered"

@@ -1,32 +1,28 @@
 """Signed completion events for the ingestion side (issue: continue the ingestion pipeline).
 
-``init_events`` wires them into an app: an outbox next to the job store, an :class:`EventDelivery`
-registered as the service's terminal listener, and a hook that lets later requests retry failed
-attempts once their response has been sent. The README's "Completion events" section is the
-receiver's contract (body, headers, signature).
+``init_events`` wires them into an app: an outbox beside the job store
+(``store.factory.build_outbox``), an :class:`EventDelivery` registered as the service's terminal
+listener, and a hook that lets later requests retry failed attempts once their response has been
+sent. The README's "Completion events" section is the receiver's contract (body, headers,
+signature).
 """
 from __future__ import annotations
-
-import os
 
 import structlog
 from flask import Flask, Response, current_app
 
 from ..service import JobService
+from ..store.factory import build_outbox
 from .delivery import DeliveryReport, EventDelivery, EventSettings
-from .outbox import EventOutbox, FileOutbox
 
 EVENTS = "morag_remote.events"
 log = structlog.get_logger(__name__)
 
 
-def build_outbox(config) -> EventOutbox:
-    return FileOutbox(os.path.join(config["JOBS_DATA_DIR"], "events"))
-
-
 def init_events(app: Flask, service: JobService) -> EventDelivery:
     settings = EventSettings.from_config(app.config)
-    delivery = EventDelivery(build_outbox(app.config), service.store, settings, clock=lambda: service.clock())
+    outbox = build_outbox(service.store, app.config["JOBS_DATA_DIR"])
+    delivery = EventDelivery(outbox, service.store, settings, clock=lambda: service.clock())
     service.listeners.append(delivery)
     app.extensions[EVENTS] = delivery
 

@@ -2,12 +2,12 @@
 
 How an event cannot be lost
 ---------------------------
-The job store and the outbox are two files, so no single rename commits both. The job is written
-first (by the service, under the store lock) and the event is recorded right after, by
-:meth:`EventDelivery.job_finished`, before the first delivery attempt. A crash between the two leaves
-a terminal job without an event; three things put it back, none of which needs to know a crash
-happened, because event ids are derived from the job (``model.event_id_for``) and recording is
-idempotent:
+The job and its event are two writes (two files; on PostgreSQL two transactions), so no single
+commit covers both. The job is written first (by the service, under the store lock) and the event
+is recorded right after, by :meth:`EventDelivery.job_finished`, before the first delivery attempt.
+A crash (or a failed outbox write) between the two leaves a terminal job without an event; three
+things put it back, none of which needs to know a crash happened, because event ids are derived
+from the job (``model.event_id_for``) and recording is idempotent:
 
 - :meth:`EventDelivery.reconcile` walks the terminal jobs that finished since the outbox's checkpoint
   (``JobRepository.finished_since``, an index lookup) and records any event that is missing; it runs
@@ -43,7 +43,7 @@ from typing import Any, Callable, Mapping
 
 import structlog
 
-from ..exceptions import JobNotFound
+from ..exceptions import JobNotFound, StoreUnavailable
 from ..models import RemoteJob, Status
 from ..store.base import JobRepository
 from .destinations import job_webhook, normalize_prefixes, webhook_problem
@@ -136,7 +136,7 @@ class EventDelivery:
         try:
             stored, claimed = self.outbox.record(event, self.clock(),
                                                  self.settings.claim_seconds if inline else None)
-        except OSError as exc:  # the job is committed; reconciliation records the event later
+        except (OSError, StoreUnavailable) as exc:  # the job is committed; reconciliation records it later
             log.error("event.record_failed", event_id=event.id, job_id=job.id, error=str(exc))
             return False
         return self._attempt(stored) if claimed else False

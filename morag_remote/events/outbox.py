@@ -1,8 +1,9 @@
 """The events outbox: every completion event is stored here before anyone tries to send it.
 
-:class:`EventOutbox` is the interface (a PostgreSQL backend implements it with one table and
-``SELECT ... FOR UPDATE SKIP LOCKED`` for ``claim``); :class:`FileOutbox` is the JSON-file backend
-next to the job store:
+:class:`EventOutbox` is the interface; :class:`FileOutbox` is the JSON-file backend next to the job
+store, and ``store.pg_outbox.PostgresOutbox`` the one beside the PostgreSQL job store (one table,
+``SELECT ... FOR UPDATE SKIP LOCKED`` for ``claim``); ``store.factory.build_outbox`` picks the one
+that matches the job store. The file layout:
 
     <data>/events/pending/<event id>.json     recorded, not yet accepted by the receiver
     <data>/events/delivered/<event id>.json   accepted (kept ``CALLBACK_RETENTION_DAYS``)
@@ -59,9 +60,9 @@ class EventOutbox(Protocol):
 
     def claim(self, now: datetime, limit: int, claim_seconds: float, *, due_only: bool = True,
               exclude_webhooks: Collection[str | None] = ()) -> list[Event]:
-        """Take up to ``limit`` pending events that no one holds (and, with ``due_only``, whose
-        backoff has ended), oldest schedule first, skipping those bound for ``exclude_webhooks``;
-        each is marked as an attempt in flight until ``now + claim_seconds``."""
+        """Take up to ``limit`` pending events that no one holds (and, with ``due_only``, that are
+        due: see :func:`claimable`), oldest :func:`schedule` first, skipping those bound for
+        ``exclude_webhooks``; each is marked as an attempt in flight until ``now + claim_seconds``."""
 
     def mark_delivered(self, event_id: str, now: datetime) -> None:
         """The receiver accepted the event (no-op when it is gone or delivered already)."""
@@ -96,10 +97,10 @@ class FileOutbox:
     # -- files -----------------------------------------------------------------------------------
 
     def _pending_path(self, event_id: str) -> Path:
-        return self.pending_dir / f"{_safe(event_id)}.json"
+        return self.pending_dir / f"{valid_event_id(event_id)}.json"
 
     def _delivered_path(self, event_id: str) -> Path:
-        return self.delivered_dir / f"{_safe(event_id)}.json"
+        return self.delivered_dir / f"{valid_event_id(event_id)}.json"
 
     def _load(self, path: Path) -> Event | None:
         try:
@@ -120,13 +121,13 @@ class FileOutbox:
             existing = self.get(event.id)
             if existing is not None:
                 if (claim_seconds is None or existing.delivered
-                        or not _claimable(existing, now, due_only=True)):
+                        or not claimable(existing, now, due_only=True)):
                     return existing, False
-                _start_attempt(existing, now, claim_seconds)
+                start_attempt(existing, now, claim_seconds)
                 self._save(self._pending_path(existing.id), existing)
                 return existing, True
             if claim_seconds is not None:
-                _start_attempt(event, now, claim_seconds)
+                start_attempt(event, now, claim_seconds)
             self._save(self._pending_path(event.id), event)
             log.info("event.recorded", event_id=event.id, job_id=event.job_id, event_type=event.type)
             return event, claim_seconds is not None
@@ -141,14 +142,14 @@ class FileOutbox:
               exclude_webhooks: Collection[str | None] = ()) -> list[Event]:
         claimed: list[Event] = []
         with self.lock.hold():
-            candidates = [e for e in self._pending() if _claimable(e, now, due_only)
+            candidates = [e for e in self._pending() if claimable(e, now, due_only)
                           and e.webhook_url not in exclude_webhooks]
-            candidates.sort(key=lambda e: (e.next_attempt_at or e.created_at, e.created_at, e.id))
+            candidates.sort(key=lambda e: (schedule(e), e.created_at, e.id))
             for event in candidates[:limit]:
                 if self._delivered_path(event.id).exists():  # a move cut short by a crash
                     unlink_quietly(self._pending_path(event.id))
                     continue
-                _start_attempt(event, now, claim_seconds)
+                start_attempt(event, now, claim_seconds)
                 self._save(self._pending_path(event.id), event)
                 claimed.append(event)
         return claimed
@@ -242,20 +243,27 @@ class FileOutbox:
         return events
 
 
-def _claimable(event: Event, now: datetime, due_only: bool) -> bool:
+def schedule(event: Event) -> datetime:
+    """When the event is due: its next attempt, else when it was recorded (claims go in this order;
+    ``due_at`` of the PostgreSQL table is the same)."""
+    return event.next_attempt_at or event.created_at
+
+
+def claimable(event: Event, now: datetime, due_only: bool) -> bool:
+    """No attempt is in flight and, with ``due_only``, its :func:`schedule` has come."""
     if event.claimed_until is not None and event.claimed_until > now:
         return False
-    return not due_only or event.next_attempt_at is None or event.next_attempt_at <= now
+    return not due_only or schedule(event) <= now
 
 
-def _start_attempt(event: Event, now: datetime, claim_seconds: float) -> None:
+def start_attempt(event: Event, now: datetime, claim_seconds: float) -> None:
     event.attempts += 1
     event.last_attempt_at = now
     event.claimed_until = now + timedelta(seconds=claim_seconds)
 
 
-def _safe(event_id: str) -> str:
-    """Event ids name files: only the characters a UUID has."""
+def valid_event_id(event_id: str) -> str:
+    """Event ids name files (and rows: both outboxes refuse the same ids): the characters a UUID has."""
     if not event_id or len(event_id) > 64 or not all(c.isalnum() or c == "-" for c in event_id):
         raise ValueError(f"not an event id: {event_id!r}")
     return event_id

@@ -1,5 +1,6 @@
 """Choose the job repository from the configuration: the JSON files unless a database URL is set; the
-API keys and the Idempotency-Key records live in the same place as the jobs."""
+API keys, the Idempotency-Key records and the completion-events outbox live in the same place as the
+jobs."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ from .base import JobRepository
 from .files import FileJobStore
 
 if TYPE_CHECKING:
+    from ..events.outbox import EventOutbox
     from ..idempotency import IdempotencyRecords
 
 
@@ -47,3 +49,17 @@ def build_idempotency_records(store: JobRepository, data_dir: str) -> "Idempoten
     from ..idempotency import FileIdempotencyRecords
 
     return FileIdempotencyRecords(os.path.join(data_dir, "idempotency"))
+
+
+def build_outbox(store: JobRepository, data_dir: str) -> "EventOutbox":
+    """The completion-events outbox beside the jobs: in the database when the jobs are (every host
+    sees every event), else under the data dir. ``EventDelivery`` does not know which it talks to."""
+    from .postgres import PostgresJobStore
+
+    if isinstance(store, PostgresJobStore):
+        from .pg_outbox import PostgresOutbox
+
+        return PostgresOutbox(store.db)
+    from ..events.outbox import FileOutbox
+
+    return FileOutbox(os.path.join(data_dir, "events"))

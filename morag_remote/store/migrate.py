@@ -70,6 +70,13 @@ def current_version(conn: psycopg.Connection) -> int:
     return conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
 
 
+def _applied(conn: psycopg.Connection, version: int) -> bool:
+    """Whether this version has its row: each is looked up on its own, not compared with the newest,
+    so a migration merged after a higher-numbered one was applied is still applied, not skipped."""
+    return conn.execute("SELECT EXISTS (SELECT 1 FROM schema_version WHERE version = %s)",
+                        (version,)).fetchone()[0]
+
+
 def upgrade(conn: psycopg.Connection, schema: str | None = None) -> list[Migration]:
     """Apply every pending migration; returns those this call applied (empty when up to date).
 
@@ -87,7 +94,7 @@ def upgrade(conn: psycopg.Connection, schema: str | None = None) -> list[Migrati
                                 version    integer PRIMARY KEY,
                                 name       text NOT NULL,
                                 applied_at timestamptz NOT NULL DEFAULT now())""")
-            if current_version(conn) >= migration.version:
+            if _applied(conn, migration.version):
                 continue
             conn.execute(migration.sql)
             conn.execute("INSERT INTO schema_version (version, name) VALUES (%s, %s)",

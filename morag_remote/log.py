@@ -78,7 +78,10 @@ def configure_logging(json_lines: bool) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # One write per line: PrintLogger's print() writes the message and the newline separately, and
+        # a stdlib handler's line (gunicorn's, a library's) on the same stream in another thread could
+        # land between the two, joining two JSON objects on one line.
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
 

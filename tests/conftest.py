@@ -177,7 +177,7 @@ def log_output():
     configure_logging(json_lines=True)  # no-op when done; it must not replace our factory later
     buffer = io.StringIO()
     saved = structlog.get_config()["logger_factory"]
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(buffer))
+    structlog.configure(logger_factory=structlog.WriteLoggerFactory(buffer))
     handler = logging.StreamHandler(buffer)
     root = logging.getLogger()
     saved_level = root.level

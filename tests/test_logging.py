@@ -2,7 +2,11 @@
 X-Request-ID echoed back or generated."""
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import structlog
@@ -86,3 +90,38 @@ def test_fields_named_like_secrets_are_redacted():
 
     assert _redact(None, None, {"event": "x", "token": "abc", "Authorization": "Bearer k", "job_id": "j"}) == \
         {"event": "x", "token": "[redacted]", "Authorization": "[redacted]", "job_id": "j"}
+
+
+_INTERLEAVING = """
+import json, logging, threading
+import structlog
+from morag_remote.log import configure_logging
+
+configure_logging(json_lines=True)
+app_log, library_log = structlog.get_logger("app"), logging.getLogger("library")
+
+def run(thread):
+    for n in range(1000):
+        if n % 2:
+            app_log.info("app.line", thread=thread, n=n)
+        else:
+            library_log.info(json.dumps({"event": "library.line", "thread": thread, "n": n}))
+
+threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"""
+
+
+def test_app_and_library_lines_from_many_threads_stay_one_json_object_per_line(tmp_path):
+    """structlog's lines and stdlib handlers' lines share stderr: none may be cut by another's."""
+    err = tmp_path / "stderr"
+    with open(err, "wb") as fh:
+        subprocess.run([sys.executable, "-c", _INTERLEAVING], stderr=fh, check=True, timeout=120,
+                       cwd=Path(__file__).resolve().parent.parent)
+    lines = err.read_text().splitlines()
+    assert len(lines) == 8 * 1000
+    events = [json.loads(line)["event"] for line in lines]
+    assert events.count("app.line") == events.count("library.line") == 4000

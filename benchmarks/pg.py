@@ -19,6 +19,7 @@ from psycopg import sql
 
 from morag_remote.auth import KeyStore
 from morag_remote.store import migrate
+from morag_remote.store.pgdb import unreachable
 
 from .seed import copy_pending
 from .server import Instance
@@ -33,11 +34,9 @@ def probe() -> tuple[str | None, str]:
     base = os.environ.get(ENV)
     if not base:
         return None, f"{ENV} is not set"
-    try:
-        psycopg.connect(base, connect_timeout=3).close()
-    except psycopg.Error as exc:
-        first = (str(exc).strip().splitlines() or ["unreachable"])[0]
-        return None, f"no PostgreSQL at {ENV} ({first})"
+    reason = unreachable(base)
+    if reason:
+        return None, f"no PostgreSQL at {ENV} ({reason})"
     return base, ""
 
 

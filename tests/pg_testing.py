@@ -13,6 +13,7 @@ import psycopg
 from psycopg import sql
 
 from morag_remote.store import migrate
+from morag_remote.store.pgdb import unreachable
 
 ENV = "MORAG_REMOTE_TEST_DATABASE_URL"
 HOW = (f"start PostgreSQL and set {ENV}=postgresql://postgres@127.0.0.1:5432/test to run them "
@@ -59,11 +60,9 @@ def probe() -> tuple[TestDatabase | None, str]:
     base = os.environ.get(ENV)
     if not base:
         return None, f"{ENV} is not set"
-    try:
-        psycopg.connect(base, connect_timeout=3).close()
-    except psycopg.Error as exc:
-        first = (str(exc).strip().splitlines() or ["unreachable"])[0]
-        return None, f"no PostgreSQL at {ENV} ({first})"
+    reason = unreachable(base)
+    if reason:
+        return None, f"no PostgreSQL at {ENV} ({reason})"
     return TestDatabase(base, f"mrtest_{os.getpid()}_{secrets.token_hex(4)}"), ""
 
 

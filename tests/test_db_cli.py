@@ -12,7 +12,7 @@ from psycopg import sql
 
 from morag_remote import create_app
 from morag_remote.store import migrate
-from morag_remote.store.pgdb import parse_url
+from morag_remote.store.pgdb import parse_url, unreachable
 
 
 @pytest.fixture
@@ -150,3 +150,8 @@ def test_fsck_on_postgres_says_it_checks_the_file_store_only(app, backend):
         assert out.exit_code == 1 and "JSON-file store" in out.output
     else:
         assert out.exit_code == 0 and "store is clean" in out.output
+
+
+def test_unreachable_says_why_without_the_url():
+    reason = unreachable("postgresql://probe:s3cret@127.0.0.1:1/none", connect_timeout=2)
+    assert reason and "s3cret" not in reason

@@ -67,6 +67,16 @@ def parse_url(url: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(query=urlencode(kept, quote_via=quote))), schema
 
 
+def unreachable(url: str, connect_timeout: int = 3) -> str | None:
+    """Why no server answers at ``url`` (its first line, never the URL: it may hold a password), or
+    None when one does. For the tests and the benchmark, which skip PostgreSQL when it is absent."""
+    try:
+        psycopg.connect(url, connect_timeout=connect_timeout).close()
+    except psycopg.Error as exc:
+        return (str(exc).strip().splitlines() or ["unreachable"])[0]
+    return None
+
+
 def database(url: str, pool_size: int = 10, timeout: float = 5.0) -> "Database":
     """The process's :class:`Database` for ``url`` (one per process and setting)."""
     key = (os.getpid(), url, pool_size, timeout)

@@ -354,3 +354,19 @@ def test_wait_for_change_wakes_when_another_store_object_writes(data_dir):
 
 def test_wait_for_change_times_out_when_nothing_happens(store):
     assert store.wait_for_change(0.01) is False
+
+
+def test_a_copy_of_a_job_shares_no_nested_value_with_it():
+    job = make_job(extra={"tags": {"a", "b"}})
+    job.task_options = {"lang": ["de", "en"], "opts": {"beam": 5}}
+    job.result_data = {"content": "text", "metadata": {"pages": [1, 2]}}
+    clone = job.copy()
+    assert clone == job and clone is not job
+    clone.task_options["lang"].append("fr")
+    clone.task_options["opts"]["beam"] = 1
+    clone.result_data["metadata"]["pages"].clear()
+    clone.extra["tags"].add("c")  # not a JSON value: copied all the same
+    assert job.task_options == {"lang": ["de", "en"], "opts": {"beam": 5}}
+    assert job.result_data["metadata"] == {"pages": [1, 2]}
+    assert job.extra == {"tags": {"a", "b"}}
+

@@ -370,3 +370,15 @@ def test_a_copy_of_a_job_shares_no_nested_value_with_it():
     assert job.result_data["metadata"] == {"pages": [1, 2]}
     assert job.extra == {"tags": {"a", "b"}}
 
+
+def test_a_job_record_larger_than_one_read_comes_back_whole(store):
+    content = "x" * (3 * 64 * 1024 + 17)  # a long conversion result: several reads of the file
+    job = store.create(make_job())
+    store.update(job.id, set_status("completed"))
+
+    def with_result(j: RemoteJob) -> RemoteJob:
+        j.result_data = {"content": content, "metadata": {}}
+        return j
+
+    store.update(job.id, with_result)
+    assert FileJobStore(store.root).get(job.id).result_data["content"] == content

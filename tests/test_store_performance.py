@@ -331,6 +331,14 @@ def test_journal_head_follows_segments_another_writer_started(tmp_path):
     assert more == [] and position == end
 
 
+def test_journal_reads_back_a_batch_longer_than_one_read(tmp_path):
+    journal = Journal(tmp_path / "journal")
+    start = journal.head()
+    ids = [new_job_id() for _ in range(3000)]  # about 110 KB of lines
+    end = journal.append(ids)
+    assert journal.read_since(start) == (ids, end)
+
+
 def test_a_lease_granted_by_another_process_lapses_on_the_first_poll_after_it(tmp_path):
     store, other = FileJobStore(tmp_path / "data"), FileJobStore(tmp_path / "data")
     job = make_job()

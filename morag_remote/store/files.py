@@ -85,6 +85,7 @@ class FileJobStore:
                  watch_interval: float = 0.02, watch_linger: float = 5.0) -> None:
         self.root = Path(data_dir)
         self._folders = tuple(str(self.root / status) for status in STATUSES)
+        self._incoming = str(self.root / INCOMING_DIR)
         for status in STATUSES:
             (self.root / status).mkdir(parents=True, exist_ok=True)
         (self.root / CORRUPT_DIR).mkdir(exist_ok=True)
@@ -110,16 +111,19 @@ class FileJobStore:
     def path(self, status: str, job_id: str) -> Path:
         return self.root / status / f"{job_id}.json"
 
-    def _copies(self, job_id: str) -> list[tuple[RemoteJob, Path]]:
+    def _file(self, status: str, job_id: str) -> str:
+        """:meth:`path` as a string. The store's own reads and writes build their paths as strings:
+        they run several times per request, and pathlib cost more than the system calls."""
+        return f"{self.root}/{status}/{job_id}.json"
+
+    def _copies(self, job_id: str) -> list[tuple[RemoteJob, str]]:
         """Every readable copy of the job, newest version first (more than one only after a crash,
-        or for the moment a move takes to settle). Paths are built as strings: this runs for every
-        job a request touches or learns about from the journal, and pathlib cost more than the
-        reads."""
+        or for the moment a move takes to settle)."""
         found = []
         for folder in self._folders:
             name = f"{folder}/{job_id}.json"
             try:
-                found.append((load_job_file(name, job_id), Path(name)))
+                found.append((load_job_file(name, job_id), name))
             except FileNotFoundError:
                 continue
             except CorruptJobFile as exc:
@@ -211,11 +215,11 @@ class FileJobStore:
 
     # -- writes ----------------------------------------------------------------------------------
 
-    def _stage(self, job: RemoteJob) -> Path:
+    def _stage(self, job: RemoteJob) -> str:
         """The job's bytes in a fsynced temp file, written before the lock is taken."""
-        return stage(self.root / INCOMING_DIR, f"{job.id}.json", _encode(job))
+        return stage(self._incoming, f"{job.id}.json", _encode(job))
 
-    def _place(self, job: RemoteJob, copies: list[tuple[RemoteJob, Path]], staged: Path | None = None) -> _Commit:
+    def _place(self, job: RemoteJob, copies: list[tuple[RemoteJob, str]], staged: str | None = None) -> _Commit:
         """Put ``job`` in place (caller holds the exclusive lock); what is left to do is returned.
 
         The journal line comes first, then the new file (a temp file, fsynced, renamed; ``staged``
@@ -224,7 +228,7 @@ class FileJobStore:
         :meth:`_settle`'s work, after the lock is released.
         """
         self._position = self.journal.append([job.id])
-        target = self.path(job.status, job.id)
+        target = self._file(job.status, job.id)
         if staged is None:
             write_atomic(target, _encode(job), sync_dir=False)
         else:
@@ -241,7 +245,7 @@ class FileJobStore:
         older copy goes only once the directory holding the new one was fsynced, so the job is on
         disk in at least one directory at every instant.
         """
-        for folder in dict.fromkeys(c.target.parent for c in commits):
+        for folder in dict.fromkeys(os.path.dirname(c.target) for c in commits):
             fsync_dir(folder)
         stale = [item for c in commits for item in c.stale]
         if stale:
@@ -257,7 +261,7 @@ class FileJobStore:
         staged = self._stage(job)
         try:
             with self._locked():
-                if job.id in self.catalog.entries or self.path(job.status, job.id).exists():
+                if job.id in self.catalog.entries or os.path.exists(self._file(job.status, job.id)):
                     raise ValueError(f"job {job.id} exists")
                 commit = self._place(job, [], staged)
         except BaseException:
@@ -317,7 +321,7 @@ class FileJobStore:
         except Exception:
             return None
         new.version = current.version + 1
-        staged: Path | None = self._stage(new)
+        staged: str | None = self._stage(new)
         try:
             with self._locked():
                 entry = self.catalog.entries.get(job_id)
@@ -380,7 +384,7 @@ class FileJobStore:
             self._position = self.journal.append([job_id])
             for _, p in copies:
                 unlink_quietly(p)
-                fsync_dir(p.parent)
+                fsync_dir(os.path.dirname(p))
             self.catalog.apply(job_id, None)
         return True
 
@@ -546,8 +550,8 @@ def _watch(ref: "weakref.ref[FileJobStore]", last: Position | None) -> None:
 class _Commit:
     """A write that is in place but not yet settled: where it went, and the copies it replaced."""
 
-    target: Path
-    stale: list[tuple[Path, int]]
+    target: str
+    stale: list[tuple[str, int]]
 
 
 class _Locked:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .atomic import READ_CHUNK, unlink_quietly
+
 Position = tuple[int, int]  # (segment number, byte offset)
 
 SEGMENT_BYTES = 1 << 20
@@ -27,9 +29,12 @@ class Journal:
         self.segment_bytes = segment_bytes
         self.dir.mkdir(parents=True, exist_ok=True)
         self._last: int | None = None  # the newest segment seen (a hint for head)
+        self._prefix = os.path.join(directory, "")
 
-    def _path(self, segment: int) -> Path:
-        return self.dir / f"{segment:012d}.log"
+    def _path(self, segment: int) -> str:
+        """The segment's path, as a string: every request that takes the store lock reads the
+        journal, and building it as a ``Path`` cost more than the read."""
+        return f"{self._prefix}{segment:012d}.log"
 
     def _segments(self) -> list[int]:
         return sorted(int(name[:-4]) for name in os.listdir(self.dir)
@@ -39,7 +44,7 @@ class Journal:
         """Where the journal ends now (creating the first segment if there is none)."""
         end = self.end()
         if end is None:
-            self._path(1).touch()
+            _touch(self._path(1))
             self._last = 1
             return (1, 0)
         return end
@@ -67,14 +72,20 @@ class Journal:
     def append(self, job_ids: list[str]) -> Position:
         """Log ``job_ids`` (caller holds the exclusive store lock); returns the new end."""
         segment, _ = self.head()
-        with open(self._path(segment), "ab") as fh:
-            fh.write("".join(f"{job_id}\n" for job_id in job_ids).encode())
-            end = fh.tell()
+        data = "".join(f"{job_id}\n" for job_id in job_ids).encode()
+        fd = os.open(self._path(segment), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            end = os.lseek(fd, 0, os.SEEK_CUR)
+        finally:
+            os.close(fd)
         if end >= self.segment_bytes:
-            self._path(segment + 1).touch()
+            _touch(self._path(segment + 1))
             for old in self._segments():
                 if old < segment:
-                    self._path(old).unlink(missing_ok=True)
+                    unlink_quietly(self._path(old))
             return (segment + 1, 0)
         return (segment, end)
 
@@ -84,15 +95,13 @@ class Journal:
         ids: list[str] = []
         while True:
             try:
-                with open(self._path(segment), "rb") as fh:
-                    fh.seek(offset)
-                    chunk = fh.read()
+                chunk = _read_from(self._path(segment), offset)
             except FileNotFoundError:
                 raise JournalGap(f"segment {segment} removed") from None
             complete = chunk.rfind(b"\n") + 1
             ids.extend(chunk[:complete].decode().split())
             offset += complete
-            if not self._path(segment + 1).exists():
+            if not os.path.exists(self._path(segment + 1)):
                 return ids, (segment, offset)
             segment, offset = segment + 1, 0
 
@@ -100,3 +109,23 @@ class Journal:
         """A cheap token that changes whenever anything is appended (for long-poll watchers); it
         creates nothing, so a watcher never recreates a journal that is being removed."""
         return self.end()
+
+
+def _touch(path: str) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
+
+
+def _read_from(path: str, offset: int) -> bytes:
+    """The bytes of ``path`` from ``offset`` to its end (plain system calls: see atomic.read_bytes)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while True:
+            chunk = os.pread(fd, READ_CHUNK, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)

@@ -10,13 +10,13 @@ while the others wait for it, so every request still answers only once its old c
 """
 from __future__ import annotations
 
+import os
 import threading
-from pathlib import Path
 from typing import Iterable
 
 from .atomic import FileLock, fsync_dir, read_json, unlink_quietly
 
-StaleCopy = tuple[Path, int]  # the old file and the version it held when it was replaced
+StaleCopy = tuple[str | os.PathLike, int]  # the old file and the version it held when it was replaced
 
 
 class StaleCopies:
@@ -53,17 +53,17 @@ class StaleCopies:
                 self._cond.notify_all()
 
     def _remove(self, batch: list[StaleCopy]) -> None:
-        emptied: dict[Path, None] = {}
+        emptied: dict[str, None] = {}
         with self._lock.hold():
             for path, version in batch:
                 found = version_at(path)
                 if found is not None and found <= version and unlink_quietly(path):
-                    emptied[path.parent] = None
+                    emptied[os.path.dirname(path)] = None
         for folder in emptied:  # not needed for safety (a copy that comes back is the older one)
             fsync_dir(folder)
 
 
-def version_at(path: Path) -> int | None:
+def version_at(path: str | os.PathLike) -> int | None:
     """The version of the job file at ``path``; None when it is gone or unreadable."""
     try:
         version = read_json(path).get("version")

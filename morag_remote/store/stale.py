@@ -14,7 +14,7 @@ import os
 import threading
 from typing import Iterable
 
-from .atomic import FileLock, fsync_dir, read_json, unlink_quietly
+from .atomic import FileLock, read_json, unlink_quietly
 
 StaleCopy = tuple[str | os.PathLike, int]  # the old file and the version it held when it was replaced
 
@@ -53,14 +53,14 @@ class StaleCopies:
                 self._cond.notify_all()
 
     def _remove(self, batch: list[StaleCopy]) -> None:
-        emptied: dict[str, None] = {}
+        """Unlink the copies still at their replaced version. The directories are not fsynced: a
+        copy that comes back after a power loss is the older one, which every reader passes over
+        for the newer (and fsck removes), as it does for a copy a crash left before its removal."""
         with self._lock.hold():
             for path, version in batch:
                 found = version_at(path)
-                if found is not None and found <= version and unlink_quietly(path):
-                    emptied[os.path.dirname(path)] = None
-        for folder in emptied:  # not needed for safety (a copy that comes back is the older one)
-            fsync_dir(folder)
+                if found is not None and found <= version:
+                    unlink_quietly(path)
 
 
 def version_at(path: str | os.PathLike) -> int | None:

@@ -382,3 +382,15 @@ def test_a_job_record_larger_than_one_read_comes_back_whole(store):
 
     store.update(job.id, with_result)
     assert FileJobStore(store.root).get(job.id).result_data["content"] == content
+
+
+def test_a_claim_whose_rename_fails_leaves_the_job_pending_and_no_temp_file(store, data_dir):
+    job = store.create(make_job())
+    (data_dir / "processing").rmdir()  # the rename into it fails (ENOENT)
+    with pytest.raises(FileNotFoundError):
+        store.claim(["audio"], 1, T0, claim_as("w1"))
+    assert files_of(data_dir, job.id) == ["pending"]
+    assert os.listdir(data_dir / ".incoming") == []
+    (data_dir / "processing").mkdir()
+    assert [j.id for j in store.claim(["audio"], 1, T0, claim_as("w1"))] == [job.id]
+    assert files_of(data_dir, job.id) == ["processing"]

@@ -35,20 +35,28 @@ def stage(folder: str | os.PathLike, name: str, data: bytes) -> str:
     name carries random bytes besides the pid: a process killed mid-write leaves its temp file
     behind, and a later process given the same pid must not find its name taken.
     """
+    tmp, fd = stage_open(folder, name, data, sync=True)
+    os.close(fd)
+    return tmp
+
+
+def stage_open(folder: str | os.PathLike, name: str, data: bytes, *, sync: bool) -> tuple[str, int]:
+    """:func:`stage`, fsynced only when ``sync``, and the temp file's descriptor left open: for a
+    caller that renames the file at once and fsyncs the descriptor later, before it reports the
+    write as done, then closes it. On failure here the file is removed and the descriptor closed."""
     tmp = os.path.join(folder, f"{TEMP_PREFIX}{name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        try:
-            view = memoryview(data)
-            while view:  # os.write may write less than asked: never commit a short file
-                view = view[os.write(fd, view):]
+        view = memoryview(data)
+        while view:  # os.write may write less than asked: never commit a short file
+            view = view[os.write(fd, view):]
+        if sync:
             os.fsync(fd)
-        finally:
-            os.close(fd)
     except BaseException:
+        os.close(fd)
         unlink_quietly(tmp)
         raise
-    return tmp
+    return tmp, fd
 
 
 def write_atomic(path: str | os.PathLike, data: bytes, *, sync_dir: bool = True) -> None:

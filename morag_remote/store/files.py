@@ -2,12 +2,19 @@
 
 - Every state change happens under one exclusive ``flock`` on ``<data>/.lock`` (and a mutex for the
   threads of a process), so a claim is exclusive across every gunicorn process and thread.
-- A job is written to its new status directory first (temp file, fsync, rename: under the lock),
-  the directory is fsynced (after the lock is released, so the fsyncs of concurrent requests overlap
-  instead of queueing) and only then is the job removed from the old directory (under the lock
-  again): at every instant it exists durably in at least one directory, and a request is answered
-  only once its change is durable. If a crash leaves a job in two directories, the copy with the
-  higher ``version`` is the job; readers pick it and fsck removes the other.
+- A job is written to its new status directory first (a temp file renamed into place under the
+  lock), the new file and the directory are fsynced (after the lock is released, so the fsyncs of
+  concurrent requests overlap instead of queueing behind the lock) and only then is the job removed
+  from the old directory (under the lock again): at every instant it exists durably in at least one
+  directory, and a request is answered only once its change is durable. If a crash leaves a job in
+  two directories, the copy with the higher ``version`` is the job; readers pick it and fsck
+  removes the other.
+- Creates and results write and fsync their new file before they take the lock (they know what
+  they will write); a claim, and a change decided under the lock, writes its file under the lock
+  and fsyncs it after. A power loss in between can leave that new file empty or damaged, next to
+  the old copy, which is still there and durable (it is removed only after the fsyncs): readers
+  skip the damaged file (a warning), so the job is as it was before the unanswered request, and
+  fsck moves the damaged file aside; a later change of the job replaces it.
 - Each process keeps a :class:`~.catalog.Catalog` of the jobs, kept current through the
   :class:`~.journal.Journal`, so claims, lists and stats read only the files they return.
 """
@@ -29,7 +36,7 @@ import structlog
 
 from ..exceptions import JobNotFound, JobUnreadable, StoreUnavailable
 from ..models import STATUSES, RemoteJob
-from .atomic import TEMP_PREFIX, FileLock, fsync_dir, read_json, stage, unlink_quietly, write_atomic
+from .atomic import TEMP_PREFIX, FileLock, fsync_dir, read_json, stage, stage_open, unlink_quietly, write_atomic
 from .base import JobFilter, Mutator, StoreStats, is_pure
 from .catalog import Catalog
 from .journal import Journal, JournalGap, Position
@@ -43,7 +50,7 @@ CORRUPT_DIR = "corrupt"
 # the system's trouble, not the file's: it propagates, and the job is neither reported corrupt nor
 # left out of a catalog.
 _UNREADABLE_ERRNOS = frozenset({errno.EISDIR, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENXIO})
-INCOMING_DIR = ".incoming"  # temp files written before the lock is taken (never a job)
+INCOMING_DIR = ".incoming"  # temp files of new records, renamed into place (never a job)
 
 
 class CorruptJobFile(Exception):
@@ -222,29 +229,45 @@ class FileJobStore:
     def _place(self, job: RemoteJob, copies: list[tuple[RemoteJob, str]], staged: str | None = None) -> _Commit:
         """Put ``job`` in place (caller holds the exclusive lock); what is left to do is returned.
 
-        The journal line comes first, then the new file (a temp file, fsynced, renamed; ``staged``
-        when it was written before the lock was taken): from here on every reader and every later
-        writer sees this version. Making the rename durable and removing the older copies is
-        :meth:`_settle`'s work, after the lock is released.
+        The journal line comes first, then the new file (``staged``: a temp file written and
+        fsynced before the lock was taken; else one written now, to be fsynced by :meth:`_settle`),
+        renamed into place: from here on every reader and every later writer sees this version.
+        Making it durable and removing the older copies is :meth:`_settle`'s work, after the lock is
+        released. The caller must pass the commit to :meth:`_settle`, which closes its descriptor.
         """
         self._position = self.journal.append([job.id])
         target = self._file(job.status, job.id)
+        fd = None
         if staged is None:
-            write_atomic(target, _encode(job), sync_dir=False)
-        else:
+            staged, fd = stage_open(self._incoming, f"{job.id}.json", _encode(job), sync=False)
+        try:
             os.replace(staged, target)
+        except BaseException:
+            unlink_quietly(staged)
+            if fd is not None:
+                os.close(fd)
+            raise
         self.catalog.apply(job.id, job)
         self.notify_local()
-        return _Commit(target, [(p, old.version) for old, p in copies if p != target])
+        return _Commit(target, [(p, old.version) for old, p in copies if p != target], fd)
 
     def _settle(self, commits: list[_Commit]) -> None:
         """Make committed writes durable, then drop the copies they replaced (lock not held).
 
-        The fsync of the directory runs outside the lock, so the fsyncs of concurrent requests
-        overlap (the filesystem commits them together) instead of queueing behind the lock. An
-        older copy goes only once the directory holding the new one was fsynced, so the job is on
-        disk in at least one directory at every instant.
+        The fsyncs run outside the lock, so the fsyncs of concurrent requests overlap (the
+        filesystem commits them together) instead of queueing behind the lock: first the new files
+        written under the lock, then their directories. An older copy goes only once the new one
+        is durable, so the job is on disk in at least one directory at every instant.
         """
+        try:
+            for c in commits:
+                if c.fd is not None:
+                    os.fsync(c.fd)
+        finally:
+            for c in commits:
+                if c.fd is not None:
+                    os.close(c.fd)
+                    c.fd = None
         for folder in dict.fromkeys(os.path.dirname(c.target) for c in commits):
             fsync_dir(folder)
         stale = [item for c in commits for item in c.stale]
@@ -552,6 +575,7 @@ class _Commit:
 
     target: str
     stale: list[tuple[str, int]]
+    fd: int | None = None  # the new file, written under the lock: fsynced and closed by _settle
 
 
 class _Locked:

@@ -276,7 +276,7 @@ class FileJobStore:
 
     def _stale_copies(self) -> StaleCopies:
         if self._stale is None or self._stale_pid != os.getpid():
-            self._stale, self._stale_pid = StaleCopies(self.lock), os.getpid()
+            self._stale, self._stale_pid = StaleCopies(self.lock, self._incoming), os.getpid()
         return self._stale
 
     def create(self, job: RemoteJob) -> RemoteJob:

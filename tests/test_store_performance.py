@@ -333,6 +333,41 @@ def test_journal_head_follows_segments_another_writer_started(tmp_path):
     assert more == [] and position == end
 
 
+def test_a_change_by_another_process_is_read_from_the_one_file_its_line_names(tmp_path):
+    store, other = FileJobStore(tmp_path / "data"), FileJobStore(tmp_path / "data")
+    job = make_job()
+    store.create(job)
+    other.stats()
+    store.claim(["audio"], 1, NOW, claim_mutator)
+    with opened_files(other.root) as opened:
+        counts = other.stats().counts
+    assert counts == {("processing", "audio"): 1}
+    assert opened == [str(other.path("processing", job.id))]
+
+
+@pytest.mark.parametrize("damage", ["never written", "damaged"])
+def test_a_change_whose_writer_died_before_its_rename_is_read_from_every_directory(tmp_path, damage):
+    store, other = FileJobStore(tmp_path / "data"), FileJobStore(tmp_path / "data")
+    job = make_job()
+    store.create(job)
+    other.stats()
+    with store.lock.hold():  # as a writer does, then dies before (or while) writing the file
+        store.journal.append([job.id], where=("processing", 2))
+        if damage == "damaged":
+            store.path("processing", job.id).write_bytes(b'{"id": "')
+    assert other.stats().counts == {("pending", "audio"): 1}
+    assert [j.id for j in other.claim(["audio"], 1, NOW, claim_mutator)] == [job.id]
+
+
+def test_journal_lines_name_the_record_they_announce(tmp_path):
+    journal = Journal(tmp_path / "journal")
+    start = journal.head()
+    journal.append(["a"], where=("processing", 7))
+    journal.append(["b", "c"])
+    assert journal.changes_since(start)[0] == [("a", ("processing", 7)), ("b", None), ("c", None)]
+    assert journal.read_since(start)[0] == ["a", "b", "c"]
+
+
 def test_journal_reads_back_a_batch_longer_than_one_read(tmp_path):
     journal = Journal(tmp_path / "journal")
     start = journal.head()

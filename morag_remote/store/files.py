@@ -144,6 +144,21 @@ class FileJobStore:
         copies = self._copies(job_id)
         return copies[0][0] if copies else None
 
+    def _read_announced(self, job_id: str, where: tuple[str, int] | None) -> RemoteJob | None:
+        """The job as the journal's last line about it announced it (status and version), read from
+        that one file; :meth:`_read` (every directory) when the line announced nothing or the file
+        is not that version: its writer died before the rename. Caller holds the lock, and every
+        later change of the job would have a later line, so a file at the announced version is the
+        newest copy."""
+        if where is not None and where[0] in STATUSES:
+            try:
+                job = load_job_file(self._file(where[0], job_id), job_id)
+            except (FileNotFoundError, CorruptJobFile):
+                job = None
+            if job is not None and (job.status, job.version) == where:
+                return job
+        return self._read(job_id)
+
     def _absent(self, job_id: str) -> JobNotFound:
         """The error for a job with no readable copy (unreadable when a file of it is there); the
         catalog forgets the job, so a damaged file does not come back in every lapse or claim."""
@@ -165,12 +180,12 @@ class FileJobStore:
             self._waiting = 0
         if self._position is not None:
             try:
-                ids, position = self.journal.read_since(self._position)
+                changes, position = self.journal.changes_since(self._position)
             except JournalGap:
                 self._position = None
             else:
-                for job_id in dict.fromkeys(ids):
-                    self.catalog.apply(job_id, self._read(job_id))
+                for job_id, where in dict(changes).items():  # the last line of each job
+                    self.catalog.apply(job_id, self._read_announced(job_id, where))
                 self._position = position  # only now: a read that failed is done again next time
                 self._first_lease_end = self.catalog.next_lease_end()
                 return
@@ -235,7 +250,7 @@ class FileJobStore:
         Making it durable and removing the older copies is :meth:`_settle`'s work, after the lock is
         released. The caller must pass the commit to :meth:`_settle`, which closes its descriptor.
         """
-        self._position = self.journal.append([job.id])
+        self._position = self.journal.append([job.id], where=(job.status, job.version))
         target = self._file(job.status, job.id)
         fd = None
         if staged is None:

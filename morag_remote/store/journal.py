@@ -6,6 +6,11 @@ keeps its in-memory catalog current at a cost proportional to the changes, not t
 the id is logged before the change, a writer killed half-way still leaves a line, and the next reader
 re-reads that job from the files (the truth). The journal is not fsynced: after a power loss every
 process starts again and rebuilds its catalog from the files.
+
+A line written for a job's new record also names where it goes and its version (``<id> <status>
+<version>``): a reader opens that file first, and only if it is not there at that version (the
+writer died before its rename) looks in every status directory. A line with the id alone (fsck,
+deletes) always sends the reader to every directory.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from pathlib import Path
 from .atomic import READ_CHUNK, unlink_quietly
 
 Position = tuple[int, int]  # (segment number, byte offset)
+Where = tuple[str, int]  # (status, version) of the record a line announces
 
 SEGMENT_BYTES = 1 << 20
 
@@ -69,10 +75,12 @@ class Journal:
         self._last = segments[-1]
         return (self._last, os.stat(self._path(self._last)).st_size)
 
-    def append(self, job_ids: list[str]) -> Position:
-        """Log ``job_ids`` (caller holds the exclusive store lock); returns the new end."""
+    def append(self, job_ids: list[str], where: Where | None = None) -> Position:
+        """Log ``job_ids`` (caller holds the exclusive store lock), with the status and version of
+        the record about to be written when ``where`` is given; returns the new end."""
         segment, _ = self.head()
-        data = "".join(f"{job_id}\n" for job_id in job_ids).encode()
+        suffix = f" {where[0]} {where[1]}\n" if where is not None else "\n"
+        data = "".join(f"{job_id}{suffix}" for job_id in job_ids).encode()
         fd = os.open(self._path(segment), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
             view = memoryview(data)
@@ -91,18 +99,24 @@ class Journal:
 
     def read_since(self, position: Position) -> tuple[list[str], Position]:
         """The ids logged after ``position`` and the new position; JournalGap when it is gone."""
+        changes, end = self.changes_since(position)
+        return [job_id for job_id, _ in changes], end
+
+    def changes_since(self, position: Position) -> tuple[list[tuple[str, Where | None]], Position]:
+        """The ids logged after ``position``, each with the status and version its line announced
+        (None when it names none), and the new position; JournalGap when the segment is gone."""
         segment, offset = position
-        ids: list[str] = []
+        changes: list[tuple[str, Where | None]] = []
         while True:
             try:
                 chunk = _read_from(self._path(segment), offset)
             except FileNotFoundError:
                 raise JournalGap(f"segment {segment} removed") from None
             complete = chunk.rfind(b"\n") + 1
-            ids.extend(chunk[:complete].decode().split())
+            changes.extend(map(_parse, chunk[:complete].decode().splitlines()))
             offset += complete
             if not os.path.exists(self._path(segment + 1)):
-                return ids, (segment, offset)
+                return changes, (segment, offset)
             segment, offset = segment + 1, 0
 
     def signature(self) -> Position | None:
@@ -129,3 +143,9 @@ def _read_from(path: str, offset: int) -> bytes:
     finally:
         os.close(fd)
     return b"".join(chunks)
+
+
+def _parse(line: str) -> tuple[str, Where | None]:
+    job_id, _, rest = line.partition(" ")
+    status, _, version = rest.partition(" ")
+    return job_id, ((status, int(version)) if version.isdigit() else None)

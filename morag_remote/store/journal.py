@@ -15,6 +15,7 @@ deletes) always sends the reader to every directory.
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 from .atomic import READ_CHUNK, unlink_quietly
@@ -36,6 +37,23 @@ class Journal:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._last: int | None = None  # the newest segment seen (a hint for head)
         self._prefix = os.path.join(directory, "")
+        self._open: tuple[int, int, int] | None = None  # (pid, segment, descriptor) kept open
+        self._closer: weakref.finalize | None = None
+
+    def _fd(self, segment: int) -> int:
+        """A descriptor of the segment (FileNotFoundError when it is gone), kept open between
+        calls: the journal is read at every turn of the store lock and written at every change,
+        and opening it each time cost as much as the reads and writes. Only the holder of the
+        store lock uses it (the watcher's :meth:`end` goes by path). A forked child opens its own."""
+        kept = self._open
+        if kept is not None and kept[0] == os.getpid() and kept[1] == segment:
+            return kept[2]
+        fd = os.open(self._path(segment), os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        if self._closer is not None:
+            self._closer()  # the previous segment's descriptor (or the parent's copy, after a fork)
+        self._open = (os.getpid(), segment, fd)
+        self._closer = weakref.finalize(self, os.close, fd)
+        return fd
 
     def _path(self, segment: int) -> str:
         """The segment's path, as a string: every request that takes the store lock reads the
@@ -78,17 +96,18 @@ class Journal:
     def append(self, job_ids: list[str], where: Where | None = None) -> Position:
         """Log ``job_ids`` (caller holds the exclusive store lock), with the status and version of
         the record about to be written when ``where`` is given; returns the new end."""
-        segment, _ = self.head()
+        kept = self._open
+        if kept is not None and kept[0] == os.getpid() and not os.path.exists(self._path(kept[1] + 1)):
+            segment = kept[1]  # still the newest segment: no need to look for the end
+        else:
+            segment, _ = self.head()
         suffix = f" {where[0]} {where[1]}\n" if where is not None else "\n"
         data = "".join(f"{job_id}{suffix}" for job_id in job_ids).encode()
-        fd = os.open(self._path(segment), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            end = os.lseek(fd, 0, os.SEEK_CUR)
-        finally:
-            os.close(fd)
+        fd = self._fd(segment)
+        view = memoryview(data)
+        while view:  # O_APPEND: every write lands at the end
+            view = view[os.write(fd, view):]
+        end = os.lseek(fd, 0, os.SEEK_CUR)
         if end >= self.segment_bytes:
             _touch(self._path(segment + 1))
             for old in self._segments():
@@ -109,7 +128,7 @@ class Journal:
         changes: list[tuple[str, Where | None]] = []
         while True:
             try:
-                chunk = _read_from(self._path(segment), offset)
+                chunk = _read_from(self._fd(segment), offset)
             except FileNotFoundError:
                 raise JournalGap(f"segment {segment} removed") from None
             complete = chunk.rfind(b"\n") + 1
@@ -129,20 +148,16 @@ def _touch(path: str) -> None:
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
 
 
-def _read_from(path: str, offset: int) -> bytes:
-    """The bytes of ``path`` from ``offset`` to its end (plain system calls: see atomic.read_bytes)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        chunks = []
-        while True:
-            chunk = os.pread(fd, READ_CHUNK, offset)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            offset += len(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
+def _read_from(fd: int, offset: int) -> bytes:
+    """The bytes of the segment from ``offset`` to its end. The caller holds the store lock, so no
+    line is being appended: a read shorter than asked has reached the end."""
+    chunks = []
+    while True:
+        chunk = os.pread(fd, READ_CHUNK, offset)
+        chunks.append(chunk)
+        if len(chunk) < READ_CHUNK:
+            return b"".join(chunks)
+        offset += len(chunk)
 
 
 def _parse(line: str) -> tuple[str, Where | None]:

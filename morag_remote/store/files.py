@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -621,7 +622,10 @@ def _dt(ts: float | None) -> datetime | None:
     return datetime.fromtimestamp(ts, timezone.utc) if ts is not None else None
 
 
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 def _valid_id(job_id: str) -> bool:
     """Ids name files: refuse anything that is not a plain ASCII token (no '/', '..', NUL, and no
     non-ASCII letters or digits, whose UTF-8 bytes can make a name too long for the file system)."""
-    return 0 < len(job_id) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_") for c in job_id)
+    return _ID.fullmatch(job_id) is not None

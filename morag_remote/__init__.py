@@ -21,6 +21,7 @@ from .exceptions import StoreUnavailable
 from .idempotency import init_idempotency
 from .log import configure_logging, init_request_logging
 from .secrets_file import load_or_create_secret
+from .sessions import NoSessions
 from .service import JobService
 from .store.factory import build_key_store, build_store
 from .tokens import DownloadTokens
@@ -34,6 +35,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     instance_path = (test_config or {}).get("INSTANCE_PATH") or instance_path_from_env()
     app = Flask(__name__, instance_relative_config=True, static_folder=None,
                 instance_path=os.path.abspath(instance_path) if instance_path else None)
+    app.session_interface = NoSessions()  # no cookie sessions: every request carries its key
     app.config.from_mapping(copy.deepcopy(DEFAULTS))  # nested env overrides (X__y) edit in place
     app.config.from_pyfile("config.py", silent=True)
     app.config.from_prefixed_env(ENV_PREFIX)

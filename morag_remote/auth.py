@@ -136,15 +136,20 @@ class KeyStore:
         self._used: dict[str, float] = {}
 
     def _load(self) -> dict[str, ApiKey]:
-        """The keys, re-read only when the file changed (another process created or revoked one)."""
+        """The keys, re-read only when the file changed (another process created or revoked one).
+
+        Every request asks; the common answer (unchanged) costs one ``stat`` of the path. When it
+        changed, the stamp kept is that of the file actually read.
+        """
         try:
+            if self._stamp is not None and _stamp(os.stat(self.path)) == self._stamp:
+                return self._keys
             fh = open(self.path, "rb")
         except FileNotFoundError:
             self._keys, self._stamp = {}, None
             return self._keys
         with fh:
-            st = os.fstat(fh.fileno())
-            stamp = (st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size)
+            stamp = _stamp(os.fstat(fh.fileno()))
             if stamp != self._stamp:
                 try:
                     keys = {k["name"]: ApiKey(**k) for k in json.loads(fh.read())["keys"]}
@@ -217,6 +222,11 @@ class KeyStore:
                     self._save(keys)
         except OSError as exc:
             log.warning("key.last_used_unsaved", name=name, error=exc.strerror)
+
+
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    """What changes whenever the key file is rewritten (it is replaced by a rename: a new inode)."""
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size)
 
 
 def key_store() -> KeyStore:

@@ -12,6 +12,7 @@ credential in every logged string (tracebacks included), and in the lines of std
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -39,12 +40,24 @@ def redact_text(text: str) -> str:
     return _SECRET_TEXT.sub(REDACTED, text)
 
 
+@functools.lru_cache(maxsize=1024)
+def _secret_name(name: str) -> bool:
+    return name.lower() in _SECRET_KEYS
+
+
 def _redact(_, __, event_dict: dict) -> dict:
-    for name, value in list(event_dict.items()):
-        if name.lower() in _SECRET_KEYS:
+    """Mask fields named like a secret, and secrets in every string value. The strings are searched
+    once, joined: a secret in one of them is a match in the whole, and most lines have none."""
+    strings = []
+    for name, value in event_dict.items():
+        if _secret_name(name):
             event_dict[name] = REDACTED
         elif isinstance(value, str):
-            event_dict[name] = redact_text(value)
+            strings.append(value)
+    if strings and _SECRET_TEXT.search("\x00".join(strings)):
+        for name, value in event_dict.items():
+            if isinstance(value, str):
+                event_dict[name] = redact_text(value)
     return event_dict
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import functools
 import os
 import threading
 import time
@@ -149,11 +150,18 @@ def times_to_iso(data: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
     return data
 
 
+@functools.lru_cache(maxsize=None)
+def field_names(cls: type) -> frozenset[str]:
+    """The field names of dataclass ``cls`` (``dataclasses.fields`` builds its answer on every call,
+    and records are read and written several times per request)."""
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
 def record_values(cls: type, data: dict[str, Any], names: Iterable[str],
                   check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """The constructor arguments of dataclass ``cls`` in a stored record: unknown keys dropped,
     ``check`` run on the raw values, the named times parsed (ValueError naming the field)."""
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = field_names(cls)
     values = {k: v for k, v in data.items() if k in known}
     if check is not None:
         check(values)
@@ -225,7 +233,7 @@ class RemoteJob:
         """The record as JSON-ready values. Shallow: nested dicts are the job's own (encode them, do
         not change them); ``dataclasses.asdict`` deep-copied every value and cost more than the rest
         of a store write."""
-        return times_to_iso({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, _TIME_FIELDS)
+        return times_to_iso({name: getattr(self, name) for name in _JOB_FIELDS}, _TIME_FIELDS)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RemoteJob":
@@ -234,12 +242,15 @@ class RemoteJob:
         return cls(**values)
 
     def copy(self) -> "RemoteJob":
-        """An independent copy (nested dicts and lists copied too), for a mutator to change."""
-        clone = dataclasses.replace(self)
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, (dict, list)):
-                setattr(clone, f.name, copy.deepcopy(value))
+        """An independent copy (nested dicts and lists copied too), for a mutator to change.
+
+        The fields are copied as they are (``__init__`` only assigns them, and there is no
+        ``__post_init__``); ``dataclasses.replace`` and ``copy.deepcopy`` cost several times more.
+        """
+        clone = object.__new__(type(self))
+        values = clone.__dict__
+        for name in _JOB_FIELDS:
+            values[name] = _copy_value(getattr(self, name))
         return clone
 
     @property
@@ -250,3 +261,19 @@ class RemoteJob:
     def sort_key(self) -> tuple:
         """Claim order: higher priority first, then oldest (ids are time-ordered)."""
         return (-self.priority, self.created_at, self.id)
+
+
+_JOB_FIELDS = tuple(f.name for f in dataclasses.fields(RemoteJob))  # in declaration order
+_IMMUTABLE = (str, int, float, type(None), datetime)
+
+
+def _copy_value(value: Any) -> Any:
+    """A deep copy of a record value: JSON-shaped values (dicts, lists, scalars) copied directly,
+    anything else by ``copy.deepcopy``."""
+    if isinstance(value, _IMMUTABLE):  # bool is an int
+        return value
+    if isinstance(value, dict):
+        return {key: _copy_value(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy_value(item) for item in value]
+    return copy.deepcopy(value)

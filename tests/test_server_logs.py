@@ -3,8 +3,10 @@ structlog, with the app's request id, worker id and job id on the access line.""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import runpy
+import sys
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -14,7 +16,7 @@ from gunicorn.config import Config
 from structlog.testing import capture_logs
 
 from gunicorn_harness import ROOT, Gunicorn, make_keys
-from morag_remote.gunicorn_log import JsonLogger
+from morag_remote.gunicorn_log import AccessFormatter, JsonLogger, json_formatter
 from morag_remote.log import ACCESS_CONTEXT
 
 CONF = str(ROOT / "gunicorn.conf.py")
@@ -113,6 +115,25 @@ def test_access_line_is_json_with_the_app_context(capsys):
         "remote_addr": "127.0.0.1", "user_agent": "gpu-worker/1.0", "request_id": "r-1", "worker_id": "gpu-7",
         "job_id": "j1", "pid": os.getpid()}
     assert entry["timestamp"].endswith("Z")
+
+
+def test_access_line_is_what_the_structlog_formatter_renders(capsys):
+    record = logging.LogRecord("gunicorn.access", logging.INFO, __file__, 1, "http.access", (), None)
+    record.__dict__.update(method="GET", path=f"{API}/mrk_inthepath/download", status=200, bytes=12,
+                           duration_ms=1.5, remote_addr="127.0.0.1", user_agent="w", request_id="r-1",
+                           worker_id=None, job_id="j1", pid=7, unrelated="not an access field")
+    fast, full = AccessFormatter().format(record), json_formatter().format(record)
+    assert "mrk_inthepath" not in fast and "unrelated" not in fast
+    assert [(k, v) for k, v in json.loads(fast).items() if k != "timestamp"] == \
+        [(k, v) for k, v in json.loads(full).items() if k != "timestamp"]
+
+
+def test_an_access_record_carrying_an_exception_keeps_it():
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        record = logging.LogRecord("gunicorn.access", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    assert "RuntimeError: boom" in json.loads(AccessFormatter().format(record))["exception"]
 
 
 def test_access_line_never_carries_the_query_string(capsys):

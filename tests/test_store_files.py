@@ -354,3 +354,43 @@ def test_wait_for_change_wakes_when_another_store_object_writes(data_dir):
 
 def test_wait_for_change_times_out_when_nothing_happens(store):
     assert store.wait_for_change(0.01) is False
+
+
+def test_a_copy_of_a_job_shares_no_nested_value_with_it():
+    job = make_job(extra={"tags": {"a", "b"}})
+    job.task_options = {"lang": ["de", "en"], "opts": {"beam": 5}}
+    job.result_data = {"content": "text", "metadata": {"pages": [1, 2]}}
+    clone = job.copy()
+    assert clone == job and clone is not job
+    clone.task_options["lang"].append("fr")
+    clone.task_options["opts"]["beam"] = 1
+    clone.result_data["metadata"]["pages"].clear()
+    clone.extra["tags"].add("c")  # not a JSON value: copied all the same
+    assert job.task_options == {"lang": ["de", "en"], "opts": {"beam": 5}}
+    assert job.result_data["metadata"] == {"pages": [1, 2]}
+    assert job.extra == {"tags": {"a", "b"}}
+
+
+def test_a_job_record_larger_than_one_read_comes_back_whole(store):
+    content = "x" * (3 * 64 * 1024 + 17)  # a long conversion result: several reads of the file
+    job = store.create(make_job())
+    store.update(job.id, set_status("completed"))
+
+    def with_result(j: RemoteJob) -> RemoteJob:
+        j.result_data = {"content": content, "metadata": {}}
+        return j
+
+    store.update(job.id, with_result)
+    assert FileJobStore(store.root).get(job.id).result_data["content"] == content
+
+
+def test_a_claim_whose_rename_fails_leaves_the_job_pending_and_no_temp_file(store, data_dir):
+    job = store.create(make_job())
+    (data_dir / "processing").rmdir()  # the rename into it fails (ENOENT)
+    with pytest.raises(FileNotFoundError):
+        store.claim(["audio"], 1, T0, claim_as("w1"))
+    assert files_of(data_dir, job.id) == ["pending"]
+    assert os.listdir(data_dir / ".incoming") == []
+    (data_dir / "processing").mkdir()
+    assert [j.id for j in store.claim(["audio"], 1, T0, claim_as("w1"))] == [job.id]
+    assert files_of(data_dir, job.id) == ["processing"]

@@ -22,7 +22,7 @@ import pytest
 
 from morag_remote.models import STATUSES, Action, RemoteJob, new_job_id, next_status
 from morag_remote.store.base import pure
-from morag_remote.store.files import FileJobStore, _encode
+from morag_remote.store.files import INCOMING_DIR, FileJobStore, _encode
 from morag_remote.store.fsck import fsck
 from morag_remote.store.journal import Journal
 from morag_remote.store.stale import StaleCopies, version_at
@@ -210,10 +210,12 @@ def test_a_copy_is_removed_only_while_it_is_the_version_that_was_replaced(tmp_pa
     job = make_job(version=4)
     path = store.path("pending", job.id)
     path.write_bytes(_encode(job))
-    StaleCopies(store.lock).remove([(path, 3)])  # a writer replaced version 3; this is 4
+    stale = StaleCopies(store.lock, store.root / INCOMING_DIR)
+    stale.remove([(path, 3)])  # a writer replaced version 3; this is 4
     assert version_at(path) == 4
-    StaleCopies(store.lock).remove([(path, 4), (store.path("failed", job.id), 9)])
+    stale.remove([(path, 4), (store.path("failed", job.id), 9)])
     assert not path.exists()
+    assert os.listdir(store.root / INCOMING_DIR) == []  # set aside, then gone
 
 
 def test_concurrent_moves_leave_every_job_in_one_directory(tmp_path):
@@ -329,6 +331,49 @@ def test_journal_head_follows_segments_another_writer_started(tmp_path):
     assert mine.head() == end and end[0] > 1
     more, position = mine.read_since((end[0], 0))
     assert more == [] and position == end
+
+
+def test_a_change_by_another_process_is_read_from_the_one_file_its_line_names(tmp_path):
+    store, other = FileJobStore(tmp_path / "data"), FileJobStore(tmp_path / "data")
+    job = make_job()
+    store.create(job)
+    other.stats()
+    store.claim(["audio"], 1, NOW, claim_mutator)
+    with opened_files(other.root) as opened:
+        counts = other.stats().counts
+    assert counts == {("processing", "audio"): 1}
+    assert opened == [str(other.path("processing", job.id))]
+
+
+@pytest.mark.parametrize("damage", ["never written", "damaged"])
+def test_a_change_whose_writer_died_before_its_rename_is_read_from_every_directory(tmp_path, damage):
+    store, other = FileJobStore(tmp_path / "data"), FileJobStore(tmp_path / "data")
+    job = make_job()
+    store.create(job)
+    other.stats()
+    with store.lock.hold():  # as a writer does, then dies before (or while) writing the file
+        store.journal.append([job.id], where=("processing", 2))
+        if damage == "damaged":
+            store.path("processing", job.id).write_bytes(b'{"id": "')
+    assert other.stats().counts == {("pending", "audio"): 1}
+    assert [j.id for j in other.claim(["audio"], 1, NOW, claim_mutator)] == [job.id]
+
+
+def test_journal_lines_name_the_record_they_announce(tmp_path):
+    journal = Journal(tmp_path / "journal")
+    start = journal.head()
+    journal.append(["a"], where=("processing", 7))
+    journal.append(["b", "c"])
+    assert journal.changes_since(start)[0] == [("a", ("processing", 7)), ("b", None), ("c", None)]
+    assert journal.read_since(start)[0] == ["a", "b", "c"]
+
+
+def test_journal_reads_back_a_batch_longer_than_one_read(tmp_path):
+    journal = Journal(tmp_path / "journal")
+    start = journal.head()
+    ids = [new_job_id() for _ in range(3000)]  # about 110 KB of lines
+    end = journal.append(ids)
+    assert journal.read_since(start) == (ids, end)
 
 
 def test_a_lease_granted_by_another_process_lapses_on_the_first_poll_after_it(tmp_path):

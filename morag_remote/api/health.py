@@ -6,7 +6,7 @@ from flask import Blueprint, Response
 
 from .. import schemas
 from ..context import service
-from .http import respond
+from .http import respond, schema
 
 bp = Blueprint("health", __name__)
 
@@ -14,4 +14,4 @@ bp = Blueprint("health", __name__)
 @bp.get("/health")
 def health() -> Response:
     service().store.check_writable()  # StoreUnavailable: rendered as a 503 problem by errors.py
-    return respond(schemas.HealthResponse(), {"status": "ok", "store": "writable", "detail": "ready"})
+    return respond(schema(schemas.HealthResponse), {"status": "ok", "store": "writable", "detail": "ready"})

@@ -79,7 +79,7 @@ def poll() -> Response:
 @requires("worker")
 def download(job_id: str) -> Response:
     g.job_id = job_id
-    token = query_args(schemas.DownloadQuery())["token"]
+    token = query_args(schema(schemas.DownloadQuery))["token"]
     if token is None:
         lease_id = request.headers.get("X-Lease-Id") or None
     else:
@@ -117,37 +117,37 @@ def job_status(job_id: str) -> Response:
     job = service().get(job_id)
     body = dict(vars(job), estimated_completion=service().estimated_completion(job),
                 event_delivery=events().delivery_state(job))
-    return respond(schemas.JobStatusResponse(), body)
+    return respond(schema(schemas.JobStatusResponse), body)
 
 
 @bp.get("/<job_id>")
 @requires("producer")
 def get_job(job_id: str) -> Response:
     job = service().get(job_id)
-    return respond(schemas.JobDetail(), SimpleNamespace(**vars(job), event_delivery=events().delivery_state(job)))
+    return respond(schema(schemas.JobDetail), SimpleNamespace(**vars(job), event_delivery=events().delivery_state(job)))
 
 
 @bp.get("")
 @bp.get("/")
 @requires("producer")
 def list_jobs() -> Response:
-    q = query_args(schemas.ListJobsQuery())
+    q = query_args(schema(schemas.ListJobsQuery))
     filters = JobFilter(status=q["status"], content_type=q["content_type"],
                         ingestion_task_id=q["ingestion_task_id"], worker_id=q["worker_id"])
     jobs, next_cursor = service().list(filters, q["cursor"], q["limit"])
-    return respond(schemas.ListJobsResponse(), {"jobs": jobs, "next_cursor": next_cursor})
+    return respond(schema(schemas.ListJobsResponse), {"jobs": jobs, "next_cursor": next_cursor})
 
 
 @bp.post("/<job_id>/cancel")
 @requires("producer")
 def cancel_job(job_id: str) -> Response:
-    return respond(schemas.JobSummary(), service().cancel(job_id))
+    return respond(schema(schemas.JobSummary), service().cancel(job_id))
 
 
 @bp.post("/<job_id>/retry")
 @requires("producer")
 def retry_job(job_id: str) -> Response:
-    return respond(schemas.JobSummary(), service().retry(job_id))
+    return respond(schema(schemas.JobSummary), service().retry(job_id))
 
 
 @bp.delete("/<job_id>")

@@ -7,7 +7,7 @@ from flask import Blueprint, Response
 from .. import schemas
 from ..auth import ANY, requires
 from ..context import service
-from .http import respond
+from .http import respond, schema
 
 bp = Blueprint("stats", __name__, url_prefix="/api/v1/remote-jobs")
 
@@ -15,4 +15,4 @@ bp = Blueprint("stats", __name__, url_prefix="/api/v1/remote-jobs")
 @bp.get("/stats")
 @requires(*ANY)
 def stats() -> Response:
-    return respond(schemas.StatsResponse(), service().queue_summary())
+    return respond(schema(schemas.StatsResponse), service().queue_summary())

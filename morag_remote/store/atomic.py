@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 TEMP_PREFIX = ".tmp-"
+READ_CHUNK = 64 * 1024
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -27,54 +28,81 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def stage(folder: Path, name: str, data: bytes) -> Path:
+def stage(folder: str | os.PathLike, name: str, data: bytes) -> str:
     """A new temp file in ``folder`` holding ``data``, fsynced: ready to be renamed into place.
 
     The caller renames it (the commit point) or removes it; on failure here it is removed. The temp
     name carries random bytes besides the pid: a process killed mid-write leaves its temp file
     behind, and a later process given the same pid must not find its name taken.
     """
-    tmp = folder / f"{TEMP_PREFIX}{name}.{os.getpid()}.{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:  # os.write may write less than asked: never commit a short file
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        unlink_quietly(tmp)
-        raise
+    tmp, fd = stage_open(folder, name, data, sync=True)
+    os.close(fd)
     return tmp
 
 
-def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+def stage_open(folder: str | os.PathLike, name: str, data: bytes, *, sync: bool) -> tuple[str, int]:
+    """:func:`stage`, fsynced only when ``sync``, and the temp file's descriptor left open: for a
+    caller that renames the file at once and fsyncs the descriptor later, before it reports the
+    write as done, then closes it. On failure here the file is removed and the descriptor closed."""
+    tmp = os.path.join(folder, f"{TEMP_PREFIX}{name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:  # os.write may write less than asked: never commit a short file
+            view = view[os.write(fd, view):]
+        if sync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        unlink_quietly(tmp)
+        raise
+    return tmp, fd
+
+
+def write_atomic(path: str | os.PathLike, data: bytes, *, sync_dir: bool = True) -> None:
     """Replace ``path`` with ``data`` durably (a staged temp file renamed over it); on any failure
     the temp file is removed."""
-    tmp = stage(path.parent, path.name, data)
+    folder, name = os.path.split(os.fspath(path))
+    folder = folder or os.curdir
+    tmp = stage(folder, name, data)
     try:
         os.replace(tmp, path)
     except BaseException:
         unlink_quietly(tmp)
         raise
     if sync_dir:
-        fsync_dir(path.parent)
+        fsync_dir(folder)
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
     write_atomic(path, json.dumps(value, separators=(",", ":"), sort_keys=True).encode())
 
 
-def read_json(path: Path) -> Any:
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The whole file, read with plain system calls: open, read until end of file, close.
+
+    ``open(path, "rb").read()`` makes nine calls for a small file (it also stats the file twice,
+    asks whether it is a terminal and seeks twice); a job store reads several files per request.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, READ_CHUNK)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def read_json(path: str | os.PathLike) -> Any:
     """The parsed file; FileNotFoundError when absent, ValueError when it is not valid JSON."""
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    return json.loads(raw)
+    return json.loads(read_bytes(path))
 
 
-def unlink_quietly(path: Path) -> bool:
+def unlink_quietly(path: str | os.PathLike) -> bool:
     try:
         os.unlink(path)
         return True

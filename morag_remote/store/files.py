@@ -2,12 +2,19 @@
 
 - Every state change happens under one exclusive ``flock`` on ``<data>/.lock`` (and a mutex for the
   threads of a process), so a claim is exclusive across every gunicorn process and thread.
-- A job is written to its new status directory first (temp file, fsync, rename: under the lock),
-  the directory is fsynced (after the lock is released, so the fsyncs of concurrent requests overlap
-  instead of queueing) and only then is the job removed from the old directory (under the lock
-  again): at every instant it exists durably in at least one directory, and a request is answered
-  only once its change is durable. If a crash leaves a job in two directories, the copy with the
-  higher ``version`` is the job; readers pick it and fsck removes the other.
+- A job is written to its new status directory first (a temp file renamed into place under the
+  lock), the new file and the directory are fsynced (after the lock is released, so the fsyncs of
+  concurrent requests overlap instead of queueing behind the lock) and only then is the job removed
+  from the old directory (under the lock again): at every instant it exists durably in at least one
+  directory, and a request is answered only once its change is durable. If a crash leaves a job in
+  two directories, the copy with the higher ``version`` is the job; readers pick it and fsck
+  removes the other.
+- Creates and results write and fsync their new file before they take the lock (they know what
+  they will write); a claim, and a change decided under the lock, writes its file under the lock
+  and fsyncs it after. A power loss in between can leave that new file empty or damaged, next to
+  the old copy, which is still there and durable (it is removed only after the fsyncs): readers
+  skip the damaged file (a warning), so the job is as it was before the unanswered request, and
+  fsck moves the damaged file aside; a later change of the job replaces it.
 - Each process keeps a :class:`~.catalog.Catalog` of the jobs, kept current through the
   :class:`~.journal.Journal`, so claims, lists and stats read only the files they return.
 """
@@ -16,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -29,7 +37,7 @@ import structlog
 
 from ..exceptions import JobNotFound, JobUnreadable, StoreUnavailable
 from ..models import STATUSES, RemoteJob
-from .atomic import TEMP_PREFIX, FileLock, fsync_dir, read_json, stage, unlink_quietly, write_atomic
+from .atomic import TEMP_PREFIX, FileLock, fsync_dir, read_json, stage, stage_open, unlink_quietly, write_atomic
 from .base import JobFilter, Mutator, StoreStats, is_pure
 from .catalog import Catalog
 from .journal import Journal, JournalGap, Position
@@ -43,7 +51,7 @@ CORRUPT_DIR = "corrupt"
 # the system's trouble, not the file's: it propagates, and the job is neither reported corrupt nor
 # left out of a catalog.
 _UNREADABLE_ERRNOS = frozenset({errno.EISDIR, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENXIO})
-INCOMING_DIR = ".incoming"  # temp files written before the lock is taken (never a job)
+INCOMING_DIR = ".incoming"  # temp files of new records, renamed into place (never a job)
 
 
 class CorruptJobFile(Exception):
@@ -85,6 +93,7 @@ class FileJobStore:
                  watch_interval: float = 0.02, watch_linger: float = 5.0) -> None:
         self.root = Path(data_dir)
         self._folders = tuple(str(self.root / status) for status in STATUSES)
+        self._incoming = str(self.root / INCOMING_DIR)
         for status in STATUSES:
             (self.root / status).mkdir(parents=True, exist_ok=True)
         (self.root / CORRUPT_DIR).mkdir(exist_ok=True)
@@ -110,16 +119,19 @@ class FileJobStore:
     def path(self, status: str, job_id: str) -> Path:
         return self.root / status / f"{job_id}.json"
 
-    def _copies(self, job_id: str) -> list[tuple[RemoteJob, Path]]:
+    def _file(self, status: str, job_id: str) -> str:
+        """:meth:`path` as a string. The store's own reads and writes build their paths as strings:
+        they run several times per request, and pathlib cost more than the system calls."""
+        return f"{self.root}/{status}/{job_id}.json"
+
+    def _copies(self, job_id: str) -> list[tuple[RemoteJob, str]]:
         """Every readable copy of the job, newest version first (more than one only after a crash,
-        or for the moment a move takes to settle). Paths are built as strings: this runs for every
-        job a request touches or learns about from the journal, and pathlib cost more than the
-        reads."""
+        or for the moment a move takes to settle)."""
         found = []
         for folder in self._folders:
             name = f"{folder}/{job_id}.json"
             try:
-                found.append((load_job_file(name, job_id), Path(name)))
+                found.append((load_job_file(name, job_id), name))
             except FileNotFoundError:
                 continue
             except CorruptJobFile as exc:
@@ -132,6 +144,21 @@ class FileJobStore:
     def _read(self, job_id: str) -> RemoteJob | None:
         copies = self._copies(job_id)
         return copies[0][0] if copies else None
+
+    def _read_announced(self, job_id: str, where: tuple[str, int] | None) -> RemoteJob | None:
+        """The job as the journal's last line about it announced it (status and version), read from
+        that one file; :meth:`_read` (every directory) when the line announced nothing or the file
+        is not that version: its writer died before the rename. Caller holds the lock, and every
+        later change of the job would have a later line, so a file at the announced version is the
+        newest copy."""
+        if where is not None and where[0] in STATUSES:
+            try:
+                job = load_job_file(self._file(where[0], job_id), job_id)
+            except (FileNotFoundError, CorruptJobFile):
+                job = None
+            if job is not None and (job.status, job.version) == where:
+                return job
+        return self._read(job_id)
 
     def _absent(self, job_id: str) -> JobNotFound:
         """The error for a job with no readable copy (unreadable when a file of it is there); the
@@ -154,12 +181,12 @@ class FileJobStore:
             self._waiting = 0
         if self._position is not None:
             try:
-                ids, position = self.journal.read_since(self._position)
+                changes, position = self.journal.changes_since(self._position)
             except JournalGap:
                 self._position = None
             else:
-                for job_id in dict.fromkeys(ids):
-                    self.catalog.apply(job_id, self._read(job_id))
+                for job_id, where in dict(changes).items():  # the last line of each job
+                    self.catalog.apply(job_id, self._read_announced(job_id, where))
                 self._position = position  # only now: a read that failed is done again next time
                 self._first_lease_end = self.catalog.next_lease_end()
                 return
@@ -211,37 +238,53 @@ class FileJobStore:
 
     # -- writes ----------------------------------------------------------------------------------
 
-    def _stage(self, job: RemoteJob) -> Path:
+    def _stage(self, job: RemoteJob) -> str:
         """The job's bytes in a fsynced temp file, written before the lock is taken."""
-        return stage(self.root / INCOMING_DIR, f"{job.id}.json", _encode(job))
+        return stage(self._incoming, f"{job.id}.json", _encode(job))
 
-    def _place(self, job: RemoteJob, copies: list[tuple[RemoteJob, Path]], staged: Path | None = None) -> _Commit:
+    def _place(self, job: RemoteJob, copies: list[tuple[RemoteJob, str]], staged: str | None = None) -> _Commit:
         """Put ``job`` in place (caller holds the exclusive lock); what is left to do is returned.
 
-        The journal line comes first, then the new file (a temp file, fsynced, renamed; ``staged``
-        when it was written before the lock was taken): from here on every reader and every later
-        writer sees this version. Making the rename durable and removing the older copies is
-        :meth:`_settle`'s work, after the lock is released.
+        The journal line comes first, then the new file (``staged``: a temp file written and
+        fsynced before the lock was taken; else one written now, to be fsynced by :meth:`_settle`),
+        renamed into place: from here on every reader and every later writer sees this version.
+        Making it durable and removing the older copies is :meth:`_settle`'s work, after the lock is
+        released. The caller must pass the commit to :meth:`_settle`, which closes its descriptor.
         """
-        self._position = self.journal.append([job.id])
-        target = self.path(job.status, job.id)
+        self._position = self.journal.append([job.id], where=(job.status, job.version))
+        target = self._file(job.status, job.id)
+        fd = None
         if staged is None:
-            write_atomic(target, _encode(job), sync_dir=False)
-        else:
+            staged, fd = stage_open(self._incoming, f"{job.id}.json", _encode(job), sync=False)
+        try:
             os.replace(staged, target)
+        except BaseException:
+            unlink_quietly(staged)
+            if fd is not None:
+                os.close(fd)
+            raise
         self.catalog.apply(job.id, job)
         self.notify_local()
-        return _Commit(target, [(p, old.version) for old, p in copies if p != target])
+        return _Commit(target, [(p, old.version) for old, p in copies if p != target], fd)
 
     def _settle(self, commits: list[_Commit]) -> None:
         """Make committed writes durable, then drop the copies they replaced (lock not held).
 
-        The fsync of the directory runs outside the lock, so the fsyncs of concurrent requests
-        overlap (the filesystem commits them together) instead of queueing behind the lock. An
-        older copy goes only once the directory holding the new one was fsynced, so the job is on
-        disk in at least one directory at every instant.
+        The fsyncs run outside the lock, so the fsyncs of concurrent requests overlap (the
+        filesystem commits them together) instead of queueing behind the lock: first the new files
+        written under the lock, then their directories. An older copy goes only once the new one
+        is durable, so the job is on disk in at least one directory at every instant.
         """
-        for folder in dict.fromkeys(c.target.parent for c in commits):
+        try:
+            for c in commits:
+                if c.fd is not None:
+                    os.fsync(c.fd)
+        finally:
+            for c in commits:
+                if c.fd is not None:
+                    os.close(c.fd)
+                    c.fd = None
+        for folder in dict.fromkeys(os.path.dirname(c.target) for c in commits):
             fsync_dir(folder)
         stale = [item for c in commits for item in c.stale]
         if stale:
@@ -249,7 +292,7 @@ class FileJobStore:
 
     def _stale_copies(self) -> StaleCopies:
         if self._stale is None or self._stale_pid != os.getpid():
-            self._stale, self._stale_pid = StaleCopies(self.lock), os.getpid()
+            self._stale, self._stale_pid = StaleCopies(self.lock, self._incoming), os.getpid()
         return self._stale
 
     def create(self, job: RemoteJob) -> RemoteJob:
@@ -257,7 +300,7 @@ class FileJobStore:
         staged = self._stage(job)
         try:
             with self._locked():
-                if job.id in self.catalog.entries or self.path(job.status, job.id).exists():
+                if job.id in self.catalog.entries or os.path.exists(self._file(job.status, job.id)):
                     raise ValueError(f"job {job.id} exists")
                 commit = self._place(job, [], staged)
         except BaseException:
@@ -317,7 +360,7 @@ class FileJobStore:
         except Exception:
             return None
         new.version = current.version + 1
-        staged: Path | None = self._stage(new)
+        staged: str | None = self._stage(new)
         try:
             with self._locked():
                 entry = self.catalog.entries.get(job_id)
@@ -380,7 +423,7 @@ class FileJobStore:
             self._position = self.journal.append([job_id])
             for _, p in copies:
                 unlink_quietly(p)
-                fsync_dir(p.parent)
+                fsync_dir(os.path.dirname(p))
             self.catalog.apply(job_id, None)
         return True
 
@@ -546,8 +589,9 @@ def _watch(ref: "weakref.ref[FileJobStore]", last: Position | None) -> None:
 class _Commit:
     """A write that is in place but not yet settled: where it went, and the copies it replaced."""
 
-    target: Path
-    stale: list[tuple[Path, int]]
+    target: str
+    stale: list[tuple[str, int]]
+    fd: int | None = None  # the new file, written under the lock: fsynced and closed by _settle
 
 
 class _Locked:
@@ -578,7 +622,10 @@ def _dt(ts: float | None) -> datetime | None:
     return datetime.fromtimestamp(ts, timezone.utc) if ts is not None else None
 
 
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 def _valid_id(job_id: str) -> bool:
     """Ids name files: refuse anything that is not a plain ASCII token (no '/', '..', NUL, and no
     non-ASCII letters or digits, whose UTF-8 bytes can make a name too long for the file system)."""
-    return 0 < len(job_id) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_") for c in job_id)
+    return _ID.fullmatch(job_id) is not None

@@ -3,7 +3,8 @@
 Findings, and the deterministic repair of each:
 - ``temp``: a leftover temp file (a write that never reached its rename): removed; the rename is the
   commit point, so a temp file was never the job. In ``.incoming/``, where requests write new
-  records before they take the lock, only a file older than ``INCOMING_STALE_SECONDS`` is one.
+  records (most of them before they take the lock), only a file older than
+  ``INCOMING_STALE_SECONDS`` is one.
 - ``duplicate``: one id in several status directories (a move cut short): the copy with the highest
   ``version`` stays (on a tie, the one in the directory its status names; its directory is fsynced
   first), the others are removed. A move in flight leaves its older copy for the moment it takes
@@ -11,8 +12,9 @@ Findings, and the deterministic repair of each:
   still finds it.
 - ``misplaced``: a file whose ``status`` disagrees with its directory: moved to the directory its
   status names.
-- ``corrupt``: a file that is not a readable job: moved to ``<data>/corrupt/`` (never deleted, never
-  overwriting an earlier one).
+- ``corrupt``: a file that is not a readable job (a hand edit, or a file written under the lock
+  whose fsync a power loss cut short, next to the older copy that is the job): moved to
+  ``<data>/corrupt/`` (never deleted, never overwriting an earlier one).
 
 A repair that fails (an OSError) leaves its finding unrepaired with the reason, so the CLI exits 1.
 """

@@ -6,13 +6,22 @@ keeps its in-memory catalog current at a cost proportional to the changes, not t
 the id is logged before the change, a writer killed half-way still leaves a line, and the next reader
 re-reads that job from the files (the truth). The journal is not fsynced: after a power loss every
 process starts again and rebuilds its catalog from the files.
+
+A line written for a job's new record also names where it goes and its version (``<id> <status>
+<version>``): a reader opens that file first, and only if it is not there at that version (the
+writer died before its rename) looks in every status directory. A line with the id alone (fsck,
+deletes) always sends the reader to every directory.
 """
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
+from .atomic import READ_CHUNK, unlink_quietly
+
 Position = tuple[int, int]  # (segment number, byte offset)
+Where = tuple[str, int]  # (status, version) of the record a line announces
 
 SEGMENT_BYTES = 1 << 20
 
@@ -27,9 +36,29 @@ class Journal:
         self.segment_bytes = segment_bytes
         self.dir.mkdir(parents=True, exist_ok=True)
         self._last: int | None = None  # the newest segment seen (a hint for head)
+        self._prefix = os.path.join(directory, "")
+        self._open: tuple[int, int, int] | None = None  # (pid, segment, descriptor) kept open
+        self._closer: weakref.finalize | None = None
 
-    def _path(self, segment: int) -> Path:
-        return self.dir / f"{segment:012d}.log"
+    def _fd(self, segment: int) -> int:
+        """A descriptor of the segment (FileNotFoundError when it is gone), kept open between
+        calls: the journal is read at every turn of the store lock and written at every change,
+        and opening it each time cost as much as the reads and writes. Only the holder of the
+        store lock uses it (the watcher's :meth:`end` goes by path). A forked child opens its own."""
+        kept = self._open
+        if kept is not None and kept[0] == os.getpid() and kept[1] == segment:
+            return kept[2]
+        fd = os.open(self._path(segment), os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        if self._closer is not None:
+            self._closer()  # the previous segment's descriptor (or the parent's copy, after a fork)
+        self._open = (os.getpid(), segment, fd)
+        self._closer = weakref.finalize(self, os.close, fd)
+        return fd
+
+    def _path(self, segment: int) -> str:
+        """The segment's path, as a string: every request that takes the store lock reads the
+        journal, and building it as a ``Path`` cost more than the read."""
+        return f"{self._prefix}{segment:012d}.log"
 
     def _segments(self) -> list[int]:
         return sorted(int(name[:-4]) for name in os.listdir(self.dir)
@@ -39,7 +68,7 @@ class Journal:
         """Where the journal ends now (creating the first segment if there is none)."""
         end = self.end()
         if end is None:
-            self._path(1).touch()
+            _touch(self._path(1))
             self._last = 1
             return (1, 0)
         return end
@@ -64,39 +93,74 @@ class Journal:
         self._last = segments[-1]
         return (self._last, os.stat(self._path(self._last)).st_size)
 
-    def append(self, job_ids: list[str]) -> Position:
-        """Log ``job_ids`` (caller holds the exclusive store lock); returns the new end."""
-        segment, _ = self.head()
-        with open(self._path(segment), "ab") as fh:
-            fh.write("".join(f"{job_id}\n" for job_id in job_ids).encode())
-            end = fh.tell()
+    def append(self, job_ids: list[str], where: Where | None = None) -> Position:
+        """Log ``job_ids`` (caller holds the exclusive store lock), with the status and version of
+        the record about to be written when ``where`` is given; returns the new end."""
+        kept = self._open
+        if kept is not None and kept[0] == os.getpid() and not os.path.exists(self._path(kept[1] + 1)):
+            segment = kept[1]  # still the newest segment: no need to look for the end
+        else:
+            segment, _ = self.head()
+        suffix = f" {where[0]} {where[1]}\n" if where is not None else "\n"
+        data = "".join(f"{job_id}{suffix}" for job_id in job_ids).encode()
+        fd = self._fd(segment)
+        view = memoryview(data)
+        while view:  # O_APPEND: every write lands at the end
+            view = view[os.write(fd, view):]
+        end = os.lseek(fd, 0, os.SEEK_CUR)
         if end >= self.segment_bytes:
-            self._path(segment + 1).touch()
+            _touch(self._path(segment + 1))
             for old in self._segments():
                 if old < segment:
-                    self._path(old).unlink(missing_ok=True)
+                    unlink_quietly(self._path(old))
             return (segment + 1, 0)
         return (segment, end)
 
     def read_since(self, position: Position) -> tuple[list[str], Position]:
         """The ids logged after ``position`` and the new position; JournalGap when it is gone."""
+        changes, end = self.changes_since(position)
+        return [job_id for job_id, _ in changes], end
+
+    def changes_since(self, position: Position) -> tuple[list[tuple[str, Where | None]], Position]:
+        """The ids logged after ``position``, each with the status and version its line announced
+        (None when it names none), and the new position; JournalGap when the segment is gone."""
         segment, offset = position
-        ids: list[str] = []
+        changes: list[tuple[str, Where | None]] = []
         while True:
             try:
-                with open(self._path(segment), "rb") as fh:
-                    fh.seek(offset)
-                    chunk = fh.read()
+                chunk = _read_from(self._fd(segment), offset)
             except FileNotFoundError:
                 raise JournalGap(f"segment {segment} removed") from None
             complete = chunk.rfind(b"\n") + 1
-            ids.extend(chunk[:complete].decode().split())
+            changes.extend(map(_parse, chunk[:complete].decode().splitlines()))
             offset += complete
-            if not self._path(segment + 1).exists():
-                return ids, (segment, offset)
+            if not os.path.exists(self._path(segment + 1)):
+                return changes, (segment, offset)
             segment, offset = segment + 1, 0
 
     def signature(self) -> Position | None:
         """A cheap token that changes whenever anything is appended (for long-poll watchers); it
         creates nothing, so a watcher never recreates a journal that is being removed."""
         return self.end()
+
+
+def _touch(path: str) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
+
+
+def _read_from(fd: int, offset: int) -> bytes:
+    """The bytes of the segment from ``offset`` to its end. The caller holds the store lock, so no
+    line is being appended: a read shorter than asked has reached the end."""
+    chunks = []
+    while True:
+        chunk = os.pread(fd, READ_CHUNK, offset)
+        chunks.append(chunk)
+        if len(chunk) < READ_CHUNK:
+            return b"".join(chunks)
+        offset += len(chunk)
+
+
+def _parse(line: str) -> tuple[str, Where | None]:
+    job_id, _, rest = line.partition(" ")
+    status, _, version = rest.partition(" ")
+    return job_id, ((status, int(version)) if version.isdigit() else None)

@@ -7,21 +7,30 @@ every request took the lock a second time for its own old file, that second turn
 as the first; instead the requests of a process queue their old files here and the first one to
 find work queued removes everyone's in one turn of the lock (a leader/follower "group commit"),
 while the others wait for it, so every request still answers only once its old copy is gone.
+
+Under the lock an old copy is only renamed aside, into the store's temp folder (a name no one else
+knows): unlinking a file frees its blocks, which on a filesystem that discards freed blocks waits
+for the disk, and no other writer should wait for that. The renamed files are unlinked once the
+lock is released (a crash in between leaves a temp file, which fsck removes).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
-from pathlib import Path
 from typing import Iterable
 
-from .atomic import FileLock, fsync_dir, read_json, unlink_quietly
+import secrets
 
-StaleCopy = tuple[Path, int]  # the old file and the version it held when it was replaced
+from .atomic import TEMP_PREFIX, FileLock, read_json, unlink_quietly
+
+StaleCopy = tuple[str | os.PathLike, int]  # the old file and the version it held when it was replaced
 
 
 class StaleCopies:
-    def __init__(self, lock: FileLock) -> None:
+    def __init__(self, lock: FileLock, trash: str | os.PathLike) -> None:
         self._lock = lock
+        self._trash = os.fspath(trash)
         self._cond = threading.Condition()
         self._queue: list[StaleCopy] = []
         self._queued = 0      # how many copies were ever queued (a sequence number)
@@ -53,17 +62,25 @@ class StaleCopies:
                 self._cond.notify_all()
 
     def _remove(self, batch: list[StaleCopy]) -> None:
-        emptied: dict[Path, None] = {}
-        with self._lock.hold():
-            for path, version in batch:
-                found = version_at(path)
-                if found is not None and found <= version and unlink_quietly(path):
-                    emptied[path.parent] = None
-        for folder in emptied:  # not needed for safety (a copy that comes back is the older one)
-            fsync_dir(folder)
+        """Remove the copies still at their replaced version. The directories are not fsynced: a
+        copy that comes back after a power loss is the older one, which every reader passes over
+        for the newer (and fsck removes), as it does for a copy a crash left before its removal."""
+        aside = []
+        try:
+            with self._lock.hold():
+                for path, version in batch:
+                    found = version_at(path)
+                    if found is not None and found <= version:
+                        name = os.path.join(self._trash, f"{TEMP_PREFIX}stale.{os.getpid()}.{secrets.token_hex(6)}")
+                        with contextlib.suppress(FileNotFoundError):
+                            os.rename(path, name)
+                            aside.append(name)
+        finally:
+            for name in aside:
+                unlink_quietly(name)
 
 
-def version_at(path: Path) -> int | None:
+def version_at(path: str | os.PathLike) -> int | None:
     """The version of the job file at ``path``; None when it is gone or unreadable."""
     try:
         version = read_json(path).get("version")

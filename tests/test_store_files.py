@@ -394,3 +394,25 @@ def test_a_claim_whose_rename_fails_leaves_the_job_pending_and_no_temp_file(stor
     (data_dir / "processing").mkdir()
     assert [j.id for j in store.claim(["audio"], 1, T0, claim_as("w1"))] == [job.id]
     assert files_of(data_dir, job.id) == ["processing"]
+
+
+def test_a_claim_that_finds_only_a_job_in_backoff_leaves_no_temp_file(store, data_dir):
+    job = store.create(make_job(available_at=T0 + timedelta(seconds=60)))  # pending, not yet due
+    store.stats()  # this process now knows an audio job is pending
+    assert store.claim(["audio"], 1, T0, claim_as("w1")) == []
+    assert os.listdir(data_dir / ".incoming") == []
+    assert [j.id for j in store.claim(["audio"], 1, T0 + timedelta(seconds=61), claim_as("w1"))] == [job.id]
+    assert os.listdir(data_dir / ".incoming") == []
+    assert files_of(data_dir, job.id) == ["processing"]
+
+
+def test_a_claim_refused_by_its_mutator_leaves_no_temp_file(store, data_dir):
+    job = store.create(make_job())
+
+    def refuse(j: RemoteJob) -> RemoteJob:
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError):
+        store.claim(["audio"], 1, T0, refuse)
+    assert os.listdir(data_dir / ".incoming") == []
+    assert files_of(data_dir, job.id) == ["pending"]

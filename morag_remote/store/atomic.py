@@ -47,9 +47,7 @@ def stage_open(folder: str | os.PathLike, name: str, data: bytes, *, sync: bool)
     tmp = os.path.join(folder, f"{TEMP_PREFIX}{name}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(data)
-        while view:  # os.write may write less than asked: never commit a short file
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         if sync:
             os.fsync(fd)
     except BaseException:
@@ -57,6 +55,12 @@ def stage_open(folder: str | os.PathLike, name: str, data: bytes, *, sync: bool)
         unlink_quietly(tmp)
         raise
     return tmp, fd
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:  # os.write may write less than asked: never commit a short file
+        view = view[os.write(fd, view):]
 
 
 def write_atomic(path: str | os.PathLike, data: bytes, *, sync_dir: bool = True) -> None:

@@ -199,6 +199,10 @@ class Catalog:
         start = sl.bisect_right(after) if after else 0
         yield from sl.islice(start)
 
+    def pending_types(self) -> frozenset[str]:
+        """The content types of which at least one job is pending (available now or later)."""
+        return frozenset(ct for (status, ct), n in self._counts.items() if n and status == Status.PENDING.value)
+
     def counts(self) -> dict[tuple[str, str], int]:
         return {key: n for key, n in self._counts.items() if n}
 

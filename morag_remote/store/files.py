@@ -37,7 +37,7 @@ import structlog
 
 from ..exceptions import JobNotFound, JobUnreadable, StoreUnavailable
 from ..models import STATUSES, RemoteJob
-from .atomic import TEMP_PREFIX, FileLock, fsync_dir, read_json, stage, stage_open, unlink_quietly, write_atomic
+from .atomic import TEMP_PREFIX, FileLock, fsync_dir, read_json, stage, stage_open, unlink_quietly, write_all, write_atomic
 from .base import JobFilter, Mutator, StoreStats, is_pure
 from .catalog import Catalog
 from .journal import Journal, JournalGap, Position
@@ -112,6 +112,7 @@ class FileJobStore:
         self._watcher: threading.Thread | None = None
         self._stale: StaleCopies | None = None
         self._first_lease_end = float("-inf")  # unknown until the catalog is first synced
+        self._pending_types: frozenset[str] = frozenset()  # as of the last turn of the lock
         self._stale_pid: int | None = None
 
     # -- paths and raw reads -------------------------------------------------------------------
@@ -242,24 +243,32 @@ class FileJobStore:
         """The job's bytes in a fsynced temp file, written before the lock is taken."""
         return stage(self._incoming, f"{job.id}.json", _encode(job))
 
-    def _place(self, job: RemoteJob, copies: list[tuple[RemoteJob, str]], staged: str | None = None) -> _Commit:
+    def _place(self, job: RemoteJob, copies: list[tuple[RemoteJob, str]], staged: str | None = None,
+               spare: tuple[str, int] | None = None) -> _Commit:
         """Put ``job`` in place (caller holds the exclusive lock); what is left to do is returned.
 
         The journal line comes first, then the new file (``staged``: a temp file written and
-        fsynced before the lock was taken; else one written now, to be fsynced by :meth:`_settle`),
-        renamed into place: from here on every reader and every later writer sees this version.
-        Making it durable and removing the older copies is :meth:`_settle`'s work, after the lock is
-        released. The caller must pass the commit to :meth:`_settle`, which closes its descriptor.
+        fsynced before the lock was taken; else one written now, into ``spare`` when given (an
+        empty temp file and its descriptor, made before the lock was taken), to be fsynced by
+        :meth:`_settle`), renamed into place: from here on every reader and every later writer sees
+        this version. Making it durable and removing the older copies is :meth:`_settle`'s work,
+        after the lock is released. The caller must pass the commit to :meth:`_settle`, which
+        closes its descriptor; ``spare`` is this call's to close or hand over, whatever happens.
         """
-        self._position = self.journal.append([job.id], where=(job.status, job.version))
-        target = self._file(job.status, job.id)
         fd = None
-        if staged is None:
-            staged, fd = stage_open(self._incoming, f"{job.id}.json", _encode(job), sync=False)
+        if staged is None and spare is not None:
+            staged, fd = spare
         try:
+            self._position = self.journal.append([job.id], where=(job.status, job.version))
+            target = self._file(job.status, job.id)
+            if fd is not None:
+                write_all(fd, _encode(job))
+            elif staged is None:
+                staged, fd = stage_open(self._incoming, f"{job.id}.json", _encode(job), sync=False)
             os.replace(staged, target)
         except BaseException:
-            unlink_quietly(staged)
+            if staged is not None:
+                unlink_quietly(staged)
             if fd is not None:
                 os.close(fd)
             raise
@@ -378,35 +387,48 @@ class FileJobStore:
               mutate: Mutator) -> list[RemoteJob]:
         """Take the best ``limit`` pending jobs. The catalog names them in claim order; each is
         read again under the lock (the files are the truth) before it is taken, and a catalog entry
-        the file contradicts is corrected, so the loop ends: every turn claims or drops the head."""
+        the file contradicts is corrected, so the loop ends: every turn claims or drops the head.
+
+        When this process last saw pending jobs of these types, an empty temp file for the first
+        claim's record is made before the lock is taken (creating a file costs more than writing
+        it); it is removed if nothing is claimed."""
         claimed: list[RemoteJob] = []
         commits: list[_Commit] = []
         types = list(content_types)
         ts = now.timestamp()
-        with self._locked():
-            seen: set[str] = set()
-            while len(claimed) < limit:
-                job_id = next((j for j in self.catalog.candidates(types, ts) if j not in seen), None)
-                if job_id is None:
-                    break
-                seen.add(job_id)
-                try:
-                    copies = self._copies(job_id)
-                    if not copies or copies[0][0].status != "pending":
-                        self.catalog.apply(job_id, copies[0][0] if copies else None)
-                        continue
-                    current = copies[0][0]
-                    new = mutate(current.copy())
-                    new.version = current.version + 1
-                    commits.append(self._place(new, copies))
-                except Exception as exc:
-                    if not claimed:
-                        raise
-                    # the jobs claimed so far are the caller's now: hand them over, or their
-                    # leases would run out with no one working on them
-                    log.error("store.claim_stopped", claimed=len(claimed), error=str(exc))
-                    break
-                claimed.append(new)
+        spare = None
+        if not self._pending_types.isdisjoint(types):
+            spare = stage_open(self._incoming, "claim.json", b"", sync=False)
+        try:
+            with self._locked():
+                seen: set[str] = set()
+                while len(claimed) < limit:
+                    job_id = next((j for j in self.catalog.candidates(types, ts) if j not in seen), None)
+                    if job_id is None:
+                        break
+                    seen.add(job_id)
+                    try:
+                        copies = self._copies(job_id)
+                        if not copies or copies[0][0].status != "pending":
+                            self.catalog.apply(job_id, copies[0][0] if copies else None)
+                            continue
+                        current = copies[0][0]
+                        new = mutate(current.copy())
+                        new.version = current.version + 1
+                        used, spare = spare, None  # _place closes it or hands it on
+                        commits.append(self._place(new, copies, spare=used))
+                    except Exception as exc:
+                        if not claimed:
+                            raise
+                        # the jobs claimed so far are the caller's now: hand them over, or their
+                        # leases would run out with no one working on them
+                        log.error("store.claim_stopped", claimed=len(claimed), error=str(exc))
+                        break
+                    claimed.append(new)
+        finally:
+            if spare is not None:  # nothing claimed, or made before a claim that failed
+                os.close(spare[1])
+                unlink_quietly(spare[0])
         if commits:
             self._settle(commits)
         return claimed
@@ -611,6 +633,7 @@ class _Locked:
 
     def __exit__(self, *exc) -> None:
         self.store._first_lease_end = self.store.catalog.next_lease_end()
+        self.store._pending_types = self.store.catalog.pending_types()
         self.cm.__exit__(*exc)
 
 

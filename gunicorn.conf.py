@@ -28,6 +28,9 @@ Raise GUNICORN_THREADS (and with it the waiter cap) with the number of workers t
 Worker count: WEB_CONCURRENCY, else one process per core (at least 2, so one process rebuilding
 its catalog or paused never stops the service). Every write to the JSON store takes one lock, so
 processes beyond the core count add memory (each keeps its own catalog) without adding throughput.
+Measured on 2 cores (make bench's full cycles, 16 clients): 1 process 80-120 cycles/s (one GIL for
+every request, whose threads then contend for it: twice the system time), 2 processes 160-171,
+3 and 4 no better (112-154, each change being read again by every other process).
 
 Logs: JSON lines through structlog (``morag_remote.gunicorn_log.JsonLogger``). gunicorn writes the
 access line (``http.access``) after the last byte is sent, so a download's line has its real

@@ -19,7 +19,7 @@ from psycopg import sql
 
 from morag_remote.auth import KeyStore
 from morag_remote.store import migrate
-from morag_remote.store.pgdb import unreachable
+from morag_remote.store.pgdb import url_from_env
 
 from .seed import copy_pending
 from .server import Instance
@@ -30,14 +30,8 @@ HOW = (f"start PostgreSQL and set {ENV}=postgresql://USER@HOST:PORT/DB, a databa
 
 
 def probe() -> tuple[str | None, str]:
-    """The server's base URL, or None and why not (never the URL itself: it may hold a password)."""
-    base = os.environ.get(ENV)
-    if not base:
-        return None, f"{ENV} is not set"
-    reason = unreachable(base)
-    if reason:
-        return None, f"no PostgreSQL at {ENV} ({reason})"
-    return base, ""
+    """The server's base URL, or None and why not."""
+    return url_from_env(ENV)
 
 
 class BenchSchema:

@@ -13,7 +13,7 @@ import psycopg
 from psycopg import sql
 
 from morag_remote.store import migrate
-from morag_remote.store.pgdb import unreachable
+from morag_remote.store.pgdb import url_from_env
 
 ENV = "MORAG_REMOTE_TEST_DATABASE_URL"
 HOW = (f"start PostgreSQL and set {ENV}=postgresql://postgres@127.0.0.1:5432/test to run them "
@@ -57,12 +57,9 @@ class TestDatabase:
 
 def probe() -> tuple[TestDatabase | None, str]:
     """A new per-run test database, or None and why not."""
-    base = os.environ.get(ENV)
-    if not base:
-        return None, f"{ENV} is not set"
-    reason = unreachable(base)
-    if reason:
-        return None, f"no PostgreSQL at {ENV} ({reason})"
+    base, why = url_from_env(ENV)
+    if base is None:
+        return None, why
     return TestDatabase(base, f"mrtest_{os.getpid()}_{secrets.token_hex(4)}"), ""
 
 

@@ -12,7 +12,7 @@ from psycopg import sql
 
 from morag_remote import create_app
 from morag_remote.store import migrate
-from morag_remote.store.pgdb import parse_url, unreachable
+from morag_remote.store.pgdb import parse_url, url_from_env
 
 
 @pytest.fixture
@@ -152,6 +152,9 @@ def test_fsck_on_postgres_says_it_checks_the_file_store_only(app, backend):
         assert out.exit_code == 0 and "store is clean" in out.output
 
 
-def test_unreachable_says_why_without_the_url():
-    reason = unreachable("postgresql://probe:s3cret@127.0.0.1:1/none", connect_timeout=2)
-    assert reason and "s3cret" not in reason
+def test_url_from_env_says_why_without_the_url(monkeypatch):
+    monkeypatch.delenv("MR_PROBE_URL", raising=False)
+    assert url_from_env("MR_PROBE_URL") == (None, "MR_PROBE_URL is not set")
+    monkeypatch.setenv("MR_PROBE_URL", "postgresql://probe:s3cret@127.0.0.1:1/none")
+    url, why = url_from_env("MR_PROBE_URL", connect_timeout=2)
+    assert url is None and why.startswith("no PostgreSQL at MR_PROBE_URL") and "s3cret" not in why

@@ -67,14 +67,18 @@ def parse_url(url: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(query=urlencode(kept, quote_via=quote))), schema
 
 
-def unreachable(url: str, connect_timeout: int = 3) -> str | None:
-    """Why no server answers at ``url`` (its first line, never the URL: it may hold a password), or
-    None when one does. For the tests and the benchmark, which skip PostgreSQL when it is absent."""
+def url_from_env(env: str, connect_timeout: int = 3) -> tuple[str | None, str]:
+    """The URL in the environment variable ``env`` when a server answers there, else None and why
+    (never the URL itself: it may hold a password). For the tests and the benchmark, which leave
+    PostgreSQL out when it is absent."""
+    url = os.environ.get(env)
+    if not url:
+        return None, f"{env} is not set"
     try:
         psycopg.connect(url, connect_timeout=connect_timeout).close()
     except psycopg.Error as exc:
-        return (str(exc).strip().splitlines() or ["unreachable"])[0]
-    return None
+        return None, f"no PostgreSQL at {env} ({(str(exc).strip().splitlines() or ['unreachable'])[0]})"
+    return url, ""
 
 
 def database(url: str, pool_size: int = 10, timeout: float = 5.0) -> "Database":

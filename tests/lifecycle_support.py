@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from morag_remote.config import Settings
 from morag_remote.models import STATUSES, RemoteJob, Status
 from morag_remote.service import Caller, JobService
+from morag_remote.store.files import FileJobStore
+
+
+def file_service(data_dir: str, source_root: str) -> JobService:
+    """A service on the JSON files in ``data_dir``, as each OS process of a concurrency test builds it."""
+    return JobService(FileJobStore(data_dir), Settings(source_roots=(source_root,)))
 
 
 def source_file(service: JobService, name: str = "input.bin") -> str:

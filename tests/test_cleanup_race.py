@@ -10,23 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from morag_remote.config import Settings
 from morag_remote.exceptions import InvalidTransition, JobNotFound
 from morag_remote.models import RemoteJob, Status, new_job_id
-from morag_remote.service import JobService
 from morag_remote.store.files import FileJobStore
 
+from lifecycle_support import file_service, source_file
+
 JOBS = 200
-
-
-def _service(data_dir: str, source_root: str) -> JobService:
-    return JobService(FileJobStore(data_dir), Settings(source_roots=(source_root,)))
 
 
 def _retrier(data_dir: str, source_root: str, ids: list[str], started, out: str) -> None:
     """Runs in a child process: re-open every job, newest first, and write which retries succeeded.
     ``started`` is set once the first retry is done, so cleanup-old runs while the retries go on."""
-    service = _service(data_dir, source_root)
+    service = file_service(data_dir, source_root)
     reopened = []
     for job_id in reversed(ids):
         try:
@@ -41,12 +37,11 @@ def _retrier(data_dir: str, source_root: str, ids: list[str], started, out: str)
 @pytest.mark.slow
 def test_cleanup_old_keeps_jobs_a_retry_in_another_process_reopened(tmp_path):
     data_dir, sources = tmp_path / "remote_jobs", tmp_path / "sources"
-    sources.mkdir()
-    (sources / "clip.bin").write_bytes(b"x")
-    service = _service(str(data_dir), str(sources))
+    service = file_service(str(data_dir), str(sources))
+    clip = source_file(service, "clip.bin")
     ids = []
     for i in range(JOBS):
-        job = service.create(source_file_path=str(sources / "clip.bin"), ingestion_task_id=f"t{i}",
+        job = service.create(source_file_path=clip, ingestion_task_id=f"t{i}",
                              content_type="audio")
         service.cancel(job.id)
         ids.append(job.id)

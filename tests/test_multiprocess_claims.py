@@ -10,22 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from morag_remote.config import Settings
 from morag_remote.models import RemoteJob
-from morag_remote.service import JobService
-from morag_remote.store.files import FileJobStore
+
+from lifecycle_support import file_service, source_file
 
 PROCESSES = 8
 JOBS = 1000
 
 
-def _service(data_dir: str, source_root: str) -> JobService:
-    return JobService(FileJobStore(data_dir), Settings(source_roots=(source_root,)))
-
-
 def _claimer(data_dir: str, source_root: str, worker_id: str, types: list[str], start, out: str) -> None:
     """Runs in a child process: poll until nothing is left, then write what was claimed."""
-    service = _service(data_dir, source_root)
+    service = file_service(data_dir, source_root)
     rng = random.Random(worker_id)
     start.wait(120)  # a barrier: every process is ready before any claims
     claimed: list[str] = []
@@ -40,10 +35,9 @@ def _claimer(data_dir: str, source_root: str, worker_id: str, types: list[str], 
 @pytest.mark.slow
 def test_eight_processes_claim_each_of_1000_jobs_exactly_once(tmp_path):
     data_dir, sources = tmp_path / "remote_jobs", tmp_path / "sources"
-    sources.mkdir()
-    (sources / "clip.bin").write_bytes(b"x")
-    service = _service(str(data_dir), str(sources))
-    created = [service.create(source_file_path=str(sources / "clip.bin"), ingestion_task_id=f"t{i}",
+    service = file_service(str(data_dir), str(sources))
+    clip = source_file(service, "clip.bin")
+    created = [service.create(source_file_path=clip, ingestion_task_id=f"t{i}",
                               content_type="audio" if i % 2 else "video").id for i in range(JOBS)]
 
     ctx = multiprocessing.get_context("spawn")

@@ -22,9 +22,10 @@ import pytest
 
 from morag_remote.models import STATUSES, Action, RemoteJob, new_job_id, next_status
 from morag_remote.store.base import pure
-from morag_remote.store.files import INCOMING_DIR, FileJobStore, _encode
+from morag_remote.store.files import FileJobStore, _encode
 from morag_remote.store.fsck import fsck
 from morag_remote.store.journal import Journal
+from morag_remote.store.recycle import SPARE_DIR, Recycler
 from morag_remote.store.stale import StaleCopies, version_at
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -210,12 +211,15 @@ def test_a_copy_is_removed_only_while_it_is_the_version_that_was_replaced(tmp_pa
     job = make_job(version=4)
     path = store.path("pending", job.id)
     path.write_bytes(_encode(job))
-    stale = StaleCopies(store.lock, store.root / INCOMING_DIR)
+    recycler = Recycler(store.root / SPARE_DIR)
+    stale = StaleCopies(store.lock, recycler)
     stale.remove([(path, 3)])  # a writer replaced version 3; this is 4
     assert version_at(path) == 4
     stale.remove([(path, 4), (store.path("failed", job.id), 9)])
     assert not path.exists()
-    assert os.listdir(store.root / INCOMING_DIR) == []  # set aside, then gone
+    spare = recycler.take()  # set aside, kept for reuse
+    assert os.listdir(store.root / SPARE_DIR) == [os.path.basename(spare)]
+    assert recycler.take() is None
 
 
 def test_concurrent_moves_leave_every_job_in_one_directory(tmp_path):

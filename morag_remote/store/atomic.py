@@ -14,7 +14,10 @@ import threading
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from .recycle import Recycler
 
 TEMP_PREFIX = ".tmp-"
 READ_CHUNK = 64 * 1024
@@ -28,26 +31,37 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def stage(folder: str | os.PathLike, name: str, data: bytes) -> str:
+def stage(folder: str | os.PathLike, name: str, data: bytes, reuse: Recycler | None = None) -> str:
     """A new temp file in ``folder`` holding ``data``, fsynced: ready to be renamed into place.
 
     The caller renames it (the commit point) or removes it; on failure here it is removed. The temp
     name carries random bytes besides the pid: a process killed mid-write leaves its temp file
-    behind, and a later process given the same pid must not find its name taken.
+    behind, and a later process given the same pid must not find its name taken. With ``reuse``,
+    a spare file is overwritten instead when the recycler has one (see :mod:`.recycle`).
     """
-    tmp, fd = stage_open(folder, name, data, sync=True)
+    tmp, fd = stage_open(folder, name, data, sync=True, reuse=reuse)
     os.close(fd)
     return tmp
 
 
-def stage_open(folder: str | os.PathLike, name: str, data: bytes, *, sync: bool) -> tuple[str, int]:
+def stage_open(folder: str | os.PathLike, name: str, data: bytes, *, sync: bool,
+               reuse: Recycler | None = None) -> tuple[str, int]:
     """:func:`stage`, fsynced only when ``sync``, and the temp file's descriptor left open: for a
     caller that renames the file at once and fsyncs the descriptor later, before it reports the
-    write as done, then closes it. On failure here the file is removed and the descriptor closed."""
-    tmp = os.path.join(folder, f"{TEMP_PREFIX}{name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    write as done, then closes it. On failure here the file is removed and the descriptor closed.
+
+    ``reuse`` only with ``sync``: a spare holds another record until the new bytes are on disk, so
+    it may be renamed into place only once they are (:mod:`.recycle`)."""
+    if reuse is not None and not sync:
+        raise ValueError("a reused file must be fsynced before it is renamed into place")
+    tmp, fd = _reused(reuse) if reuse is not None else (None, -1)
+    if tmp is None:
+        tmp = os.path.join(folder, f"{TEMP_PREFIX}{name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         write_all(fd, data)
+        if reuse is not None:
+            os.ftruncate(fd, len(data))  # the spare's old record may have been longer
         if sync:
             os.fsync(fd)
     except BaseException:
@@ -55,6 +69,19 @@ def stage_open(folder: str | os.PathLike, name: str, data: bytes, *, sync: bool)
         unlink_quietly(tmp)
         raise
     return tmp, fd
+
+
+def _reused(recycler: Recycler) -> tuple[str | None, int]:
+    """A spare file opened for writing (not truncated: its block is overwritten in place), or
+    (None, -1) when the recycler has none left that can still be opened."""
+    while True:
+        path = recycler.take()
+        if path is None:
+            return None, -1
+        try:
+            return path, os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # removed by hand: the next one
+            continue
 
 
 def write_all(fd: int, data: bytes) -> None:

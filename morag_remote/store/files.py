@@ -40,6 +40,7 @@ from ..models import STATUSES, RemoteJob
 from .atomic import TEMP_PREFIX, FileLock, fsync_dir, read_json, stage, stage_open, unlink_quietly, write_all, write_atomic
 from .base import JobFilter, Mutator, StoreStats, is_pure
 from .catalog import Catalog
+from .recycle import SPARE_DIR, recycler_for
 from .journal import Journal, JournalGap, Position
 from .stale import StaleCopies
 
@@ -98,6 +99,8 @@ class FileJobStore:
             (self.root / status).mkdir(parents=True, exist_ok=True)
         (self.root / CORRUPT_DIR).mkdir(exist_ok=True)
         (self.root / INCOMING_DIR).mkdir(exist_ok=True)
+        (self.root / SPARE_DIR).mkdir(exist_ok=True)
+        self._recycler = recycler_for(self.root / SPARE_DIR)
         self.lock = FileLock(self.root / ".lock")
         self.journal = Journal(self.root / "journal", **(
             {"segment_bytes": journal_segment_bytes} if journal_segment_bytes else {}))
@@ -240,8 +243,9 @@ class FileJobStore:
     # -- writes ----------------------------------------------------------------------------------
 
     def _stage(self, job: RemoteJob) -> str:
-        """The job's bytes in a fsynced temp file, written before the lock is taken."""
-        return stage(self._incoming, f"{job.id}.json", _encode(job))
+        """The job's bytes in a fsynced temp file (a spare one when there is one), written before
+        the lock is taken."""
+        return stage(self._incoming, f"{job.id}.json", _encode(job), reuse=self._recycler)
 
     def _place(self, job: RemoteJob, copies: list[tuple[RemoteJob, str]], staged: str | None = None,
                spare: tuple[str, int] | None = None) -> _Commit:
@@ -301,7 +305,7 @@ class FileJobStore:
 
     def _stale_copies(self) -> StaleCopies:
         if self._stale is None or self._stale_pid != os.getpid():
-            self._stale, self._stale_pid = StaleCopies(self.lock, self._incoming), os.getpid()
+            self._stale, self._stale_pid = StaleCopies(self.lock, self._recycler), os.getpid()
         return self._stale
 
     def create(self, job: RemoteJob) -> RemoteJob:

@@ -8,10 +8,9 @@ as the first; instead the requests of a process queue their old files here and t
 find work queued removes everyone's in one turn of the lock (a leader/follower "group commit"),
 while the others wait for it, so every request still answers only once its old copy is gone.
 
-Under the lock an old copy is only renamed aside, into the store's temp folder (a name no one else
-knows): unlinking a file frees its blocks, which on a filesystem that discards freed blocks waits
-for the disk, and no other writer should wait for that. The renamed files are unlinked once the
-lock is released (a crash in between leaves a temp file, which fsck removes).
+Under the lock an old copy is only renamed aside, into the store's spare folder (a name no one
+else knows), and handed to the :class:`~.recycle.Recycler` once the lock is released, to be
+overwritten by a later write instead of a new file being created (or unlinked when it has enough).
 """
 from __future__ import annotations
 
@@ -20,17 +19,16 @@ import os
 import threading
 from typing import Iterable
 
-import secrets
-
-from .atomic import TEMP_PREFIX, FileLock, read_json, unlink_quietly
+from .atomic import FileLock, read_json
+from .recycle import Recycler
 
 StaleCopy = tuple[str | os.PathLike, int]  # the old file and the version it held when it was replaced
 
 
 class StaleCopies:
-    def __init__(self, lock: FileLock, trash: str | os.PathLike) -> None:
+    def __init__(self, lock: FileLock, recycler: Recycler) -> None:
         self._lock = lock
-        self._trash = os.fspath(trash)
+        self._recycler = recycler
         self._cond = threading.Condition()
         self._queue: list[StaleCopy] = []
         self._queued = 0      # how many copies were ever queued (a sequence number)
@@ -71,13 +69,12 @@ class StaleCopies:
                 for path, version in batch:
                     found = version_at(path)
                     if found is not None and found <= version:
-                        name = os.path.join(self._trash, f"{TEMP_PREFIX}stale.{os.getpid()}.{secrets.token_hex(6)}")
+                        name = self._recycler.name()
                         with contextlib.suppress(FileNotFoundError):
                             os.rename(path, name)
                             aside.append(name)
         finally:
-            for name in aside:
-                unlink_quietly(name)
+            self._recycler.keep_files(aside)
 
 
 def version_at(path: str | os.PathLike) -> int | None:

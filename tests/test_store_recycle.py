@@ -11,8 +11,9 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import pytest
+from structlog.testing import capture_logs
 
-from morag_remote.store.atomic import stage, stage_open
+from morag_remote.store.atomic import read_committed, stage, stage_open
 from morag_remote.store.base import pure
 from morag_remote.store.files import FileJobStore, load_job_file
 from morag_remote.store.fsck import fsck
@@ -170,3 +171,78 @@ def test_a_new_process_with_a_dead_ones_pid_adopts_its_spares(tmp_path):
     recycler = recycler_for(folder)
     path = recycler.take()
     assert path is not None and os.path.exists(path) and not leftover.exists()
+
+
+@contextmanager
+def before_first_read(action) -> Iterator[None]:
+    """Run ``action`` once, just before the next ``os.read`` (what a thread that lost the GIL
+    between opening a file and reading it would see)."""
+    real_read = os.read
+    pending = [action]
+
+    def read(fd: int, n: int) -> bytes:
+        if pending:
+            pending.pop()()
+        return real_read(fd, n)
+
+    os.read = read
+    try:
+        yield
+    finally:
+        os.read = real_read
+
+
+def test_a_file_replaced_by_another_while_it_is_read_is_not_returned(tmp_path):
+    path, spare = tmp_path / "x.json", tmp_path / "spare"
+    path.write_bytes(b'{"id":"x"}')
+
+    def retire_and_reuse() -> None:
+        os.rename(path, spare)
+        spare.write_bytes(b'{"id":"y"}')
+
+    with before_first_read(retire_and_reuse), pytest.raises(FileNotFoundError):
+        read_committed(path)
+
+
+def test_a_file_rewritten_in_place_while_it_is_read_is_not_returned(tmp_path):
+    path, aside = tmp_path / "x.json", tmp_path / "aside"
+    path.write_bytes(b'{"id":"x","version":1}')
+
+    def retire_reuse_and_return() -> None:  # the same inode, back under the same name
+        os.rename(path, aside)
+        aside.write_bytes(b'{"id":"x","version":3}')
+        os.rename(aside, path)
+
+    with before_first_read(retire_reuse_and_return), pytest.raises(FileNotFoundError):
+        read_committed(path)
+    assert read_committed(path) == b'{"id":"x","version":3}'
+
+
+def test_a_read_without_the_lock_that_races_a_move_and_a_reuse_finds_the_job_where_it_is_now(tmp_path):
+    store = FileJobStore(tmp_path / "data")
+    cycle(store)  # one spare now
+    job = make_job()
+    store.create(job)  # overwrites the spare: none left
+    other = make_job()
+
+    def claim_then_create() -> None:  # the pending copy is retired, then overwritten by `other`
+        (claimed,) = store.claim(["audio"], 1, NOW, claim_mutator)
+        assert claimed.id == job.id
+        store.create(other)
+
+    with capture_logs() as logs, before_first_read(claim_then_create):
+        found = store.get(job.id)
+    assert (found.id, found.status) == (job.id, "processing")
+    assert not [e for e in logs if e["event"] == "store.corrupt_file"]
+    assert store.get(other.id).status == "pending"
+
+
+def test_a_spare_that_cannot_be_opened_is_passed_over(tmp_path):
+    recycler = Recycler(tmp_path / "spare")
+    (tmp_path / "spare").mkdir()
+    blocked = recycler.name()
+    os.mkdir(blocked)  # not a file: opening it for writing fails (EISDIR)
+    recycler.keep_files([blocked])
+    path = stage(str(tmp_path), "a.json", b"a", reuse=recycler)
+    assert os.path.dirname(path) == str(tmp_path) and open(path, "rb").read() == b"a"
+    assert recycler.take() is None

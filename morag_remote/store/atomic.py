@@ -80,8 +80,8 @@ def _reused(recycler: Recycler) -> tuple[str | None, int]:
             return None, -1
         try:
             return path, os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        except FileNotFoundError:  # removed by hand: the next one
-            continue
+        except OSError:  # removed or made unwritable by hand (another user's file): the next one
+            unlink_quietly_any(path)
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -133,12 +133,43 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(read_bytes(path))
 
 
+def read_committed(path: str | os.PathLike) -> bytes:
+    """:func:`read_bytes` for a file that may be moved away and overwritten while it is read (a
+    job file read without the store lock: a move retires the old copy to be reused, see
+    :mod:`.recycle`). FileNotFoundError when the file is gone, or when what was read is not what
+    ``path`` holds now: the name points at another file, or the file was renamed or written
+    meanwhile (its inode change time moved; a rename and every write set it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        before = os.fstat(fd)
+        chunks = []
+        while True:
+            chunk = os.read(fd, READ_CHUNK)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    after = os.stat(path)
+    if (after.st_ino, after.st_dev, after.st_ctime_ns) != (before.st_ino, before.st_dev, before.st_ctime_ns):
+        raise FileNotFoundError(errno.ENOENT, "replaced while it was read", os.fspath(path))
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def unlink_quietly(path: str | os.PathLike) -> bool:
     try:
         os.unlink(path)
         return True
     except FileNotFoundError:
         return False
+
+
+def unlink_quietly_any(path: str | os.PathLike) -> None:
+    """Unlink ``path`` if it can be; any OSError is ignored (a best-effort cleanup)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 class FileLock:

@@ -37,7 +37,8 @@ import structlog
 
 from ..exceptions import JobNotFound, JobUnreadable, StoreUnavailable
 from ..models import STATUSES, RemoteJob
-from .atomic import TEMP_PREFIX, FileLock, fsync_dir, read_json, stage, stage_open, unlink_quietly, write_all, write_atomic
+from .atomic import (TEMP_PREFIX, FileLock, fsync_dir, read_committed, stage, stage_open, unlink_quietly,
+                     write_all, write_atomic)
 from .base import JobFilter, Mutator, StoreStats, is_pure
 from .catalog import Catalog
 from .recycle import SPARE_DIR, recycler_for
@@ -71,7 +72,7 @@ def load_job_file(path: str | os.PathLike, job_id: str | None = None) -> RemoteJ
     its name says (taken from the name when not given).
     """
     try:
-        data = read_json(path)
+        data = json.loads(read_committed(path))
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         job = RemoteJob.from_dict(data)
@@ -101,6 +102,7 @@ class FileJobStore:
         (self.root / INCOMING_DIR).mkdir(exist_ok=True)
         (self.root / SPARE_DIR).mkdir(exist_ok=True)
         self._recycler = recycler_for(self.root / SPARE_DIR)
+        self._recycler.adopt()  # now, not at the first move, which holds the store lock
         self.lock = FileLock(self.root / ".lock")
         self.journal = Journal(self.root / "journal", **(
             {"segment_bytes": journal_segment_bytes} if journal_segment_bytes else {}))

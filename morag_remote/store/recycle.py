@@ -62,6 +62,16 @@ class Recycler:
         for path in extra:
             unlink_quietly(path)
 
+    def discard(self, paths: list[str]) -> None:
+        """Unlink ``paths`` (files named by :meth:`name`) instead of keeping them."""
+        for path in paths:
+            unlink_quietly(path)
+
+    def adopt(self) -> None:
+        """Adopt the spares of processes that are gone now (else on first use)."""
+        with self._lock:
+            self._own()
+
     def take(self) -> str | None:
         """A spare's path, now the caller's to overwrite and rename away (or unlink); None when
         this process has none."""

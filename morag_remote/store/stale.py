@@ -9,8 +9,9 @@ find work queued removes everyone's in one turn of the lock (a leader/follower "
 while the others wait for it, so every request still answers only once its old copy is gone.
 
 Under the lock an old copy is only renamed aside, into the store's spare folder (a name no one
-else knows), and handed to the :class:`~.recycle.Recycler` once the lock is released, to be
-overwritten by a later write instead of a new file being created (or unlinked when it has enough).
+else knows); once the lock is released, its old directory is fsynced and the file handed to the
+:class:`~.recycle.Recycler`, to be overwritten by a later write instead of a new file being created
+(or unlinked when it has enough).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import os
 import threading
 from typing import Iterable
 
-from .atomic import FileLock, read_json
+from .atomic import FileLock, fsync_dir, read_json
 from .recycle import Recycler
 
 StaleCopy = tuple[str | os.PathLike, int]  # the old file and the version it held when it was replaced
@@ -60,10 +61,14 @@ class StaleCopies:
                 self._cond.notify_all()
 
     def _remove(self, batch: list[StaleCopy]) -> None:
-        """Remove the copies still at their replaced version. The directories are not fsynced: a
-        copy that comes back after a power loss is the older one, which every reader passes over
-        for the newer (and fsck removes), as it does for a copy a crash left before its removal."""
-        aside = []
+        """Remove the copies still at their replaced version: renamed into the spare folder under
+        the lock; once it is released, their old directories are fsynced and the files handed to
+        the recycler. The fsync comes before any reuse: were a spare overwritten while its old name
+        could still come back after a power loss, that name would point at the new bytes. (Without
+        reuse, a copy that comes back is the older version, which readers pass over for the newer
+        and fsck removes.)"""
+        aside: list[str] = []
+        folders: dict[str, None] = {}
         try:
             with self._lock.hold():
                 for path, version in batch:
@@ -73,8 +78,16 @@ class StaleCopies:
                         with contextlib.suppress(FileNotFoundError):
                             os.rename(path, name)
                             aside.append(name)
+                            folders[os.path.dirname(os.fspath(path))] = None
         finally:
-            self._recycler.keep_files(aside)
+            if aside:
+                try:
+                    for folder in folders:
+                        fsync_dir(folder)
+                except BaseException:
+                    self._recycler.discard(aside)
+                    raise
+                self._recycler.keep_files(aside)
 
 
 def version_at(path: str | os.PathLike) -> int | None:

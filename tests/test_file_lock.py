@@ -7,6 +7,7 @@ import fcntl
 import gc
 import multiprocessing
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,17 @@ def test_a_lock_no_longer_referenced_closes_its_file(tmp_path):
     del lock
     gc.collect()
     assert not os.path.exists(f"/proc/self/fd/{fd}") or os.readlink(f"/proc/self/fd/{fd}") != str(path)
+
+
+def test_held_says_whether_the_calling_thread_holds_the_lock(lock):
+    seen: list[bool] = []
+    assert not lock.held()
+    with lock.hold(exclusive=False):
+        assert lock.held()
+        other = threading.Thread(target=lambda: seen.append(lock.held()))
+        other.start()
+        other.join(10)
+        with lock.hold(exclusive=False):
+            assert lock.held()
+        assert lock.held()  # still the outer hold's
+    assert seen == [False] and not lock.held()

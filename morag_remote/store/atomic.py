@@ -189,6 +189,7 @@ class FileLock:
         self._pid: int | None = None
         self._depth = 0
         self._exclusive = False
+        self._owner: int | None = None  # the thread that holds it
 
     def _descriptor(self) -> int:
         if self._fd is None or self._pid != os.getpid():
@@ -213,13 +214,19 @@ class FileLock:
                         if exc.errno != errno.EINTR:
                             raise
                 self._exclusive = exclusive
+                self._owner = threading.get_ident()
             self._depth += 1
             try:
                 yield
             finally:
                 self._depth -= 1
                 if outermost:
+                    self._owner = None
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def held(self) -> bool:
+        """Whether the calling thread holds the lock (shared or exclusive)."""
+        return self._owner == threading.get_ident()
 
 
 def _close_in(pid: int, fd: int) -> None:

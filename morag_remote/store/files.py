@@ -37,8 +37,8 @@ import structlog
 
 from ..exceptions import JobNotFound, JobUnreadable, StoreUnavailable
 from ..models import STATUSES, RemoteJob
-from .atomic import (TEMP_PREFIX, FileLock, fsync_dir, read_committed, stage, stage_open, unlink_quietly,
-                     write_all, write_atomic)
+from .atomic import (TEMP_PREFIX, FileLock, fsync_dir, read_bytes, read_committed, stage, stage_open,
+                     unlink_quietly, write_all, write_atomic)
 from .base import JobFilter, Mutator, StoreStats, is_pure
 from .catalog import Catalog
 from .recycle import SPARE_DIR, recycler_for
@@ -63,8 +63,11 @@ class CorruptJobFile(Exception):
         self.reason = reason
 
 
-def load_job_file(path: str | os.PathLike, job_id: str | None = None) -> RemoteJob:
+def load_job_file(path: str | os.PathLike, job_id: str | None = None, *, locked: bool = False) -> RemoteJob:
     """Parse one job file; CorruptJobFile when it is not a readable job record.
+
+    ``locked``: the caller holds the store lock, so no writer can retire the file while it is read
+    and the check of :func:`~.atomic.read_committed` (two more system calls) is left out.
 
     FileNotFoundError passes through (the job moved or never was), and so does an OSError of the
     system (too many open files, an I/O error); a failure that is about what sits at the path (a
@@ -72,7 +75,7 @@ def load_job_file(path: str | os.PathLike, job_id: str | None = None) -> RemoteJ
     its name says (taken from the name when not given).
     """
     try:
-        data = json.loads(read_committed(path))
+        data = json.loads(read_bytes(path) if locked else read_committed(path))
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         job = RemoteJob.from_dict(data)
@@ -134,10 +137,11 @@ class FileJobStore:
         """Every readable copy of the job, newest version first (more than one only after a crash,
         or for the moment a move takes to settle)."""
         found = []
+        locked = self.lock.held()
         for folder in self._folders:
             name = f"{folder}/{job_id}.json"
             try:
-                found.append((load_job_file(name, job_id), name))
+                found.append((load_job_file(name, job_id, locked=locked), name))
             except FileNotFoundError:
                 continue
             except CorruptJobFile as exc:
@@ -159,7 +163,7 @@ class FileJobStore:
         newest copy."""
         if where is not None and where[0] in STATUSES:
             try:
-                job = load_job_file(self._file(where[0], job_id), job_id)
+                job = load_job_file(self._file(where[0], job_id), job_id, locked=self.lock.held())
             except (FileNotFoundError, CorruptJobFile):
                 job = None
             if job is not None and (job.status, job.version) == where:
@@ -225,7 +229,7 @@ class FileJobStore:
     def _read_in(self, folder: str, job_id: str) -> RemoteJob | None:
         """The job from its file in ``folder`` (None when unreadable, as :meth:`_copies` says)."""
         try:
-            return load_job_file(f"{folder}/{job_id}.json", job_id)
+            return load_job_file(f"{folder}/{job_id}.json", job_id, locked=self.lock.held())
         except FileNotFoundError:
             return self._read(job_id)
         except CorruptJobFile as exc:

@@ -16,11 +16,11 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from . import pg, report, scenarios
+from . import floor, pg, report, scenarios
 from .server import REPO, Instance
 
 
-SCENARIOS = ("raw", "claims", "cycles", "pickup", "idle")
+SCENARIOS = ("raw", "claims", "cycles", "floor", "pickup", "idle")
 DEPTHS = [("100", {"audio": 100}), ("10000", {"audio": 10_000}), ("50000", {"audio": 50_000}),
           ("10000-other", {"video": 10_000, "audio": 100})]
 PG_DEPTHS = ("100", "50000")  # the PostgreSQL column's claim depths (its target: the ratio of the two)
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             if schema is not None:
                 step("PostgreSQL full cycles")
                 results["postgres"]["cycles"] = scenarios.full_cycles(instance, **cycles, pg=schema)
+        if "floor" in only:
+            step("HTTP floor (trivial views, same gunicorn settings)")
+            results["floor"] = floor.http_floor(results["server"], **cycles)
         if "pickup" in only:
             step("long-poll pick-up")
             results["pickup"] = scenarios.pickup_latency(instance, jobs=5 if q else 50)

@@ -77,6 +77,8 @@ def total_errors(r: dict[str, Any]) -> int:
         n += r["pickup"]["errors"] + r["pickup"]["missed"]
     if "idle" in r:
         n += r["idle"]["errors"] + r["idle"]["returned_early"]
+    if "floor" in r:
+        n += r["floor"]["errors"]
     return n
 
 
@@ -109,6 +111,14 @@ def table(r: dict[str, Any]) -> str:
             f"({cyc['server_cpu_ms_per_cycle']['user']} ms user + {cyc['server_cpu_ms_per_cycle']['system']} ms "
             f"system per cycle), clients "
             f"{cyc['clients_cpu_percent_of_one_core']}%, whole machine {cyc['machine_busy_percent']}% busy)")
+    if "floor" in r:
+        fl = r["floor"]
+        share = f"; the full cycles reach {_ratio(r['cycles']['cycles_per_s'], fl['cycles_per_s'])} of it" \
+            if "cycles" in r else ""
+        lines.append(f"HTTP floor (the same four requests to views that only parse and answer JSON, same gunicorn "
+                     f"settings): {fl['cycles_per_s']} cycles/s ({fl['errors']} errors; server "
+                     f"{fl['server_cpu_ms_per_cycle']} ms CPU per cycle, whole machine {fl['machine_busy_percent']}% "
+                     f"busy){share}")
     if "cycles" in pg:
         cyc = pg["cycles"]
         db_cpu = cyc["database_cpu_ms_per_cycle"]

@@ -11,7 +11,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from morag_remote.models import Action, RemoteJob, new_job_id, next_status, utcnow
 from morag_remote.store.files import FileJobStore
@@ -138,6 +138,31 @@ def claim_latency(instance: Instance, label: str, seeded: dict[str, int], claim_
 
 # -- (2) full cycles with concurrent clients -------------------------------------------------------
 
+def run_clients(target: Callable[..., None], args: tuple, clients: int, seconds: float,
+                probe: Callable[[], Any]) -> tuple[list[dict[str, Any]], float, Any, Any]:
+    """``clients`` forked processes running ``target(*args, index, seconds, ready, go, start_at,
+    out)``, started together once all are ready; their reports, the start time (monotonic) and what
+    ``probe`` returned just before the start and once every report was in (the clients have
+    finished their loops, though maybe not exited: they are joined after)."""
+    ctx = multiprocessing.get_context("fork")
+    ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    start_at = ctx.Value("d", 0.0)
+    procs = [ctx.Process(target=target, args=(*args, i, seconds, ready, go, start_at, out), daemon=True)
+             for i in range(clients)]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.get(timeout=60)
+    before = probe()
+    start_at.value = time.monotonic()
+    go.set()
+    reports = [out.get(timeout=seconds + 120) for _ in procs]
+    after = probe()
+    for p in procs:
+        p.join(timeout=30)
+    return reports, start_at.value, before, after
+
+
 def _cycle_client(port: int, keys: dict[str, str], source: str, index: int, seconds: float,
                   ready: Any, go: Any, start_at: Any, out: Any) -> None:
     """One client: create, poll, download, result, as fast as it can until the deadline."""
@@ -177,31 +202,19 @@ def full_cycles(instance: Instance, clients: int = 16, seconds: float = 20.0,
     data_dir = instance.data_dir("cycles-pg" if pg else "cycles")
     if pg is not None:
         pg.seed(instance.source, {})
-    ctx = multiprocessing.get_context("fork")
-    ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    start_at = ctx.Value("d", 0.0)
     with Server(instance, data_dir, pg.server_env() if pg else None) as server:
-        procs = [ctx.Process(target=_cycle_client, args=(server.port, instance.keys, str(instance.source), i,
-                                                         seconds, ready, go, start_at, out), daemon=True)
-                 for i in range(clients)]
-        for p in procs:
-            p.start()
-        for _ in procs:
-            ready.get(timeout=60)
-        cpu_before, machine_before, children_before = server.cpu_split(), machine_busy(), os.times()
-        db_before = _cpu_by_pid(pg.backend_pids()) if pg else {}
-        start_at.value = time.monotonic()
-        go.set()
-        reports = [out.get(timeout=seconds + 120) for _ in procs]
-        cpu_after, machine_after = server.cpu_split(), machine_busy()
-        db_after = _cpu_by_pid(pg.backend_pids()) if pg else {}
-        user, system = cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]
-        for p in procs:
-            p.join(timeout=30)
+        def probe() -> tuple:
+            return server.cpu_split(), machine_busy(), _cpu_by_pid(pg.backend_pids()) if pg else {}
+
+        children_before = os.times()  # a child's CPU counts here once it is joined (and before the server's)
+        reports, started, before, after = run_clients(
+            _cycle_client, (server.port, instance.keys, str(instance.source)), clients, seconds, probe)
         children = os.times()
-        client_cpu = (children.children_user + children.children_system
-                      - children_before.children_user - children_before.children_system)
-    elapsed = max(r["finished"] for r in reports) - start_at.value
+    (cpu_before, machine_before, db_before), (cpu_after, machine_after, db_after) = before, after
+    user, system = cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]
+    client_cpu = (children.children_user + children.children_system
+                  - children_before.children_user - children_before.children_system)
+    elapsed = max(r["finished"] for r in reports) - started
     claimed = Counter(job_id for r in reports for job_id in r["claimed"])
     double = sum(n - 1 for n in claimed.values() if n > 1)
     cycles = sum(r["cycles"] for r in reports)

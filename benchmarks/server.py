@@ -115,15 +115,7 @@ class Server:
         return int(self.extra_env.get("WEB_CONCURRENCY", os.environ.get("WEB_CONCURRENCY", "2")))
 
     def worker_pids(self) -> list[int]:
-        try:
-            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as fh:
-                return [int(p) for p in fh.read().split()]
-        except FileNotFoundError:  # kernels without CONFIG_PROC_CHILDREN: scan /proc
-            pids = []
-            for entry in os.listdir("/proc"):
-                if entry.isdigit() and _ppid(int(entry)) == self.proc.pid:
-                    pids.append(int(entry))
-            return pids
+        return child_pids(self.proc.pid)
 
     def cpu_seconds(self) -> float:
         """user + system CPU time of the master and every worker (all threads) so far."""
@@ -145,6 +137,15 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         self._drain.join(timeout=10)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (gunicorn's workers, for its master)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(p) for p in fh.read().split()]
+    except FileNotFoundError:  # kernels without CONFIG_PROC_CHILDREN: scan /proc
+        return [int(e) for e in os.listdir("/proc") if e.isdigit() and _ppid(int(e)) == pid]
 
 
 def _stat_fields(pid: int) -> list[str]:

@@ -36,8 +36,12 @@ def test_quick_run_measures_both_stores(pg_database, tmp_path: Path) -> None:
     stdout, results = run_quick(tmp_path, pg_database.base_url)
 
     assert [c["label"] for c in results["claims"]] == ["100", "10000", "50000", "10000-other"]
-    for section in ("raw_store", "cycles", "pickup", "idle"):
+    for section in ("raw_store", "cycles", "floor", "pickup", "idle"):
         assert section in results
+    floor = results["floor"]  # trivial views under the same gunicorn settings
+    assert floor["cycles"] > 0 and floor["errors"] == 0
+    assert "HTTP floor" in stdout and "the full cycles reach" in stdout
+    assert results["cycles"]["clients_cpu_percent_of_one_core"] < 200  # the clients only, not the server
     pg = results["postgres"]
     assert pg["server"]["synchronous_commit"] == "on"  # as the server has it: not turned off for the run
     assert [(c["label"], c["pending"]) for c in pg["claims"]] == [("100", {"audio": 5}), ("50000", {"audio": 500})]

@@ -1,6 +1,6 @@
 """(5) The HTTP floor: the full cycle's four requests against :mod:`.floor_app` (trivial views) under
-gunicorn with the service's worker class, processes and threads, with the same clients as the full
-cycles. Its cycles/s is what this machine's web stack allows before the service does any work of
+gunicorn with the service's worker class, processes, threads and CPU placement, with the same
+clients as the full cycles. Its cycles/s is what this machine's web stack allows before the service does any work of
 its own, so the full cycles' figure can be read as a share of it, on any machine."""
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def http_floor(server: dict[str, Any], clients: int = 16, seconds: float = 20.0)
     """``server``: the worker class, processes and threads that gunicorn.conf.py chooses."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-k", str(server["worker_class"]), "-w", str(server["workers"]),
+        [sys.executable, "-m", "gunicorn", "-c", "benchmarks/floor_gunicorn.py",
+         "-k", str(server["worker_class"]), "-w", str(server["workers"]),
          "--threads", str(server["threads"]), "--keep-alive", "5", "-b", f"127.0.0.1:{port}",
          "benchmarks.floor_app:app"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

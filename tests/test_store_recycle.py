@@ -246,3 +246,29 @@ def test_a_spare_that_cannot_be_opened_is_passed_over(tmp_path):
     path = stage(str(tmp_path), "a.json", b"a", reuse=recycler)
     assert os.path.dirname(path) == str(tmp_path) and open(path, "rb").read() == b"a"
     assert recycler.take() is None
+
+
+def test_adopted_spares_beyond_the_limit_are_unlinked(tmp_path):
+    folder = tmp_path / "spare"
+    folder.mkdir()
+    child = multiprocessing.get_context("fork").Process(target=_leave_spares, args=(str(folder), 5))
+    child.start()
+    child.join(30)
+    recycler = Recycler(folder, keep=2)
+    recycler.adopt()
+    assert len(os.listdir(folder)) == 2
+    assert recycler.take() is not None and recycler.take() is not None and recycler.take() is None
+
+
+def test_a_recycler_without_its_folder_has_nothing_to_give(tmp_path):
+    recycler = Recycler(tmp_path / "missing")
+    assert recycler.take() is None
+
+
+def test_discarded_spares_are_unlinked(tmp_path):
+    recycler = Recycler(tmp_path)
+    paths = [recycler.name() for _ in range(2)]
+    for path in paths:
+        open(path, "wb").close()
+    recycler.discard(paths)
+    assert os.listdir(tmp_path) == [] and recycler.take() is None

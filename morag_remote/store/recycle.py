@@ -12,8 +12,9 @@ results, heartbeats).
 A spare holds an old record of some job. That is harmless only where the new content is durable
 before the name points at it: :func:`~.atomic.stage_open` overwrites the spare, truncates it to
 the new length and fsyncs it, and only then does the caller rename it into place. A record renamed
-before its fsync (a claim) always goes to a new, empty file, so that a power loss can leave it
-damaged, never holding another job's bytes.
+before its fsync (a claim) always goes to a new, empty file: a power loss can leave it damaged, but
+on a filesystem that writes new blocks' data before pointing a file at them (ext4's default
+``data=ordered``, xfs) not holding another job's bytes, which an overwrite in place could.
 
 Spares are named ``<pid>.<random>``: a process uses only the ones it holds in memory (one
 :class:`Recycler` per folder and process, from :func:`recycler_for`), and on first use adopts the

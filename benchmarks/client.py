@@ -25,6 +25,8 @@ class Api:
         self._headers = f"Host: 127.0.0.1:{port}\r\nAuthorization: Bearer {key}\r\n"
         self._sock: socket.socket | None = None
         self._buf = b""
+        self._served = 0     # responses read on the current connection
+        self._received = 0   # bytes of the current response read so far
 
     def __enter__(self) -> "Api":
         return self
@@ -37,9 +39,11 @@ class Api:
             self._sock.close()
             self._sock = None
         self._buf = b""
+        self._served = 0
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
-        """Status and body; a connection the server closed while idle is reopened once."""
+        """Status and body. Sent again, once, only when a connection that had already served a
+        response failed before a byte of this one came back: the server closed it while idle."""
         head = f"{method} {path} HTTP/1.1\r\n{self._headers}"
         payload = b""
         if body is not None:
@@ -50,55 +54,65 @@ class Api:
             if self._sock is None:
                 self._sock = socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout)
                 self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            reused, self._received = self._served > 0, 0
             try:
                 self._sock.sendall(message)
-                return self._response(method)
+                answer = self._response(method)
             except (ClosedBeforeResponse, BrokenPipeError, ConnectionResetError):
+                retry = attempt == 1 and reused and self._received == 0
                 self.close()
-                if attempt == 2:
+                if not retry:
                     raise
+                continue
             except BaseException:
                 self.close()
                 raise
+            status, data, close = answer
+            self._served += 1
+            if close:
+                self.close()
+            return status, data
         raise AssertionError("unreachable")
 
-    def _response(self, method: str) -> tuple[int, bytes]:
-        head = self._until(b"\r\n\r\n", first=True)
-        lines = head.split(b"\r\n")
-        status = int(lines[0].split(b" ", 2)[1])
-        length: int | None = None
-        chunked = close = False
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            name, value = name.strip().lower(), value.strip().lower()
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"transfer-encoding":
-                chunked = b"chunked" in value
-            elif name == b"connection":
-                close = value == b"close"
+    def _response(self, method: str) -> tuple[int, bytes, bool]:
+        """Status, body, and whether the server closes the connection after it."""
+        status, headers = self._head()
+        while 100 <= status < 200 and status != 101:  # interim answers (100 Continue): the next one
+            status, headers = self._head()
+        length = headers.get(b"content-length")
+        close = b"close" in {t.strip() for t in headers.get(b"connection", b"").split(b",")}
         if method == "HEAD" or status in (204, 304) or status < 200:
             body = b""
-        elif chunked:
+        elif b"chunked" in headers.get(b"transfer-encoding", b""):
             body = self._chunked()
         elif length is not None:
-            body = self._exactly(length)
+            body = self._exactly(int(length))
         else:  # delimited by the end of the connection
             body, close = self._to_end(), True
-        if close:
-            self.close()
-        return status, body
+        return status, body, close
+
+    def _head(self) -> tuple[int, dict[bytes, bytes]]:
+        lines = self._until(b"\r\n\r\n", first=True).split(b"\r\n")
+        parts = lines[0].split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+            raise ValueError(f"not an HTTP status line: {lines[0][:80]!r}")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip().lower()
+        return int(parts[1]), headers
 
     def _fill(self) -> bool:
         chunk = self._sock.recv(RECV)
         self._buf += chunk
+        self._received += len(chunk)
         return bool(chunk)
 
     def _until(self, marker: bytes, first: bool = False) -> bytes:
-        """The bytes before ``marker`` (consumed with it). ``first``: the response's first read."""
+        """The bytes before ``marker`` (consumed with it). ``first``: a header block's read."""
         while (end := self._buf.find(marker)) < 0:
             if not self._fill():
-                if first and not self._buf:
+                if first and not self._buf and self._received == 0:
                     raise ClosedBeforeResponse("connection closed before the response")
                 raise ConnectionError("connection closed in the middle of a response")
         data, self._buf = self._buf[:end], self._buf[end + len(marker):]
@@ -116,7 +130,8 @@ class Api:
         while True:
             size = int(self._until(b"\r\n").split(b";")[0], 16)
             if size == 0:
-                self._until(b"\r\n")  # no trailers are sent to us: the empty line that ends them
+                while self._until(b"\r\n"):  # trailer lines, up to the empty one that ends them
+                    pass
                 return b"".join(parts)
             parts.append(self._exactly(size))
             self._exactly(2)

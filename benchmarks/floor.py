@@ -20,21 +20,23 @@ def _floor_client(port: int, index: int, seconds: float, ready: Any, go: Any, st
     cycles = errors = 0
     body = {"source_file_path": "/data/in.wav", "content_type": "audio", "ingestion_task_id": "bench"}
     result = {"success": True, "content": "converted", "metadata": {"bench": True}, "processing_time": 0.01}
-    with Api(port, "floor") as producer, Api(port, "floor") as worker:
-        ready.put(1)
-        go.wait(60)
-        deadline = start_at.value + seconds
-        while time.monotonic() < deadline:
-            try:
-                producer.json("POST", "/jobs", body, expect=201)
-                url = worker.json("GET", "/poll?worker_id=w&content_types=audio&max_jobs=1")["source_file_url"]
-                if len(worker.download(url)) != 1024:
-                    raise ValueError("short body")
-                worker.json("PUT", "/result", result)
-                cycles += 1
-            except (OSError, ValueError):
-                errors += 1
-    out.put({"cycles": cycles, "errors": errors, "finished": time.monotonic()})
+    try:
+        with Api(port, "floor") as producer, Api(port, "floor") as worker:
+            ready.put(index)
+            go.wait(60)
+            deadline = start_at.value + seconds
+            while time.monotonic() < deadline:
+                try:
+                    producer.json("POST", "/jobs", body, expect=201)
+                    url = worker.json("GET", "/poll?worker_id=w&content_types=audio&max_jobs=1")["source_file_url"]
+                    if len(worker.download(url)) != 1024:
+                        raise ValueError("short body")
+                    worker.json("PUT", "/result", result)
+                    cycles += 1
+                except Exception:  # counted, never the end of the client: its report must come
+                    errors += 1
+    finally:
+        out.put({"cycles": cycles, "errors": errors, "finished": time.monotonic()})
 
 
 def http_floor(server: dict[str, Any], clients: int = 16, seconds: float = 20.0) -> dict[str, Any]:

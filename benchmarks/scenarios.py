@@ -170,28 +170,30 @@ def _cycle_client(port: int, keys: dict[str, str], source: str, index: int, seco
     cycles = empty = errors = 0
     first_errors: list[str] = []
     expected = Path(source).stat().st_size
-    with Api(port, keys["producer"]) as producer, Api(port, keys["worker"]) as worker:
-        ready.put(index)
-        go.wait(60)
-        deadline = start_at.value + seconds
-        while time.monotonic() < deadline:
-            try:
-                producer.create(source, "audio")
-                body = worker.poll(f"bench-{index}", "audio")
-                if body["job_id"] is None:
-                    empty += 1
-                    continue
-                claimed.append(body["job_id"])
-                if len(worker.download(body["source_file_url"])) != expected:
-                    raise BadStatus("GET", "download", 200, b"short body")
-                worker.result(body["job_id"])
-                cycles += 1
-            except (BadStatus, OSError, ValueError) as exc:
-                errors += 1
-                if len(first_errors) < 5:
-                    first_errors.append(str(exc))
-    out.put({"index": index, "cycles": cycles, "empty_polls": empty, "errors": errors,
-             "first_errors": first_errors, "claimed": claimed, "finished": time.monotonic()})
+    try:
+        with Api(port, keys["producer"]) as producer, Api(port, keys["worker"]) as worker:
+            ready.put(index)
+            go.wait(60)
+            deadline = start_at.value + seconds
+            while time.monotonic() < deadline:
+                try:
+                    producer.create(source, "audio")
+                    body = worker.poll(f"bench-{index}", "audio")
+                    if body["job_id"] is None:
+                        empty += 1
+                        continue
+                    claimed.append(body["job_id"])
+                    if len(worker.download(body["source_file_url"])) != expected:
+                        raise BadStatus("GET", "download", 200, b"short body")
+                    worker.result(body["job_id"])
+                    cycles += 1
+                except Exception as exc:  # counted, never the end of the client: its report must come
+                    errors += 1
+                    if len(first_errors) < 5:
+                        first_errors.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        out.put({"index": index, "cycles": cycles, "empty_polls": empty, "errors": errors,
+                 "first_errors": first_errors, "claimed": claimed, "finished": time.monotonic()})
 
 
 def full_cycles(instance: Instance, clients: int = 16, seconds: float = 20.0,

@@ -4,6 +4,7 @@ answers from a script)."""
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 from typing import Iterator
 
@@ -11,14 +12,15 @@ import pytest
 
 from benchmarks.client import Api
 
-Script = list[list[bytes | None]]
+RESET = "reset"  # as the last answer of a connection: reset it (RST) right after sending the answer before
+Script = list[list[bytes | str | None]]
 
 
 @pytest.fixture
 def scripted() -> Iterator[tuple[int, Script, list[bytes]]]:
     """A server on a free loopback port. For each connection it accepts it takes the next list of
     answers from the script and sends one per request it reads; ``None`` closes the connection
-    without answering. The requests it read are kept in order."""
+    without answering, ``RESET`` resets it. The requests it read are kept in order."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.1)
     script: Script = []
@@ -35,6 +37,9 @@ def scripted() -> Iterator[tuple[int, Script, list[bytes]]]:
             with conn:
                 for answer in script.pop(0) if script else []:
                     if answer is None:
+                        break
+                    if answer == RESET:
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                         break
                     seen.append(conn.recv(65536))
                     conn.sendall(answer)
@@ -79,3 +84,33 @@ def test_a_connection_cut_in_the_middle_of_a_body_is_an_error_not_a_retry(script
     with Api(port, "k", timeout=10) as api, pytest.raises(ConnectionError):
         api.request("POST", "/a", {"once": True})
     assert len(seen) == 1
+
+
+def test_a_reset_in_the_middle_of_a_body_is_an_error_not_a_retry(scripted):
+    port, script, seen = scripted
+    script.extend([[b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                    b"HTTP/1.1 201 Created\r\nContent-Length: 10\r\n\r\nshort", RESET],
+                   [b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nno"]])
+    with Api(port, "k", timeout=10) as api:
+        assert api.request("GET", "/a") == (200, b"ok")
+        with pytest.raises(ConnectionError):
+            api.request("POST", "/b", {"once": True})
+    assert len(seen) == 2
+
+
+def test_a_new_connection_closed_before_an_answer_is_an_error_not_a_retry(scripted):
+    port, script, seen = scripted
+    script.extend([[None], [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno"]])
+    with Api(port, "k", timeout=10) as api, pytest.raises(ConnectionError):
+        api.request("POST", "/a", {"once": True})
+    assert seen == []
+
+
+def test_an_interim_answer_is_skipped(scripted):
+    port, script, seen = scripted
+    script.append([b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\noops",
+                   b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 2\r\n\r\nok"])
+    with Api(port, "k", timeout=10) as api:
+        assert api.request("GET", "/a") == (500, b"oops")
+        assert api.request("GET", "/b") == (200, b"ok")
+        assert api._sock is None  # the server said it closes the connection

@@ -44,11 +44,14 @@ def test_each_worker_runs_on_a_cpu_of_its_own_and_a_replacement_takes_the_freed_
         victim, survivor = list(placed)
         freed = placed[victim]
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: len(affinities(server)) == 2 and victim not in affinities(server), 60,
-                 "gunicorn to replace the killed worker")
-        after = affinities(server)
-        replacement = next(pid for pid in after if pid != survivor)
-        assert after[replacement] == freed and after[survivor] == placed[survivor]
+        def replaced() -> dict[int, set[int]] | None:
+            # the boot line comes before the worker pins itself: wait until it has
+            now = affinities(server)
+            new = [pid for pid in now if pid not in placed]
+            return now if len(now) == 2 and new and now[new[0]] == freed else None
+
+        after = wait_for(replaced, 60, "the killed worker's replacement on the freed CPU")
+        assert victim not in after and after[survivor] == placed[survivor]
     finally:
         server.stop()
 

@@ -118,13 +118,19 @@ def _leave_spares(folder: str, n: int) -> None:
     os._exit(0)
 
 
-def test_spares_of_a_process_that_is_gone_are_adopted_those_of_a_live_one_are_not(tmp_path):
+def spares_of_a_dead_process(tmp_path, n: int):
+    """A spare folder holding ``n`` spares of a process that has exited."""
     folder = tmp_path / "spare"
     folder.mkdir()
-    child = multiprocessing.get_context("fork").Process(target=_leave_spares, args=(str(folder), 3))
+    child = multiprocessing.get_context("fork").Process(target=_leave_spares, args=(str(folder), n))
     child.start()
     child.join(30)
     assert child.exitcode == 0
+    return folder
+
+
+def test_spares_of_a_process_that_is_gone_are_adopted_those_of_a_live_one_are_not(tmp_path):
+    folder = spares_of_a_dead_process(tmp_path, 3)
     live = folder / "1.cafe"  # pid 1 is always alive
     live.write_bytes(b"")
     recycler = Recycler(folder)
@@ -249,11 +255,7 @@ def test_a_spare_that_cannot_be_opened_is_passed_over(tmp_path):
 
 
 def test_adopted_spares_beyond_the_limit_are_unlinked(tmp_path):
-    folder = tmp_path / "spare"
-    folder.mkdir()
-    child = multiprocessing.get_context("fork").Process(target=_leave_spares, args=(str(folder), 5))
-    child.start()
-    child.join(30)
+    folder = spares_of_a_dead_process(tmp_path, 5)
     recycler = Recycler(folder, keep=2)
     recycler.adopt()
     assert len(os.listdir(folder)) == 2

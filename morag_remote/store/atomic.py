@@ -117,14 +117,18 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks = []
-        while True:
-            chunk = os.read(fd, READ_CHUNK)
-            if not chunk:
-                break
-            chunks.append(chunk)
+        return _read_to_end(fd)
     finally:
         os.close(fd)
+
+
+def _read_to_end(fd: int) -> bytes:
+    chunks = []
+    while True:
+        chunk = os.read(fd, READ_CHUNK)
+        if not chunk:
+            break
+        chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
@@ -142,18 +146,13 @@ def read_committed(path: str | os.PathLike) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         before = os.fstat(fd)
-        chunks = []
-        while True:
-            chunk = os.read(fd, READ_CHUNK)
-            if not chunk:
-                break
-            chunks.append(chunk)
+        data = _read_to_end(fd)
     finally:
         os.close(fd)
     after = os.stat(path)
     if (after.st_ino, after.st_dev, after.st_ctime_ns) != (before.st_ino, before.st_dev, before.st_ctime_ns):
         raise FileNotFoundError(errno.ENOENT, "replaced while it was read", os.fspath(path))
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return data
 
 
 def unlink_quietly(path: str | os.PathLike) -> bool:

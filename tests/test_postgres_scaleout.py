@@ -11,6 +11,8 @@ import time
 import psycopg
 import pytest
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 import pg_testing
 from morag_remote.store.pg_keys import PostgresKeyStore
@@ -74,6 +76,18 @@ def _create(base: str, cluster: dict, n: int) -> str:
     return r.json()["job_id"]
 
 
+def worker_session() -> requests.Session:
+    """A polling worker's HTTP session. Its connection to one host idles while it long-polls the
+    other, and gunicorn closes a connection idle for its keepalive (5 s): a request sent at that
+    moment meets a closed connection before any answer, and is sent again on a new one (GET and
+    PUT only), as a worker's HTTP client must."""
+    session = requests.Session()
+    retry = Retry(total=2, connect=2, read=1, status=0, allowed_methods=frozenset({"GET", "PUT"}),
+                  raise_on_status=False)
+    session.mount("http://", HTTPAdapter(max_retries=retry))
+    return session
+
+
 def test_sixteen_pollers_on_two_hosts_claim_every_job_exactly_once(cluster):
     hosts = [h.base for h in cluster["hosts"]]
     total = 240
@@ -89,7 +103,7 @@ def test_sixteen_pollers_on_two_hosts_claim_every_job_exactly_once(cluster):
             created.append(_create(hosts[n % 2], cluster, n))
 
     def poller(i: int) -> None:
-        session = requests.Session()
+        session = worker_session()
         mine, other = hosts[i % 2], hosts[(i + 1) % 2]
         while not done.is_set() and time.monotonic() < deadline:
             r = session.get(f"{mine}/api/v1/remote-jobs/poll", headers=worker_auth, timeout=30,

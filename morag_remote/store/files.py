@@ -41,8 +41,8 @@ from .atomic import (TEMP_PREFIX, FileLock, fsync_dir, read_bytes, read_committe
                      unlink_quietly, write_all, write_atomic)
 from .base import JobFilter, Mutator, StoreStats, is_pure
 from .catalog import Catalog
-from .recycle import SPARE_DIR, recycler_for
 from .journal import Journal, JournalGap, Position
+from .recycle import SPARE_DIR, recycler_for
 from .stale import StaleCopies
 
 log = structlog.get_logger(__name__)

@@ -35,9 +35,9 @@ every request, whose threads then contend for it: twice the system time), 2 proc
 CPU placement (``morag_remote/cpu_placement.py``, the pre_fork and post_fork hooks): each worker
 process runs on a CPU of its own (MORAG_REMOTE_PIN_WORKERS, default true), so that a process's
 threads hand the GIL to each other on one core and the thread holding the store lock is not left
-waiting for a core while its siblings run on both. Measured on 2 cores (make bench's full cycles, 4 runs each, alternated): 84 cycles/s unpinned
-(75-95, the machine 80% busy) -> 120 pinned (111-141, 96-98% busy), and 13.3 instead of 16 ms of
-server CPU per cycle. With more workers than CPUs, workers share CPUs evenly. Turn it off where
+waiting for a core while its siblings run on both. Measured on 2 cores (make bench's full cycles,
+4 runs each, alternated): 84 cycles/s unpinned (75-95, the machine 80% busy) -> 120 pinned
+(111-141, 96-98% busy), and 13.3 instead of 16 ms of server CPU per cycle. With more workers than CPUs, workers share CPUs evenly. Turn it off where
 the CPUs a process may use change under it (some container runtimes).
 
 Logs: JSON lines through structlog (``morag_remote.gunicorn_log.JsonLogger``). gunicorn writes the
@@ -119,4 +119,3 @@ def post_worker_init(worker):
         worker.wsgi.extensions[SERVICE].stats()
     except Exception as exc:  # the app reports a broken store itself (/health answers 503)
         worker.log.warning("store warm-up failed: %s", exc)
-

@@ -12,7 +12,7 @@ import os
 import secrets
 import threading
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -81,7 +81,8 @@ def _reused(recycler: Recycler) -> tuple[str | None, int]:
         try:
             return path, os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         except OSError:  # removed or made unwritable by hand (another user's file): the next one
-            unlink_quietly_any(path)
+            with suppress(OSError):
+                os.unlink(path)
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -161,14 +162,6 @@ def unlink_quietly(path: str | os.PathLike) -> bool:
         return True
     except FileNotFoundError:
         return False
-
-
-def unlink_quietly_any(path: str | os.PathLike) -> None:
-    """Unlink ``path`` if it can be; any OSError is ignored (a best-effort cleanup)."""
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 class FileLock:

@@ -55,13 +55,10 @@ class Recycler:
     def keep_files(self, paths: list[str]) -> None:
         """Take over ``paths`` (files in the spare folder, named by :meth:`name`): kept for reuse
         up to ``keep``, the rest unlinked."""
-        extra: list[str] = []
         with self._lock:
             self._own()
-            for path in paths:
-                (self._spares if len(self._spares) < self.keep else extra).append(path)
-        for path in extra:
-            unlink_quietly(path)
+            extra = self._admit(paths)
+        self.discard(extra)
 
     def discard(self, paths: list[str]) -> None:
         """Unlink ``paths`` (files named by :meth:`name`) instead of keeping them."""
@@ -72,6 +69,12 @@ class Recycler:
         """Adopt the spares of processes that are gone now (else on first use)."""
         with self._lock:
             self._own()
+
+    def _admit(self, paths: list[str]) -> list[str]:
+        """Keep ``paths`` up to ``keep``; the ones left over (caller holds ``_lock``)."""
+        room = max(self.keep - len(self._spares), 0)
+        self._spares.extend(paths[:room])
+        return paths[room:]
 
     def take(self) -> str | None:
         """A spare's path, now the caller's to overwrite and rename away (or unlink); None when
@@ -93,6 +96,7 @@ class Recycler:
             names = os.listdir(self.folder)
         except FileNotFoundError:
             return
+        adopted = []
         for entry in names:
             owner = entry.split(".", 1)[0]
             if not owner.isdigit() or (int(owner) != pid and _alive(int(owner))):
@@ -102,10 +106,8 @@ class Recycler:
                 os.rename(os.path.join(self.folder, entry), path)
             except FileNotFoundError:  # another process adopted it first
                 continue
-            if len(self._spares) < self.keep:
-                self._spares.append(path)
-            else:
-                unlink_quietly(path)
+            adopted.append(path)
+        self.discard(self._admit(adopted))
 
 
 _recyclers: "weakref.WeakValueDictionary[str, Recycler]" = weakref.WeakValueDictionary()

@@ -11,6 +11,7 @@ it (cancel a finished job, retry a pending one).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import Any, Callable
@@ -83,8 +84,19 @@ def cleanup_expired(as_json: bool) -> None:
     _emit(as_json, {"expired": count}, lambda v: f"{v['expired']} job(s) handled")
 
 
+MAX_CLEANUP_DAYS = 36_500  # a century: beyond it the cutoff would leave the calendar (OverflowError)
+
+
+def _finite(_ctx: click.Context, _param: click.Parameter, value: float | None) -> float | None:
+    """click's FloatRange lets NaN through (it compares false with both bounds)."""
+    if value is not None and math.isnan(value):
+        raise click.BadParameter("not a number")
+    return value
+
+
 @jobs_cli.command("cleanup-old")
-@click.option("--days", type=click.FloatRange(min=0), required=True, help="Age in days of finished jobs to delete.")
+@click.option("--days", type=click.FloatRange(min=0, max=MAX_CLEANUP_DAYS), callback=_finite, required=True,
+              help="Age in days of finished jobs to delete.")
 @json_option
 @with_appcontext
 def cleanup_old(days: float, as_json: bool) -> None:

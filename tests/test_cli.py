@@ -136,7 +136,7 @@ def test_cleanup_old_requires_days(runner):
     assert_one_line_error(run(runner, "remote-jobs", "cleanup-old"), 2, "Missing option '--days'")
 
 
-@pytest.mark.parametrize("days", ["-1", "soon"])
+@pytest.mark.parametrize("days", ["-1", "soon", "nan", "inf", "1e308", "36501"])
 def test_cleanup_old_rejects_a_bad_days_value(runner, producer, worker, days):
     [done] = claimed(producer, worker)
     worker.result(done)

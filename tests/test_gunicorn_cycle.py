@@ -157,6 +157,23 @@ def test_full_cycle_create_poll_download_result_status_over_http(server):
     assert job["result_data"] == {"content": "the transcript", "metadata": {"frames": 3}, "processing_time": 9.5}
 
 
+def test_a_source_whose_name_headers_cannot_carry_is_served_under_gunicorn(server):
+    """Content-Disposition carries an ASCII filename and the exact name as filename* (RFC 6266)."""
+    expected = {"\u65e5\u672c\u8a9e lecture.mp3": '"___ lecture.mp3"; filename*=UTF-8\'\'%E6%97%A5%E6%9C%AC%E8%AA%9E%20lecture.mp3',
+                "line\nbreak.mp3": "line_break.mp3; filename*=UTF-8''line%0Abreak.mp3"}
+    for name, names in expected.items():
+        source = server.instance / "sources" / name
+        source.write_bytes(name.encode())
+        created = requests.post(server.url(API), headers=server.producer, timeout=10, json={
+            "source_file_path": str(source), "content_type": "audio", "ingestion_task_id": "names"})
+        assert created.status_code == 201, created.text
+        polled = requests.get(server.url(f"{API}/poll?worker_id=w1&content_types=audio"), headers=server.worker,
+                              timeout=10).json()
+        downloaded = requests.get(server.url(polled["source_file_url"]), headers=server.worker, timeout=30)
+        assert downloaded.status_code == 200 and downloaded.content == name.encode()
+        assert downloaded.headers["Content-Disposition"] == f"attachment; filename={names}"
+
+
 def test_nothing_pending_answers_the_seed_fields_all_null(server):
     body = requests.get(server.url(f"{API}/poll?worker_id=w1&content_types=audio,video&max_jobs=1"),
                         headers=server.worker, timeout=10).json()

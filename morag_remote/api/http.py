@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import unicodedata
 from typing import Any, BinaryIO
+from urllib.parse import quote
 
 from flask import Response, current_app, request
 from marshmallow import Schema
@@ -121,10 +123,26 @@ def respond_file(fh: BinaryIO, size: int, mtime: float, name: str) -> Response:
                                           mimetype="application/octet-stream", direct_passthrough=True)
     response.content_length = size
     response.last_modified = mtime
-    response.headers.set("Content-Disposition", "attachment", filename=name)
+    response.headers.set("Content-Disposition", "attachment", **attachment_names(name))
     response.cache_control.no_store = True
     try:
         return response.make_conditional(request.environ, accept_ranges=True, complete_length=size)
     except BaseException:  # an unsatisfiable Range (416): the file is not sent, so close it now
         response.close()
         raise
+
+
+def attachment_names(name: str) -> dict[str, str]:
+    """Content-Disposition's name parameters for a file name (RFC 6266), which HTTP headers can carry
+    whatever the name holds: ``filename`` in printable ASCII (accents dropped, other characters and
+    control characters as ``_``) and, when that is not the name, ``filename*`` with the name's UTF-8
+    percent-encoded; not for a name that is not UTF-8 (its bytes name no characters)."""
+    plain = "".join(c for c in unicodedata.normalize("NFKD", name) if not unicodedata.combining(c))
+    plain = "".join(c if " " <= c <= "~" else "_" for c in plain)
+    names = {"filename": plain}
+    if plain != name:
+        try:
+            names["filename*"] = "UTF-8''" + quote(name.encode("utf-8"), safe="!#$&+-.^_`|~")
+        except UnicodeEncodeError:  # surrogate escapes of bytes that are not UTF-8
+            pass
+    return names

@@ -148,7 +148,10 @@ class MetricsExporter:
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=self.multiprocess_dir)
             registry.register(self.queue)
-        encoder, content_type = exposition.choose_encoder(accept or "")
+        try:
+            encoder, content_type = exposition.choose_encoder(accept or "")
+        except (TypeError, ValueError):  # a version parameter it cannot compare ("version=abc")
+            encoder, content_type = exposition.choose_encoder("")
         return encoder(registry), content_type
 
 

@@ -75,6 +75,16 @@ def test_openmetrics_is_served_when_the_scraper_asks_for_it(client, keys):
     assert response.get_data(as_text=True).rstrip().endswith("# EOF")
 
 
+@pytest.mark.parametrize("accept", ["application/openmetrics-text; version=abc",
+                                    "application/openmetrics-text; version=1.0.0x",
+                                    "text/plain; version=abc", "text/plain; version=" + "9" * 5000])
+def test_an_accept_version_that_cannot_be_read_gets_the_text_format(client, keys, accept):
+    response = client.get("/metrics", headers={**auth(keys["admin"]), "Accept": accept})
+    assert response.status_code == 200
+    assert response.content_type.startswith("text/plain")
+    assert "morag_remote_jobs" in response.get_data(as_text=True)
+
+
 # -- gauges read from the store ----------------------------------------------------------------
 
 def test_queue_depth_by_status_and_content_type(scrape, producer, worker):

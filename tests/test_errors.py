@@ -37,6 +37,15 @@ def test_flask_405_for_a_wrong_method_is_problem_json_with_allow(client):
     assert set(response.headers["Allow"].split(", ")) >= {"GET", "HEAD"}
 
 
+def test_head_of_poll_is_405_and_claims_nothing(client, keys, producer, worker):
+    """A poll claims: answering HEAD would take a job and drop the answer that names it."""
+    job_id = producer.create_id("audio")
+    response = client.head(f"{BASE}/poll?worker_id=w1&content_types=audio", headers=auth(keys["worker"]))
+    assert response.status_code == 405
+    assert set(response.headers["Allow"].split(", ")) == {"GET", "POST"}
+    assert worker.claim("audio")["job_id"] == job_id
+
+
 def test_malformed_json_is_400(client, keys):
     response = client.post(BASE, data="{not json", content_type="application/json", headers=auth(keys["producer"]))
     body = assert_problem(response, 400)

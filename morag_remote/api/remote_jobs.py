@@ -5,6 +5,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from flask import Blueprint, Response, g, request, url_for
+from werkzeug.exceptions import MethodNotAllowed
 
 from .. import schemas
 from ..auth import ANY, Forbidden, current_principal, requires
@@ -59,6 +60,8 @@ def _claimed(job: RemoteJob) -> dict[str, Any]:
 @bp.route("/poll", methods=["GET", "POST"])
 @requires("worker")
 def poll() -> Response:
+    if request.method == "HEAD":  # Flask adds HEAD to GET routes; a poll claims, so HEAD would drop jobs' answer
+        raise MethodNotAllowed(valid_methods=["GET", "POST"])
     settings = service().settings
     loader = schema(schemas.PollRequest, max_jobs=settings.poll_max_jobs, max_wait=settings.poll_max_wait_seconds)
     data = query_args(loader) if request.method == "GET" else json_body(loader)

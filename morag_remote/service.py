@@ -45,7 +45,9 @@ class Caller:
 
 class TerminalListener(Protocol):
     """Told about terminal transitions. A listener may also define ``job_leaving_terminal(job)``,
-    called before a terminal job is re-opened (inside the store's critical section) or deleted."""
+    called before a terminal job is re-opened (inside the store's critical section) or deleted, and
+    ``job_accepted(job) -> bool``: whether the ingestion side has accepted the job's terminal state
+    (asked when a worker sends the same result again)."""
 
     def job_finished(self, job: RemoteJob) -> bool:
         """Called once per terminal transition; True when the ingestion side accepted it now."""
@@ -318,7 +320,8 @@ class JobService:
         accepted while the job is processing, which makes the first result for the current attempt
         win, and the other worker's result then gets 409 (its download token was already fenced).
         The same result sent again (same body, same or no lease id, and a key with the same worker
-        binding or none) answers as the first time did, without a second completion. The binding is
+        binding or none) answers with the same status, without a second completion, and
+        ``ingestion_continued`` true when the receiver has accepted the job's event by now. The binding is
         part of the digest rather than compared with ``job.worker_id``: a failure that re-queued the
         job cleared its worker id, and the worker's retried request must still get its first answer.
         """
@@ -356,7 +359,7 @@ class JobService:
             job = self.store.update(job_id, mutate)
         except _NoChange as same:
             log.info("job.result_repeated", job_id=job_id, status=same.job.status)
-            return ResultOutcome(same.job, ingestion_continued=False, repeated=True)
+            return ResultOutcome(same.job, ingestion_continued=self._accepted(same.job), repeated=True)
         log.info("job.result", job_id=job_id, success=success, job_status=job.status,
                  retry_count=job.retry_count, processing_time=processing_time)
         self._observe(_RESULT_ACTIONS[job.status], job)
@@ -509,9 +512,20 @@ class JobService:
         if not Status(job.status).is_terminal:
             return False
         accepted = False
-        for listener in self.listeners:
-            accepted = listener.job_finished(job) or accepted
+        for listener in self.listeners:  # the change is committed: a listener's failure must not fail it
+            try:
+                accepted = listener.job_finished(job) or accepted
+            except Exception:
+                log.exception("job.listener_failed", listener=type(listener).__name__, job_id=job.id)
         return accepted
+
+    def _accepted(self, job: RemoteJob) -> bool:
+        """For a repeated result: whether the ingestion side has accepted the job's terminal state
+        by now (the first answer said whether it did during that request; a retried request whose
+        first answer was lost learns the same, or better: a later delivery counts)."""
+        if not Status(job.status).is_terminal:
+            return False
+        return any(getattr(listener, "job_accepted", lambda _job: False)(job) for listener in self.listeners)
 
     def _leaving_terminal(self, job: RemoteJob) -> None:
         """Tell listeners a job is about to leave a terminal state or be deleted (they may need to

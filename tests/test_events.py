@@ -218,11 +218,26 @@ def test_backoff_doubles_with_each_failed_attempt_up_to_the_cap(producer, worker
     assert 20 <= (from_iso(state["next_attempt_at"]) - clock.now).total_seconds() <= 22
 
 
-def test_identical_result_resubmission_sends_no_second_event(producer, worker, receiver):
+def test_identical_result_resubmission_sends_no_second_event_and_answers_as_the_first(producer, worker, receiver):
     job_id, first = finish(producer, worker)
+    assert first.json == {"status": "completed", "ingestion_continued": True}
     again = worker.result(job_id, True)
-    assert again.status_code == 200 and again.json == {"status": "completed", "ingestion_continued": False}
+    assert again.status_code == 200 and again.json == first.json
     assert len(receiver.requests) == 1
+
+
+def test_a_repeated_result_says_whether_the_event_has_been_accepted_since(producer, worker, receiver, clock, app):
+    receiver.status = 500
+    job_id, first = finish(producer, worker)
+    assert first.json == {"status": "completed", "ingestion_continued": False}
+    assert worker.result(job_id, True).json == first.json
+    assert len(receiver.requests) == 1  # the repeat attempted nothing
+    receiver.status = 200
+    clock.advance(60)
+    with app.app_context():
+        assert events().deliver_pending(due_only=True).delivered == 1
+    assert worker.result(job_id, True).json == {"status": "completed", "ingestion_continued": True}
+    assert len(receiver.requests) == 2
 
 
 def test_each_terminal_state_sends_its_own_event_once(producer, worker, receiver, runner):
@@ -278,6 +293,7 @@ def test_job_webhook_url_under_an_allowed_prefix_gets_the_event(producer, worker
     "ftp://example.com/hooks/",
     "http://user:pw@127.0.0.1/hooks/",
     "{base}/hooks/ x",
+    "{base}/hooks/caf\u00e9",             # not ASCII: http.client cannot send it
     "",
     42,
 ])
@@ -306,6 +322,32 @@ def test_without_a_callback_nothing_is_recorded_and_webhooks_are_refused(produce
     output = runner.invoke(args=["remote-jobs", "deliver"]).output
     assert "nothing to deliver" in output
     assert receiver.requests == []
+
+
+@pytest.mark.parametrize("app_config, error", [
+    ({"CALLBACK_URL": "http://127.0.0.1:{port}/morag/caf\u00e9"}, "UnicodeEncodeError"),
+    ({"CALLBACK_URL": "127.0.0.1:{port}/morag/events"}, "bad callback URL"),
+], indirect=["app_config"])
+def test_a_callback_url_that_cannot_be_sent_is_a_failed_attempt_not_a_failed_request(producer, worker, receiver, error):
+    job_id, result = finish(producer, worker)
+    assert result.status_code == 200 and result.json == {"status": "completed", "ingestion_continued": False}
+    assert producer.get(job_id).json["event_delivery"]["last_error"].startswith(error)
+    assert producer.cancel(producer.create_id()).status_code == 200
+    assert receiver.requests == []
+
+
+class _BrokenListener:
+    def job_finished(self, job):
+        raise RuntimeError("listener bug")
+
+
+def test_a_failing_listener_never_fails_the_committed_change(producer, worker, service, receiver):
+    service.listeners.insert(0, _BrokenListener())
+    job_id, result = finish(producer, worker)
+    assert result.status_code == 200 and result.json == {"status": "completed", "ingestion_continued": True}
+    cancelled = producer.create_id()
+    assert producer.cancel(cancelled).status_code == 200
+    assert [json.loads(r["body"])["status"] for r in receiver.requests] == ["completed", "cancelled"]
 
 
 def test_redirects_are_not_followed(producer, worker, receiver):

@@ -151,6 +151,11 @@ class EventDelivery:
         if event is not None:
             self.outbox.record(event, self.clock(), None)
 
+    def job_accepted(self, job: RemoteJob) -> bool:
+        """Whether the receiver has accepted the event of the job's terminal state."""
+        state = self.delivery_state(job)
+        return state is not None and state["state"] == "delivered"
+
     # -- reading ---------------------------------------------------------------------------------
 
     def delivery_state(self, job: RemoteJob) -> dict[str, Any] | None:

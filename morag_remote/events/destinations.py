@@ -34,6 +34,8 @@ def webhook_problem(url: object, prefixes: Iterable[str]) -> str | None:
         return f"must be at most {MAX_URL_LENGTH} characters"
     if any(c.isspace() or ord(c) < 0x20 or c == "\\" for c in url):
         return "must not contain whitespace, control characters or backslashes"
+    if not url.isascii():
+        return "must be ASCII (percent-encode other characters, and write a host name in its xn-- form)"
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a malformed port

@@ -39,6 +39,8 @@ def post_event(url: str, body: bytes, event_id: str, secret: str | None, *,
     if secret:
         headers["X-MoRAG-Signature"] = signing.signature(secret, ts, body)
     parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:  # the operator's URL is not checked at start
+        return AttemptResult(False, error="bad callback URL: not an http(s) URL with a host")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
         if parts.scheme == "https":
@@ -55,7 +57,7 @@ def post_event(url: str, body: bytes, event_id: str, secret: str | None, *,
         status = conn.getresponse().status
     except socket.timeout:
         return AttemptResult(False, error="timed out")
-    except (OSError, http.client.HTTPException) as exc:
+    except (OSError, http.client.HTTPException, UnicodeError) as exc:  # UnicodeError: a URL http.client cannot send
         return AttemptResult(False, error=f"{type(exc).__name__}: {exc}"[:300])
     finally:
         conn.close()

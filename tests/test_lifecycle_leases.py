@@ -249,6 +249,15 @@ def test_heartbeat_after_lapse_but_before_anyone_requeued_it_revives_the_lease(p
     assert from_iso(response.json["timeout_at"]) == clock.now + timedelta(seconds=1)
 
 
+def test_result_after_lapse_but_before_anyone_requeued_it_is_accepted(producer, worker, clock):
+    job_id = producer.create_id("audio")
+    worker.claim("audio")
+    clock.advance(3600)
+    response = worker.result(job_id, True)
+    assert response.status_code == 200 and response.json["status"] == "completed"
+    assert worker.poll("audio").json["job_id"] is None  # nothing was re-queued behind the result
+
+
 # -- lapses: lazily on poll, bounded; and the CLI -------------------------------------------------
 
 @pytest.mark.parametrize("app_config", [{"LEASE_SECONDS": LEASES, "LAPSED_PER_POLL": 2}])

@@ -113,7 +113,18 @@ class CommaList(fields.Field):
             raise ValidationError("name at least one content type")
         if len(items) > 32 or any(len(v) > 64 for v in items):
             raise ValidationError("at most 32 content types of at most 64 characters")
+        if not all(_is_text(v) for v in items):
+            raise ValidationError("content types must be text (a lone surrogate such as \\ud800 is none)")
         return items
+
+
+def _is_text(value: str) -> bool:
+    """Whether ``value`` is text every store can hold: UTF-8 has no form for a lone surrogate."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class PollRequest(StrictSchema):

@@ -46,6 +46,13 @@ def test_head_of_poll_is_405_and_claims_nothing(client, keys, producer, worker):
     assert worker.claim("audio")["job_id"] == job_id
 
 
+def test_a_content_type_that_is_not_text_is_422_on_either_backend(client, keys):
+    body = b'{"worker_id": "w1", "content_types": ["audio", "\\ud800"], "wait": 1}'
+    response = client.post(f"{BASE}/poll", data=body, content_type="application/json", headers=auth(keys["worker"]))
+    assert_problem(response, 422)
+    assert "content_types" in response.json["errors"]
+
+
 def test_malformed_json_is_400(client, keys):
     response = client.post(BASE, data="{not json", content_type="application/json", headers=auth(keys["producer"]))
     body = assert_problem(response, 400)

@@ -80,8 +80,9 @@ def _applied(conn: psycopg.Connection, version: int) -> bool:
 def upgrade(conn: psycopg.Connection, schema: str | None = None) -> list[Migration]:
     """Apply every pending migration; returns those this call applied (empty when up to date).
 
-    ``conn`` must not be in a transaction; ``schema`` (created when missing) is where the tables
-    go, else the connection's current schema.
+    ``conn`` must not be in a transaction. The tables go to the connection's current schema (the
+    first of its search path); ``schema``, created when missing, must be that schema (the URL's
+    ``?schema=`` sets both), and names it in the lock and the log.
     """
     applied: list[Migration] = []
     for migration in available():

@@ -29,7 +29,7 @@ import structlog
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..exceptions import StoreUnavailable
+from ..exceptions import InvalidRequest, StoreUnavailable
 from . import migrate
 
 log = structlog.get_logger(__name__)
@@ -152,7 +152,8 @@ class Database:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[psycopg.Connection]:
         """A pooled connection in a transaction: committed when the block ends, rolled back when it
-        raises (whatever it raises, which then propagates). Database trouble is StoreUnavailable."""
+        raises (whatever it raises, which then propagates). Database trouble is StoreUnavailable; a
+        value the database cannot take (not UTF-8, out of range, too large for an index) is InvalidRequest."""
         try:
             pool = self._pool_here()
             with pool.connection() as conn:
@@ -163,8 +164,12 @@ class Database:
             raise StoreUnavailable("the job database did not answer in time") from None
         except psycopg.errors.ReadOnlySqlTransaction:
             raise StoreUnavailable("the job database is read-only") from None
+        except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): no UTF-8 text holds it
+            raise InvalidRequest("a value is not valid UTF-8 text, which the database cannot hold") from None
+        except (psycopg.DataError, psycopg.errors.ProgramLimitExceeded) as exc:  # a value, not the database
+            raise InvalidRequest(f"the database refused a value: {_first_line(exc)}") from None
         except psycopg.OperationalError as exc:
-            log.error("db.unavailable", error=str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+            log.error("db.unavailable", error=_first_line(exc))
             raise StoreUnavailable("the job database is unavailable") from None
 
     def _check_schema(self, conn: psycopg.Connection) -> None:
@@ -233,3 +238,8 @@ class Database:
                 log.warning("db.listener_lost", error=str(exc).strip()[:200], retry_in_s=delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

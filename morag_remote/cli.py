@@ -10,11 +10,12 @@ it (cancel a finished job, retry a pending one).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
-from typing import Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import click
 from flask import current_app
@@ -36,7 +37,9 @@ _EXIT_BY_STATUS = {404: EXIT_NOT_FOUND, 409: EXIT_CONFLICT}
 
 
 class OneLineGroup(click.Group):
-    """A group whose usage errors print as one line ("Error: ..."), without the usage block."""
+    """A group whose commands fail in one line ("Error: ..."): a usage error without the usage
+    block, and a service error (no such job, a state that does not allow it, a store or database
+    that cannot be used, a value it cannot store) with its exit code, never a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -44,6 +47,8 @@ class OneLineGroup(click.Group):
         except click.UsageError as exc:
             exc.ctx = None  # the message already names the option; --help shows the usage
             raise
+        except ServiceError as exc:
+            raise CommandFailed(exc.detail, _EXIT_BY_STATUS.get(exc.status_code, EXIT_FAILURE)) from None
 
 
 class CommandFailed(click.ClickException):
@@ -61,13 +66,6 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 
 def _emit(as_json: bool, value: Any, human: Callable[[Any], str]) -> None:
     click.echo(json.dumps(value, indent=None, sort_keys=True, default=str) if as_json else human(value))
-
-
-def _run(fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except ServiceError as exc:
-        raise CommandFailed(exc.detail, _EXIT_BY_STATUS.get(exc.status_code, EXIT_FAILURE)) from None
 
 
 def _job_line(job: dict) -> str:
@@ -135,7 +133,7 @@ def list_jobs(status: str | None, content_type: str | None, ingestion_task_id: s
 @with_appcontext
 def show(job_id: str, as_json: bool) -> None:
     """One job; --json prints the whole record with its result."""
-    job = _run(lambda: service().get(job_id))
+    job = service().get(job_id)
     _emit(as_json, schemas.JobDetail().dump(job), _describe)
 
 
@@ -168,7 +166,7 @@ def stats(as_json: bool) -> None:
 @with_appcontext
 def cancel(job_id: str, as_json: bool) -> None:
     """Cancel a pending or processing job (exit 4 when it has finished)."""
-    job = _run(lambda: service().cancel(job_id))
+    job = service().cancel(job_id)
     _emit(as_json, schemas.JobSummary().dump(job), lambda j: f"{j['id']} {j['status']}")
 
 
@@ -178,7 +176,7 @@ def cancel(job_id: str, as_json: bool) -> None:
 @with_appcontext
 def retry(job_id: str, as_json: bool) -> None:
     """Put a failed, timed-out or cancelled job back in the queue (exit 4 for any other state)."""
-    job = _run(lambda: service().retry(job_id))
+    job = service().retry(job_id)
     _emit(as_json, schemas.JobSummary().dump(job), lambda j: f"{j['id']} {j['status']}")
 
 
@@ -213,7 +211,7 @@ def fsck_command(repair: bool, as_json: bool) -> None:
 @with_appcontext
 def keys_create(role: str, name: str, worker_id: str | None) -> None:
     """Create a key; the key itself is printed alone on the last line, once."""
-    key, secret = _run(lambda: key_store().create(name, role, worker_id))
+    key, secret = key_store().create(name, role, worker_id)
     click.echo(f"created {key.role} key {key.name!r}" + (f" for worker {worker_id!r}" if worker_id else ""), err=True)
     click.echo(secret)
 
@@ -223,10 +221,10 @@ def keys_create(role: str, name: str, worker_id: str | None) -> None:
 def keys_bootstrap_admin() -> None:
     """When no key exists yet, create an admin key in <instance>/admin-key.txt (mode 0600)."""
     store = key_store()
-    if current_app.config["AUTH_DISABLED"] or _run(store.has_keys):
+    if current_app.config["AUTH_DISABLED"] or store.has_keys():
         return
     path = os.path.join(current_app.instance_path, "admin-key.txt")
-    _, secret = _run(lambda: store.create("admin", "admin"))
+    _, secret = store.create("admin", "admin")
     try:
         _write_private(path, secret + "\n")
     except OSError as exc:
@@ -237,11 +235,19 @@ def keys_bootstrap_admin() -> None:
 
 def _write_private(path: str, text: str) -> None:
     """Write ``text`` to ``path`` with mode 0600 from the first byte (temp file, then rename)."""
+    with _private_file(path) as fh:
+        fh.write(text)
+
+
+@contextlib.contextmanager
+def _private_file(path: str) -> Iterator[IO[str]]:
+    """A text file for ``path``, mode 0600 from the first byte, that appears there (fsynced, by
+    rename) only when the block ends without error; else nothing is left behind."""
     tmp = f"{path}.tmp-{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -256,7 +262,7 @@ def _write_private(path: str, text: str) -> None:
 @with_appcontext
 def keys_list(as_json: bool) -> None:
     """Names, roles, creation and last use of every key (never the key)."""
-    rows = [k.public() for k in _run(key_store().list)]
+    rows = [k.public() for k in key_store().list()]
     _emit(as_json, rows, lambda rs: "\n".join(
         f"{r['name']:<20} {r['role']:<9} worker={r['worker_id'] or '-'} created={r['created_at']} "
         f"last_used={r['last_used_at'] or 'never'}" for r in rs) or "no keys")
@@ -267,26 +273,33 @@ def keys_list(as_json: bool) -> None:
 @with_appcontext
 def keys_revoke(name: str) -> None:
     """Revoke (delete) the key called NAME."""
-    _run(lambda: key_store().revoke(name))
+    key_store().revoke(name)
     click.echo(f"revoked {name}")
 
 
 jobs_cli.add_command(deliver_command)
 
 @jobs_cli.command("export")
-@click.option("--output", type=click.File("w", encoding="utf-8", atomic=True), default="-",
-              help="File to write (default: standard output).")
+@click.option("--output", type=click.Path(dir_okay=False, allow_dash=True), default="-",
+              help="File to write (default: standard output); written whole or not at all, mode 0600.")
 @with_appcontext
-def export_command(output) -> None:
+def export_command(output: str) -> None:
     """Write every job as JSON lines (to move the store to another backend)."""
     from .transfer import export_jobs
 
-    count = _run(lambda: export_jobs(service().store, output))
+    if output == "-":
+        count = export_jobs(service().store, sys.stdout)
+    else:
+        try:
+            with _private_file(output) as fh:
+                count = export_jobs(service().store, fh)
+        except OSError as exc:
+            raise CommandFailed(f"could not write {output}: {exc.strerror}") from None
     click.echo(f"exported {count} job(s)", err=True)
 
 
 @jobs_cli.command("import")
-@click.option("--input", "input_", type=click.File("r", encoding="utf-8"), default="-",
+@click.option("--input", "input_", type=click.File("rb"), default="-",
               help="JSON lines from 'remote-jobs export' (default: standard input).")
 @json_option
 @with_appcontext
@@ -294,7 +307,7 @@ def import_command(input_, as_json: bool) -> None:
     """Store the jobs of an export; idempotent by id, never replaces a newer copy. Exit 1 on a bad line."""
     from .transfer import import_jobs
 
-    report = _run(lambda: import_jobs(service().store, input_))
+    report = import_jobs(service().store, input_)
     for error in report.errors:
         click.echo(error, err=True)
     _emit(as_json, report.as_dict(), lambda r: ", ".join(f"{n} {k}" for k, n in r.items()))
@@ -302,7 +315,7 @@ def import_command(input_, as_json: bool) -> None:
         sys.exit(1)
 
 
-db_cli = click.Group("db", help="Schema of the PostgreSQL backend (MORAG_REMOTE_DATABASE_URL).")
+db_cli = OneLineGroup("db", help="Schema of the PostgreSQL backend (MORAG_REMOTE_DATABASE_URL).")
 
 
 def _database_url() -> str:
@@ -318,7 +331,7 @@ def db_upgrade() -> None:
     """Apply the pending migrations (safe to run on every start and from several hosts at once)."""
     from .store import migrate
 
-    applied, version = _run(lambda: migrate.upgrade_database(_database_url()))
+    applied, version = migrate.upgrade_database(_database_url())
     done = f"applied {', '.join(f'{m.version:04d}_{m.name}' for m in applied)}" if applied else "up to date"
     click.echo(f"{done}; schema version {version}")
 
@@ -329,5 +342,5 @@ def db_current() -> None:
     """Print the schema version of the database, and whether migrations are pending."""
     from .store import migrate
 
-    version, latest = _run(lambda: migrate.database_version(_database_url())), migrate.latest_version()
+    version, latest = migrate.database_version(_database_url()), migrate.latest_version()
     click.echo(f"{version}" + ("" if version >= latest else f" (latest {latest}: run 'db upgrade')"))

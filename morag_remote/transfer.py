@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import IO, Iterable
+from typing import IO, Any, Iterable, Iterator
 
-from .exceptions import JobNotFound
+from .exceptions import InvalidRequest, JobNotFound
 from .models import RemoteJob
 from .store.base import JobRepository
+from .store.files import valid_job_id
+
+# What the API lets a job hold (schemas.py), so that every imported job fits either backend.
+MAX_LENGTHS = {"content_type": 64, "ingestion_task_id": 128, "worker_id": 128, "source_file_path": 4096}
+INT_RANGE = range(-2**31, 2**31)  # PostgreSQL's integer columns
 
 
 def export_jobs(store: JobRepository, out: IO[str]) -> int:
@@ -62,35 +67,74 @@ def _same(a: RemoteJob, b: RemoteJob) -> bool:
 
 
 def parse_line(line: str) -> RemoteJob:
-    data = json.loads(line)
+    """The job a line holds, checked as the API checks what it stores; ValueError when it is none."""
+    data = json.loads(line, parse_constant=_no_constant)
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     for name in ("id", "content_type", "ingestion_task_id", "source_file_path", "created_at"):
         if not isinstance(data.get(name), str) or not data[name]:
             raise ValueError(f"{name} is missing")
-    job_id = data["id"]
-    if len(job_id) > 64 or not all(c.isalnum() or c in "-_" for c in job_id):
-        raise ValueError("id must be 1-64 letters, digits, '-' or '_'")
+    if not valid_job_id(data["id"]):
+        raise ValueError("id must be 1-64 ASCII letters, digits, '-' or '_'")
+    for name, limit in MAX_LENGTHS.items():
+        if isinstance(data.get(name), str) and len(data[name]) > limit:
+            raise ValueError(f"{name} is longer than {limit} characters")
     for name in ("priority", "retry_count", "max_retries", "attempt", "version"):
-        if name in data and (not isinstance(data[name], int) or isinstance(data[name], bool)):
-            raise ValueError(f"{name} must be an integer")
+        if name in data and (not isinstance(data[name], int) or isinstance(data[name], bool)
+                             or data[name] not in INT_RANGE):
+            raise ValueError(f"{name} must be an integer of at most 32 bits")
     for name in ("task_options", "extra"):
         if name in data and not isinstance(data[name], dict):
             raise ValueError(f"{name} must be an object")
-    return RemoteJob.from_dict(data)
+    result = data.get("result_data")
+    if result is not None and not (isinstance(result, dict) and isinstance(result.get("content", ""), str)):
+        raise ValueError("result_data must be an object whose content is text")
+    if any("\x00" in text for text in _strings(data)):
+        raise ValueError("a text holds a NUL character")
+    job = RemoteJob.from_dict(data)
+    json.dumps(job.to_dict(), allow_nan=False)  # every field writes back (a year 0 date does not)
+    return job
 
 
-def import_jobs(store: JobRepository, lines: Iterable[str]) -> ImportReport:
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON value, keys included, without recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def import_jobs(store: JobRepository, lines: Iterable[str | bytes]) -> ImportReport:
+    """Import each line (bytes are decoded as UTF-8, line by line, so one bad line is one error)."""
     report = ImportReport()
     for number, line in enumerate(lines, 1):
-        if not line.strip():
+        try:
+            text = line.decode("utf-8") if isinstance(line, bytes) else line
+        except UnicodeDecodeError:
+            report.errors.append(f"line {number}: not UTF-8 text")
+            continue
+        if not text.strip():
             continue
         try:
-            job = parse_line(line)
-        except (ValueError, TypeError, KeyError) as exc:
+            job = parse_line(text)
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:
             report.errors.append(f"line {number}: not a job ({exc})")
             continue
-        outcome = _import_one(store, job)
+        try:
+            outcome = _import_one(store, job)
+        except InvalidRequest as exc:  # the store cannot hold it (text that is not UTF-8 on PostgreSQL)
+            report.errors.append(f"line {number}: not stored ({exc.detail})")
+            continue
         setattr(report, outcome, getattr(report, outcome) + 1)
     return report
 

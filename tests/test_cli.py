@@ -440,3 +440,24 @@ def test_keys_bootstrap_admin_writes_a_private_key_file_once(runner, app):
     first = open(path).read()
     assert run(runner, "keys", "bootstrap-admin").exit_code == 0
     assert open(path).read() == first
+
+
+# -- export to a file --------------------------------------------------------------------------
+
+def test_export_to_a_file_is_private_and_complete(runner, producer, tmp_path):
+    job_id = producer.create_id()
+    target = tmp_path / "jobs.jsonl"
+    result = run(runner, "remote-jobs", "export", "--output", str(target))
+    assert result.exit_code == 0, result.output
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert [json.loads(line)["id"] for line in target.read_text().splitlines()] == [job_id]
+
+
+def test_export_to_a_directory_is_one_line_and_leaves_nothing(runner, producer, tmp_path):
+    producer.create_id()
+    exports = tmp_path / "exports"
+    (exports / "out").mkdir(parents=True)
+    assert_one_line_error(run(runner, "remote-jobs", "export", "--output", str(exports / "out")), 2, "directory")
+    assert_one_line_error(run(runner, "remote-jobs", "export", "--output", str(exports / "none" / "x")), 1,
+                          "could not write")
+    assert [p.name for p in exports.iterdir()] == ["out"] and not any((exports / "out").iterdir())

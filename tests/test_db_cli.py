@@ -106,6 +106,31 @@ def test_deliver_against_an_unreachable_server_is_one_line(tmp_path):
     assert out.output.startswith("Error: the job database") and "Traceback" not in out.output
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("args", [["remote-jobs", "list"], ["remote-jobs", "stats"], ["remote-jobs", "cleanup-expired"],
+                                  ["remote-jobs", "cleanup-old", "--days", "1"], ["keys", "list"]])
+def test_commands_on_a_database_not_upgraded_are_one_line_naming_db_upgrade(tmp_path, fresh_schema_url, args):
+    out = _runner(tmp_path, fresh_schema_url, DATABASE_TIMEOUT=1).invoke(args=args)
+    assert out.exit_code == 1, out.output
+    assert out.output.startswith("Error: ") and "db upgrade" in out.output
+    assert len(out.output.strip().splitlines()) == 1, out.output
+
+
+@pytest.mark.parametrize("args", [["remote-jobs", "list", "--worker-id", "\udcff"],
+                                  ["remote-jobs", "list", "--ingestion-task-id", "\udcff"],
+                                  ["remote-jobs", "list", "--after", "\udcff"],
+                                  ["keys", "revoke", "\udcff"],
+                                  ["keys", "create", "--role", "worker", "--name", "w", "--worker-id", "\udcff"]])
+def test_an_argument_that_is_not_utf8_is_one_line_on_either_backend(app, backend, args):
+    """A shell passes bytes that are not UTF-8 as surrogate escapes: the files answer or refuse,
+    PostgreSQL (UTF-8 text only) refuses with one line; never a traceback."""
+    out = app.test_cli_runner().invoke(args=args)
+    assert out.exit_code in (0, 1, 3), out.output
+    assert out.exception is None or isinstance(out.exception, SystemExit), out.exception
+    if backend == "postgres":
+        assert out.exit_code == 1 and out.output.startswith("Error: ") and "UTF-8" in out.output
+
+
 def test_migrations_are_numbered_without_gaps():
     assert [m.version for m in migrate.available()] == list(range(1, len(migrate.available()) + 1))
 

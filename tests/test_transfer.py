@@ -77,12 +77,38 @@ def test_a_newer_export_updates_and_an_older_one_does_not_undo(source, target):
     (json.dumps(job().to_dict() | {"status": "lost"}), "not a job"),
     (json.dumps(job().to_dict() | {"priority": "high"}), "priority must be an integer"),
     (json.dumps(job().to_dict() | {"task_options": []}), "task_options must be an object"),
+    (json.dumps(job().to_dict() | {"id": "\u00e91"}), "id must be"),  # no store can name it
+    (json.dumps(job().to_dict()).replace('"priority": 0', '"priority": NaN'), "NaN is not a JSON number"),
+    (json.dumps(job().to_dict() | {"task_options": {"x": 1}}).replace('"x": 1}', '"x": Infinity}'), "Infinity"),
+    (json.dumps(job().to_dict() | {"priority": 2**31}), "at most 32 bits"),
+    (json.dumps(job().to_dict() | {"version": 10**20}), "at most 32 bits"),
+    (json.dumps(job().to_dict() | {"created_at": "0001-01-01T00:00:00+01:00"}), "not a job"),
+    (json.dumps(job().to_dict() | {"status": "completed", "result_data": {"content": 5}}), "content is text"),
+    (json.dumps(job().to_dict() | {"ingestion_task_id": "a\x00b"}), "NUL"),
+    (json.dumps(job().to_dict() | {"task_options": {"k\x00": 1}}), "NUL"),
+    (json.dumps(job().to_dict() | {"ingestion_task_id": "x" * 8001}), "longer than 128"),
 ])
 def test_a_bad_line_is_reported_by_number_and_skipped(target, line, reason):
     good = json.dumps(job().to_dict())
     report = import_jobs(target, [good, line, ""])
     assert report.created == 1
     assert len(report.errors) == 1 and report.errors[0].startswith("line 2:") and reason in report.errors[0]
+
+
+def test_a_line_that_is_not_utf8_is_reported_and_the_next_imported(target):
+    good = json.dumps(job().to_dict()).encode()
+    report = import_jobs(target, [b'{"id": "\xff\xfe"}\n', good])
+    assert report.created == 1 and report.errors == ["line 1: not UTF-8 text"]
+
+
+def test_a_job_the_store_cannot_hold_is_reported_and_the_rest_imported(target, backend):
+    """A file name that is not UTF-8 is a job on the files, and text PostgreSQL cannot store."""
+    odd = json.dumps(job().to_dict() | {"source_file_path": "/sources/caf\udce9.bin"})
+    report = import_jobs(target, [odd, json.dumps(job().to_dict())])
+    if backend == "files":
+        assert report.created == 2 and report.errors == []
+    else:
+        assert report.created == 1 and report.errors[0].startswith("line 1: not stored (")
 
 
 def _app(instance, **config):

@@ -337,7 +337,7 @@ class FileJobStore:
         return job
 
     def get(self, job_id: str) -> RemoteJob:
-        if not _valid_id(job_id):
+        if not valid_job_id(job_id):
             raise JobNotFound(f"no job with id {job_id!r}")
         job = self._read(job_id)
         if job is None:  # a move may have been under way; look again while no writer can act
@@ -348,7 +348,7 @@ class FileJobStore:
         return job
 
     def update(self, job_id: str, mutate: Mutator) -> RemoteJob:
-        if not _valid_id(job_id):
+        if not valid_job_id(job_id):
             raise JobNotFound(f"no job with id {job_id!r}")
         if is_pure(mutate):
             done = self._update_staged(job_id, mutate)
@@ -444,7 +444,7 @@ class FileJobStore:
         return claimed
 
     def delete(self, job_id: str, only_if: Callable[[RemoteJob], bool] | None = None) -> bool:
-        if not _valid_id(job_id):
+        if not valid_job_id(job_id):
             raise JobNotFound(f"no job with id {job_id!r}")
         with self._locked():
             copies = self._copies(job_id)
@@ -658,7 +658,7 @@ def _dt(ts: float | None) -> datetime | None:
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def _valid_id(job_id: str) -> bool:
+def valid_job_id(job_id: str) -> bool:
     """Ids name files: refuse anything that is not a plain ASCII token (no '/', '..', NUL, and no
     non-ASCII letters or digits, whose UTF-8 bytes can make a name too long for the file system)."""
     return _ID.fullmatch(job_id) is not None

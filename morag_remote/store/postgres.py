@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 from ..exceptions import InvalidRequest, JobNotFound, StoreUnavailable
 from ..models import TERMINAL, RemoteJob, Status
 from .base import JobFilter, Mutator, StoreStats
-from .files import _valid_id as valid_job_id
+from .files import valid_job_id
 from .pgdb import Database
 
 _PENDING = Status.PENDING.value

@@ -9,6 +9,7 @@ import copy
 import os
 from typing import Any, Mapping
 
+import click
 import structlog
 from flask import Flask
 
@@ -41,21 +42,15 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.config.from_prefixed_env(ENV_PREFIX)
     if test_config:
         app.config.from_mapping(test_config)
-    os.makedirs(app.instance_path, exist_ok=True)
-    resolve_paths(app.config, app.instance_path)
     app.config["AUTH_DISABLED"] = auth_disabled(app.config["AUTH_DISABLED"])
 
     json_logs = app.config["LOG_JSON"] if app.config["LOG_JSON"] is not None else not app.debug
     configure_logging(json_lines=bool(json_logs))
-    if not app.config.get("SECRET_KEY"):
-        app.config["SECRET_KEY"] = load_or_create_secret(os.path.join(app.instance_path, "secret_key"))
-
-    store = build_store(app.config)
-    app.extensions[SERVICE] = JobService(store, Settings.from_config(app.config))
-    app.extensions[TOKENS] = DownloadTokens(app.config["SECRET_KEY"])
-    app.extensions[KEYS] = build_key_store(store, app.instance_path)
-    init_events(app, app.extensions[SERVICE])
-    init_idempotency(app, app.extensions[SERVICE])
+    try:
+        _open_instance(app)
+    except OSError as exc:  # a file where a folder belongs, or the other way round; no permission
+        raise InstanceUnusable(f"the instance folder {app.instance_path} cannot be used: {exc.strerror}"
+                               + (f": {exc.filename}" if exc.filename else "")) from None
 
     from .api import docs, health, metrics, remote_jobs, stats
     from .cli import db_cli, jobs_cli, keys_cli
@@ -74,6 +69,25 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.cli.add_command(db_cli)
     _warn_about_auth(app)
     return app
+
+
+class InstanceUnusable(click.ClickException):
+    """The instance folder is damaged. A ClickException, so that every ``flask`` command says so
+    in one line (exit 1); gunicorn shows the same message when a worker cannot boot."""
+
+
+def _open_instance(app: Flask) -> None:
+    """The instance folder's secret, job store, key store, outbox and idempotency records."""
+    os.makedirs(app.instance_path, exist_ok=True)
+    resolve_paths(app.config, app.instance_path)
+    if not app.config.get("SECRET_KEY"):
+        app.config["SECRET_KEY"] = load_or_create_secret(os.path.join(app.instance_path, "secret_key"))
+    store = build_store(app.config)
+    app.extensions[SERVICE] = JobService(store, Settings.from_config(app.config))
+    app.extensions[TOKENS] = DownloadTokens(app.config["SECRET_KEY"])
+    app.extensions[KEYS] = build_key_store(store, app.instance_path)
+    init_events(app, app.extensions[SERVICE])
+    init_idempotency(app, app.extensions[SERVICE])
 
 
 def _warn_about_auth(app: Flask) -> None:

@@ -148,6 +148,10 @@ class KeyStore:
         except FileNotFoundError:
             self._keys, self._stamp = {}, None
             return self._keys
+        except OSError as exc:  # a directory in its place, no permission: fail closed, as for bad JSON
+            log.error("keys.file_unreadable", file=self.path.name, error=exc.strerror)
+            raise KeyFileUnreadable(f"the API key file {self.path.name} is not readable ({exc.strerror}); "
+                                    "fix or remove it, then create keys again") from None
         with fh:
             stamp = _stamp(os.fstat(fh.fileno()))
             if stamp != self._stamp:

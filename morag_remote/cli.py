@@ -38,8 +38,9 @@ _EXIT_BY_STATUS = {404: EXIT_NOT_FOUND, 409: EXIT_CONFLICT}
 
 class OneLineGroup(click.Group):
     """A group whose commands fail in one line ("Error: ..."): a usage error without the usage
-    block, and a service error (no such job, a state that does not allow it, a store or database
-    that cannot be used, a value it cannot store) with its exit code, never a traceback."""
+    block, a service error (no such job, a state that does not allow it, a store or database that
+    cannot be used, a value it cannot store) with its exit code, and a failure of the system
+    (EIO, a directory where the store expects a file), never a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -49,6 +50,9 @@ class OneLineGroup(click.Group):
             raise
         except ServiceError as exc:
             raise CommandFailed(exc.detail, _EXIT_BY_STATUS.get(exc.status_code, EXIT_FAILURE)) from None
+        except OSError as exc:  # the instance folder damaged under the store (a directory for its lock...)
+            where = f": {exc.filename}" if exc.filename else ""
+            raise CommandFailed(f"the store failed: {exc.strerror or exc}{where}") from None
 
 
 class CommandFailed(click.ClickException):

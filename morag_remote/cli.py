@@ -27,6 +27,7 @@ from .context import service
 from .events.cli import deliver_command
 from .exceptions import ServiceError
 from .models import STATUSES
+from .store.atomic import fsync_dir, stage_open, unlink_quietly
 from .store.base import JobFilter
 
 EXIT_FAILURE = 1
@@ -50,9 +51,9 @@ class OneLineGroup(click.Group):
             raise
         except ServiceError as exc:
             raise CommandFailed(exc.detail, _EXIT_BY_STATUS.get(exc.status_code, EXIT_FAILURE)) from None
-        except OSError as exc:  # the instance folder damaged under the store (a directory for its lock...)
+        except OSError as exc:  # e.g. the instance folder damaged under the store (a directory for its lock)
             where = f": {exc.filename}" if exc.filename else ""
-            raise CommandFailed(f"the store failed: {exc.strerror or exc}{where}") from None
+            raise CommandFailed(f"{exc.strerror or exc}{where}") from None
 
 
 class CommandFailed(click.ClickException):
@@ -233,32 +234,44 @@ def keys_bootstrap_admin() -> None:
         _write_private(path, secret + "\n")
     except OSError as exc:
         store.revoke("admin")
-        raise click.ClickException(f"could not write {path}: {exc.strerror}; no key was created") from None
+        raise click.ClickException(f"{exc.strerror}; no key was created") from None
     click.echo(f"created an admin API key; it is in {path} (readable by you only)")
 
 
 def _write_private(path: str, text: str) -> None:
     """Write ``text`` to ``path`` with mode 0600 from the first byte (temp file, then rename)."""
-    with _private_file(path) as fh:
+    with _private_file(path) as fh, _naming(path):
         fh.write(text)
 
 
 @contextlib.contextmanager
 def _private_file(path: str) -> Iterator[IO[str]]:
     """A text file for ``path``, mode 0600 from the first byte, that appears there (fsynced, by
-    rename) only when the block ends without error; else nothing is left behind."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    rename) only when the block ends without error; else nothing is left behind. Failing to create
+    or place it is an OSError that names ``path``."""
+    folder, name = os.path.split(os.path.abspath(path))
+    with _naming(path):
+        tmp, fd = stage_open(folder, name, b"", sync=False)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
+            with _naming(path):
+                fh.flush()
+                os.fsync(fh.fileno())
+        with _naming(path):
+            os.replace(tmp, path)
+            fsync_dir(folder)
+    finally:
+        unlink_quietly(tmp)  # gone already once renamed into place
+
+
+@contextlib.contextmanager
+def _naming(path: str) -> Iterator[None]:
+    """An OSError inside, told as one that names ``path`` (not the temp file's name)."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(exc.errno, f"could not write {path}: {exc.strerror}") from None
 
 
 @keys_cli.command("list")
@@ -294,11 +307,8 @@ def export_command(output: str) -> None:
     if output == "-":
         count = export_jobs(service().store, sys.stdout)
     else:
-        try:
-            with _private_file(output) as fh:
-                count = export_jobs(service().store, fh)
-        except OSError as exc:
-            raise CommandFailed(f"could not write {output}: {exc.strerror}") from None
+        with _private_file(output) as fh:
+            count = export_jobs(service().store, fh)
     click.echo(f"exported {count} job(s)", err=True)
 
 

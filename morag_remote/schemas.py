@@ -11,10 +11,13 @@ import json
 
 from marshmallow import EXCLUDE, INCLUDE, RAISE, Schema, ValidationError, fields, validate, validates
 
+from . import jsonrules
 from .events.destinations import webhook_problem
 from .models import STATUSES
 
 ID_LENGTH = validate.Length(min=1, max=128)
+CONTENT_TYPE_LENGTH = validate.Length(min=1, max=64)
+PATH_LENGTH = validate.Length(min=1, max=4096)
 TEXT_LENGTH = validate.Length(max=10_000)
 MAX_OPTIONS_BYTES = 64 * 1024
 MAX_METADATA_BYTES = 1024 * 1024
@@ -27,24 +30,10 @@ class StrictSchema(Schema):
 
 
 def _json_size_check(value: dict, limit: int, name: str) -> None:
-    if _depth(value) > MAX_JSON_DEPTH:
+    if jsonrules.depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise ValidationError(f"{name} nests objects or arrays more than {MAX_JSON_DEPTH} levels deep")
     if len(json.dumps(value, default=str)) > limit:
         raise ValidationError(f"{name} is larger than {limit} bytes as JSON")
-
-
-def _depth(value: object) -> int:
-    """How deeply objects and arrays nest in ``value`` (a scalar is 0), without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
-            continue
-        deepest = max(deepest, level)
-        if level <= MAX_JSON_DEPTH:
-            stack.extend((child, level + 1) for child in children)
-    return deepest
 
 
 def _add_validator(schema: Schema, name: str, validator: validate.Validator) -> None:
@@ -64,8 +53,8 @@ class StrictBoolean(fields.Boolean):
 
 
 class CreateJobRequest(StrictSchema):
-    source_file_path = fields.String(required=True, validate=validate.Length(min=1, max=4096))
-    content_type = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    source_file_path = fields.String(required=True, validate=PATH_LENGTH)
+    content_type = fields.String(required=True, validate=CONTENT_TYPE_LENGTH)
     task_options = fields.Dict(keys=fields.String(), load_default=dict)
     ingestion_task_id = fields.String(required=True, validate=ID_LENGTH)
     priority = fields.Integer(load_default=0, validate=validate.Range(min=-1000, max=1000))

@@ -525,7 +525,11 @@ class JobService:
         first answer was lost learns the same, or better: a later delivery counts)."""
         if not Status(job.status).is_terminal:
             return False
-        return any(getattr(listener, "job_accepted", lambda _job: False)(job) for listener in self.listeners)
+        try:
+            return any(getattr(listener, "job_accepted", lambda _job: False)(job) for listener in self.listeners)
+        except Exception:  # the outbox cannot be read now: the repeat is still answered
+            log.exception("job.listener_failed", job_id=job.id)
+            return False
 
     def _leaving_terminal(self, job: RemoteJob) -> None:
         """Tell listeners a job is about to leave a terminal state or be deleted (they may need to

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Iterable
 
+from . import jsonrules, schemas
 from .exceptions import InvalidRequest, JobNotFound
 from .models import RemoteJob
 from .store.base import JobRepository
 from .store.files import valid_job_id
 
-# What the API lets a job hold (schemas.py), so that every imported job fits either backend.
-MAX_LENGTHS = {"content_type": 64, "ingestion_task_id": 128, "worker_id": 128, "source_file_path": 4096}
+# What the API lets a job hold, so that every imported job fits either backend and its indexes.
+MAX_LENGTHS = {"content_type": schemas.CONTENT_TYPE_LENGTH.max, "ingestion_task_id": schemas.ID_LENGTH.max,
+               "worker_id": schemas.ID_LENGTH.max, "source_file_path": schemas.PATH_LENGTH.max}
 INT_RANGE = range(-2**31, 2**31)  # PostgreSQL's integer columns
 
 
@@ -68,9 +70,18 @@ def _same(a: RemoteJob, b: RemoteJob) -> bool:
 
 def parse_line(line: str) -> RemoteJob:
     """The job a line holds, checked as the API checks what it stores; ValueError when it is none."""
-    data = json.loads(line, parse_constant=_no_constant)
+    try:
+        data = jsonrules.loads(line)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
+    if jsonrules.depth(data, jsonrules.MAX_DOCUMENT_DEPTH) > jsonrules.MAX_DOCUMENT_DEPTH:
+        raise ValueError(f"nested deeper than {jsonrules.MAX_DOCUMENT_DEPTH} levels")
+    try:
+        jsonrules.refuse_nul(data)
+    except InvalidRequest as exc:
+        raise ValueError(exc.detail) from None
     for name in ("id", "content_type", "ingestion_task_id", "source_file_path", "created_at"):
         if not isinstance(data.get(name), str) or not data[name]:
             raise ValueError(f"{name} is missing")
@@ -89,29 +100,9 @@ def parse_line(line: str) -> RemoteJob:
     result = data.get("result_data")
     if result is not None and not (isinstance(result, dict) and isinstance(result.get("content", ""), str)):
         raise ValueError("result_data must be an object whose content is text")
-    if any("\x00" in text for text in _strings(data)):
-        raise ValueError("a text holds a NUL character")
     job = RemoteJob.from_dict(data)
     json.dumps(job.to_dict(), allow_nan=False)  # every field writes back (a year 0 date does not)
     return job
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _strings(value: Any) -> Iterator[str]:
-    """Every string in a JSON value, keys included, without recursion."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            yield item
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
 
 
 def import_jobs(store: JobRepository, lines: Iterable[str | bytes]) -> ImportReport:

@@ -43,6 +43,7 @@ def test_head_of_poll_is_405_and_claims_nothing(client, keys, producer, worker):
     response = client.head(f"{BASE}/poll?worker_id=w1&content_types=audio", headers=auth(keys["worker"]))
     assert response.status_code == 405
     assert set(response.headers["Allow"].split(", ")) == {"GET", "POST"}
+    assert client.head(f"{BASE}/poll?worker_id=w1&content_types=audio").status_code == 405  # before the key
     assert worker.claim("audio")["job_id"] == job_id
 
 

@@ -327,6 +327,7 @@ def test_without_a_callback_nothing_is_recorded_and_webhooks_are_refused(produce
 @pytest.mark.parametrize("app_config, error", [
     ({"CALLBACK_URL": "http://127.0.0.1:{port}/morag/caf\u00e9"}, "UnicodeEncodeError"),
     ({"CALLBACK_URL": "127.0.0.1:{port}/morag/events"}, "bad callback URL"),
+    ({"CALLBACK_URL": "http://[::1/morag/events"}, "bad callback URL"),
 ], indirect=["app_config"])
 def test_a_callback_url_that_cannot_be_sent_is_a_failed_attempt_not_a_failed_request(producer, worker, receiver, error):
     job_id, result = finish(producer, worker)

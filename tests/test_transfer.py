@@ -78,7 +78,7 @@ def test_a_newer_export_updates_and_an_older_one_does_not_undo(source, target):
     (json.dumps(job().to_dict() | {"priority": "high"}), "priority must be an integer"),
     (json.dumps(job().to_dict() | {"task_options": []}), "task_options must be an object"),
     (json.dumps(job().to_dict() | {"id": "\u00e91"}), "id must be"),  # no store can name it
-    (json.dumps(job().to_dict()).replace('"priority": 0', '"priority": NaN'), "NaN is not a JSON number"),
+    (json.dumps(job().to_dict()).replace('"priority": 0', '"priority": NaN'), "NaN is not valid JSON"),
     (json.dumps(job().to_dict() | {"task_options": {"x": 1}}).replace('"x": 1}', '"x": Infinity}'), "Infinity"),
     (json.dumps(job().to_dict() | {"priority": 2**31}), "at most 32 bits"),
     (json.dumps(job().to_dict() | {"version": 10**20}), "at most 32 bits"),
@@ -87,6 +87,10 @@ def test_a_newer_export_updates_and_an_older_one_does_not_undo(source, target):
     (json.dumps(job().to_dict() | {"ingestion_task_id": "a\x00b"}), "NUL"),
     (json.dumps(job().to_dict() | {"task_options": {"k\x00": 1}}), "NUL"),
     (json.dumps(job().to_dict() | {"ingestion_task_id": "x" * 8001}), "longer than 128"),
+    (json.dumps(job().to_dict() | {"task_options": {"x": "X"}}).replace('"X"', "[" * 100_000 + "]" * 100_000),
+     "nested too deeply"),
+    (json.dumps(job().to_dict() | {"task_options": {"x": "X"}}).replace('"X"', "[" * 70 + "]" * 70),
+     "nested deeper than 64 levels"),
 ])
 def test_a_bad_line_is_reported_by_number_and_skipped(target, line, reason):
     good = json.dumps(job().to_dict())

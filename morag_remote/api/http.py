@@ -3,8 +3,6 @@ schema, dump once on the way out."""
 from __future__ import annotations
 
 import functools
-import json
-import math
 import unicodedata
 from typing import Any, BinaryIO
 from urllib.parse import quote
@@ -14,9 +12,8 @@ from marshmallow import Schema
 from werkzeug.exceptions import BadRequest
 from werkzeug.wsgi import wrap_file
 
-from ..exceptions import InvalidRequest
-
-MAX_JSON_DEPTH = 64
+from .. import jsonrules
+from ..jsonrules import MAX_DOCUMENT_DEPTH
 
 
 @functools.lru_cache(maxsize=256)
@@ -31,84 +28,30 @@ def json_body(schema: Schema, allow_empty: bool = False) -> dict[str, Any]:
     """The request's JSON body loaded by ``schema``: 400 when it is not a JSON object, 422 when invalid.
 
     The body is parsed here rather than with ``request.get_json``, which lets a deeply nested
-    document escape as a RecursionError (a 500); nesting deeper than MAX_JSON_DEPTH is refused too,
+    document escape as a RecursionError (a 500); nesting deeper than MAX_DOCUMENT_DEPTH is refused too,
     since every later dump and load of the job would have to survive it again.
     """
     raw = request.get_data(cache=True)
     if allow_empty and not raw:
         return schema.load({})
     try:
-        payload = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite)
+        payload = jsonrules.loads(raw)
     except RecursionError:
         raise BadRequest("the request body nests arrays or objects too deeply") from None
     except ValueError:
         raise BadRequest("the request body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise BadRequest("the request body must be a JSON object")
-    if _depth(payload) > MAX_JSON_DEPTH:
-        raise BadRequest(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
-    _refuse_nul(payload)
+    if jsonrules.depth(payload, MAX_DOCUMENT_DEPTH) > MAX_DOCUMENT_DEPTH:
+        raise BadRequest(f"the request body is nested deeper than {MAX_DOCUMENT_DEPTH} levels")
+    jsonrules.refuse_nul(payload)
     return schema.load(payload)
-
-
-def _reject_constant(name: str) -> Any:
-    """NaN and Infinity are not JSON (RFC 8259), though Python's parser takes them."""
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite(text: str) -> float:
-    """A JSON number as a float; Python reads one beyond the double range (``1e999``) as infinity,
-    which would be stored and then written back out as ``Infinity``, which is not JSON either."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is beyond the range of a double")
-    return value
-
-
-def _refuse_nul(value: Any) -> None:
-    """422 for a NUL character in any string of a request (key or value): PostgreSQL cannot store
-    one in text or jsonb, so the same input must be refused whatever the backend."""
-    stack: list[tuple[str, Any]] = [("", value)]
-    while stack:
-        path, item = stack.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                field = path or "_schema"
-                raise InvalidRequest(f"{field} contains a NUL byte", {field: ["contains a NUL byte (U+0000)"]})
-        elif isinstance(item, dict):
-            for key, child in item.items():
-                if "\x00" in key:
-                    field = path or "_schema"
-                    raise InvalidRequest(f"a key of {field} contains a NUL byte",
-                                         {field: ["a key contains a NUL byte (U+0000)"]})
-                stack.append((f"{path}.{key}" if path else str(key), child))
-        elif isinstance(item, list):
-            stack.extend((f"{path}.{i}", child) for i, child in enumerate(item))
-
-
-def _depth(value: Any) -> int:
-    """How deeply lists and objects nest in ``value`` (iterative: no recursion limit to hit)."""
-    deepest = 0
-    stack = [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict):
-            children = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        deepest = max(deepest, level)
-        if deepest > MAX_JSON_DEPTH:
-            break
-        stack.extend((child, level + 1) for child in children)
-    return deepest
 
 
 def query_args(schema: Schema) -> dict[str, Any]:
     """The query string loaded by ``schema`` (a repeated parameter keeps its first value)."""
     args = request.args.to_dict()
-    _refuse_nul(args)
+    jsonrules.refuse_nul(args)
     return schema.load(args)
 
 

@@ -57,11 +57,17 @@ def _claimed(job: RemoteJob) -> dict[str, Any]:
             "timeout_at": job.timeout_at, "retry_count": job.retry_count}
 
 
+@bp.before_request
+def _no_head_poll() -> None:
+    """Flask adds HEAD to GET routes; a poll claims, so a HEAD would take jobs and drop the answer
+    that names them. Refused before authentication, as any method a route does not serve is."""
+    if request.method == "HEAD" and request.endpoint == "remote_jobs.poll":
+        raise MethodNotAllowed(valid_methods=["GET", "POST"])
+
+
 @bp.route("/poll", methods=["GET", "POST"])
 @requires("worker")
 def poll() -> Response:
-    if request.method == "HEAD":  # Flask adds HEAD to GET routes; a poll claims, so HEAD would drop jobs' answer
-        raise MethodNotAllowed(valid_methods=["GET", "POST"])
     settings = service().settings
     loader = schema(schemas.PollRequest, max_jobs=settings.poll_max_jobs, max_wait=settings.poll_max_wait_seconds)
     data = query_args(loader) if request.method == "GET" else json_body(loader)

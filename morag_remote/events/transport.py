@@ -38,11 +38,11 @@ def post_event(url: str, body: bytes, event_id: str, secret: str | None, *,
     }
     if secret:
         headers["X-MoRAG-Signature"] = signing.signature(secret, ts, body)
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:  # the operator's URL is not checked at start
-        return AttemptResult(False, error="bad callback URL: not an http(s) URL with a host")
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    try:
+    try:  # the operator's CALLBACK_URL is not checked at start: a bad one is a failed attempt
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http(s) URL with a host")
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         if parts.scheme == "https":
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
                 parts.hostname, parts.port, timeout=connect_timeout, context=ssl.create_default_context())

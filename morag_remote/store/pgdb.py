@@ -152,8 +152,8 @@ class Database:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[psycopg.Connection]:
         """A pooled connection in a transaction: committed when the block ends, rolled back when it
-        raises (whatever it raises, which then propagates). Database trouble is StoreUnavailable; a
-        value the database cannot take (not UTF-8, out of range, too large for an index) is InvalidRequest."""
+        raises (whatever it raises, which then propagates). Database trouble is StoreUnavailable; text
+        that is not UTF-8 (a lone surrogate, which no UTF-8 text holds) is InvalidRequest."""
         try:
             pool = self._pool_here()
             with pool.connection() as conn:
@@ -166,8 +166,6 @@ class Database:
             raise StoreUnavailable("the job database is read-only") from None
         except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): no UTF-8 text holds it
             raise InvalidRequest("a value is not valid UTF-8 text, which the database cannot hold") from None
-        except (psycopg.DataError, psycopg.errors.ProgramLimitExceeded) as exc:  # a value, not the database
-            raise InvalidRequest(f"the database refused a value: {_first_line(exc)}") from None
         except psycopg.OperationalError as exc:
             log.error("db.unavailable", error=_first_line(exc))
             raise StoreUnavailable("the job database is unavailable") from None

@@ -131,6 +131,7 @@ class JobService:
             job.completed_at = now
             job.lease_id = None
             job.timeout_at = None
+            job.result_digest = None  # a failure resent after the cancel is a late result (409), not a repeat
             job.updated_at = now
             return job
 

@@ -195,6 +195,18 @@ def test_identical_failure_resubmission_does_not_count_a_second_retry(producer, 
     assert producer.get(job_id).json["retry_count"] == 1
 
 
+def test_a_failure_resent_after_the_producer_cancelled_the_requeued_job_is_409(producer, worker):
+    job_id = producer.create_id("audio")
+    worker.claim("audio")
+    assert worker.result(job_id, success=False, error_message="flaky").json["status"] == "pending"
+    assert producer.cancel(job_id).status_code == 200
+
+    again = worker.result(job_id, success=False, error_message="flaky")
+
+    assert again.status_code == 409
+    assert producer.get(job_id).json["status"] == "cancelled"
+
+
 def test_resubmission_with_another_lease_is_not_taken_as_the_same(service):
     job = claimed_job(service)
     service.submit_result(job.id, Caller(job.lease_id), success=True, content="hello")

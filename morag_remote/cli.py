@@ -231,17 +231,12 @@ def keys_bootstrap_admin() -> None:
     path = os.path.join(current_app.instance_path, "admin-key.txt")
     _, secret = store.create("admin", "admin")
     try:
-        _write_private(path, secret + "\n")
+        with _private_file(path) as fh:
+            fh.write(secret + "\n")
     except OSError as exc:
         store.revoke("admin")
         raise click.ClickException(f"{exc.strerror}; no key was created") from None
     click.echo(f"created an admin API key; it is in {path} (readable by you only)")
-
-
-def _write_private(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` with mode 0600 from the first byte (temp file, then rename)."""
-    with _private_file(path) as fh, _naming(path):
-        fh.write(text)
 
 
 @contextlib.contextmanager

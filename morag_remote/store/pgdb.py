@@ -167,7 +167,7 @@ class Database:
         except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): no UTF-8 text holds it
             raise InvalidRequest("a value is not valid UTF-8 text, which the database cannot hold") from None
         except psycopg.OperationalError as exc:
-            log.error("db.unavailable", error=_first_line(exc))
+            log.error("db.unavailable", error=str(exc).strip().splitlines()[0] if str(exc).strip() else "")
             raise StoreUnavailable("the job database is unavailable") from None
 
     def _check_schema(self, conn: psycopg.Connection) -> None:
@@ -236,8 +236,3 @@ class Database:
                 log.warning("db.listener_lost", error=str(exc).strip()[:200], retry_in_s=delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""

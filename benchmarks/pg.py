@@ -17,9 +17,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from morag_remote.auth import KeyStore
-from morag_remote.store import migrate
-from morag_remote.store.pgdb import url_from_env
+from morag_remote.store.files.keys import FileKeyStore
+from morag_remote.store.postgres import migrate
+from morag_remote.store.postgres.db import url_from_env
 
 from .seed import copy_pending
 from .server import Instance
@@ -59,7 +59,7 @@ class BenchSchema:
 
     def create(self) -> None:
         """The schema at the latest migration, holding the instance's API keys."""
-        keys = KeyStore(self.instance.path / "api_keys.json").list()
+        keys = FileKeyStore(self.instance.path / "api_keys.json").list()
         with self._connect() as conn:
             migrate.upgrade(conn, self.schema)  # the tables go where the search path points
             with conn.transaction():

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from morag_remote.models import Action, RemoteJob, new_job_id, next_status, utcnow
-from morag_remote.store.files import FileJobStore
-from morag_remote.store.fsck import fsck
+from morag_remote.store.files.jobs import FileJobStore
+from morag_remote.store.files.fsck import fsck
 
 from .client import Api, BadStatus
 from .pg import BenchSchema

@@ -16,8 +16,8 @@ import psycopg
 from psycopg import sql
 
 from morag_remote.models import RemoteJob, new_job_id, utcnow
-from morag_remote.store.files import FileJobStore, _encode
-from morag_remote.store.postgres import _WRITE_COLUMNS, _params
+from morag_remote.store.files.jobs import FileJobStore, encode_job
+from morag_remote.store.postgres.jobs import _WRITE_COLUMNS, _params
 
 
 def _pending_jobs(source: Path, counts: dict[str, int]) -> Iterator[RemoteJob]:
@@ -38,7 +38,7 @@ def seed_pending(data_dir: Path, source: Path, counts: dict[str, int]) -> int:
     for job in _pending_jobs(source, counts):
         fd = os.open(folder / f"{job.id}.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, _encode(job))
+            os.write(fd, encode_job(job))
         finally:
             os.close(fd)
         written += 1

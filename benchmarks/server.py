@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from morag_remote.auth import KeyStore
+from morag_remote.store.files.keys import FileKeyStore
 
 from .client import Api
 
@@ -34,7 +34,7 @@ class Instance:
     def create(cls) -> "Instance":
         path = Path(tempfile.mkdtemp(prefix="morag-bench-"))
         (path / "sources").mkdir()
-        store = KeyStore(path / "api_keys.json")
+        store = FileKeyStore(path / "api_keys.json")
         keys = {role: store.create(f"bench-{role}", role)[1] for role in ("producer", "worker", "admin")}
         inst = cls(path, keys)
         inst.source.write_bytes(os.urandom(1024))

@@ -21,13 +21,15 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
+from flask import Flask
+
 from . import schemas
-from .auth import ROLES, key_store
-from .context import service
+from .auth import ROLES
+from .context import backend, key_store, service
 from .events.cli import deliver_command
 from .exceptions import ServiceError
+from .fileio import fsync_dir, stage_open, unlink_quietly
 from .models import STATUSES
-from .store.atomic import fsync_dir, stage_open, unlink_quietly
 from .store.base import JobFilter
 
 EXIT_FAILURE = 1
@@ -158,7 +160,7 @@ def _describe(job: dict) -> str:
 @with_appcontext
 def stats(as_json: bool) -> None:
     """Counts by status and content type, the oldest pending job's age, workers seen."""
-    body = service().queue_summary()
+    body = service().estimates.queue_summary()
     _emit(as_json, body, lambda b: "\n".join(
         [f"{status:<10} {ct:<9} {n}" for status, per in sorted(b["counts"].items())
          for ct, n in sorted(per.items())]
@@ -190,15 +192,9 @@ def retry(job_id: str, as_json: bool) -> None:
 @json_option
 @with_appcontext
 def fsck_command(repair: bool, as_json: bool) -> None:
-    """Check the JSON-file store; exit 1 when a problem is found (with --repair: when one is left)."""
-    from .store.files import FileJobStore
-    from .store.fsck import fsck
-
-    store = service().store
-    if not isinstance(store, FileJobStore):
-        raise CommandFailed("fsck checks the JSON-file store; this instance uses another backend")
+    """Check the store (files or database); exit 1 when a problem is found (with --repair: when one is left)."""
     try:
-        findings = fsck(store, repair=repair)
+        findings = backend().fsck(repair)
     except OSError as exc:  # the system failed (EIO, EMFILE...): no verdict on any file, nothing moved
         raise CommandFailed(f"fsck stopped: {exc}") from None
     _emit(as_json, [f.as_dict() for f in findings], lambda fs: "\n".join(
@@ -327,20 +323,18 @@ def import_command(input_, as_json: bool) -> None:
 db_cli = OneLineGroup("db", help="Schema of the PostgreSQL backend (MORAG_REMOTE_DATABASE_URL).")
 
 
-def _database_url() -> str:
-    url = current_app.config.get("DATABASE_URL")
-    if not url:
+def _migrations():
+    migrations = backend().migrations
+    if migrations is None:
         raise click.ClickException("MORAG_REMOTE_DATABASE_URL is not set: the JSON-file store needs no migrations")
-    return url
+    return migrations
 
 
 @db_cli.command("upgrade")
 @with_appcontext
 def db_upgrade() -> None:
     """Apply the pending migrations (safe to run on every start and from several hosts at once)."""
-    from .store import migrate
-
-    applied, version = migrate.upgrade_database(_database_url())
+    applied, version = _migrations().upgrade()
     done = f"applied {', '.join(f'{m.version:04d}_{m.name}' for m in applied)}" if applied else "up to date"
     click.echo(f"{done}; schema version {version}")
 
@@ -349,7 +343,11 @@ def db_upgrade() -> None:
 @with_appcontext
 def db_current() -> None:
     """Print the schema version of the database, and whether migrations are pending."""
-    from .store import migrate
-
-    version, latest = migrate.database_version(_database_url()), migrate.latest_version()
+    version, latest = _migrations().current()
     click.echo(f"{version}" + ("" if version >= latest else f" (latest {latest}: run 'db upgrade')"))
+
+
+def register_commands(app: Flask) -> None:
+    app.cli.add_command(jobs_cli)
+    app.cli.add_command(keys_cli)
+    app.cli.add_command(db_cli)

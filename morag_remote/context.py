@@ -1,14 +1,35 @@
-"""Accessors for the objects the factory attaches to the app (``app.extensions``)."""
+"""Every object the factory attaches to the app (``app.extensions``): its key and its accessor.
+
+Views, CLI commands and hooks reach these through the accessors (``service()``, ``key_store()``...),
+never through module globals. This module imports nothing of the package at run time, so any
+module may use it.
+"""
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from flask import current_app
 
-from .service import JobService
-from .tokens import DownloadTokens
+if TYPE_CHECKING:
+    from .events.delivery import EventDelivery
+    from .idempotency import IdempotentCreates
+    from .metrics import MetricsExporter
+    from .service import JobService
+    from .store.base import Backend, KeyRepository
+    from .tokens import DownloadTokens
 
+BACKEND = "morag_remote.backend"
 SERVICE = "morag_remote.service"
 TOKENS = "morag_remote.tokens"
 KEYS = "morag_remote.keys"
+EVENTS = "morag_remote.events"
+IDEMPOTENCY = "morag_remote.idempotency"
+METRICS = "morag_remote.metrics"
+DOCUMENT = "morag_remote.openapi"
+
+
+def backend() -> Backend:
+    return current_app.extensions[BACKEND]
 
 
 def service() -> JobService:
@@ -17,3 +38,19 @@ def service() -> JobService:
 
 def tokens() -> DownloadTokens:
     return current_app.extensions[TOKENS]
+
+
+def key_store() -> KeyRepository:
+    return current_app.extensions[KEYS]
+
+
+def events() -> EventDelivery:
+    return current_app.extensions[EVENTS]
+
+
+def idempotent_creates() -> IdempotentCreates:
+    return current_app.extensions[IDEMPOTENCY]
+
+
+def metrics_exporter() -> MetricsExporter:
+    return current_app.extensions[METRICS]

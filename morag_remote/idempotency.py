@@ -8,36 +8,31 @@ Exactly one job per key, across threads and gunicorn processes and through a cra
 taken under a lock on the key (``flock`` on one of 256 stripe files), and written *before* the job,
 naming the job id it reserves. Under that lock a ``reserved`` record means its creator died between
 the two writes: the job is then created (or found) under the reserved id and the record completed, so
-a crash can neither lose the job nor make a second one. ``IdempotencyRecords`` is the storage
-interface, chosen with the job store (``store.factory.build_idempotency_records``):
-``FileIdempotencyRecords`` keeps one JSON file per key next to the jobs; with PostgreSQL,
-``store.pg_idempotency`` keeps a table with the key as primary key, locked with
-``pg_advisory_xact_lock``, so that every API host sees the same records.
+a crash can neither lose the job nor make a second one. ``store.base.IdempotencyRecords`` is the
+storage interface, provided by the backend beside the jobs: one JSON file per key next to them
+(``store/files/idempotency.py``), or, with PostgreSQL, a table with the key as primary key, locked
+with ``pg_advisory_xact_lock``, so that every API host sees the same records
+(``store/postgres/idempotency.py``).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import threading
 import time
-from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from flask import current_app
 
 from .exceptions import InvalidRequest, ServiceError
 from .models import RemoteJob, from_iso, new_job_id, to_iso
-from .service import JobService
-from .store.atomic import FileLock, fsync_dir, read_json, unlink_quietly, write_atomic
-from .store.factory import build_idempotency_records
 
-IDEMPOTENCY = "morag_remote.idempotency"
+if TYPE_CHECKING:
+    from .service import JobService
+    from .store.base import IdempotencyRecords
+
 HEADER = "Idempotency-Key"
 KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")
 RESERVED, DONE = "reserved", "done"
@@ -102,74 +97,8 @@ class IdempotencyRecord:
         return cls(**dict(data, created_at=from_iso(data["created_at"])))
 
 
-class IdempotencyRecords(Protocol):
-    def locked(self, key_id: str) -> AbstractContextManager:
-        """Hold the key exclusively (across processes) for a lookup-then-write."""
-
-    def get(self, key_id: str) -> IdempotencyRecord | None: ...
-
-    def put(self, record: IdempotencyRecord) -> None: ...
-
-    def delete(self, key_id: str) -> None: ...
-
-    def purge(self, before: datetime, limit: int) -> int:
-        """Remove records created before ``before``; returns how many."""
-
-
-class FileIdempotencyRecords:
-    """``<data>/idempotency/<sha256>.json``; lock stripes ``<data>/idempotency/.lock-<xx>``."""
-
-    def __init__(self, directory: str | os.PathLike) -> None:
-        self.root = Path(directory)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._locks: dict[str, FileLock] = {}
-        self._mutex = threading.Lock()
-
-    def _path(self, key_id: str) -> Path:
-        return self.root / f"{key_id}.json"
-
-    def locked(self, key_id: str) -> AbstractContextManager:
-        stripe = key_id[:2]
-        with self._mutex:
-            lock = self._locks.get(stripe)
-            if lock is None:
-                lock = self._locks[stripe] = FileLock(self.root / f".lock-{stripe}")
-        return lock.hold()
-
-    def get(self, key_id: str) -> IdempotencyRecord | None:
-        try:
-            return IdempotencyRecord.from_dict(read_json(self._path(key_id)))
-        except FileNotFoundError:
-            return None
-        except (ValueError, TypeError, KeyError) as exc:
-            log.warning("idempotency.corrupt_record", key_id=key_id, reason=str(exc))
-            return None
-
-    def put(self, record: IdempotencyRecord) -> None:
-        # Marking a record done need not wait for the directory's fsync: if a crash undoes it, the
-        # record reads as reserved, and the recovery path finds the job and completes it again.
-        data = json.dumps(record.to_dict(), separators=(",", ":"), sort_keys=True).encode()
-        write_atomic(self._path(record.key_id), data, sync_dir=record.state == RESERVED)
-
-    def delete(self, key_id: str) -> None:
-        if unlink_quietly(self._path(key_id)):
-            fsync_dir(self.root)
-
-    def purge(self, before: datetime, limit: int) -> int:
-        cutoff = before.timestamp()
-        with os.scandir(self.root) as it:
-            old = [e.name[:-5] for e in it if e.name.endswith(".json") and e.stat().st_mtime < cutoff]
-        count = 0
-        for key_id in old[:limit]:
-            with self.locked(key_id):
-                record = self.get(key_id)
-                if record is None or record.created_at < before:
-                    count += unlink_quietly(self._path(key_id))
-        return count
-
-
 class IdempotentCreates:
-    def __init__(self, records: IdempotencyRecords, service: JobService, ttl_seconds: float) -> None:
+    def __init__(self, records: "IdempotencyRecords", service: "JobService", ttl_seconds: float) -> None:
         self.records = records
         self.service = service
         self.ttl = timedelta(seconds=ttl_seconds)
@@ -229,14 +158,3 @@ class IdempotentCreates:
             log.info("idempotency.purged", count=purged)
         if purged >= PURGE_BATCH:
             self._next_purge = 0.0  # more may be left: the next create purges the next batch
-
-
-def init_idempotency(app, service: JobService) -> IdempotentCreates:
-    records = build_idempotency_records(service.store, app.config["JOBS_DATA_DIR"])
-    creates = IdempotentCreates(records, service, float(app.config["IDEMPOTENCY_TTL_SECONDS"]))
-    app.extensions[IDEMPOTENCY] = creates
-    return creates
-
-
-def idempotent_creates() -> IdempotentCreates:
-    return current_app.extensions[IDEMPOTENCY]

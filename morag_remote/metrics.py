@@ -6,7 +6,7 @@ to jobs, counted where it happens.
   right however many gunicorn processes serve the store.
 - Counters of claims, completions, failures, re-queues and lease expiries and a histogram of job
   durations are kept by :class:`JobMetrics`, an observer the factory registers on the service
-  (``JobService.observers``): the service says which transition it committed; this module alone
+  (``JobService.hooks.observers``): the service says which transition it committed; this module alone
   decides what to count.
 
 Under gunicorn the counters must add up across worker processes: prometheus_client's multiprocess
@@ -21,15 +21,14 @@ import os
 from typing import Any, Iterator
 
 import structlog
-from flask import Flask, current_app
+from flask import Flask
 from prometheus_client import CollectorRegistry, Counter, Histogram, exposition, values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from .context import SERVICE, service
+from .context import METRICS, SERVICE, service
 from .models import STATUSES, Action, RemoteJob
 
-METRICS = "morag_remote.metrics"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 PREFIX = "morag_remote"
 
@@ -109,7 +108,7 @@ class QueueCollector:
         self.content_types = content_types
 
     def collect(self) -> Iterator[Metric]:
-        body = service().queue_summary()
+        body = service().estimates.queue_summary()
         types = sorted(set(self.content_types) | {ct for per in body["counts"].values() for ct in per})
         depth = GaugeMetricFamily(f"{PREFIX}_jobs", "Jobs in the store by status and content type.",
                                   labels=["status", "content_type"])
@@ -173,13 +172,9 @@ def multiprocess_dir() -> str | None:
 def init_metrics(app: Flask) -> MetricsExporter:
     """Build this app's exporter and register its counters on the service as an observer."""
     exporter = MetricsExporter(tuple(app.config["CONTENT_TYPES"]), multiprocess_dir())
-    app.extensions[SERVICE].observers.append(JobMetrics(exporter.counters))
+    app.extensions[SERVICE].hooks.observers.append(JobMetrics(exporter.counters))
     app.extensions[METRICS] = exporter
     return exporter
-
-
-def metrics_exporter() -> MetricsExporter:
-    return current_app.extensions[METRICS]
 
 
 def is_public(value: Any) -> bool:

@@ -10,6 +10,7 @@ import dataclasses
 import enum
 import functools
 import os
+import re
 import threading
 import time
 import uuid
@@ -51,6 +52,16 @@ def new_job_id() -> str:
     rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
     value = (ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | rand
     return str(uuid.UUID(int=value))
+
+
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def valid_job_id(job_id: str) -> bool:
+    """The id rule of every backend: a plain ASCII token of 1-64 characters (ids name files, so no
+    '/', '..', NUL, and no non-ASCII letters or digits, whose UTF-8 bytes can make a name too long
+    for a file system; PostgreSQL refuses the same ids, so an export moves between backends)."""
+    return _ID.fullmatch(job_id) is not None
 
 
 class Status(str, enum.Enum):

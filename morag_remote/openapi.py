@@ -31,7 +31,8 @@ from apispec.ext.marshmallow.common import resolve_schema_cls
 from flask import Flask
 from werkzeug.routing import AnyConverter, IntegerConverter, Rule, UnicodeConverter
 
-from . import __version__, schemas
+from . import schemas
+from .version import __version__
 from .auth import ROLES
 from .config import Settings
 

@@ -22,9 +22,8 @@ from typing import IO, Iterable
 
 from . import jsonrules, schemas
 from .exceptions import InvalidRequest, JobNotFound
-from .models import RemoteJob
+from .models import RemoteJob, valid_job_id
 from .store.base import JobRepository
-from .store.files import valid_job_id
 
 # What the API lets a job hold, so that every imported job fits either backend and its indexes.
 MAX_LENGTHS = {"content_type": schemas.CONTENT_TYPE_LENGTH.max, "ingestion_task_id": schemas.ID_LENGTH.max,

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import requests
 
-from morag_remote.auth import KeyStore
+from morag_remote.store.files.keys import FileKeyStore
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60.0
@@ -35,7 +35,7 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
 
 def make_keys(instance: Path) -> dict[str, str]:
     """A key per role, written where the server will read them."""
-    store = KeyStore(instance / "api_keys.json")
+    store = FileKeyStore(instance / "api_keys.json")
     return {role: store.create(f"{role}-key", role)[1] for role in ("worker", "producer", "admin")}
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from morag_remote.config import Settings
 from morag_remote.models import STATUSES, RemoteJob, Status
 from morag_remote.service import Caller, JobService
-from morag_remote.store.files import FileJobStore
+from morag_remote.store.files.jobs import FileJobStore
 
 
 def file_service(data_dir: str, source_root: str) -> JobService:

@@ -12,17 +12,15 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from morag_remote.store import migrate
-from morag_remote.store.pgdb import url_from_env
+from morag_remote.store.postgres import migrate
+from morag_remote.store.postgres.db import url_from_env
 
 ENV = "MORAG_REMOTE_TEST_DATABASE_URL"
 HOW = (f"start PostgreSQL and set {ENV}=postgresql://postgres@127.0.0.1:5432/test to run them "
        "(README: 'The PostgreSQL backend')")
 
 #: modules that only the PostgreSQL tests exercise: left out of the coverage total when those skip
-PG_MODULES = ["*/morag_remote/store/postgres.py", "*/morag_remote/store/pgdb.py",
-              "*/morag_remote/store/pg_keys.py", "*/morag_remote/store/pg_idempotency.py",
-              "*/morag_remote/store/migrate.py", "*/morag_remote/store/pg_outbox.py"]
+PG_MODULES = ["*/morag_remote/store/postgres/*"]
 
 
 @dataclass
@@ -74,8 +72,8 @@ def claim_until_empty(url: str, worker_id: str, start, out) -> None:
 
     from morag_remote.config import Settings
     from morag_remote.service import JobService
-    from morag_remote.store.pgdb import database
-    from morag_remote.store.postgres import PostgresJobStore
+    from morag_remote.store.postgres.db import database
+    from morag_remote.store.postgres.jobs import PostgresJobStore
 
     service = JobService(PostgresJobStore(database(url, pool_size=2)), Settings())
     start.wait(60)

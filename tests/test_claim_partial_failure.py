@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from morag_remote.models import RemoteJob, new_job_id
-from morag_remote.store.files import FileJobStore
+from morag_remote.store.files.jobs import FileJobStore
 
 # Job files larger than this cannot be written in the child (RLIMIT_FSIZE): the write fails with EFBIG.
 FILE_SIZE_LIMIT = 4096

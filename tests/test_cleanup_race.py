@@ -12,7 +12,7 @@ import pytest
 
 from morag_remote.exceptions import InvalidTransition, JobNotFound
 from morag_remote.models import RemoteJob, Status, new_job_id
-from morag_remote.store.files import FileJobStore
+from morag_remote.store.files.jobs import FileJobStore
 
 from lifecycle_support import file_service, source_file
 

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from morag_remote.store.atomic import TEMP_PREFIX
+from morag_remote.fileio import TEMP_PREFIX
 
 AUDIO_LEASE = 1800
 

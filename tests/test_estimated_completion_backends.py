@@ -20,11 +20,11 @@ def test_a_processing_job_is_estimated_from_the_median_of_completed_ones(service
         service.submit_result(claimed.id, Caller(lease_id=claimed.lease_id), success=True, content="x")
     _job(service, instance_path)
     (running,) = service.poll("w1", ["audio"])
-    assert service.estimated_completion(running) == running.started_at + timedelta(seconds=20)
+    assert service.estimates.estimated_completion(running) == running.started_at + timedelta(seconds=20)
 
 
 def test_without_history_the_estimate_is_the_default_for_the_type(service, clock, instance_path):
     _job(service, instance_path, "video")
     (running,) = service.poll("w1", ["video"])
-    assert service.estimated_completion(running) == running.started_at + timedelta(seconds=DEFAULT_DURATIONS["video"])
-    assert service.estimated_completion(service.get(_job(service, instance_path).id)) is None
+    assert service.estimates.estimated_completion(running) == running.started_at + timedelta(seconds=DEFAULT_DURATIONS["video"])
+    assert service.estimates.estimated_completion(service.get(_job(service, instance_path).id)) is None

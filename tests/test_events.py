@@ -21,7 +21,7 @@ import live_gunicorn
 
 from morag_remote import create_app
 from morag_remote.context import SERVICE
-from morag_remote.events import events
+from morag_remote.context import events
 from morag_remote.events.signing import signature, verify
 from morag_remote.models import from_iso
 
@@ -341,9 +341,15 @@ class _BrokenListener:
     def job_finished(self, job):
         raise RuntimeError("listener bug")
 
+    def job_leaving_terminal(self, job):
+        pass
+
+    def job_accepted(self, job):
+        raise RuntimeError("listener bug")
+
 
 def test_a_failing_listener_never_fails_the_committed_change(producer, worker, service, receiver):
-    service.listeners.insert(0, _BrokenListener())
+    service.hooks.listeners.insert(0, _BrokenListener())
     job_id, result = finish(producer, worker)
     assert result.status_code == 200 and result.json == {"status": "completed", "ingestion_continued": True}
     cancelled = producer.create_id()
@@ -377,7 +383,7 @@ def _finish_in_a_process_that_dies_before_recording(config: dict, success: bool)
     from morag_remote.service import Caller
 
     service = create_app(config).extensions[SERVICE]
-    service.listeners.clear()
+    service.hooks.listeners.clear()
     [job] = service.poll("w-crash", ["audio"], 1)
     extra = {"content": "x"} if success else {"error_message": "gpu fell off", "retryable": False}
     service.submit_result(job.id, Caller(lease_id=job.lease_id), success=success, **extra)

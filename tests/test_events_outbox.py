@@ -11,10 +11,12 @@ from datetime import datetime, timedelta
 import pytest
 
 from morag_remote.events.model import Event
-from morag_remote.events.outbox import Checkpoint, EventOutbox, FileOutbox
-from morag_remote.store.pg_outbox import PostgresOutbox, claim_query
+from morag_remote.events.outbox import Checkpoint
+from morag_remote.store.base import EventOutbox
+from morag_remote.store.files.outbox import FileOutbox
+from morag_remote.store.postgres.outbox import PostgresOutbox, claim_query
 from morag_remote.models import RemoteJob, utcnow
-from morag_remote.store.pgdb import database
+from morag_remote.store.postgres.db import database
 
 CLAIM = 12.0
 
@@ -368,7 +370,7 @@ def test_error_text_postgresql_cannot_hold_is_stored_readably(pg_url):
 
 
 def test_finished_since_pages_through_jobs_that_share_a_finish_time(tmp_path):
-    from morag_remote.store.files import FileJobStore
+    from morag_remote.store.files.jobs import FileJobStore
 
     store = FileJobStore(tmp_path / "jobs")
     same = utcnow()

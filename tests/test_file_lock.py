@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from morag_remote.store.atomic import FileLock
+from morag_remote.fileio import FileLock
 
 
 def _try_lock(path: str, exclusive: bool, out) -> None:

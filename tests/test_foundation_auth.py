@@ -5,7 +5,7 @@ import pytest
 
 from conftest import auth
 from morag_remote import create_app
-from morag_remote.auth import KeyStore
+from morag_remote.store.files.keys import FileKeyStore
 from morag_remote.context import KEYS
 
 BASE = "/api/v1/remote-jobs"
@@ -73,5 +73,5 @@ def test_with_auth_disabled_every_request_is_admin(instance_path):
 
 @pytest.mark.files_only
 def test_a_key_made_by_another_process_is_accepted_without_a_restart(client, app, instance_path):
-    secret = KeyStore(instance_path / "api_keys.json").create("late", "producer")[1]
+    secret = FileKeyStore(instance_path / "api_keys.json").create("late", "producer")[1]
     assert client.get(BASE, headers=auth(secret)).status_code == 200

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from morag_remote.auth import KeyStore
+from morag_remote.store.files.keys import FileKeyStore
 
 REPO = Path(__file__).resolve().parent.parent
 WORKERS = 3
@@ -90,7 +90,7 @@ def _healthy(base: str) -> bool:
 def server(tmp_path: Path):
     instance = tmp_path / "instance"
     (instance / "sources").mkdir(parents=True)
-    keys = KeyStore(instance / "api_keys.json")
+    keys = FileKeyStore(instance / "api_keys.json")
     producer_key = keys.create("producer", "producer")[1]
     worker_key = keys.create("gpu", "worker")[1]
     port = _free_port()

@@ -20,7 +20,8 @@ from gunicorn_harness import wait_for
 
 from morag_remote import create_app, idempotency
 from morag_remote.context import KEYS, SERVICE
-from morag_remote.idempotency import IDEMPOTENCY, IdempotencyRecord, fingerprint_of, key_id_of
+from morag_remote.context import IDEMPOTENCY
+from morag_remote.idempotency import IdempotencyRecord, fingerprint_of, key_id_of
 from morag_remote.models import new_job_id, utcnow
 from morag_remote.schemas import CreateJobRequest
 

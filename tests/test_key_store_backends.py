@@ -58,8 +58,8 @@ def test_list_is_sorted_by_name_and_records_last_use(key_store):
 
 @pytest.mark.postgres
 def test_a_key_revoked_on_one_host_is_refused_by_another(pg_url, tmp_path):
-    from morag_remote.store.pg_keys import PostgresKeyStore
-    from morag_remote.store.pgdb import Database
+    from morag_remote.store.postgres.keys import PostgresKeyStore
+    from morag_remote.store.postgres.db import Database
 
     host_a, host_b = Database(pg_url), Database(pg_url)
     try:
@@ -79,8 +79,8 @@ def test_a_key_revoked_on_one_host_is_refused_by_another(pg_url, tmp_path):
     ("w", "w" * 129, "worker id has"),
 ])
 def test_the_database_key_store_keeps_the_file_stores_newer_rules(pg_url, name, worker_id, message):
-    from morag_remote.store.pg_keys import PostgresKeyStore
-    from morag_remote.store.pgdb import database
+    from morag_remote.store.postgres.keys import PostgresKeyStore
+    from morag_remote.store.postgres.db import database
 
     with pytest.raises(KeyRequestInvalid, match=message):
         PostgresKeyStore(database(pg_url)).create(name, "worker", worker_id)

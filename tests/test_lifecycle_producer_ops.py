@@ -191,20 +191,20 @@ def test_estimated_completion_is_the_median_of_observed_durations(producer, work
 def test_estimated_completion_history_is_per_content_type(service, clock):
     _complete_after(service, clock, 10, "video")
     job = claimed_job(service, content_type="audio")
-    assert service.estimated_completion(job) == job.started_at + timedelta(seconds=DEFAULT_DURATIONS["audio"])
+    assert service.estimates.estimated_completion(job) == job.started_at + timedelta(seconds=DEFAULT_DURATIONS["audio"])
 
 
 def test_estimated_completion_samples_the_most_recent_completions(service, clock):
-    service.duration_sample = 3
+    service.estimates.duration_sample = 3
     for seconds in (500, 500, 500, 7, 8, 9):
         _complete_after(service, clock, seconds)
-    assert service.typical_duration("audio") == 8
+    assert service.estimates.typical_duration("audio") == 8
 
 
 def test_estimated_completion_follows_a_new_completion_at_once(service, clock):
-    assert service.typical_duration("audio") == DEFAULT_DURATIONS["audio"]
+    assert service.estimates.typical_duration("audio") == DEFAULT_DURATIONS["audio"]
     _complete_after(service, clock, 42)
-    assert service.typical_duration("audio") == 42
+    assert service.estimates.typical_duration("audio") == 42
 
 
 def test_estimated_completion_is_null_unless_processing(producer, worker):

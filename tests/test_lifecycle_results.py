@@ -29,6 +29,12 @@ class Recorder:
         self.finished.append((job.id, job.status))
         return False
 
+    def job_leaving_terminal(self, job: RemoteJob) -> None:
+        pass
+
+    def job_accepted(self, job: RemoteJob) -> bool:
+        return False
+
 
 # -- backoff ----------------------------------------------------------------------------------
 
@@ -164,7 +170,7 @@ def test_identical_success_resubmission_answers_200_again(producer, worker):
 
 def test_identical_success_resubmission_completes_the_job_only_once(service):
     recorder = Recorder()
-    service.listeners.append(recorder)
+    service.hooks.listeners.append(recorder)
     job = claimed_job(service)
     first = service.submit_result(job.id, Caller(job.lease_id), success=True, content="hello")
 

@@ -21,7 +21,7 @@ POLL = "/api/v1/remote-jobs/poll"
 
 def waiting(service, n: int = 1) -> None:
     """Wait (bounded) until ``n`` long polls of this app are waiting."""
-    wait_for(lambda: service.waiting == n, 15, f"{n} waiting poll(s)", interval=0.01)
+    wait_for(lambda: service.polls.waiting == n, 15, f"{n} waiting poll(s)", interval=0.01)
 
 
 def backend_env(app, base: dict | None = None) -> dict[str, str]:
@@ -123,7 +123,7 @@ def test_polls_beyond_the_waiter_cap_return_at_once_instead_of_waiting(app, serv
                                                        "wait": 20}, headers=auth(keys["worker"]))
     assert second.status_code == 200
     assert second.json["job_id"] is None
-    assert first.thread.is_alive() and service.waiting == 1  # the first is still waiting
+    assert first.thread.is_alive() and service.polls.waiting == 1  # the first is still waiting
     job_id = producer.create_id("audio")
     assert first.result().json["job_id"] == job_id
 

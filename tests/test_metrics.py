@@ -221,7 +221,7 @@ class _BrokenObserver:
 
 
 def test_a_failing_observer_never_fails_the_transition(service, producer, worker, scrape):
-    service.observers.insert(0, _BrokenObserver())
+    service.hooks.observers.insert(0, _BrokenObserver())
     producer.create_id("audio")
     with capture_logs() as logs:
         job = worker.claim("audio")

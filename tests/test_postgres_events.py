@@ -9,8 +9,8 @@ import pytest
 import requests
 
 import pg_testing
-from morag_remote.store.pg_keys import PostgresKeyStore
-from morag_remote.store.pgdb import database
+from morag_remote.store.postgres.keys import PostgresKeyStore
+from morag_remote.store.postgres.db import database
 from test_events import SECRET, Receiver
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]

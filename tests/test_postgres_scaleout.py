@@ -15,9 +15,9 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 import pg_testing
-from morag_remote.store.pg_keys import PostgresKeyStore
-from morag_remote.store.pgdb import database
-from morag_remote.store.postgres import PostgresJobStore
+from morag_remote.store.postgres.keys import PostgresKeyStore
+from morag_remote.store.postgres.db import database
+from morag_remote.store.postgres.jobs import PostgresJobStore
 from test_store_contract import job
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]

@@ -11,8 +11,8 @@ import pytest
 
 from morag_remote import create_app
 from morag_remote.exceptions import StoreUnavailable
-from morag_remote.store.pgdb import Database, database, parse_url
-from morag_remote.store.postgres import PostgresJobStore
+from morag_remote.store.postgres.db import Database, database, parse_url
+from morag_remote.store.postgres.jobs import PostgresJobStore
 from test_store_contract import NOW, claim_as, job
 
 pytestmark = pytest.mark.postgres
@@ -74,7 +74,7 @@ def test_claim_walks_the_claim_index(store):
     with store.db.transaction() as conn:
         conn.execute("ANALYZE remote_jobs")
         conn.execute("SET LOCAL enable_seqscan = off")  # tiny table: judge the plan, not the size
-        from morag_remote.store.postgres import _CLAIM
+        from morag_remote.store.postgres.jobs import _CLAIM
 
         plan = "\n".join(r[0] for r in conn.execute(
             "EXPLAIN " + _CLAIM, {"types": ["audio", "video"], "now": NOW, "limit": 1}).fetchall())
@@ -250,7 +250,7 @@ def test_upgrade_without_a_schema_uses_the_connections_search_path(pg_database):
     import psycopg
     from psycopg import sql
 
-    from morag_remote.store import migrate
+    from morag_remote.store.postgres import migrate
 
     schema = f"{pg_database.schema}_plain"
     with psycopg.connect(pg_database.base_url, autocommit=True) as conn:

@@ -27,7 +27,7 @@ from morag_remote.config import Settings
 from morag_remote.exceptions import InvalidTransition, JobNotFound, LeaseConflict
 from morag_remote.models import STATUSES
 from morag_remote.service import Caller, JobService
-from morag_remote.store.files import FileJobStore
+from morag_remote.store.files.jobs import FileJobStore
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import pytest
 from morag_remote.exceptions import JobNotFound, LeaseConflict
 from morag_remote.models import RemoteJob, new_job_id
 from morag_remote.store.base import JobFilter
-from morag_remote.store.files import FileJobStore
+from morag_remote.store.files.jobs import FileJobStore
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -21,8 +21,8 @@ T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
 def repo(backend, tmp_path, request):
     if backend == "files":
         return FileJobStore(tmp_path / "jobs")
-    from morag_remote.store.pgdb import database
-    from morag_remote.store.postgres import PostgresJobStore
+    from morag_remote.store.postgres.db import database
+    from morag_remote.store.postgres.jobs import PostgresJobStore
 
     store = PostgresJobStore(database(request.getfixturevalue("pg_url")), batch_size=3)
     assert store.db.ensure_listening(10), "the LISTEN connection did not come up"

@@ -20,7 +20,7 @@ import structlog
 from lifecycle_support import source_file
 from morag_remote.models import STATUSES
 from morag_remote.service import Caller, JobService
-from morag_remote.store.files import FileJobStore
+from morag_remote.store.files.jobs import FileJobStore
 
 pytestmark = pytest.mark.files_only  # damage and crashes of the JSON files themselves
 

@@ -12,10 +12,10 @@ import pytest
 
 from morag_remote.exceptions import JobNotFound, StoreUnavailable
 from morag_remote.models import RemoteJob, new_job_id
-from morag_remote.store.atomic import TEMP_PREFIX, write_atomic
+from morag_remote.fileio import TEMP_PREFIX, write_atomic
 from morag_remote.store.base import JobFilter
-from morag_remote.store.files import FileJobStore
-from morag_remote.store.fsck import fsck
+from morag_remote.store.files.jobs import FileJobStore
+from morag_remote.store.files.fsck import fsck
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import auth
 from morag_remote.exceptions import JobNotFound
 from morag_remote.models import RemoteJob, new_job_id
-from morag_remote.store.files import CorruptJobFile, FileJobStore, load_job_file
+from morag_remote.store.files.jobs import CorruptJobFile, FileJobStore, load_job_file
 
 # Reading /proc/self/mem at offset 0 fails with EIO: a real I/O error from the kernel, made on
 # demand by putting a symlink to it where a job file was.

@@ -22,11 +22,11 @@ import pytest
 
 from morag_remote.models import STATUSES, Action, RemoteJob, new_job_id, next_status
 from morag_remote.store.base import pure
-from morag_remote.store.files import FileJobStore, _encode
-from morag_remote.store.fsck import fsck
-from morag_remote.store.journal import Journal
-from morag_remote.store.recycle import SPARE_DIR, Recycler
-from morag_remote.store.stale import StaleCopies, version_at
+from morag_remote.store.files.jobs import FileJobStore, encode_job
+from morag_remote.store.files.fsck import fsck
+from morag_remote.store.files.journal import Journal
+from morag_remote.store.files.recycle import SPARE_DIR, Recycler
+from morag_remote.store.files.stale import StaleCopies, version_at
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -43,7 +43,7 @@ def seed(store: FileJobStore, counts: dict[str, int]) -> None:
     for content_type, n in counts.items():
         for _ in range(n):
             job = make_job(content_type, version=1)
-            store.path("pending", job.id).write_bytes(_encode(job))
+            store.path("pending", job.id).write_bytes(encode_job(job))
 
 
 def claim_mutator(job: RemoteJob) -> RemoteJob:
@@ -113,7 +113,7 @@ def test_a_rebuilt_catalog_takes_the_newest_copy_and_skips_an_unreadable_file(tm
     for job in (moved, broken, plain):
         store.create(job)
     store.claim(["audio"], 1, NOW, claim_mutator)  # the oldest: moved to processing, version 2
-    store.path("pending", moved.id).write_bytes(_encode(moved))  # and its version 1 back, as after a crash
+    store.path("pending", moved.id).write_bytes(encode_job(moved))  # and its version 1 back, as after a crash
     store.path("pending", broken.id).write_bytes(b"{not json")
     fresh = FileJobStore(tmp_path / "data")
     counts = fresh.stats().counts
@@ -210,7 +210,7 @@ def test_a_copy_is_removed_only_while_it_is_the_version_that_was_replaced(tmp_pa
     store = FileJobStore(tmp_path / "data")
     job = make_job(version=4)
     path = store.path("pending", job.id)
-    path.write_bytes(_encode(job))
+    path.write_bytes(encode_job(job))
     recycler = Recycler(store.root / SPARE_DIR)
     stale = StaleCopies(store.lock, recycler)
     stale.remove([(path, 3)])  # a writer replaced version 3; this is 4
@@ -250,7 +250,7 @@ def test_fsck_still_reports_and_repairs_a_duplicate_left_by_a_crash(tmp_path):
     store.claim(["audio"], 1, NOW, claim_mutator)
     old = make_job(version=1)
     old.id = job.id
-    store.path("pending", job.id).write_bytes(_encode(old))  # the crash left the old copy behind
+    store.path("pending", job.id).write_bytes(encode_job(old))  # the crash left the old copy behind
     (finding,) = fsck(store)
     assert finding.kind == "duplicate" and finding.path.startswith("pending/")
     fsck(store, repair=True)

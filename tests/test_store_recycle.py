@@ -13,11 +13,11 @@ from typing import Iterator
 import pytest
 from structlog.testing import capture_logs
 
-from morag_remote.store.atomic import read_committed, stage, stage_open
+from morag_remote.fileio import read_committed, stage, stage_open
 from morag_remote.store.base import pure
-from morag_remote.store.files import FileJobStore, load_job_file
-from morag_remote.store.fsck import fsck
-from morag_remote.store.recycle import SPARE_DIR, Recycler, recycler_for
+from morag_remote.store.files.jobs import FileJobStore, load_job_file
+from morag_remote.store.files.fsck import fsck
+from morag_remote.store.files.recycle import SPARE_DIR, Recycler, recycler_for
 from test_store_performance import NOW, claim_mutator, complete_mutator, make_job
 
 _created: list[str] | None = None

@@ -9,7 +9,7 @@ import pytest
 from morag_remote import create_app
 from morag_remote.context import KEYS, SERVICE
 from morag_remote.models import RemoteJob
-from morag_remote.store.files import FileJobStore
+from morag_remote.store.files.jobs import FileJobStore
 from morag_remote.transfer import export_jobs, import_jobs
 from test_store_contract import NOW, claim_as, finish, job
 
@@ -19,8 +19,8 @@ def target(backend, tmp_path, request):
     """The store an export is imported into (each backend in turn)."""
     if backend == "files":
         return FileJobStore(tmp_path / "target")
-    from morag_remote.store.pgdb import database
-    from morag_remote.store.postgres import PostgresJobStore
+    from morag_remote.store.postgres.db import database
+    from morag_remote.store.postgres.jobs import PostgresJobStore
 
     return PostgresJobStore(database(request.getfixturevalue("pg_url")))
 

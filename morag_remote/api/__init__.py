@@ -1,0 +1,14 @@
+"""The HTTP API: one blueprint module per resource, each view documenting itself (see openapi.py)."""
+from __future__ import annotations
+
+from flask import Flask
+
+
+def register_blueprints(app: Flask) -> None:
+    from . import docs, health, metrics, remote_jobs, stats
+
+    app.register_blueprint(health.bp)
+    app.register_blueprint(metrics.bp)
+    app.register_blueprint(docs.bp)
+    app.register_blueprint(stats.bp)  # before remote_jobs: /stats must not match /<job_id>
+    app.register_blueprint(remote_jobs.bp)

@@ -13,11 +13,11 @@ from functools import lru_cache
 
 from flask import Blueprint, Response, current_app, json, render_template_string, send_from_directory, url_for
 
+from ..context import DOCUMENT
 from ..openapi import build_document
 
 bp = Blueprint("docs", __name__)
 
-DOCUMENT = "morag_remote.openapi"
 ASSET_TYPES = {
     "swagger-ui.css": "text/css",
     "swagger-ui-bundle.js": "text/javascript",

@@ -8,7 +8,8 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, g, request
 
 from ..auth import ANY, authenticate_request
-from ..metrics import is_public, metrics_exporter
+from ..context import metrics_exporter
+from ..metrics import is_public
 
 bp = Blueprint("metrics", __name__)
 

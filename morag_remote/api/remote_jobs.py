@@ -9,11 +9,10 @@ from werkzeug.exceptions import MethodNotAllowed
 
 from .. import schemas
 from ..auth import ANY, Forbidden, current_principal, requires
-from ..context import service, tokens
-from ..events import events
+from ..context import events, idempotent_creates, service, tokens
 from ..exceptions import InvalidRequest
 from ..idempotency import HEADER as IDEMPOTENCY_HEADER
-from ..idempotency import idempotent_creates, parse_key
+from ..idempotency import parse_key
 from ..models import RemoteJob
 from ..service import Caller
 from ..sources import download_name
@@ -124,7 +123,7 @@ def submit_result(job_id: str) -> Response:
 @requires(*ANY)
 def job_status(job_id: str) -> Response:
     job = service().get(job_id)
-    body = dict(vars(job), estimated_completion=service().estimated_completion(job),
+    body = dict(vars(job), estimated_completion=service().estimates.estimated_completion(job),
                 event_delivery=events().delivery_state(job))
     return respond(schema(schemas.JobStatusResponse), body)
 

@@ -15,4 +15,4 @@ bp = Blueprint("stats", __name__, url_prefix="/api/v1/remote-jobs")
 @bp.get("/stats")
 @requires(*ANY)
 def stats() -> Response:
-    return respond(schema(schemas.StatsResponse), service().queue_summary())
+    return respond(schema(schemas.StatsResponse), service().estimates.queue_summary())

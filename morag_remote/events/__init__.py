@@ -1,29 +1,27 @@
 """Signed completion events for the ingestion side (issue: continue the ingestion pipeline).
 
-``init_events`` wires them into an app: an outbox beside the job store
-(``store.factory.build_outbox``), an :class:`EventDelivery` registered as the service's terminal
-listener, and a hook that lets later requests retry failed attempts once their response has been
-sent. The README's "Completion events" section is the receiver's contract (body, headers,
-signature).
+``init_events`` wires them into an app: an :class:`EventDelivery` over the backend's outbox,
+registered as the service's terminal listener, and a hook that lets later requests retry failed
+attempts once their response has been sent. The README's "Completion events" section is the
+receiver's contract (body, headers, signature).
 """
 from __future__ import annotations
 
 import structlog
-from flask import Flask, Response, current_app
+from flask import Flask, Response
 
+from ..context import EVENTS
 from ..service import JobService
-from ..store.factory import build_outbox
+from ..store.base import EventOutbox
 from .delivery import DeliveryReport, EventDelivery, EventSettings
 
-EVENTS = "morag_remote.events"
 log = structlog.get_logger(__name__)
 
 
-def init_events(app: Flask, service: JobService) -> EventDelivery:
+def init_events(app: Flask, service: JobService, outbox: EventOutbox) -> EventDelivery:
     settings = EventSettings.from_config(app.config)
-    outbox = build_outbox(service.store, app.config["JOBS_DATA_DIR"])
     delivery = EventDelivery(outbox, service.store, settings, clock=lambda: service.clock())
-    service.listeners.append(delivery)
+    service.hooks.listeners.append(delivery)
     app.extensions[EVENTS] = delivery
 
     @app.after_request
@@ -38,8 +36,4 @@ def init_events(app: Flask, service: JobService) -> EventDelivery:
     return delivery
 
 
-def events() -> EventDelivery:
-    return current_app.extensions[EVENTS]
-
-
-__all__ = ["DeliveryReport", "EventDelivery", "EventSettings", "events", "init_events"]
+__all__ = ["DeliveryReport", "EventDelivery", "EventSettings", "init_events"]

@@ -6,7 +6,7 @@ import json
 import click
 from flask.cli import with_appcontext
 
-from . import events
+from ..context import events
 
 
 @click.command("deliver")

@@ -45,10 +45,10 @@ import structlog
 
 from ..exceptions import JobNotFound, StoreUnavailable
 from ..models import RemoteJob, Status
-from ..store.base import JobRepository
+from ..store.base import EventOutbox, JobRepository
 from .destinations import job_webhook, normalize_prefixes, webhook_problem
 from .model import Event, event_id_for, occurred_at
-from .outbox import Checkpoint, EventOutbox
+from .outbox import Checkpoint
 from .transport import post_event
 
 log = structlog.get_logger(__name__)

@@ -1,0 +1,1 @@
+"""Storage: the interfaces (``base.py``), the backends (``files/``, ``postgres/``) and the factory that picks one."""

@@ -1,4 +1,8 @@
-"""The repository interface: what the service needs from a store, and nothing about leases or retries.
+"""Every storage interface the service needs, and the :class:`Backend` that bundles one of each.
+
+A backend package (``store/files/``, ``store/postgres/``) implements all of them and imports the
+domain modules (models, auth, idempotency, events), never the reverse; ``store/factory.py`` is the
+only module that names both. Nothing here knows about leases or retries.
 
 A backend owns the bytes (files, locks, fsync, SQL). The service passes *mutators*: functions that
 take the current job and return the new one (or raise a ServiceError to refuse); the backend applies
@@ -7,13 +11,29 @@ on the job in between.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Collection, Iterable, Iterator, Protocol
 
 from ..models import RemoteJob
 
+if TYPE_CHECKING:
+    from ..auth import ApiKey
+    from ..events.model import Event
+    from ..events.outbox import Checkpoint
+    from ..idempotency import IdempotencyRecord
+
 Mutator = Callable[[RemoteJob], RemoteJob]
+
+
+class NoChange(Exception):
+    """Raised by a mutator to leave the job as it is: the backend writes nothing and lets the
+    exception reach the caller, which reads the job it carries (a repeated result, a lapse that
+    another process handled first). Every backend passes the store contract's test of this."""
+
+    def __init__(self, job: RemoteJob) -> None:
+        self.job = job
 
 
 def pure(mutate: Mutator) -> Mutator:
@@ -102,8 +122,14 @@ class JobRepository(Protocol):
     def next_available_at(self, content_types: Iterable[str]) -> datetime | None:
         """When the earliest delayed pending job of these types becomes available."""
 
-    def wait_for_change(self, timeout: float) -> bool:
-        """Block up to ``timeout`` seconds until the store changes; True when it did."""
+    def change_marker(self) -> int | None:
+        """A value that moves whenever this process learns of a change, for
+        :meth:`wait_for_change`'s ``since``; None when the backend keeps none (then a waiter is
+        woken by any change made after it started waiting)."""
+
+    def wait_for_change(self, timeout: float, since: int | None = None) -> bool:
+        """Block up to ``timeout`` seconds until the store changes (with ``since``: changed since
+        that :meth:`change_marker`); True when it did."""
 
     def iter_all(self) -> Iterator[RemoteJob]:
         """Every job, for export."""
@@ -113,3 +139,109 @@ class JobRepository(Protocol):
 
     def check_writable(self) -> None:
         """Raise StoreUnavailable when the store cannot take writes."""
+
+
+class KeyRepository(Protocol):
+    """API keys: only their hashes are kept (rules in ``auth.py``)."""
+
+    def create(self, name: str, role: str, worker_id: str | None = None) -> tuple[ApiKey, str]:
+        """A new key and its secret (shown once); KeyRequestInvalid when the name is taken."""
+
+    def list(self) -> list[ApiKey]: ...
+
+    def revoke(self, name: str) -> None: ...
+
+    def has_keys(self) -> bool: ...
+
+    def authenticate(self, secret: str) -> ApiKey | None:
+        """The key whose hash matches, or None; notes its last use (at most once a minute)."""
+
+
+class IdempotencyRecords(Protocol):
+    """Idempotency-Key records (rules in ``idempotency.py``)."""
+
+    def locked(self, key_id: str) -> AbstractContextManager:
+        """Hold the key exclusively (across processes) for a lookup-then-write."""
+
+    def get(self, key_id: str) -> IdempotencyRecord | None: ...
+
+    def put(self, record: IdempotencyRecord) -> None: ...
+
+    def delete(self, key_id: str) -> None: ...
+
+    def purge(self, before: datetime, limit: int) -> int:
+        """Remove records created before ``before``; returns how many."""
+
+
+class EventOutbox(Protocol):
+    """Completion events, stored before anyone tries to send them (rules in ``events/``)."""
+
+    def record(self, event: Event, now: datetime, claim_seconds: float | None) -> tuple[Event, bool]:
+        """Store ``event`` unless one with its id exists; return the stored event and whether the
+        caller now holds a claim on it. With ``claim_seconds`` the caller wants to attempt it at once:
+        a new event is claimed by its recorder, an existing one only when it is pending, due and not
+        claimed. With None nothing is claimed (the event waits for the next delivery run)."""
+
+    def get(self, event_id: str) -> Event | None:
+        """The event, delivered or not; None when there is none with this id."""
+
+    def claim(self, now: datetime, limit: int, claim_seconds: float, *, due_only: bool = True,
+              exclude_webhooks: Collection[str | None] = ()) -> list[Event]:
+        """Take up to ``limit`` pending events that no one holds (and, with ``due_only``, that are
+        due: see :func:`claimable`), oldest :func:`schedule` first, skipping those bound for
+        ``exclude_webhooks``; each is marked as an attempt in flight until ``now + claim_seconds``."""
+
+    def mark_delivered(self, event_id: str, now: datetime) -> None:
+        """The receiver accepted the event (no-op when it is gone or delivered already)."""
+
+    def mark_failed(self, event_id: str, error: str, next_attempt_at: datetime) -> None:
+        """The attempt failed: release the claim, schedule the next attempt."""
+
+    def checkpoint(self) -> Checkpoint | None:
+        """How far reconciliation got: every terminal job before it in (finish time, id) order."""
+
+    def set_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Move the reconciliation checkpoint (never backwards)."""
+
+    def purge_delivered(self, before: datetime, limit: int) -> int:
+        """Forget delivered events older than ``before``; returns how many."""
+
+    def counts(self) -> dict[str, int]:
+        """How many events are pending and delivered."""
+
+
+@dataclass
+class Finding:
+    """One thing ``fsck`` found: its kind, where, and whether it was repaired."""
+
+    kind: str
+    path: str
+    job_id: str | None
+    detail: str
+    repaired: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class SchemaMigrations(Protocol):
+    """A backend whose schema is versioned (PostgreSQL): ``flask db upgrade`` / ``db current``."""
+
+    def upgrade(self) -> tuple[list, int]:
+        """Apply the pending migrations; the ones applied and the version reached."""
+
+    def current(self) -> tuple[int, int]:
+        """The version the store is at, and the latest this code knows."""
+
+
+@dataclass
+class Backend:
+    """One implementation of every storage interface, opened together from the settings."""
+
+    name: str
+    jobs: JobRepository
+    keys: KeyRepository
+    idempotency: IdempotencyRecords
+    outbox: EventOutbox
+    fsck: Callable[[bool], list[Finding]]
+    migrations: SchemaMigrations | None = None

@@ -1,5 +1,7 @@
 """The rules of the queue: claim, lease, heartbeat, result, retry with backoff, cancel, fencing.
 
+Long polls (``polling.py``), estimates and the queue summary (``estimates.py``) and the listeners
+and observers told of each change (``hooks.py``) are the service's helpers, in modules of their own.
 Every status change is a mutator passed to the repository, which applies it atomically; each mutator
 asks :func:`~.models.next_status` first, so the transition table in ``models.py`` is the one place
 that says what may happen. Time comes from ``clock``, so tests move it without sleeping.
@@ -10,30 +12,23 @@ import hashlib
 import json
 import os
 import random
-import statistics
-import threading
-import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any, BinaryIO, Callable, Iterable, Protocol
+from datetime import timedelta
+from typing import Any, BinaryIO, Callable, Iterable
 
 import structlog
 
-from .config import Settings
-from .exceptions import InvalidTransition, JobNotFound, LeaseConflict, SourceForbidden
-from .models import STATUSES, Action, Clock, RemoteJob, Status, new_job_id, next_status, utcnow
-from .sources import confine, open_source
-from .store.base import JobFilter, JobRepository, StoreStats, pure
+from ..config import Settings
+from ..exceptions import InvalidTransition, JobNotFound, LeaseConflict, SourceForbidden
+from ..models import Action, Clock, RemoteJob, Status, new_job_id, next_status, utcnow
+from ..sources import confine, open_source
+from ..store.base import JobFilter, JobRepository, NoChange, StoreStats, pure
+from .estimates import Estimates
+from .hooks import Hooks
+from .polling import LongPolls
 
 log = structlog.get_logger(__name__)
-
-# The seed's guesses, used by ``estimated_completion`` until a content type has history.
-DEFAULT_DURATIONS = {"audio": 300.0, "video": 900.0}
-DEFAULT_DURATION = 600.0
-DURATION_SAMPLE = 200
-DURATION_CACHE_SECONDS = 60.0
-
 
 @dataclass(frozen=True)
 class Caller:
@@ -43,33 +38,11 @@ class Caller:
     bound_worker_id: str | None = None
 
 
-class TerminalListener(Protocol):
-    """Told about terminal transitions. A listener may also define ``job_leaving_terminal(job)``,
-    called before a terminal job is re-opened (inside the store's critical section) or deleted, and
-    ``job_accepted(job) -> bool``: whether the ingestion side has accepted the job's terminal state
-    (asked when a worker sends the same result again)."""
-
-    def job_finished(self, job: RemoteJob) -> bool:
-        """Called once per terminal transition; True when the ingestion side accepted it now."""
-
-
-class JobObserver(Protocol):
-    def job_changed(self, action: Action, job: RemoteJob) -> None:
-        """Told after each committed transition, with the job as stored (metrics count these)."""
-
-
 # The action a result or a lapse took, read off the status it led to.
 _RESULT_ACTIONS = {Status.COMPLETED.value: Action.COMPLETE, Status.FAILED.value: Action.FAIL,
                    Status.PENDING.value: Action.FAIL_RETRY}
 _LAPSE_ACTIONS = {Status.PENDING.value: Action.LAPSE_RETRY, Status.TIMEOUT.value: Action.LAPSE}
 _EXPIRE_ACTIONS = {Status.TIMEOUT.value: Action.EXPIRE}
-
-
-class _NoChange(Exception):
-    """Raised inside a mutator to leave the job as it is (the repository writes nothing)."""
-
-    def __init__(self, job: RemoteJob) -> None:
-        self.job = job
 
 
 @dataclass
@@ -86,13 +59,9 @@ class JobService:
         self.settings = settings
         self.clock = clock
         self.rng = rng
-        self.listeners: list[TerminalListener] = []
-        self.observers: list[JobObserver] = []
-        self._waiters = threading.BoundedSemaphore(max(settings.poll_max_waiters, 1))
-        self._waiting = 0
-        self._waiting_lock = threading.Lock()
-        self._durations: dict[str, tuple[float, float | None]] = {}
-        self.duration_sample = DURATION_SAMPLE
+        self.hooks = Hooks()
+        self.polls = LongPolls(store, settings.poll_max_waiters, clock=lambda: self.clock())
+        self.estimates = Estimates(store, settings, clock=lambda: self.clock())
 
     # -- producers -------------------------------------------------------------------------------
 
@@ -137,8 +106,8 @@ class JobService:
 
         job = self.store.update(job_id, mutate)
         log.info("job.cancelled", job_id=job_id)
-        self._observe(Action.CANCEL, job)
-        self._finished(job)
+        self.hooks.changed(Action.CANCEL, job)
+        self.hooks.finished(job)
         return job
 
     def retry(self, job_id: str) -> RemoteJob:
@@ -147,7 +116,7 @@ class JobService:
         def mutate(job: RemoteJob) -> RemoteJob:
             now = self.clock()
             reopened = next_status(job.status, Action.RETRY)
-            self._leaving_terminal(job)  # inside the store's critical section, before the write
+            self.hooks.leaving_terminal(job)  # inside the store's critical section, before the write
             job.status = reopened.value
             job.max_retries = max(job.max_retries, job.retry_count + 1)
             job.worker_id = job.lease_id = None
@@ -160,12 +129,12 @@ class JobService:
 
         job = self.store.update(job_id, mutate)
         log.info("job.retried", job_id=job_id)
-        self._observe(Action.RETRY, job)
+        self.hooks.changed(Action.RETRY, job)
         return job
 
     def delete(self, job_id: str) -> None:
         def leaving(job: RemoteJob) -> bool:
-            self._leaving_terminal(job)  # inside the store's critical section, before the delete
+            self.hooks.leaving_terminal(job)  # inside the store's critical section, before the delete
             return True
 
         self.store.delete(job_id, only_if=leaving)
@@ -181,55 +150,11 @@ class JobService:
         a dead worker's job to come back.
         """
         types = list(dict.fromkeys(content_types))
-        marker = self._change_marker()
+        marker = self.polls.marker()
         jobs = self._claim(worker_id, types, max_jobs)
         if jobs or wait <= 0:
             return jobs
-        if not self._waiters.acquire(blocking=False):
-            log.warning("poll.waiters_full", worker_id=worker_id)
-            return jobs
-        self._count_waiting(+1)
-        try:
-            deadline = time.monotonic() + wait
-            while not jobs:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                timeout = min(remaining, self._next_wake(types))
-                if marker is None:
-                    self.store.wait_for_change(timeout)
-                else:
-                    self.store.wait_for_change(timeout, since=marker)
-                marker = self._change_marker()
-                if self.store.has_available(types, self.clock()) or self.store.lapsed(self.clock(), 1):
-                    jobs = self._claim(worker_id, types, max_jobs)
-        finally:
-            self._count_waiting(-1)
-            self._waiters.release()
-        return jobs
-
-    @property
-    def waiting(self) -> int:
-        """How many long polls of this process are waiting right now."""
-        return self._waiting
-
-    def _count_waiting(self, delta: int) -> None:
-        with self._waiting_lock:
-            self._waiting += delta
-
-    def _change_marker(self) -> int | None:
-        """The store's change counter, taken before looking for work, so that a job created
-        between the look and the wait wakes the waiter (None: a store without one)."""
-        marker = getattr(self.store, "change_marker", None)
-        return marker() if marker is not None else None
-
-    def _next_wake(self, types: list[str]) -> float:
-        """How long a long poll may sleep before a delayed job or a lease could need it (<= 2 s)."""
-        wake = 2.0
-        next_at = self.store.next_available_at(types)
-        if next_at is not None:
-            wake = min(wake, max((next_at - self.clock()).total_seconds(), 0.01))
-        return wake
+        return self.polls.wait_for(lambda: self._claim(worker_id, types, max_jobs), types, wait, marker, worker_id)
 
     def _claim(self, worker_id: str, types: list[str], max_jobs: int) -> list[RemoteJob]:
         self.expire_due(self.settings.lapsed_per_poll)
@@ -251,7 +176,7 @@ class JobService:
         for job in jobs:
             log.info("job.claimed", job_id=job.id, worker_id=worker_id, attempt=job.attempt,
                      lease_s=self.settings.lease_for(job.content_type))
-            self._observe(Action.CLAIM, job)
+            self.hooks.changed(Action.CLAIM, job)
         return jobs
 
     def holder_check(self, job: RemoteJob, caller: Caller, action: Action | None = None) -> None:
@@ -307,7 +232,7 @@ class JobService:
             return job
 
         job = self.store.update(job_id, mutate)
-        self._observe(Action.HEARTBEAT, job)
+        self.hooks.changed(Action.HEARTBEAT, job)
         return job
 
     def submit_result(self, job_id: str, caller: Caller, *, success: bool, content: str | None = None,
@@ -332,7 +257,7 @@ class JobService:
         @pure
         def mutate(job: RemoteJob) -> RemoteJob:
             if job.result_digest == digest and (caller.lease_id is None or caller.lease_id == job.lease_id):
-                raise _NoChange(job)  # the same result again (a retried request): answer as before
+                raise NoChange(job)  # the same result again (a retried request): answer as before
             self.holder_check(job, caller, Action.COMPLETE if success else Action.FAIL)
             now = self.clock()
             job.updated_at = now
@@ -358,15 +283,15 @@ class JobService:
 
         try:
             job = self.store.update(job_id, mutate)
-        except _NoChange as same:
+        except NoChange as same:
             log.info("job.result_repeated", job_id=job_id, status=same.job.status)
-            return ResultOutcome(same.job, ingestion_continued=self._accepted(same.job), repeated=True)
+            return ResultOutcome(same.job, ingestion_continued=self.hooks.accepted(same.job), repeated=True)
         log.info("job.result", job_id=job_id, success=success, job_status=job.status,
                  retry_count=job.retry_count, processing_time=processing_time)
-        self._observe(_RESULT_ACTIONS[job.status], job)
+        self.hooks.changed(_RESULT_ACTIONS[job.status], job)
         if job.status == Status.COMPLETED.value:
-            self._durations.pop(job.content_type, None)  # a new observation: estimate afresh
-        return ResultOutcome(job, ingestion_continued=self._finished(job))
+            self.estimates.completed(job.content_type)
+        return ResultOutcome(job, ingestion_continued=self.hooks.finished(job))
 
     def backoff(self, n: int) -> float:
         """Delay before the n-th retry: doubling from the base, capped, plus up to 10% jitter."""
@@ -393,16 +318,16 @@ class JobService:
                   actions: dict[str, Action]) -> int:
         try:
             job = self.store.update(job_id, mutate)
-        except (_NoChange, JobNotFound):
+        except (NoChange, JobNotFound):
             return 0
-        self._observe(actions[job.status], job)
-        self._finished(job)
+        self.hooks.changed(actions[job.status], job)
+        self.hooks.finished(job)
         return 1
 
     def _lapse(self, job: RemoteJob) -> RemoteJob:
         now = self.clock()
         if job.status != Status.PROCESSING.value or job.timeout_at is None or job.timeout_at > now:
-            raise _NoChange(job)
+            raise NoChange(job)
         lost_worker = job.worker_id
         if job.retry_count < job.max_retries:
             job.status = next_status(job.status, Action.LAPSE_RETRY).value
@@ -426,7 +351,7 @@ class JobService:
         ttl = self.settings.pending_ttl_seconds or 0
         waiting_since = job.available_at or job.created_at
         if job.status != Status.PENDING.value or waiting_since > now - timedelta(seconds=ttl):
-            raise _NoChange(job)
+            raise NoChange(job)
         job.status = next_status(job.status, Action.EXPIRE).value
         job.completed_at = job.updated_at = now
         job.error_message = f"no worker took the job within {ttl:g} s"
@@ -442,7 +367,7 @@ class JobService:
             if not Status(job.status).is_terminal or (job.completed_at or job.updated_at) >= cutoff:
                 log.info("job.cleanup_skipped", job_id=job.id, job_status=job.status)
                 return False
-            self._leaving_terminal(job)
+            self.hooks.leaving_terminal(job)
             return True
 
         for job_id in self.store.finished_before(cutoff, 1_000_000):
@@ -459,92 +384,6 @@ class JobService:
     def stats(self) -> StoreStats:
         return self.store.stats()
 
-    def queue_summary(self) -> dict[str, Any]:
-        """What ``/stats``, ``remote-jobs stats`` and the metrics gauges report: counts by status and
-        content type, totals, the age of the oldest pending job, and the workers seen within the
-        longest lease period."""
-        stats = self.store.stats()
-        now = self.clock()
-        counts: dict[str, dict[str, int]] = {status: {} for status in STATUSES}
-        for (status, content_type), n in stats.counts.items():
-            counts.setdefault(status, {})[content_type] = n
-        oldest = stats.oldest_pending_created_at
-        window = timedelta(seconds=max(self.settings.lease_seconds.values(), default=3600))
-        active = sorted(w for w, seen in stats.worker_last_seen.items() if seen and now - seen <= window)
-        return {
-            "counts": counts,
-            "totals": {status: sum(per.values()) for status, per in counts.items()},
-            "oldest_pending_age_seconds": round((now - oldest).total_seconds(), 3) if oldest else None,
-            "active_workers": active,
-        }
-
-    def estimated_completion(self, job: RemoteJob) -> datetime | None:
-        if job.status != Status.PROCESSING.value or job.started_at is None:
-            return None
-        return job.started_at + timedelta(seconds=self.typical_duration(job.content_type))
-
-    def typical_duration(self, content_type: str) -> float:
-        """Median duration (claim to result) of the most recently completed jobs of this type.
-
-        Cached a minute per process; a completion seen by this process drops the cached value.
-        """
-        now = time.monotonic()
-        cached = self._durations.get(content_type)
-        if cached is None or now - cached[0] > DURATION_CACHE_SECONDS:
-            done = self.store.recently_completed(content_type, self.duration_sample)
-            durations = [(j.completed_at - j.started_at).total_seconds()
-                         for j in done if j.completed_at and j.started_at]
-            cached = (now, statistics.median(durations) if durations else None)
-            self._durations[content_type] = cached
-        if cached[1] is not None:
-            return cached[1]
-        return DEFAULT_DURATIONS.get(content_type, DEFAULT_DURATION)
-
-    def _observe(self, action: Action, job: RemoteJob) -> None:
-        """Tell every observer; one that fails is logged, never allowed to fail the transition."""
-        for observer in self.observers:
-            try:
-                observer.job_changed(action, job)
-            except Exception:
-                log.exception("job.observer_failed", observer=type(observer).__name__, action=action.value,
-                              job_id=job.id)
-
-    def _finished(self, job: RemoteJob) -> bool:
-        if not Status(job.status).is_terminal:
-            return False
-        accepted = False
-        for listener in self.listeners:  # the change is committed: a listener's failure must not fail it
-            try:
-                accepted = listener.job_finished(job) or accepted
-            except Exception:
-                log.exception("job.listener_failed", listener=type(listener).__name__, job_id=job.id)
-        return accepted
-
-    def _accepted(self, job: RemoteJob) -> bool:
-        """For a repeated result: whether the ingestion side has accepted the job's terminal state
-        by now (the first answer said whether it did during that request; a retried request whose
-        first answer was lost learns the same, or better: a later delivery counts)."""
-        if not Status(job.status).is_terminal:
-            return False
-        try:
-            return any(getattr(listener, "job_accepted", lambda _job: False)(job) for listener in self.listeners)
-        except Exception:  # the outbox cannot be read now: the repeat is still answered
-            log.exception("job.listener_failed", job_id=job.id)
-            return False
-
-    def _leaving_terminal(self, job: RemoteJob) -> None:
-        """Tell listeners a job is about to leave a terminal state or be deleted (they may need to
-        record what that state meant first, e.g. a completion event not yet recorded)."""
-        if not Status(job.status).is_terminal:
-            return
-        for listener in self.listeners:
-            hook = getattr(listener, "job_leaving_terminal", None)
-            if hook is not None:
-                hook(job)
-
 
 def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-__all__ = ["Caller", "JobService", "ResultOutcome", "InvalidTransition"]

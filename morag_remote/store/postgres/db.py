@@ -29,7 +29,7 @@ import structlog
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..exceptions import InvalidRequest, StoreUnavailable
+from ...exceptions import InvalidRequest, StoreUnavailable
 from . import migrate
 
 log = structlog.get_logger(__name__)
@@ -236,3 +236,26 @@ class Database:
                 log.warning("db.listener_lost", error=str(exc).strip()[:200], retry_in_s=delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+# -- the schema, for `flask db upgrade` / `db current` ------------------------------------------
+
+def _connect(url: str) -> psycopg.Connection:
+    try:
+        return Database(url).connect(autocommit=True)
+    except psycopg.OperationalError as exc:
+        reason = (str(exc).strip().splitlines() or ["no answer"])[-1]
+        raise StoreUnavailable(f"cannot connect to the database: {reason}") from None
+
+
+def upgrade_database(url: str) -> tuple[list[migrate.Migration], int]:
+    """``flask db upgrade``: the migrations applied now, and the version the database is at."""
+    with _connect(url) as conn:
+        applied = migrate.upgrade(conn, parse_url(url)[1])
+        return applied, migrate.current_version(conn)
+
+
+def database_version(url: str) -> int:
+    """``flask db current``."""
+    with _connect(url) as conn:
+        return migrate.current_version(conn)

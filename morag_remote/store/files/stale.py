@@ -20,7 +20,7 @@ import os
 import threading
 from typing import Iterable
 
-from .atomic import FileLock, fsync_dir, read_json
+from ...fileio import FileLock, fsync_dir, read_json
 from .recycle import Recycler
 
 StaleCopy = tuple[str | os.PathLike, int]  # the old file and the version it held when it was replaced

@@ -1,4 +1,4 @@
--- The completion-events outbox (morag_remote/store/pg_outbox.py): one row per event, the columns
+-- The completion-events outbox (morag_remote/store/postgres/outbox.py): one row per event, the columns
 -- that claims, purges and counts filter and order on, and the whole Event as JSONB (``doc``, what
 -- ``Event.to_dict`` returns), which is what reads return.
 CREATE TABLE event_outbox (

@@ -1,4 +1,4 @@
-"""Idempotency-Key records in PostgreSQL: :class:`~morag_remote.idempotency.IdempotencyRecords` for the
+"""Idempotency-Key records in PostgreSQL: ``store.base.IdempotencyRecords`` for the
 database backend, so that any API host can answer a retried create.
 
 The semantics are the JSON files' (``idempotency.py``): every ``put`` is a transaction of its own,
@@ -27,9 +27,9 @@ from typing import Iterator
 import psycopg
 from psycopg.types.json import Jsonb
 
-from ..idempotency import HEADER, IdempotencyKeyBusy, IdempotencyRecord
-from .pgdb import Database
-from .postgres import utf8_document
+from ...idempotency import HEADER, IdempotencyKeyBusy, IdempotencyRecord
+from .db import Database
+from .jobs import utf8_document
 
 LOCK_WAIT_SECONDS = 30.0
 

@@ -14,10 +14,7 @@ import threading
 import weakref
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
-
-if TYPE_CHECKING:
-    from .recycle import Recycler
+from typing import Any, Iterator, Protocol
 
 TEMP_PREFIX = ".tmp-"
 READ_CHUNK = 64 * 1024
@@ -31,13 +28,21 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def stage(folder: str | os.PathLike, name: str, data: bytes, reuse: Recycler | None = None) -> str:
+class Spares(Protocol):
+    """Retired files that may be overwritten instead of creating new ones (the file backend's
+    ``store/files/recycle.py``)."""
+
+    def take(self) -> str | None:
+        """The path of a spare file this process may overwrite, or None when it has none."""
+
+
+def stage(folder: str | os.PathLike, name: str, data: bytes, reuse: Spares | None = None) -> str:
     """A new temp file in ``folder`` holding ``data``, fsynced: ready to be renamed into place.
 
     The caller renames it (the commit point) or removes it; on failure here it is removed. The temp
     name carries random bytes besides the pid: a process killed mid-write leaves its temp file
     behind, and a later process given the same pid must not find its name taken. With ``reuse``,
-    a spare file is overwritten instead when the recycler has one (see :mod:`.recycle`).
+    a spare file is overwritten instead when the recycler has one (see ``store/files/recycle.py``).
     """
     tmp, fd = stage_open(folder, name, data, sync=True, reuse=reuse)
     os.close(fd)
@@ -45,13 +50,13 @@ def stage(folder: str | os.PathLike, name: str, data: bytes, reuse: Recycler | N
 
 
 def stage_open(folder: str | os.PathLike, name: str, data: bytes, *, sync: bool,
-               reuse: Recycler | None = None) -> tuple[str, int]:
+               reuse: Spares | None = None) -> tuple[str, int]:
     """:func:`stage`, fsynced only when ``sync``, and the temp file's descriptor left open: for a
     caller that renames the file at once and fsyncs the descriptor later, before it reports the
     write as done, then closes it. On failure here the file is removed and the descriptor closed.
 
     ``reuse`` only with ``sync``: a spare holds another record until the new bytes are on disk, so
-    it may be renamed into place only once they are (:mod:`.recycle`)."""
+    it may be renamed into place only once they are (``store/files/recycle.py``)."""
     if reuse is not None and not sync:
         raise ValueError("a reused file must be fsynced before it is renamed into place")
     tmp, fd = _reused(reuse) if reuse is not None else (None, -1)
@@ -71,7 +76,7 @@ def stage_open(folder: str | os.PathLike, name: str, data: bytes, *, sync: bool,
     return tmp, fd
 
 
-def _reused(recycler: Recycler) -> tuple[str | None, int]:
+def _reused(recycler: Spares) -> tuple[str | None, int]:
     """A spare file opened for writing (not truncated: its block is overwritten in place), or
     (None, -1) when the recycler has none left that can still be opened."""
     while True:
@@ -141,7 +146,7 @@ def read_json(path: str | os.PathLike) -> Any:
 def read_committed(path: str | os.PathLike) -> bytes:
     """:func:`read_bytes` for a file that may be moved away and overwritten while it is read (a
     job file read without the store lock: a move retires the old copy to be reused, see
-    :mod:`.recycle`). FileNotFoundError when the file is gone, or when what was read is not what
+    ``store/files/recycle.py``). FileNotFoundError when the file is gone, or when what was read is not what
     ``path`` holds now: the name points at another file, or the file was renamed or written
     meanwhile (its inode change time moved; a rename and every write set it)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -23,25 +23,13 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..models import STATUSES, RemoteJob
-from .atomic import TEMP_PREFIX, fsync_dir, unlink_quietly, write_atomic
-from .files import CORRUPT_DIR, INCOMING_DIR, CorruptJobFile, FileJobStore, _encode, load_job_file
-
-
-@dataclass
-class Finding:
-    kind: str
-    path: str
-    job_id: str | None
-    detail: str
-    repaired: bool = False
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+from ...models import STATUSES, RemoteJob
+from ...fileio import TEMP_PREFIX, fsync_dir, unlink_quietly, write_atomic
+from ..base import Finding
+from .jobs import CORRUPT_DIR, INCOMING_DIR, CorruptJobFile, FileJobStore, encode_job, load_job_file
 
 
 IN_FLIGHT_SECONDS = 0.2  # longer than a write needs to settle (fsync a directory, drop the older copy)
@@ -155,7 +143,7 @@ def _remove(path: Path) -> None:
 
 def _move(store: FileJobStore, job: RemoteJob, path: Path) -> None:
     """Write the job where its status says (the new copy first), then drop the misplaced one."""
-    write_atomic(store.path(job.status, job.id), _encode(job))
+    write_atomic(store.path(job.status, job.id), encode_job(job))
     _remove(path)
 
 

@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 
 from sortedcontainers import SortedList
 
-from ..models import TERMINAL, RemoteJob, Status
+from ...models import TERMINAL, RemoteJob, Status
 
 
 @dataclass(slots=True)

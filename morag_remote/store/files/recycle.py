@@ -29,7 +29,7 @@ import secrets
 import threading
 import weakref
 
-from .atomic import unlink_quietly
+from ...fileio import unlink_quietly
 
 SPARE_DIR = ".spare"
 KEEP = 64  # per process: a cycle retires two files and reuses two, so a few dozen absorb bursts

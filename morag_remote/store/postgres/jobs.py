@@ -21,19 +21,18 @@ from typing import Any, Callable, Iterable, Iterator
 
 from psycopg.types.json import Jsonb
 
-from ..exceptions import InvalidRequest, JobNotFound, StoreUnavailable
-from ..models import TERMINAL, RemoteJob, Status
-from .base import JobFilter, Mutator, StoreStats
-from .files import valid_job_id
-from .pgdb import Database
+from ...exceptions import InvalidRequest, JobNotFound, StoreUnavailable
+from ...models import TERMINAL, RemoteJob, Status, valid_job_id
+from ..base import JobFilter, Mutator, StoreStats
+from .db import Database
 
 _PENDING = Status.PENDING.value
 
-_WRITE_COLUMNS = ("status", "content_type", "priority", "created_at", "available_at", "timeout_at",
+WRITE_COLUMNS = ("status", "content_type", "priority", "created_at", "available_at", "timeout_at",
                   "completed_at", "finished_at", "seen_at", "worker_id", "ingestion_task_id", "version", "doc")
-_INSERT = (f"INSERT INTO remote_jobs (id, {', '.join(_WRITE_COLUMNS)}) "
-           f"VALUES (%(id)s, {', '.join(f'%({c})s' for c in _WRITE_COLUMNS)})")
-_UPDATE = (f"UPDATE remote_jobs SET {', '.join(f'{c} = %({c})s' for c in _WRITE_COLUMNS)} "
+_INSERT = (f"INSERT INTO remote_jobs (id, {', '.join(WRITE_COLUMNS)}) "
+           f"VALUES (%(id)s, {', '.join(f'%({c})s' for c in WRITE_COLUMNS)})")
+_UPDATE = (f"UPDATE remote_jobs SET {', '.join(f'{c} = %({c})s' for c in WRITE_COLUMNS)} "
            "WHERE id = %(id)s")
 
 # Up to ``limit`` jobs per content type, each branch an ordered walk of the claim index that skips
@@ -54,7 +53,7 @@ SELECT j.version, j.doc
 """
 
 
-def _job(version: int, doc: dict[str, Any]) -> RemoteJob:
+def job_from_row(version: int, doc: dict[str, Any]) -> RemoteJob:
     job = RemoteJob.from_dict(doc)
     job.version = version
     return job
@@ -80,7 +79,7 @@ def utf8_document(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def _params(job: RemoteJob) -> dict[str, Any]:
+def row_params(job: RemoteJob) -> dict[str, Any]:
     created = job.created_at
     if created is None:
         raise ValueError(f"job {job.id} has no created_at")
@@ -116,7 +115,7 @@ class PostgresJobStore:
 
     def create(self, job: RemoteJob) -> RemoteJob:
         job.version = 1
-        params = _params(job)
+        params = row_params(job)
         with self.db.transaction() as conn:
             inserted = conn.execute(_INSERT + " ON CONFLICT (id) DO NOTHING", params).rowcount
             if not inserted:
@@ -129,7 +128,7 @@ class PostgresJobStore:
         with self.db.transaction() as conn:
             row = conn.execute("SELECT version FROM remote_jobs WHERE id = %s FOR UPDATE", (job.id,)).fetchone()
             job.version = row[0] + 1 if row else max(job.version, 1)
-            conn.execute(_UPDATE if row else _INSERT, _params(job))
+            conn.execute(_UPDATE if row else _INSERT, row_params(job))
             self._announce(conn, job)
         self._changed(job)
         return job
@@ -141,7 +140,7 @@ class PostgresJobStore:
                            (job_id,)).fetchone()
         if row is None:
             raise JobNotFound(f"no job with id {job_id!r}")
-        return _job(*row)
+        return job_from_row(*row)
 
     def update(self, job_id: str, mutate: Mutator) -> RemoteJob:
         _check_id(job_id)
@@ -149,7 +148,7 @@ class PostgresJobStore:
             current = self._lock_row(conn, job_id)
             new = mutate(current.copy())
             new.version = current.version + 1
-            conn.execute(_UPDATE, _params(new))
+            conn.execute(_UPDATE, row_params(new))
             self._announce(conn, new)
         self._changed(new)
         return new
@@ -164,10 +163,10 @@ class PostgresJobStore:
         with self.db.transaction() as conn:
             rows = conn.execute(_CLAIM, {"types": types, "now": now, "limit": limit}).fetchall()
             for version, doc in rows:
-                current = _job(version, doc)
+                current = job_from_row(version, doc)
                 new = mutate(current.copy())
                 new.version = current.version + 1
-                conn.execute(_UPDATE, _params(new))
+                conn.execute(_UPDATE, row_params(new))
                 claimed.append(new)
         return claimed
 
@@ -193,7 +192,7 @@ class PostgresJobStore:
             row = conn.execute("SELECT version, doc FROM remote_jobs WHERE id = %s", (job_id,)).fetchone()
         if row is None:
             raise JobNotFound(f"no job with id {job_id!r}")
-        return _job(*row)
+        return job_from_row(*row)
 
     def list(self, filters: JobFilter, after: str | None, limit: int) -> tuple[list[RemoteJob], str | None]:
         where, params = [], []
@@ -211,7 +210,7 @@ class PostgresJobStore:
                  + " ORDER BY id LIMIT %s")
         with self.db.transaction() as conn:
             rows = conn.execute(query, [*params, limit + 1]).fetchall()
-        jobs = [_job(*row) for row in rows[:limit]]
+        jobs = [job_from_row(*row) for row in rows[:limit]]
         return jobs, (jobs[-1].id if len(rows) > limit and jobs else None)
 
     def _ids(self, query: str, *params: Any) -> list[str]:
@@ -231,7 +230,7 @@ class PostgresJobStore:
             rows = conn.execute("SELECT version, doc FROM remote_jobs WHERE status = 'completed' "
                                 "AND content_type = %s ORDER BY completed_at DESC, id DESC LIMIT %s",
                                 (content_type, limit)).fetchall()
-        return [_job(*row) for row in rows]
+        return [job_from_row(*row) for row in rows]
 
     def finished_since(self, cutoff: datetime, limit: int, after_id: str | None = None) -> list[str]:
         if after_id is None:
@@ -278,7 +277,7 @@ class PostgresJobStore:
                 rows = conn.execute("SELECT version, doc FROM remote_jobs WHERE id > %s ORDER BY id LIMIT %s",
                                     (after, self.batch_size)).fetchall()
             for row in rows:
-                yield _job(*row)
+                yield job_from_row(*row)
             if len(rows) < self.batch_size:
                 return
             after = rows[-1][1]["id"]
@@ -292,5 +291,9 @@ class PostgresJobStore:
         if recovery or read_only == "on":
             raise StoreUnavailable("the job database is read-only (a standby, or in read-only mode)")
 
-    def wait_for_change(self, timeout: float) -> bool:
+    def change_marker(self) -> None:
+        """None: a waiter is woken by the NOTIFY of any change made after it started waiting."""
+        return None
+
+    def wait_for_change(self, timeout: float, since: int | None = None) -> bool:
         return self.db.wait(timeout)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import secrets
 import threading
 import time
@@ -35,11 +34,11 @@ from typing import Callable, Iterable, Iterator
 
 import structlog
 
-from ..exceptions import JobNotFound, JobUnreadable, StoreUnavailable
-from ..models import STATUSES, RemoteJob
-from .atomic import (TEMP_PREFIX, FileLock, fsync_dir, read_bytes, read_committed, stage, stage_open,
+from ...exceptions import JobNotFound, JobUnreadable, StoreUnavailable
+from ...models import STATUSES, RemoteJob, valid_job_id
+from ...fileio import (TEMP_PREFIX, FileLock, fsync_dir, read_bytes, read_committed, stage, stage_open,
                      unlink_quietly, write_all, write_atomic)
-from .base import JobFilter, Mutator, StoreStats, is_pure
+from ..base import JobFilter, Mutator, StoreStats, is_pure
 from .catalog import Catalog
 from .journal import Journal, JournalGap, Position
 from .recycle import SPARE_DIR, recycler_for
@@ -251,7 +250,7 @@ class FileJobStore:
     def _stage(self, job: RemoteJob) -> str:
         """The job's bytes in a fsynced temp file (a spare one when there is one), written before
         the lock is taken."""
-        return stage(self._incoming, f"{job.id}.json", _encode(job), reuse=self._recycler)
+        return stage(self._incoming, f"{job.id}.json", encode_job(job), reuse=self._recycler)
 
     def _place(self, job: RemoteJob, copies: list[tuple[RemoteJob, str]], staged: str | None = None,
                spare: tuple[str, int] | None = None) -> _Commit:
@@ -272,9 +271,9 @@ class FileJobStore:
             self._position = self.journal.append([job.id], where=(job.status, job.version))
             target = self._file(job.status, job.id)
             if fd is not None:
-                write_all(fd, _encode(job))
+                write_all(fd, encode_job(job))
             elif staged is None:
-                staged, fd = stage_open(self._incoming, f"{job.id}.json", _encode(job), sync=False)
+                staged, fd = stage_open(self._incoming, f"{job.id}.json", encode_job(job), sync=False)
             os.replace(staged, target)
         except BaseException:
             if staged is not None:
@@ -647,18 +646,10 @@ class _Locked:
         self.cm.__exit__(*exc)
 
 
-def _encode(job: RemoteJob) -> bytes:
+def encode_job(job: RemoteJob) -> bytes:
     return json.dumps(job.to_dict(), separators=(",", ":"), sort_keys=True).encode()
 
 
 def _dt(ts: float | None) -> datetime | None:
     return datetime.fromtimestamp(ts, timezone.utc) if ts is not None else None
 
-
-_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-def valid_job_id(job_id: str) -> bool:
-    """Ids name files: refuse anything that is not a plain ASCII token (no '/', '..', NUL, and no
-    non-ASCII letters or digits, whose UTF-8 bytes can make a name too long for the file system)."""
-    return _ID.fullmatch(job_id) is not None

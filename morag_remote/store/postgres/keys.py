@@ -1,4 +1,4 @@
-"""API keys in PostgreSQL: :class:`~morag_remote.auth.KeyStore`'s interface, for the database backend,
+"""API keys in PostgreSQL: ``store.base.KeyRepository``, for the database backend,
 so that a key made or revoked on one host is known to every host at its next request.
 
 Only the SHA-256 of a key is stored. A key is looked up by its digest through the unique index: with
@@ -12,9 +12,9 @@ import time
 import psycopg
 import structlog
 
-from ..auth import KEY_PREFIX, LAST_USED_RESOLUTION, ApiKey, KeyRequestInvalid, hash_key, validate_key_request
-from ..models import to_iso, utcnow
-from .pgdb import Database
+from ...auth import KEY_PREFIX, LAST_USED_RESOLUTION, ApiKey, KeyRequestInvalid, hash_key, validate_key_request
+from ...models import to_iso, utcnow
+from .db import Database
 
 log = structlog.get_logger(__name__)
 

@@ -25,9 +25,9 @@ from typing import Any, Callable, Collection
 import structlog
 from psycopg.types.json import Jsonb
 
-from ..events.model import DELIVERED, PENDING, Event
-from ..events.outbox import Checkpoint, claimable, start_attempt, valid_event_id
-from .pgdb import Database
+from ...events.model import DELIVERED, PENDING, Event
+from ...events.outbox import Checkpoint, claimable, start_attempt, valid_event_id
+from .db import Database
 
 log = structlog.get_logger(__name__)
 

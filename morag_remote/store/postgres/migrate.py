@@ -103,29 +103,3 @@ def upgrade(conn: psycopg.Connection, schema: str | None = None) -> list[Migrati
         log.info("db.migrated", version=migration.version, name=migration.name, schema=target)
         applied.append(migration)
     return applied
-
-
-def _connect(url: str) -> psycopg.Connection:
-    from ..exceptions import StoreUnavailable
-    from .pgdb import Database
-
-    try:
-        return Database(url).connect(autocommit=True)
-    except psycopg.OperationalError as exc:
-        reason = (str(exc).strip().splitlines() or ["no answer"])[-1]
-        raise StoreUnavailable(f"cannot connect to the database: {reason}") from None
-
-
-def upgrade_database(url: str) -> tuple[list[Migration], int]:
-    """``flask db upgrade``: the migrations applied now, and the version the database is at."""
-    from .pgdb import parse_url
-
-    with _connect(url) as conn:
-        applied = upgrade(conn, parse_url(url)[1])
-        return applied, current_version(conn)
-
-
-def database_version(url: str) -> int:
-    """``flask db current``."""
-    with _connect(url) as conn:
-        return current_version(conn)

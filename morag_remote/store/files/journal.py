@@ -18,7 +18,7 @@ import os
 import weakref
 from pathlib import Path
 
-from .atomic import READ_CHUNK, unlink_quietly
+from ...fileio import READ_CHUNK, unlink_quietly
 
 Position = tuple[int, int]  # (segment number, byte offset)
 Where = tuple[str, int]  # (status, version) of the record a line announces

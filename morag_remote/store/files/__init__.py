@@ -1,0 +1,33 @@
+"""The JSON-file backend, the embedded default: every record a file under the instance folder.
+
+``jobs.py`` (the job store: status folders, the lock, claims) is built from ``atomic.py`` (temp
+file, fsync, rename; the file lock), ``catalog.py`` (the in-memory index), ``journal.py`` (changes
+announced to the other processes), ``recycle.py`` (reused spare files) and ``stale.py`` (old copies
+removed after the lock); ``keys.py``, ``idempotency.py`` and ``outbox.py`` keep the other records;
+``fsck.py`` checks and repairs what a crash can leave.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from ..base import Backend
+from .fsck import fsck
+from .idempotency import FileIdempotencyRecords
+from .jobs import FileJobStore
+from .keys import FileKeyStore
+from .outbox import FileOutbox
+
+
+def open_backend(config: Mapping[str, Any], instance_path: str) -> Backend:
+    """Jobs, idempotency records and events under ``JOBS_DATA_DIR``; API keys in the instance folder."""
+    data_dir = config["JOBS_DATA_DIR"]
+    jobs = FileJobStore(data_dir)
+    return Backend(
+        name="files",
+        jobs=jobs,
+        keys=FileKeyStore(os.path.join(instance_path, "api_keys.json")),
+        idempotency=FileIdempotencyRecords(os.path.join(data_dir, "idempotency")),
+        outbox=FileOutbox(os.path.join(data_dir, "events")),
+        fsck=lambda repair: fsck(jobs, repair=repair),
+    )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import auth
+from support.actions import auth
 from morag_remote import create_app
 from morag_remote.store.base import JobFilter
 

@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from conftest import auth
+from support.actions import auth
 from morag_remote import create_app
 from morag_remote.auth import LAST_USED_RESOLUTION, KeyRequestInvalid, current_principal, hash_key
 from morag_remote.context import KEYS

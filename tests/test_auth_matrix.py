@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import auth
+from support.actions import auth
 from morag_remote.api.docs import ASSET_RULE
 from morag_remote.context import KEYS, SERVICE, TOKENS
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pg_testing import free_port
+from support.postgres import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

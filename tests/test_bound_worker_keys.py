@@ -6,7 +6,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import WorkerActions
+from support.actions import WorkerActions
 
 LEASE = 1800
 

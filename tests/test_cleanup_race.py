@@ -14,7 +14,7 @@ from morag_remote.exceptions import InvalidTransition, JobNotFound
 from morag_remote.models import RemoteJob, Status, new_job_id
 from morag_remote.store.files.jobs import FileJobStore
 
-from lifecycle_support import file_service, source_file
+from support.jobs import file_service, source_file
 
 JOBS = 200
 

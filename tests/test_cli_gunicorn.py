@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from gunicorn_harness import ROOT, Gunicorn, make_keys, wait_for
-from metrics_text import parse_samples, value
+from support.gunicorn import ROOT, Gunicorn, make_keys, wait_for
+from support.metrics_text import parse_samples, value
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
-from conftest import WorkerActions, auth
+from support.actions import WorkerActions, auth
 from morag_remote import tokens as tokens_module
 from morag_remote.context import KEYS
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import auth
+from support.actions import auth
 
 BASE = "/api/v1/remote-jobs"
 UNKNOWN_ID = "0190d6a0-0000-7000-8000-000000000000"

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-import live_gunicorn
+from support import live_gunicorn
 
 from morag_remote import create_app
 from morag_remote.context import SERVICE

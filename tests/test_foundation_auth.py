@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import auth
+from support.actions import auth
 from morag_remote import create_app
 from morag_remote.store.files.keys import FileKeyStore
 from morag_remote.context import KEYS

@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from conftest import auth
+from support.actions import auth
 from morag_remote.context import KEYS
 
 

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from conftest import auth
+from support.actions import auth
 
 BASE = "/api/v1/remote-jobs"
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import requests
 
-import live_gunicorn
-from gunicorn_harness import wait_for
+from support import live_gunicorn
+from support.gunicorn import wait_for
 
 from morag_remote import create_app, idempotency
 from morag_remote.context import KEYS, SERVICE
@@ -80,7 +80,7 @@ def test_different_keys_make_different_jobs(producer):
 
 
 def test_keys_are_scoped_to_the_api_key_that_sent_them(producer, app, client, instance_path):
-    from conftest import ProducerActions
+    from support.actions import ProducerActions
 
     _, other_secret = app.extensions[KEYS].create("producer-2", "producer")
     other = ProducerActions(client, other_secret, instance_path / "sources")

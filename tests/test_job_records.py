@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle_support import new_job
+from support.jobs import new_job
 from morag_remote.store.files.jobs import CorruptJobFile, load_job_file
 
 pytestmark = pytest.mark.files_only  # damage and crashes of the JSON files themselves

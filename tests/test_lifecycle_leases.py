@@ -8,8 +8,8 @@ from datetime import timedelta
 
 import pytest
 
-from conftest import WorkerActions
-from lifecycle_support import claimed_job, new_job
+from support.actions import WorkerActions
+from support.jobs import claimed_job, new_job
 from morag_remote.exceptions import InvalidTransition
 from morag_remote.models import from_iso
 from morag_remote.service import Caller

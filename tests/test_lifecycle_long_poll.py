@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lifecycle_support import claimed_job
+from support.jobs import claimed_job
 from morag_remote.service import Caller
 
 SHORT = 0.3  # seconds: short enough to pass within a long poll, long enough to be a real delay

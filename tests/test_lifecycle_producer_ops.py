@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import auth
-from lifecycle_support import claimed_job, directories_of, new_job
+from support.actions import auth
+from support.jobs import claimed_job, directories_of, new_job
 from morag_remote.models import from_iso
 from morag_remote.service import DEFAULT_DURATION, DEFAULT_DURATIONS, Caller
 

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from lifecycle_support import claimed_job
+from support.jobs import claimed_job
 from morag_remote.exceptions import InvalidTransition
 from morag_remote.models import RemoteJob, from_iso
 from morag_remote.service import Caller

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle_support import directories_of, disk_snapshot, job_in, lease_of
+from support.jobs import directories_of, disk_snapshot, job_in, lease_of
 from morag_remote.exceptions import InvalidTransition
 from morag_remote.models import TRANSITIONS, Action, RemoteJob, Status, next_status
 from morag_remote.service import Caller, JobService

@@ -12,7 +12,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from conftest import auth
+from support.actions import auth
 
 
 @pytest.fixture

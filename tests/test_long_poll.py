@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-import live_gunicorn
+from support import live_gunicorn
 import requests
-from conftest import WorkerActions, auth
-from gunicorn_harness import wait_for
+from support.actions import WorkerActions, auth
+from support.gunicorn import wait_for
 
 POLL = "/api/v1/remote-jobs/poll"
 

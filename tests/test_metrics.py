@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from structlog.testing import capture_logs
 
-from conftest import auth
-from metrics_text import parse_samples, value, values_of
+from support.actions import auth
+from support.metrics_text import parse_samples, value, values_of
 from morag_remote import create_app
 from morag_remote.context import SERVICE
 from morag_remote.metrics import is_public

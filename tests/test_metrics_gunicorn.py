@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from gunicorn_harness import Gunicorn, make_keys, wait_for
-from metrics_text import parse_samples, value, values_of
+from support.gunicorn import Gunicorn, make_keys, wait_for
+from support.metrics_text import parse_samples, value, values_of
 
 pytestmark = pytest.mark.slow
 

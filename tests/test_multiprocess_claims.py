@@ -12,7 +12,7 @@ import pytest
 
 from morag_remote.models import RemoteJob
 
-from lifecycle_support import file_service, source_file
+from support.jobs import file_service, source_file
 
 PROCESSES = 8
 JOBS = 1000

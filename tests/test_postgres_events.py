@@ -8,7 +8,7 @@ import secrets
 import pytest
 import requests
 
-import pg_testing
+from support import postgres as pg_testing
 from morag_remote.store.postgres.keys import PostgresKeyStore
 from morag_remote.store.postgres.db import database
 from test_events import SECRET, Receiver

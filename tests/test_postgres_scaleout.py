@@ -14,7 +14,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-import pg_testing
+from support import postgres as pg_testing
 from morag_remote.store.postgres.keys import PostgresKeyStore
 from morag_remote.store.postgres.db import database
 from morag_remote.store.postgres.jobs import PostgresJobStore

@@ -7,7 +7,7 @@ import pytest
 
 from morag_remote import create_app
 
-from conftest import WorkerActions, auth
+from support.actions import WorkerActions, auth
 
 
 def test_crash_in_a_view_answers_problem_json_500_without_a_traceback(instance_path):

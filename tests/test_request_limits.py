@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from conftest import auth
+from support.actions import auth
 from morag_remote.schemas import MAX_JSON_DEPTH, MAX_METADATA_BYTES, MAX_OPTIONS_BYTES
 from morag_remote.store.base import JobFilter
 

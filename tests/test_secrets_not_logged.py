@@ -19,7 +19,7 @@ import pytest
 import requests
 import structlog
 
-from conftest import auth
+from support.actions import auth
 from morag_remote.log import RedactFilter, redact_text
 
 J = "/api/v1/remote-jobs"

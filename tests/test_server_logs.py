@@ -15,7 +15,7 @@ import requests
 from gunicorn.config import Config
 from structlog.testing import capture_logs
 
-from gunicorn_harness import ROOT, Gunicorn, make_keys
+from support.gunicorn import ROOT, Gunicorn, make_keys
 from morag_remote.gunicorn_log import AccessFormatter, JsonLogger, json_formatter
 from morag_remote.log import ACCESS_CONTEXT
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import WorkerActions, auth
+from support.actions import WorkerActions, auth
 from morag_remote import create_app
 from morag_remote.context import KEYS, SERVICE
 from morag_remote.exceptions import SourceForbidden

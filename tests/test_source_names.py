@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WorkerActions, auth
+from support.actions import WorkerActions, auth
 from morag_remote.exceptions import SourceForbidden
 from morag_remote.sources import open_source
 from morag_remote.store.base import JobFilter

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, multiple, precondition, rule
 
-from conftest import FakeClock
+from support.actions import FakeClock
 from morag_remote.config import Settings
 from morag_remote.exceptions import InvalidTransition, JobNotFound, LeaseConflict
 from morag_remote.models import STATUSES

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from lifecycle_support import source_file
+from support.jobs import source_file
 from morag_remote.models import STATUSES
 from morag_remote.service import Caller, JobService
 from morag_remote.store.files.jobs import FileJobStore

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle_support import claimed_job, directories_of, new_job
+from support.jobs import claimed_job, directories_of, new_job
 from morag_remote import create_app
 from morag_remote.context import SERVICE
 from morag_remote.service import Caller

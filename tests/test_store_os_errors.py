@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import auth
+from support.actions import auth
 from morag_remote.exceptions import JobNotFound
 from morag_remote.models import RemoteJob, new_job_id
 from morag_remote.store.files.jobs import CorruptJobFile, FileJobStore, load_job_file

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gunicorn_harness import Gunicorn, wait_for
+from support.gunicorn import Gunicorn, wait_for
 
 CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import requests
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:

@@ -63,7 +63,7 @@ def probe() -> tuple[TestDatabase | None, str]:
 
 # -- real processes: claimers and gunicorn hosts sharing the test database -------------------------
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def claim_until_empty(url: str, worker_id: str, start, out) -> None:

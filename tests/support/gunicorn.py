@@ -15,7 +15,7 @@ import requests
 
 from morag_remote.store.files.keys import FileKeyStore
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 60.0
 _LISTENING = re.compile(r"Listening at: http://127\.0\.0\.1:(\d+)")
 _BOOTING = re.compile(r"Booting worker with pid: (\d+)")

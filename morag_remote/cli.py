@@ -25,7 +25,7 @@ from flask import Flask
 
 from . import schemas
 from .auth import ROLES
-from .context import backend, key_store, service
+from .context import backend, key_store, service, workers
 from .events.cli import deliver_command
 from .exceptions import ServiceError
 from .fileio import fsync_dir, stage_open, unlink_quietly
@@ -146,7 +146,7 @@ def show(job_id: str, as_json: bool) -> None:
 
 def _describe(job: dict) -> str:
     fields = ("id", "status", "content_type", "ingestion_task_id", "source_file_path", "priority",
-              "worker_id", "attempt", "retry_count", "max_retries", "created_at", "started_at",
+              "worker_id", "attempt", "retry_count", "max_retries", "releases", "created_at", "started_at",
               "timeout_at", "completed_at", "progress", "error_message")
     lines = [f"{name + ':':<18} {job[name] if job[name] is not None else '-'}" for name in fields]
     result = job.get("result_data")
@@ -165,6 +165,18 @@ def stats(as_json: bool) -> None:
         [f"{status:<10} {ct:<9} {n}" for status, per in sorted(b["counts"].items())
          for ct, n in sorted(per.items())]
         + [f"oldest pending: {b['oldest_pending_age_seconds']} s", f"active workers: {len(b['active_workers'])}"]))
+
+
+@jobs_cli.command("workers")
+@json_option
+@with_appcontext
+def workers_command(as_json: bool) -> None:
+    """The workers heard from in the last day: last seen, host, what they poll for, jobs held."""
+    body = schemas.WorkersResponse().dump({"workers": workers().list()})
+    _emit(as_json, body, lambda b: "\n".join(
+        f"{w['worker_id']}  seen={w['last_seen'] or '-'} host={w['hostname'] or '-'} "
+        f"version={w['version'] or '-'} types={','.join(w['content_types']) or '-'} "
+        f"jobs={','.join(j['job_id'] for j in w['jobs']) or '-'}" for w in b["workers"]) or "no worker seen")
 
 
 @jobs_cli.command("cancel")

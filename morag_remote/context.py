@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .service import JobService
     from .store.base import Backend, KeyRepository
     from .tokens import DownloadTokens
+    from .workers import Workers
 
 BACKEND = "morag_remote.backend"
 SERVICE = "morag_remote.service"
@@ -26,6 +27,7 @@ EVENTS = "morag_remote.events"
 IDEMPOTENCY = "morag_remote.idempotency"
 METRICS = "morag_remote.metrics"
 DOCUMENT = "morag_remote.openapi"
+WORKERS = "morag_remote.workers"
 
 
 def backend() -> Backend:
@@ -54,3 +56,7 @@ def idempotent_creates() -> IdempotentCreates:
 
 def metrics_exporter() -> MetricsExporter:
     return current_app.extensions[METRICS]
+
+
+def workers() -> Workers:
+    return current_app.extensions[WORKERS]

@@ -12,7 +12,7 @@ from flask import Flask
 
 from .auth import KeyFileUnreadable, auth_disabled
 from .config import DEFAULTS, ENV_PREFIX, Settings, instance_path_from_env, resolve_paths
-from .context import BACKEND, IDEMPOTENCY, KEYS, SERVICE, TOKENS
+from .context import BACKEND, IDEMPOTENCY, KEYS, SERVICE, TOKENS, WORKERS
 from .errors import register_error_handlers
 from .events import init_events
 from .exceptions import StoreUnavailable
@@ -23,13 +23,14 @@ from .service import JobService
 from .sessions import NoSessions
 from .store.factory import open_backend
 from .tokens import DownloadTokens
+from .workers import Workers
 
 log = structlog.get_logger(__name__)
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Config (defaults, ``instance/config.py``, environment, ``test_config``) -> logging -> the
-    backend and the service, events and idempotency built on it -> metrics -> blueprints, error
+    backend and the service, events, idempotency and the worker registry built on it -> metrics -> blueprints, error
     handlers, request logging -> CLI."""
     instance_path = (test_config or {}).get("INSTANCE_PATH") or instance_path_from_env()
     app = Flask(__name__, instance_relative_config=True, static_folder=None,
@@ -80,6 +81,7 @@ def _open_instance(app: Flask) -> None:
     init_events(app, service, backend.outbox)
     app.extensions[IDEMPOTENCY] = IdempotentCreates(backend.idempotency, service,
                                                     float(app.config["IDEMPOTENCY_TTL_SECONDS"]))
+    app.extensions[WORKERS] = Workers(backend.workers, backend.jobs, clock=lambda: service.clock())
 
 
 def _warn_about_auth(app: Flask) -> None:

@@ -50,8 +50,9 @@ class JobCounters:
                                 "Failure results accepted; outcome is requeued (a retry is left) or failed.",
                                 ["content_type", "outcome"], registry=registry)
         self.requeues = Counter(f"{PREFIX}_job_requeues",
-                                "Jobs put back in the queue; reason is failure, lease_expired or retry "
-                                "(an explicit retry by a producer or an operator).",
+                                "Jobs put back in the queue; reason is failure, lease_expired, retry "
+                                "(an explicit retry by a producer or an operator) or release (the holder "
+                                "handed it back).",
                                 ["content_type", "reason"], registry=registry)
         self.lease_expiries = Counter(f"{PREFIX}_lease_expiries",
                                       "Leases that lapsed (the worker went silent); outcome is requeued "
@@ -99,6 +100,8 @@ class JobMetrics:
             c.lease_expiries.labels(ct, "timeout").inc()
         elif action is Action.RETRY:
             c.requeues.labels(ct, "retry").inc()
+        elif action is Action.RELEASE:
+            c.requeues.labels(ct, "release").inc()
 
 
 class QueueCollector:

@@ -92,6 +92,7 @@ class Action(str, enum.Enum):
     EXPIRE = "expire"            # pending longer than the optional pending TTL
     CANCEL = "cancel"            # producer gives up on the job
     RETRY = "retry"              # producer/admin re-opens a finished job
+    RELEASE = "release"          # the lease holder hands the job back unfinished (e.g. it shuts down)
 
 
 TRANSITIONS: dict[tuple[Status, Action], Status] = {
@@ -105,6 +106,7 @@ TRANSITIONS: dict[tuple[Status, Action], Status] = {
     (Status.PROCESSING, Action.LAPSE_RETRY): Status.PENDING,
     (Status.PROCESSING, Action.LAPSE): Status.TIMEOUT,
     (Status.PROCESSING, Action.CANCEL): Status.CANCELLED,
+    (Status.PROCESSING, Action.RELEASE): Status.PENDING,
     (Status.FAILED, Action.RETRY): Status.PENDING,
     (Status.TIMEOUT, Action.RETRY): Status.PENDING,
     (Status.CANCELLED, Action.RETRY): Status.PENDING,
@@ -150,7 +152,7 @@ def from_iso(value: str | None) -> datetime | None:
 # every job a process indexes, not just this one.
 _STR_FIELDS = ("id", "ingestion_task_id", "source_file_path", "content_type", "status")
 _OPTIONAL_STR_FIELDS = ("worker_id", "error_message", "lease_id", "progress_message", "result_digest")
-_INT_FIELDS = ("retry_count", "max_retries", "priority", "attempt", "version")
+_INT_FIELDS = ("retry_count", "max_retries", "priority", "attempt", "version", "releases")
 _DICT_FIELDS = ("task_options", "extra")
 
 
@@ -238,6 +240,7 @@ class RemoteJob:
     updated_at: datetime | None = None
     version: int = 0
     result_digest: str | None = None
+    releases: int = 0  # times a holder handed the job back (``release``): not failed attempts
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -196,6 +196,15 @@ OPERATIONS: dict[str, Operation] = {
         body=schemas.HeartbeatRequest, body_required=False, response=schemas.HeartbeatResponse,
         headers=("X-Lease-Id",), errors=(409,),
         description="409 when the job was cancelled, re-queued or handed to another worker: stop working."),
+    "remote_jobs.release": Operation(
+        summary="Hand a held job back unfinished", tag=_WORKER_TAG,
+        body=schemas.ReleaseRequest, body_required=False, response=schemas.ReleaseResponse,
+        headers=("X-Lease-Id",), errors=(409,),
+        description="The job is pending again at once, `retry_count` unchanged (`releases` counts "
+                    "how often); for a worker that shuts down. 409 when the caller no longer holds it."),
+    "workers.list_workers": Operation(
+        summary="The workers heard from in the last day, with the jobs each holds", tag=_JOBS_TAG,
+        response=schemas.WorkersResponse),
     "remote_jobs.submit_result": Operation(
         summary="Submit the result of a job held by the caller", tag=_WORKER_TAG,
         body=schemas.SubmitResultRequest, response=schemas.SubmitResultResponse,

@@ -116,11 +116,22 @@ def _is_text(value: str) -> bool:
     return True
 
 
+class WorkerInfo(StrictSchema):
+    """What a worker may say about itself in a poll or a heartbeat (``GET /workers`` lists it)."""
+
+    hostname = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=255))
+    version = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=64))
+    concurrency = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(min=1, max=10_000))
+    labels = fields.List(fields.String(validate=validate.Length(min=1, max=64)), load_default=list,
+                         validate=validate.Length(max=32))
+
+
 class PollRequest(StrictSchema):
     worker_id = fields.String(required=True, validate=ID_LENGTH)
     content_types = CommaList(required=True)
     max_jobs = fields.Integer(load_default=1)
     wait = fields.Float(load_default=0.0)
+    worker = fields.Nested(WorkerInfo, load_default=None, allow_none=True)
 
     def __init__(self, *args, max_jobs: int = 10, max_wait: float = 20.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -170,6 +181,18 @@ class LeaseMixin(Schema):
 class HeartbeatRequest(LeaseMixin, StrictSchema):
     progress = fields.Float(load_default=None, allow_none=True, validate=validate.Range(min=0, max=1))
     message = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=1000))
+    worker = fields.Nested(WorkerInfo, load_default=None, allow_none=True)
+
+
+class ReleaseRequest(LeaseMixin, StrictSchema):
+    """An empty body is fine: the lease id may come as ``X-Lease-Id`` (or a bound key)."""
+
+
+class ReleaseResponse(Schema):
+    job_id = fields.String(attribute="id")
+    status = fields.String()
+    retry_count = fields.Integer()
+    releases = fields.Integer()
 
 
 class HeartbeatResponse(Schema):
@@ -254,6 +277,7 @@ class JobSummary(Schema):
     attempt = fields.Integer()
     progress = fields.Float(allow_none=True)
     progress_message = fields.String(allow_none=True)
+    releases = fields.Integer()
 
 
 class JobDetail(JobSummary):
@@ -303,3 +327,28 @@ class StatsResponse(Schema):
     totals = fields.Dict(keys=fields.String(), values=fields.Integer())
     oldest_pending_age_seconds = fields.Float(allow_none=True)
     active_workers = fields.List(fields.String())
+
+
+class HeldJob(Schema):
+    job_id = fields.String()
+    content_type = fields.String()
+    started_at = fields.AwareDateTime(allow_none=True)
+    timeout_at = fields.AwareDateTime(allow_none=True)
+    progress = fields.Float(allow_none=True)
+    progress_message = fields.String(allow_none=True)
+    attempt = fields.Integer()
+
+
+class WorkerEntry(Schema):
+    worker_id = fields.String()
+    last_seen = fields.AwareDateTime(allow_none=True)
+    content_types = fields.List(fields.String())
+    hostname = fields.String(allow_none=True)
+    version = fields.String(allow_none=True)
+    concurrency = fields.Integer(allow_none=True)
+    labels = fields.List(fields.String())
+    jobs = fields.List(fields.Nested(HeldJob))
+
+
+class WorkersResponse(Schema):
+    workers = fields.List(fields.Nested(WorkerEntry))

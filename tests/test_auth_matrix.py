@@ -66,6 +66,8 @@ ROLE_TABLE: dict[tuple[str, str], Route] = {
     ("POST", J + "/<job_id>/heartbeat"): Route("worker", job="claimed", body=lambda cell: {"progress": 0.5}),
     ("PUT", J + "/<job_id>/result"): Route("worker", job="claimed",
                                           body=lambda cell: {"success": True, "content": "text"}),
+    ("POST", J + "/<job_id>/release"): Route("worker", job="claimed", body=lambda cell: {}),
+    ("GET", J + "/workers"): Route("producer"),
 }
 
 
@@ -95,9 +97,13 @@ class Cell:
         self.service = app.extensions[SERVICE]
         self.source = instance_path / "sources" / "matrix.bin"
         self.source.write_bytes(b"matrix source bytes")
+        self.claims = 0
 
     def job(self, state: str) -> tuple[str, str | None]:
-        priority = 1000 if state == "claimed" else 0  # claimed first: leftovers never get in the way
+        # claimed first, the newest before any older one: leftovers (a released job is pending
+        # again) never get in the way
+        self.claims += state == "claimed"
+        priority = 1000 + self.claims if state == "claimed" else 0
         job = self.service.create(source_file_path=str(self.source), content_type="audio",
                                   ingestion_task_id="matrix", priority=priority)
         if state == "claimed":

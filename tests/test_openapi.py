@@ -107,7 +107,7 @@ def test_paths_use_openapi_templates(document):
 def test_job_id_of_get_excludes_the_literal_routes_that_shadow_it(document):
     (param,) = [p for p in document["paths"]["/api/v1/remote-jobs/{job_id}"]["get"]["parameters"]
                 if p.get("in") == "path"]
-    assert param["schema"]["not"] == {"enum": ["poll", "stats"]}
+    assert param["schema"]["not"] == {"enum": ["poll", "stats", "workers"]}
 
 
 def test_every_error_is_problem_json(document):

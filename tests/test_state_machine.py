@@ -1,6 +1,6 @@
 """Property-based test of the queue: random sequences of create, claim (by several workers, through
 two store instances on one directory, as two gunicorn processes would), heartbeat, result, lease
-lapse, cancel, retry and delete, checked after every step against a simple model.
+lapse, release, cancel, retry and delete, checked after every step against a simple model.
 
 After every step: no job is lost or invented, each job is in exactly one status directory on disk,
 its stored status, retry count, worker and lease agree with the model, and both "processes" see the
@@ -229,6 +229,21 @@ class QueueMachine(RuleBasedStateMachine):
           retryable=st.sampled_from((None, True, False)), via=st.integers(0, 1))
     def result_on_held_job(self, data, kind, success, retryable, via):
         self.result(data.draw(st.sampled_from(self._held()), label="job"), kind, success, retryable, via)
+
+    @precondition(lambda self: self._held())
+    @rule(data=st.data(), kind=st.sampled_from(("current", "anonymous", *WORKERS)), via=st.integers(0, 1))
+    def release_held_job(self, data, kind, via):
+        job_id = data.draw(st.sampled_from(self._held()), label="job")
+        m = self.model[job_id]
+        caller = self._caller(m, kind)
+        call = lambda: self.services[via].release(job_id, caller)  # noqa: E731
+        if refusal := self._refusal(m, caller):
+            return self._refused(job_id, call, refusal)
+        job = call()
+        event("release accepted")
+        m.status, m.worker_id, m.lease_id, m.timeout_at, m.result = "pending", None, None, None, None
+        m.available_at = self.clock()
+        assert job.status == "pending" and job.retry_count == m.retry_count
 
     @precondition(lambda self: self._held())
     @rule(data=st.data(), late=st.sampled_from((0, 1)), via=st.integers(0, 1))

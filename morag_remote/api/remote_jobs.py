@@ -9,7 +9,7 @@ from werkzeug.exceptions import MethodNotAllowed
 
 from .. import schemas
 from ..auth import ANY, Forbidden, current_principal, requires
-from ..context import events, idempotent_creates, service, tokens
+from ..context import events, idempotent_creates, service, tokens, workers
 from ..exceptions import InvalidRequest
 from ..idempotency import HEADER as IDEMPOTENCY_HEADER
 from ..idempotency import parse_key
@@ -74,6 +74,7 @@ def poll() -> Response:
     if bound is not None and bound != data["worker_id"]:
         raise Forbidden(f"this key may only poll as worker {bound!r}")
     g.worker_id = data["worker_id"]
+    workers().seen(data["worker_id"], data["content_types"], data["worker"])
     jobs = [_claimed(j) for j in service().poll(data["worker_id"], data["content_types"],
                                                 data["max_jobs"], data["wait"])]
     first = jobs[0] if jobs else {}
@@ -105,7 +106,17 @@ def heartbeat(job_id: str) -> Response:
     g.job_id = job_id
     data = json_body(schema(schemas.HeartbeatRequest), allow_empty=True)
     job = service().heartbeat(job_id, _caller(data["lease_id"]), data["progress"], data["message"])
+    if job.worker_id is not None:
+        workers().seen(job.worker_id, metadata=data["worker"])
     return respond(schema(schemas.HeartbeatResponse), job)
+
+
+@bp.post("/<job_id>/release")
+@requires("worker")
+def release(job_id: str) -> Response:
+    g.job_id = job_id
+    data = json_body(schema(schemas.ReleaseRequest), allow_empty=True)
+    return respond(schema(schemas.ReleaseResponse), service().release(job_id, _caller(data["lease_id"])))
 
 
 @bp.put("/<job_id>/result")

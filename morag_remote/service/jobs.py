@@ -235,6 +235,28 @@ class JobService:
         self.hooks.changed(Action.HEARTBEAT, job)
         return job
 
+    def release(self, job_id: str, caller: Caller) -> RemoteJob:
+        """The holder hands the job back: pending and claimable at once, no failed attempt counted
+        (``retry_count`` unchanged; ``releases`` counts how often, so a worker that keeps releasing
+        one job shows up). Fenced like a heartbeat: only the current holder may release."""
+
+        @pure
+        def mutate(job: RemoteJob) -> RemoteJob:
+            self.holder_check(job, caller, Action.RELEASE)
+            now = self.clock()
+            job.status = next_status(job.status, Action.RELEASE).value
+            job.releases += 1
+            job.worker_id = job.lease_id = job.timeout_at = None
+            job.progress = job.progress_message = None
+            job.result_digest = None
+            job.available_at = job.updated_at = now
+            return job
+
+        job = self.store.update(job_id, mutate)
+        log.info("job.released", job_id=job_id, releases=job.releases)
+        self.hooks.changed(Action.RELEASE, job)
+        return job
+
     def submit_result(self, job_id: str, caller: Caller, *, success: bool, content: str | None = None,
                       metadata: dict[str, Any] | None = None, error_message: str | None = None,
                       processing_time: float | None = None, retryable: bool | None = None) -> ResultOutcome:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ..events.model import Event
     from ..events.outbox import Checkpoint
     from ..idempotency import IdempotencyRecord
+    from ..workers import WorkerRecord
 
 Mutator = Callable[[RemoteJob], RemoteJob]
 
@@ -210,6 +211,22 @@ class EventOutbox(Protocol):
         """How many events are pending and delivered."""
 
 
+class WorkerRegistry(Protocol):
+    """The workers heard from (rules in ``workers.py``): telemetry, not acknowledged changes, so a
+    backend need not make each write durable before it returns."""
+
+    def seen(self, worker_id: str, when: datetime, content_types: list[str] | None,
+             metadata: dict | None) -> None:
+        """Record that the worker called at ``when``; keep the stored content types and metadata
+        where the call said none."""
+
+    def list(self, since: datetime) -> list[WorkerRecord]:
+        """Every worker seen at or after ``since``."""
+
+    def forget_before(self, cutoff: datetime) -> int:
+        """Remove workers last seen before ``cutoff``; returns how many."""
+
+
 @dataclass
 class Finding:
     """One thing ``fsck`` found: its kind, where, and whether it was repaired."""
@@ -243,5 +260,6 @@ class Backend:
     keys: KeyRepository
     idempotency: IdempotencyRecords
     outbox: EventOutbox
+    workers: WorkerRegistry
     fsck: Callable[[bool], list[Finding]]
     migrations: SchemaMigrations | None = None

@@ -81,6 +81,9 @@ class WorkerActions:
     def heartbeat(self, job_id: str, **body: Any):
         return self.client.post(f"/api/v1/remote-jobs/{job_id}/heartbeat", json=body, headers=self.headers)
 
+    def release(self, job_id: str, **body: Any):
+        return self.client.post(f"/api/v1/remote-jobs/{job_id}/release", json=body, headers=self.headers)
+
     def result(self, job_id: str, success: bool = True, **body: Any):
         payload = {"success": success, **body}
         if success:

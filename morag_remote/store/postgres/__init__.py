@@ -1,7 +1,7 @@
 """The PostgreSQL backend (``MORAG_REMOTE_DATABASE_URL``), for more than one API host.
 
 ``db.py`` is the connection pool and the LISTEN thread; ``migrate.py`` applies ``migrations/*.sql``
-on a connection; ``jobs.py``, ``keys.py``, ``idempotency.py`` and ``outbox.py`` keep one table each
+on a connection; ``jobs.py``, ``keys.py``, ``idempotency.py``, ``outbox.py`` and ``workers.py`` keep one table each
 (a few columns to filter on and the whole record as JSONB); ``fsck.py`` checks what can drift.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from .idempotency import PostgresIdempotencyRecords
 from .jobs import PostgresJobStore
 from .keys import PostgresKeyStore
 from .outbox import PostgresOutbox
+from .workers import PostgresWorkerRegistry
 
 
 class PostgresMigrations:
@@ -43,6 +44,7 @@ def open_backend(config: Mapping[str, Any], instance_path: str) -> Backend:
         keys=PostgresKeyStore(db),
         idempotency=PostgresIdempotencyRecords(db),
         outbox=PostgresOutbox(db),
+        workers=PostgresWorkerRegistry(db),
         fsck=lambda repair: fsck(db, repair=repair),
         migrations=PostgresMigrations(url),
     )

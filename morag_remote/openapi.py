@@ -9,6 +9,10 @@ paths and methods come from ``app.url_map`` (``<job_id>`` becomes ``{job_id}``),
 which the view is served without a key), and the bounds and choices from the schemas built with
 the app's settings. ``tests/test_openapi.py`` fails when a route is not documented.
 
+A route is described once: where an endpoint serves a path with and without a trailing slash, the
+path without it is documented and the other named in its description. Views marked ``@hidden``
+(the docs page's own files) are served but are not operations of the API, so they are left out.
+
 The errors every operation shares are implied rather than listed: a key is needed (401), a role is
 needed that not every key has (403), a body is parsed (400 malformed JSON, 413 too large, 422
 invalid), a query string is parsed (422), a path names a job (404). Every error is
@@ -34,7 +38,7 @@ from flask import Flask
 from werkzeug.routing import AnyConverter, IntegerConverter, Rule, UnicodeConverter
 
 from . import __version__, schemas
-from .api.http import Operation, SchemaSource, operation_of, resolve
+from .api.http import Hidden, Operation, SchemaSource, operation_of, resolve
 from .auth import ROLES
 
 log = structlog.get_logger(__name__)
@@ -244,6 +248,9 @@ def _operation(route: _Route, op: Operation, roles: tuple[str, ...] | None,
         out["x-required-roles"] = list(roles)
         who = "any key" if set(roles) == set(ROLES) else " or ".join(roles) + " key (admin may too)"
         description = f"Needs {who}. {description}".strip()
+    if route.aliases:
+        also = ", ".join(f"`{alias}`" for alias in route.aliases)
+        description = f"{description} Also served at {also}.".strip()
     if description:
         out["description"] = description
     if has_body:
@@ -254,11 +261,12 @@ def _operation(route: _Route, op: Operation, roles: tuple[str, ...] | None,
 
 @dataclass(frozen=True, eq=False)  # by identity: werkzeug rules are not hashable
 class _Route:
-    """One documented operation: an endpoint's method at one path."""
+    """One documented operation: an endpoint's method at one path (and the paths it aliases)."""
 
     endpoint: str
     method: str
     rule: Rule
+    aliases: tuple[str, ...] = ()
 
     @property
     def path(self) -> str:
@@ -266,26 +274,32 @@ class _Route:
 
 
 def _routes(app: Flask) -> list[_Route]:
-    """Every route of ``app``, one per method."""
-    routes = [_Route(rule.endpoint, method, rule) for rule in app.url_map.iter_rules() if rule.endpoint != "static"
-              for method in sorted((rule.methods or set()) - IGNORED_METHODS)]
+    """Every route of ``app`` that is an API operation, once: ``@hidden`` views are left out, and an
+    endpoint's method served with and without a trailing slash is one route at the path without."""
+    twins: dict[tuple[str, str, str], list[Rule]] = {}
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static" or isinstance(operation_of(app.view_functions[rule.endpoint]), Hidden):
+            continue
+        for method in sorted((rule.methods or set()) - IGNORED_METHODS):
+            key = (rule.endpoint, method, openapi_path(rule).rstrip("/") or "/")
+            twins.setdefault(key, []).append(rule)
+    routes = []
+    for (endpoint, method, _), group in twins.items():
+        group.sort(key=lambda r: len(r.rule))
+        routes.append(_Route(endpoint, method, group[0], tuple(openapi_path(r) for r in group[1:])))
     return sorted(routes, key=lambda r: (r.path, r.method))
 
 
 def _operation_ids(routes: list[_Route]) -> dict[_Route, str]:
-    """Unique ids: the endpoint name, plus the method and a slash mark where the endpoint has several."""
+    """Unique ids: the endpoint name, plus the method where the endpoint has several."""
     methods: dict[str, set[str]] = {}
-    counts: dict[str, int] = {}
     for route in routes:
         methods.setdefault(route.endpoint, set()).add(route.method)
-        counts[route.endpoint] = counts.get(route.endpoint, 0) + 1
     ids = {}
     for route in routes:
         name = route.endpoint.replace(".", "_")
         if len(methods[route.endpoint]) > 1:
             name += "_" + route.method.lower()
-        if counts[route.endpoint] > len(methods[route.endpoint]) and route.path.endswith("/"):
-            name += "_slash"
         ids[route] = name
     return ids
 
@@ -316,14 +330,14 @@ def _components(spec: APISpec) -> None:
 
 
 def undocumented_endpoints(app: Flask) -> list[str]:
-    """Endpoints of ``app`` whose view is not ``@documented`` (each still gets a bare operation,
-    tagged ``undocumented``)."""
+    """Endpoints of ``app`` whose view is neither ``@documented`` nor ``@hidden`` (each still gets a
+    bare operation, tagged ``undocumented``)."""
     return sorted({rule.endpoint for rule in app.url_map.iter_rules()
                    if rule.endpoint != "static" and operation_of(app.view_functions[rule.endpoint]) is None})
 
 
 def build_document(app: Flask) -> dict:
-    """The OpenAPI document of ``app``: every route of its URL map, as its view documents it."""
+    """The OpenAPI document of ``app``: every API route of its URL map, as its view documents it."""
     with app.app_context():  # the schema factories read the app's settings
         return _build(app)
 

@@ -8,6 +8,8 @@ import schemathesis
 from flask import Response
 
 from morag_remote import create_app
+from morag_remote.api.docs import ASSET_RULE
+from morag_remote.api.http import Hidden, operation_of
 from morag_remote.openapi import undocumented_endpoints
 
 IGNORED = {"HEAD", "OPTIONS"}
@@ -34,17 +36,45 @@ def _operations(document: dict):
             yield path, method, operation
 
 
+def _hidden(app, rule) -> bool:
+    return isinstance(operation_of(app.view_functions[rule.endpoint]), Hidden)
+
+
 def test_every_endpoint_is_documented_by_its_view(app):
     missing = undocumented_endpoints(app)
-    assert not missing, ("views without @documented (morag_remote/api/http.py); describe each next to its "
-                         f"@requires so /openapi.json documents it: {', '.join(missing)}")
+    assert not missing, ("views without @documented (or @hidden, for a route that is no API operation); "
+                         f"describe each next to its @requires so /openapi.json documents it: {', '.join(missing)}")
 
 
 def test_every_route_flask_knows_is_in_the_document(app, document):
+    """Each route but the hidden ones, at its path or, for a trailing-slash variant, at the path without."""
     for rule in app.url_map.iter_rules():
+        if _hidden(app, rule):
+            continue
         path = re.sub(r"<(?:[^<>:]+:)?([^<>:]+)>", r"{\1}", rule.rule)
         for method in rule.methods - IGNORED:
-            assert method.lower() in document["paths"].get(path, {}), f"{method} {rule.rule} is not documented"
+            item = document["paths"].get(path) or document["paths"].get(path.rstrip("/"), {})
+            assert method.lower() in item, f"{method} {rule.rule} is not documented"
+
+
+def test_no_path_is_documented_with_and_without_a_trailing_slash(app, document):
+    paths = set(document["paths"])
+    assert not {p for p in paths if p != "/" and p.endswith("/") and p.rstrip("/") in paths}
+    assert {("GET", "/api/v1/remote-jobs/"), ("POST", "/api/v1/remote-jobs/")} <= {
+        (method, rule.rule) for rule in app.url_map.iter_rules() for method in rule.methods}  # still served
+
+
+def test_the_slash_variant_is_named_in_its_operation(document):
+    for method in ("get", "post"):
+        operation = document["paths"]["/api/v1/remote-jobs"][method]
+        assert "Also served at `/api/v1/remote-jobs/`." in operation["description"]
+
+
+def test_the_docs_page_assets_are_not_api_operations(app, document):
+    hidden = sorted(rule.rule for rule in app.url_map.iter_rules() if _hidden(app, rule))
+    assert hidden == sorted([ASSET_RULE, "/docs/swagger-initializer.js"])
+    assert not [p for p in document["paths"] if p.startswith("/docs/")]
+    assert "/docs" in document["paths"]
 
 
 def test_a_route_added_without_documentation_is_named_and_still_listed(instance_path):

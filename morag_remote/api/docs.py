@@ -14,7 +14,7 @@ from functools import lru_cache
 from flask import Blueprint, Response, current_app, json, render_template_string, send_from_directory, url_for
 
 from ..openapi import build_document
-from .http import documented
+from .http import documented, hidden
 
 bp = Blueprint("docs", __name__)
 
@@ -99,17 +99,13 @@ def page() -> Response:
 
 
 @bp.get("/docs/swagger-initializer.js")
-@documented("The script that starts Swagger UI on the reference page", tag="service",
-            content={"text/javascript": {"schema": {"type": "string"}}})
+@hidden("a file of the reference page, not an operation of the API")
 def initializer() -> Response:
     return current_app.response_class(INITIALIZER, mimetype="text/javascript")
 
 
 @bp.get(ASSET_RULE)
-@documented("A Swagger UI asset of the reference page", tag="service",
-            content={"text/css": {"schema": {"type": "string"}},
-                     "text/javascript": {"schema": {"type": "string"}},
-                     "image/png": {"schema": {"type": "string", "format": "binary"}}})
+@hidden("a file of the reference page, not an operation of the API")
 def asset(filename: str) -> Response:
     return send_from_directory(swagger_ui_dist(), filename, mimetype=ASSET_TYPES[filename],
                                max_age=ASSET_MAX_AGE)

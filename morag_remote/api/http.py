@@ -54,6 +54,13 @@ class Operation:
     extra_responses: Mapping[int, dict] = field(default_factory=dict)  # other statuses, in full
 
 
+@dataclass(frozen=True)
+class Hidden:
+    """A route that is served but is not an operation of the API (the docs page's own files)."""
+
+    reason: str
+
+
 def documented(summary: str, tag: str, **details: Any) -> Callable[[View], View]:
     """View decorator: the view's :class:`Operation` (the view itself is returned unchanged)."""
     operation = Operation(summary, tag, **details)
@@ -65,7 +72,17 @@ def documented(summary: str, tag: str, **details: Any) -> Callable[[View], View]
     return decorator
 
 
-def operation_of(view: Callable[..., Any]) -> Operation | None:
+def hidden(reason: str) -> Callable[[View], View]:
+    """View decorator: served, but left out of the OpenAPI document, for ``reason``."""
+
+    def decorator(view: View) -> View:
+        view.operation = Hidden(reason)  # type: ignore[attr-defined]
+        return view
+
+    return decorator
+
+
+def operation_of(view: Callable[..., Any]) -> Operation | Hidden | None:
     return getattr(view, "operation", None)
 
 

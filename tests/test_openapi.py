@@ -10,6 +10,7 @@ from flask import Response
 from morag_remote import create_app
 from morag_remote.api.docs import ASSET_RULE
 from morag_remote.api.http import Hidden, operation_of
+from morag_remote.auth import ANY
 from morag_remote.openapi import undocumented_endpoints
 
 IGNORED = {"HEAD", "OPTIONS"}
@@ -106,6 +107,12 @@ def test_metrics_needs_a_key_unless_configured_public(instance_path):
         app = create_app({"TESTING": True, "INSTANCE_PATH": str(instance_path), "LOG_JSON": True,
                           "METRICS_PUBLIC": public})
         assert app.test_client().get("/openapi.json").json["paths"]["/metrics"]["get"]["security"] == security
+
+
+def test_metrics_declares_its_roles_on_the_view_like_every_other(app):
+    view = app.view_functions["metrics.metrics"]
+    assert view.required_roles == ANY
+    assert view.public_if({"METRICS_PUBLIC": "yes"}) and not view.public_if({"METRICS_PUBLIC": "no"})
 
 
 def test_every_other_operation_needs_a_key_with_the_roles_of_its_view(app, document):

@@ -16,7 +16,7 @@ from typing import Any
 import marshmallow
 import pytest
 
-from morag_remote.api.http import Operation, operation_of, resolve
+from morag_remote.api.http import Operation, documented, operation_of, resolve, respond
 from morag_remote.context import SERVICE, TOKENS
 
 CALLBACK_PREFIX = "http://receiver.example/"
@@ -173,3 +173,12 @@ def test_create_is_documented_and_loaded_with_the_configured_webhook_prefixes(ap
         loader = resolve(operation.body)
     assert loader.webhook_prefixes == (CALLBACK_PREFIX,)
     assert loader.allowed_content_types == tuple(app.config["CONTENT_TYPES"])
+
+
+def test_a_view_that_does_not_declare_its_schemas_fails_loudly(app):
+    app.add_url_rule("/undeclared", "undeclared", lambda: respond({}))
+    app.add_url_rule("/no-response", "no_response",
+                     documented("No response schema", tag="test")(lambda: respond({})))
+    for path, message in (("/undeclared", "is not @documented"), ("/no-response", "declares no response")):
+        with app.test_request_context(path), pytest.raises(LookupError, match=message):
+            app.view_functions[app.url_map.bind("localhost").match(path)[0]]()

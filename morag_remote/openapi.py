@@ -1,11 +1,17 @@
 """The OpenAPI 3 document of this API, generated from the marshmallow schemas with apispec.
 
-:data:`OPERATIONS` is the one table that documents the API: for each Flask endpoint it names the
-summary, the query and body schemas, the success status and schema and the errors the view can
-answer. Everything else is read from the app, so it cannot disagree with what is served: the paths
-and methods come from ``app.url_map`` (``<job_id>`` becomes ``{job_id}``), the roles from the
-``required_roles`` that ``auth.requires`` puts on each view, and the bounds and choices from the
-schemas built with the app's settings. ``tests/test_openapi.py`` fails when a route has no entry.
+Each view documents itself: ``@documented`` (``api/http.py``) puts an :class:`~.api.http.Operation`
+on it (summary, query and body schemas, success status and schema, the errors it can answer), and
+the view's ``json_body()``, ``query_args()`` and ``respond()`` take their schemas from that same
+declaration. Everything else is read from the app, so it cannot disagree with what is served: the
+paths and methods come from ``app.url_map`` (``<job_id>`` becomes ``{job_id}``), the roles from the
+``required_roles`` that ``auth.requires`` puts on each view (and ``public_if``, a config test under
+which the view is served without a key), and the bounds and choices from the schemas built with
+the app's settings. ``tests/test_openapi.py`` fails when a route is not documented.
+
+A route is described once: where an endpoint serves a path with and without a trailing slash, the
+path without it is documented and the other named in its description. Views marked ``@hidden``
+(the docs page's own files) are served but are not operations of the API, so they are left out.
 
 The errors every operation shares are implied rather than listed: a key is needed (401), a role is
 needed that not every key has (403), a body is parsed (400 malformed JSON, 413 too large, 422
@@ -20,8 +26,8 @@ started to send without declaring it is caught by the schemathesis run.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Iterable
 
 import marshmallow
 import structlog
@@ -32,9 +38,9 @@ from flask import Flask
 from werkzeug.routing import AnyConverter, IntegerConverter, Rule, UnicodeConverter
 
 from . import schemas
+from .api.http import Hidden, Operation, SchemaSource, operation_of, resolve
 from .version import __version__
 from .auth import ROLES
-from .config import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -50,56 +56,7 @@ API_DESCRIPTION = (
     "result; every call but `/health`, `/openapi.json` and `/docs` needs `Authorization: Bearer <key>`. "
     "Errors are RFC 9457 problem details (`application/problem+json`).")
 
-SchemaSource = type[marshmallow.Schema] | Callable[[Settings], marshmallow.Schema]
-
-
-@dataclass(frozen=True)
-class Operation:
-    """How one endpoint is documented (see the module docstring for what is implied)."""
-
-    summary: str
-    tag: str
-    description: str = ""
-    query: SchemaSource | None = None       # query-string schema (class, or factory taking Settings)
-    body: SchemaSource | None = None        # JSON request body schema
-    body_required: bool = True
-    success: int = 200
-    response: SchemaSource | None = None    # JSON success body; None with content=None: no body
-    content: Mapping[str, dict] | None = None  # non-JSON success bodies: media type -> schema
-    success_headers: Mapping[str, dict] = field(default_factory=dict)
-    errors: tuple[int, ...] = ()            # beyond the implied ones
-    headers: tuple[str, ...] = ()           # request headers, by name in HEADER_PARAMETERS
-    extra_responses: Mapping[int, dict] = field(default_factory=dict)  # other statuses, in full
-    public_if: Callable[[Mapping[str, Any]], bool] | None = None  # config test: served without a key
-
-
-def _metrics_public(config: Mapping[str, Any]) -> bool:
-    from .metrics import is_public  # not at import: prometheus_client reads its mode when first imported
-
-    return is_public(config["METRICS_PUBLIC"])
-
-
-def _poll_request(settings: Settings) -> marshmallow.Schema:
-    return schemas.PollRequest(max_jobs=settings.poll_max_jobs, max_wait=settings.poll_max_wait_seconds)
-
-
-def _create_request(settings: Settings) -> marshmallow.Schema:
-    return schemas.CreateJobRequest(content_types=settings.content_types)
-
-
-_BINARY = {"schema": {"type": "string", "format": "binary"}}
-_FILE_HEADERS = {
-    "Content-Length": {"description": "Bytes in this response.", "required": True,
-                       "schema": {"type": "integer", "minimum": 0}},
-    "Content-Disposition": {"description": "`attachment` with the source file's name.", "required": True,
-                            "schema": {"type": "string"}},
-    "Accept-Ranges": {"description": "Ranges are accepted in bytes.", "required": True,
-                      "schema": {"type": "string", "enum": ["bytes"]}},
-    "Last-Modified": {"description": "When the source file last changed.", "required": True,
-                      "schema": {"type": "string"}},
-}
-_CONTENT_RANGE = {"description": "The bytes sent, as `bytes first-last/length`.", "required": True,
-                  "schema": {"type": "string", "pattern": r"^bytes \d+-\d+/\d+$"}}
+_REQUEST_ID = {"X-Request-ID": "X-Request-ID"}
 
 HEADER_PARAMETERS: dict[str, dict] = {
     "X-Lease-Id": {"in": "header", "name": "X-Lease-Id", "required": False,
@@ -113,105 +70,6 @@ HEADER_PARAMETERS: dict[str, dict] = {
               "description": "Resume a download: `bytes=first-[last]` (RFC 9110); answered with 206, or "
                              "416 when no byte of it exists.",
               "schema": {"type": "string"}},
-}
-
-_LOCATION = {"description": "The job's URL.", "required": True, "schema": {"type": "string"}}
-_PUBLIC_TAG = "service"
-_JOBS_TAG = "remote-jobs"
-_WORKER_TAG = "workers"
-
-OPERATIONS: dict[str, Operation] = {
-    "health.health": Operation(
-        summary="Liveness and store health", tag=_PUBLIC_TAG, response=schemas.HealthResponse,
-        description="200 while the job store takes writes; 503 when it does not.", errors=(503,)),
-    "metrics.metrics": Operation(
-        summary="Prometheus metrics of the queue", tag=_PUBLIC_TAG,
-        content={"text/plain": {"schema": {"type": "string"}},
-                 "application/openmetrics-text": {"schema": {"type": "string"}}},
-        public_if=_metrics_public,
-        description="The Prometheus text format, or OpenMetrics when the scraper's `Accept` asks for it. "
-                    "Served without a key when `MORAG_REMOTE_METRICS_PUBLIC` is true."),
-    "docs.openapi_json": Operation(
-        summary="This OpenAPI document", tag=_PUBLIC_TAG,
-        content={"application/json": {"schema": {"type": "object", "required": ["openapi", "info", "paths"]}}}),
-    "docs.page": Operation(
-        summary="The API reference page (Swagger UI, served offline)", tag=_PUBLIC_TAG,
-        content={"text/html": {"schema": {"type": "string"}}}),
-    "docs.initializer": Operation(
-        summary="The script that starts Swagger UI on the reference page", tag=_PUBLIC_TAG,
-        content={"text/javascript": {"schema": {"type": "string"}}}),
-    "docs.asset": Operation(
-        summary="A Swagger UI asset of the reference page", tag=_PUBLIC_TAG,
-        content={"text/css": {"schema": {"type": "string"}},
-                 "text/javascript": {"schema": {"type": "string"}},
-                 "image/png": _BINARY}),
-    "remote_jobs.create_job": Operation(
-        summary="Create a job", tag=_JOBS_TAG, body=_create_request, success=201,
-        response=schemas.CreateJobResponse, headers=("Idempotency-Key",), errors=(409,),
-        description="`source_file_path` must name a regular file inside the configured source roots. "
-                    "With an `Idempotency-Key`, a repeated request with the same body answers 200 with the "
-                    "job it created (422 with another body, 409 when that job was deleted or, on the "
-                    "PostgreSQL backend, when another request with the key has been in progress too long).",
-        success_headers={"Location": _LOCATION},
-        extra_responses={200: {"description": "The job this Idempotency-Key already created.",
-                               "headers": {"Location": _LOCATION},
-                               "content": {"application/json": {"schema": "CreateJobResponse"}}}}),
-    "remote_jobs.list_jobs": Operation(
-        summary="List jobs (without result bodies)", tag=_JOBS_TAG, query=schemas.ListJobsQuery,
-        response=schemas.ListJobsResponse,
-        description="In creation order; pass `next_cursor` back as `cursor` for the next page."),
-    "remote_jobs.get_job": Operation(
-        summary="A whole job, with its result", tag=_JOBS_TAG, response=schemas.JobDetail),
-    "remote_jobs.job_status": Operation(
-        summary="A job's status", tag=_JOBS_TAG, response=schemas.JobStatusResponse),
-    "remote_jobs.cancel_job": Operation(
-        summary="Cancel a pending or processing job", tag=_JOBS_TAG, response=schemas.JobSummary,
-        errors=(409,)),
-    "remote_jobs.retry_job": Operation(
-        summary="Put a failed, timed-out or cancelled job back in the queue", tag=_JOBS_TAG,
-        response=schemas.JobSummary, errors=(409,)),
-    "remote_jobs.delete_job": Operation(
-        summary="Delete a job's record", tag=_JOBS_TAG, success=204),
-    "stats.stats": Operation(
-        summary="Queue depth, oldest pending job, active workers", tag=_JOBS_TAG,
-        response=schemas.StatsResponse),
-    "remote_jobs.poll": Operation(
-        summary="Claim jobs (a worker's poll)", tag=_WORKER_TAG, query=_poll_request, body=_poll_request,
-        response=schemas.PollResponse,
-        description="The single-job fields are null when nothing was claimed; `jobs` lists every job "
-                    "claimed. `wait` long-polls up to that many seconds. GET takes a query string, "
-                    "POST a JSON body; a key bound to a worker id may poll only as that id (403)."),
-    "remote_jobs.download": Operation(
-        summary="Download the source file of a job held by the caller", tag=_WORKER_TAG,
-        content={"application/octet-stream": _BINARY}, success_headers=_FILE_HEADERS,
-        query=schemas.DownloadQuery, headers=("X-Lease-Id", "Range"), errors=(409, 416),
-        description="Use `source_file_url` from the poll response (its `token` proves the attempt), or send "
-                    "`X-Lease-Id`. 403 for a bad token or a source that may not be served, 409 once the "
-                    "attempt is over.",
-        extra_responses={206: {"description": "The requested byte range.",
-                               "headers": {**_FILE_HEADERS, "Content-Range": _CONTENT_RANGE},
-                               "content": {"application/octet-stream": _BINARY}}}),
-    "remote_jobs.heartbeat": Operation(
-        summary="Extend the lease of a job held by the caller", tag=_WORKER_TAG,
-        body=schemas.HeartbeatRequest, body_required=False, response=schemas.HeartbeatResponse,
-        headers=("X-Lease-Id",), errors=(409,),
-        description="409 when the job was cancelled, re-queued or handed to another worker: stop working."),
-    "remote_jobs.release": Operation(
-        summary="Hand a held job back unfinished", tag=_WORKER_TAG,
-        body=schemas.ReleaseRequest, body_required=False, response=schemas.ReleaseResponse,
-        headers=("X-Lease-Id",), errors=(409,),
-        description="The job is pending again at once, `retry_count` unchanged (`releases` counts "
-                    "how often); for a worker that shuts down. 409 when the caller no longer holds it."),
-    "workers.list_workers": Operation(
-        summary="The workers heard from in the last day, with the jobs each holds", tag=_JOBS_TAG,
-        response=schemas.WorkersResponse),
-    "remote_jobs.submit_result": Operation(
-        summary="Submit the result of a job held by the caller", tag=_WORKER_TAG,
-        body=schemas.SubmitResultRequest, response=schemas.SubmitResultResponse,
-        headers=("X-Lease-Id",), errors=(409,),
-        description="A failure is retried with backoff while retries remain, unless `retryable` is false. "
-                    "Sending the same result again answers as the first time; a result for an attempt "
-                    "the caller does not hold is 409."),
 }
 
 _ERROR_TITLES = {
@@ -254,16 +112,10 @@ def _comma_list_property(self: OpenAPIConverter, field: marshmallow.fields.Field
 _COMMA_ARRAY = {"type": "array", "minItems": 1, "maxItems": 32, "items": {"type": "string", "maxLength": 64}}
 
 
-def _instance(source: SchemaSource, settings: Settings) -> marshmallow.Schema:
-    if isinstance(source, type):
-        return source()
-    return source(settings)
-
-
-def _complete_schemas(sources: Iterable[SchemaSource], settings: Settings) -> frozenset[type]:
+def _complete_schemas(sources: Iterable[SchemaSource]) -> frozenset[type]:
     """The success-body schema classes and every schema nested in them."""
     found: set[type] = set()
-    todo = [_instance(s, settings) for s in sources]
+    todo = [resolve(s) for s in sources]
     while todo:
         schema = todo.pop()
         if type(schema) in found:
@@ -359,30 +211,30 @@ def _implied_errors(rule: Rule, op: Operation, roles: tuple[str, ...] | None) ->
 
 
 def _responses(op: Operation, schema: marshmallow.Schema | None, errors: set[int]) -> dict:
-    request_id = {"X-Request-ID": "X-Request-ID"}
-    success: dict = {"description": op.summary, "headers": {**request_id, **op.success_headers}}
+    success: dict = {"description": op.summary, "headers": {**_REQUEST_ID, **op.success_headers}}
     if schema is not None:
         success["content"] = {"application/json": {"schema": schema}}
     elif op.content:
         success["content"] = dict(op.content)
     responses: dict[str, Any] = {str(op.success): success}
     for status, extra in op.extra_responses.items():
-        responses[str(status)] = {**extra, "headers": {**request_id, **extra.get("headers", {})}}
+        responses[str(status)] = {**extra, "headers": {**_REQUEST_ID, **extra.get("headers", {})}}
     for status in sorted(errors):
         responses[str(status)] = _ERROR_TITLES[status][0]
     return responses
 
 
-def _operation(rule: Rule, method: str, op: Operation, roles: tuple[str, ...] | None,
-               converter: OpenAPIConverter, settings: Settings, rules: list[Rule]) -> dict:
+def _operation(route: _Route, op: Operation, roles: tuple[str, ...] | None,
+               converter: OpenAPIConverter, rules: list[Rule]) -> dict:
+    rule, method = route.rule, route.method
     parameters = _path_parameters(rule, method, rules)
     if op.query is not None and method == "GET":
-        parameters += _query_parameters(converter, _instance(op.query, settings))
+        parameters += _query_parameters(converter, resolve(op.query))
     parameters += list(op.headers)
     parameters.append("X-Request-ID")
     has_body = op.body is not None and method in ("POST", "PUT", "PATCH")
-    effective = op if has_body else _without_body(op)
-    schema = _instance(op.response, settings) if op.response is not None else None
+    effective = op if has_body else replace(op, body=None)  # poll's GET half parses no body
+    schema = resolve(op.response) if op.response is not None else None
     out: dict[str, Any] = {
         "summary": op.summary,
         "tags": [op.tag],
@@ -397,38 +249,59 @@ def _operation(rule: Rule, method: str, op: Operation, roles: tuple[str, ...] | 
         out["x-required-roles"] = list(roles)
         who = "any key" if set(roles) == set(ROLES) else " or ".join(roles) + " key (admin may too)"
         description = f"Needs {who}. {description}".strip()
+    if route.aliases:
+        also = ", ".join(f"`{alias}`" for alias in route.aliases)
+        description = f"{description} Also served at {also}.".strip()
     if description:
         out["description"] = description
     if has_body:
         out["requestBody"] = {"required": op.body_required,
-                              "content": {"application/json": {"schema": _instance(op.body, settings)}}}
+                              "content": {"application/json": {"schema": resolve(op.body)}}}
     return out
 
 
-def _without_body(op: Operation) -> Operation:
-    """The GET half of an endpoint that reads a body on POST (poll) parses no body."""
-    from dataclasses import replace
+@dataclass(frozen=True, eq=False)  # by identity: werkzeug rules are not hashable
+class _Route:
+    """One documented operation: an endpoint's method at one path (and the paths it aliases)."""
 
-    return replace(op, body=None)
+    endpoint: str
+    method: str
+    rule: Rule
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def path(self) -> str:
+        return openapi_path(self.rule)
 
 
-def _operation_ids(entries: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], str]:
-    """Unique ids: the endpoint name, plus the method and a slash mark where the endpoint has several."""
+def _routes(app: Flask) -> list[_Route]:
+    """Every route of ``app`` that is an API operation, once: ``@hidden`` views are left out, and an
+    endpoint's method served with and without a trailing slash is one route at the path without."""
+    twins: dict[tuple[str, str, str], list[Rule]] = {}
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static" or isinstance(operation_of(app.view_functions[rule.endpoint]), Hidden):
+            continue
+        for method in sorted((rule.methods or set()) - IGNORED_METHODS):
+            key = (rule.endpoint, method, openapi_path(rule).rstrip("/") or "/")
+            twins.setdefault(key, []).append(rule)
+    routes = []
+    for (endpoint, method, _), group in twins.items():
+        group.sort(key=lambda r: len(r.rule))
+        routes.append(_Route(endpoint, method, group[0], tuple(openapi_path(r) for r in group[1:])))
+    return sorted(routes, key=lambda r: (r.path, r.method))
+
+
+def _operation_ids(routes: list[_Route]) -> dict[_Route, str]:
+    """Unique ids: the endpoint name, plus the method where the endpoint has several."""
+    methods: dict[str, set[str]] = {}
+    for route in routes:
+        methods.setdefault(route.endpoint, set()).add(route.method)
     ids = {}
-    by_endpoint: dict[str, list[tuple[str, str, str]]] = {}
-    for entry in entries:
-        by_endpoint.setdefault(entry[0], []).append(entry)
-    for endpoint, group in by_endpoint.items():
-        base = endpoint.replace(".", "_")
-        methods = {m for _, m, _ in group}
-        for entry in group:
-            _, method, path = entry
-            name = base
-            if len(methods) > 1:
-                name += "_" + method.lower()
-            if len(group) > len(methods) and path.endswith("/"):
-                name += "_slash"
-            ids[entry] = name
+    for route in routes:
+        name = route.endpoint.replace(".", "_")
+        if len(methods[route.endpoint]) > 1:
+            name += "_" + route.method.lower()
+        ids[route] = name
     return ids
 
 
@@ -458,46 +331,47 @@ def _components(spec: APISpec) -> None:
 
 
 def undocumented_endpoints(app: Flask) -> list[str]:
-    """Endpoints of ``app`` that OPERATIONS does not describe (each still gets a bare operation)."""
+    """Endpoints of ``app`` whose view is neither ``@documented`` nor ``@hidden`` (each still gets a
+    bare operation, tagged ``undocumented``)."""
     return sorted({rule.endpoint for rule in app.url_map.iter_rules()
-                   if rule.endpoint != "static" and rule.endpoint not in OPERATIONS})
+                   if rule.endpoint != "static" and operation_of(app.view_functions[rule.endpoint]) is None})
 
 
 def build_document(app: Flask) -> dict:
-    """The OpenAPI document of ``app``: every route of its URL map, documented from OPERATIONS."""
-    settings = Settings.from_config(app.config)
+    """The OpenAPI document of ``app``: every API route of its URL map, as its view documents it."""
+    with app.app_context():  # the schema factories read the app's settings
+        return _build(app)
+
+
+def _build(app: Flask) -> dict:
     plugin = _Plugin()
     spec = APISpec(title="morag-remote", version=__version__, openapi_version=OPENAPI_VERSION,
                    plugins=[plugin], info={"description": API_DESCRIPTION})
+    routes = _routes(app)
+    operations = {route: operation_of(app.view_functions[route.endpoint]) for route in routes}
     converter = plugin.converter
     converter.complete = _complete_schemas(
-        [op.response for op in OPERATIONS.values() if op.response is not None], settings)
+        {op.response for op in operations.values() if op is not None and op.response is not None})
     converter.add_attribute_function(_comma_list_property)
     _components(spec)
 
-    entries = []
+    ids = _operation_ids(routes)
     rules = list(app.url_map.iter_rules())
-    for rule in rules:
-        if rule.endpoint == "static":
-            continue
-        for method in sorted((rule.methods or set()) - IGNORED_METHODS):
-            entries.append((rule.endpoint, method, rule))
-    ids = _operation_ids([(e, m, openapi_path(r)) for e, m, r in entries])
-
     paths: dict[str, dict[str, dict]] = {}
-    for endpoint, method, rule in sorted(entries, key=lambda e: (openapi_path(e[2]), e[1])):
-        path = openapi_path(rule)
-        op = OPERATIONS.get(endpoint)
+    for route in routes:
+        view = app.view_functions[route.endpoint]
+        op = operations[route]
         if op is None:
-            log.warning("openapi.undocumented_route", endpoint=endpoint, path=path, method=method)
-            op = Operation(summary=f"Undocumented ({endpoint})", tag="undocumented")
-        roles = getattr(app.view_functions[endpoint], "required_roles", None)
-        if op.public_if is not None and op.public_if(app.config):
+            log.warning("openapi.undocumented_route", endpoint=route.endpoint, path=route.path,
+                        method=route.method)
+            op = Operation(summary=f"Undocumented ({route.endpoint})", tag="undocumented")
+        roles = getattr(view, "required_roles", None)
+        public_if = getattr(view, "public_if", None)
+        if public_if is not None and public_if(app.config):
             roles = None
-        operation = _operation(rule, method, op, tuple(roles) if roles is not None else None, converter,
-                               settings, rules)
-        operation["operationId"] = ids[(endpoint, method, path)]
-        paths.setdefault(path, {})[method.lower()] = operation
-    for path, operations in paths.items():
-        spec.path(path=path, operations=operations)
+        operation = _operation(route, op, tuple(roles) if roles is not None else None, converter, rules)
+        operation["operationId"] = ids[route]
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
+    for path, item in paths.items():
+        spec.path(path=path, operations=item)
     return spec.to_dict()

@@ -8,7 +8,10 @@ import schemathesis
 from flask import Response
 
 from morag_remote import create_app
-from morag_remote.openapi import OPERATIONS, undocumented_endpoints
+from morag_remote.api.docs import ASSET_RULE
+from morag_remote.api.http import Hidden, operation_of
+from morag_remote.auth import ANY
+from morag_remote.openapi import undocumented_endpoints
 
 IGNORED = {"HEAD", "OPTIONS"}
 
@@ -34,29 +37,53 @@ def _operations(document: dict):
             yield path, method, operation
 
 
-def test_every_endpoint_has_an_entry_in_the_operations_table(app):
+def _hidden(app, rule) -> bool:
+    return isinstance(operation_of(app.view_functions[rule.endpoint]), Hidden)
+
+
+def test_every_endpoint_is_documented_by_its_view(app):
     missing = undocumented_endpoints(app)
-    assert not missing, ("routes without an entry in OPERATIONS (morag_remote/openapi.py); describe each "
-                         f"there so /openapi.json documents it: {', '.join(missing)}")
+    assert not missing, ("views without @documented (or @hidden, for a route that is no API operation); "
+                         f"describe each next to its @requires so /openapi.json documents it: {', '.join(missing)}")
 
 
 def test_every_route_flask_knows_is_in_the_document(app, document):
+    """Each route but the hidden ones, at its path or, for a trailing-slash variant, at the path without."""
     for rule in app.url_map.iter_rules():
+        if _hidden(app, rule):
+            continue
         path = re.sub(r"<(?:[^<>:]+:)?([^<>:]+)>", r"{\1}", rule.rule)
         for method in rule.methods - IGNORED:
-            assert method.lower() in document["paths"].get(path, {}), f"{method} {rule.rule} is not documented"
+            item = document["paths"].get(path) or document["paths"].get(path.rstrip("/"), {})
+            assert method.lower() in item, f"{method} {rule.rule} is not documented"
 
 
-def test_a_route_added_without_a_table_entry_is_named_and_still_listed(instance_path):
+def test_no_path_is_documented_with_and_without_a_trailing_slash(app, document):
+    paths = set(document["paths"])
+    assert not {p for p in paths if p != "/" and p.endswith("/") and p.rstrip("/") in paths}
+    assert {("GET", "/api/v1/remote-jobs/"), ("POST", "/api/v1/remote-jobs/")} <= {
+        (method, rule.rule) for rule in app.url_map.iter_rules() for method in rule.methods}  # still served
+
+
+def test_the_slash_variant_is_named_in_its_operation(document):
+    for method in ("get", "post"):
+        operation = document["paths"]["/api/v1/remote-jobs"][method]
+        assert "Also served at `/api/v1/remote-jobs/`." in operation["description"]
+
+
+def test_the_docs_page_assets_are_not_api_operations(app, document):
+    hidden = sorted(rule.rule for rule in app.url_map.iter_rules() if _hidden(app, rule))
+    assert hidden == sorted([ASSET_RULE, "/docs/swagger-initializer.js"])
+    assert not [p for p in document["paths"] if p.startswith("/docs/")]
+    assert "/docs" in document["paths"]
+
+
+def test_a_route_added_without_documentation_is_named_and_still_listed(instance_path):
     app = create_app({"TESTING": True, "INSTANCE_PATH": str(instance_path), "LOG_JSON": True})
     app.add_url_rule("/api/v1/extra/<item_id>", "extra.show", lambda item_id: Response(status=204))
     assert undocumented_endpoints(app) == ["extra.show"]
     operation = app.test_client().get("/openapi.json").json["paths"]["/api/v1/extra/{item_id}"]["get"]
     assert operation["tags"] == ["undocumented"]
-
-
-def test_the_table_names_no_endpoint_the_app_lacks(app):
-    assert set(OPERATIONS) <= set(app.view_functions)
 
 
 def test_document_is_valid_openapi_3(document):
@@ -80,6 +107,12 @@ def test_metrics_needs_a_key_unless_configured_public(instance_path):
         app = create_app({"TESTING": True, "INSTANCE_PATH": str(instance_path), "LOG_JSON": True,
                           "METRICS_PUBLIC": public})
         assert app.test_client().get("/openapi.json").json["paths"]["/metrics"]["get"]["security"] == security
+
+
+def test_metrics_declares_its_roles_on_the_view_like_every_other(app):
+    view = app.view_functions["metrics.metrics"]
+    assert view.required_roles == ANY
+    assert view.public_if({"METRICS_PUBLIC": "yes"}) and not view.public_if({"METRICS_PUBLIC": "no"})
 
 
 def test_every_other_operation_needs_a_key_with_the_roles_of_its_view(app, document):

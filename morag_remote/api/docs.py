@@ -15,6 +15,7 @@ from flask import Blueprint, Response, current_app, json, render_template_string
 
 from ..context import DOCUMENT
 from ..openapi import build_document
+from .http import documented, hidden
 
 bp = Blueprint("docs", __name__)
 
@@ -81,11 +82,15 @@ def document() -> dict:
 
 
 @bp.get("/openapi.json")
+@documented("This OpenAPI document", tag="service",
+            content={"application/json": {"schema": {"type": "object", "required": ["openapi", "info", "paths"]}}})
 def openapi_json() -> Response:
     return current_app.response_class(json.dumps(document()), mimetype="application/json")
 
 
 @bp.get("/docs")
+@documented("The API reference page (Swagger UI, served offline)", tag="service",
+            content={"text/html": {"schema": {"type": "string"}}})
 def page() -> Response:
     html = render_template_string(PAGE, spec_url=url_for("docs.openapi_json"))
     response = current_app.response_class(html, mimetype="text/html")
@@ -94,11 +99,13 @@ def page() -> Response:
 
 
 @bp.get("/docs/swagger-initializer.js")
+@hidden("a file of the reference page, not an operation of the API")
 def initializer() -> Response:
     return current_app.response_class(INITIALIZER, mimetype="text/javascript")
 
 
 @bp.get(ASSET_RULE)
+@hidden("a file of the reference page, not an operation of the API")
 def asset(filename: str) -> Response:
     return send_from_directory(swagger_ui_dist(), filename, mimetype=ASSET_TYPES[filename],
                                max_age=ASSET_MAX_AGE)

@@ -6,12 +6,14 @@ from flask import Blueprint, Response
 
 from .. import schemas
 from ..context import service
-from .http import respond, schema
+from .http import documented, respond
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/health")
+@documented("Liveness and store health", tag="service", response=schemas.HealthResponse, errors=(503,),
+            description="200 while the job store takes writes; 503 when it does not.")
 def health() -> Response:
     service().store.check_writable()  # StoreUnavailable: rendered as a 503 problem by errors.py
-    return respond(schema(schemas.HealthResponse), {"status": "ok", "store": "writable", "detail": "ready"})
+    return respond({"status": "ok", "store": "writable", "detail": "ready"})

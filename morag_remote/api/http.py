@@ -1,10 +1,26 @@
 """Request parsing and response writing shared by the blueprints: load once on the way in with a
-schema, dump once on the way out."""
+schema, dump once on the way out, and the :func:`documented` decorator that names those schemas.
+
+A view declares its operation once, next to its ``@requires``::
+
+    @bp.get("/stats")
+    @documented("Queue depth", tag="remote-jobs", response=schemas.StatsResponse)
+    @requires(*ANY)
+    def stats() -> Response:
+        return respond(service().queue_summary())
+
+``json_body()``, ``query_args()`` and ``respond()`` take their schemas from that declaration, and
+``openapi.build_document`` reads the same one (as it reads ``required_roles``), so what a view
+loads and dumps and what the document says it does cannot disagree. A schema that depends on the
+app's settings is declared as a factory (called in an app context) rather than a class; both sides
+call the same factory.
+"""
 from __future__ import annotations
 
 import functools
 import unicodedata
-from typing import Any, BinaryIO
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Callable, Mapping, TypeVar
 from urllib.parse import quote
 
 from flask import Response, current_app, request
@@ -15,6 +31,80 @@ from werkzeug.wsgi import wrap_file
 from .. import jsonrules
 from ..jsonrules import MAX_DOCUMENT_DEPTH
 
+SchemaSource = type[Schema] | Callable[[], Schema]
+View = TypeVar("View", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Operation:
+    """How one view is served and documented (``openapi.py`` says which errors are implied)."""
+
+    summary: str
+    tag: str
+    description: str = ""
+    query: SchemaSource | None = None       # query-string schema, loaded by query_args()
+    body: SchemaSource | None = None        # JSON request body schema, loaded by json_body()
+    body_required: bool = True              # False: an empty body loads as {}
+    success: int = 200                      # respond()'s status unless the view names another
+    response: SchemaSource | None = None    # JSON success body, dumped by respond()
+    content: Mapping[str, dict] | None = None  # non-JSON success bodies: media type -> schema
+    success_headers: Mapping[str, dict] = field(default_factory=dict)
+    errors: tuple[int, ...] = ()            # beyond the implied ones
+    headers: tuple[str, ...] = ()           # request headers, by name in openapi.HEADER_PARAMETERS
+    extra_responses: Mapping[int, dict] = field(default_factory=dict)  # other statuses, in full
+
+
+@dataclass(frozen=True)
+class Hidden:
+    """A route that is served but is not an operation of the API (the docs page's own files)."""
+
+    reason: str
+
+
+def documented(summary: str, tag: str, **details: Any) -> Callable[[View], View]:
+    """View decorator: the view's :class:`Operation` (the view itself is returned unchanged)."""
+    operation = Operation(summary, tag, **details)
+
+    def decorator(view: View) -> View:
+        view.operation = operation  # type: ignore[attr-defined]
+        return view
+
+    return decorator
+
+
+def hidden(reason: str) -> Callable[[View], View]:
+    """View decorator: served, but left out of the OpenAPI document, for ``reason``."""
+
+    def decorator(view: View) -> View:
+        view.operation = Hidden(reason)  # type: ignore[attr-defined]
+        return view
+
+    return decorator
+
+
+def operation_of(view: Callable[..., Any]) -> Operation | Hidden | None:
+    return getattr(view, "operation", None)
+
+
+def resolve(source: SchemaSource) -> Schema:
+    """The schema instance a source stands for (in an app context: a factory reads the settings)."""
+    return schema(source) if isinstance(source, type) else source()
+
+
+def _current_operation() -> Operation:
+    operation = operation_of(current_app.view_functions[request.endpoint])
+    if not isinstance(operation, Operation):
+        raise LookupError(f"{request.endpoint} is not @documented")
+    return operation
+
+
+def _declared(kind: str) -> Schema:
+    """The schema the current view declares as its ``query``, ``body`` or ``response``."""
+    source = getattr(_current_operation(), kind)
+    if source is None:
+        raise LookupError(f"{request.endpoint} declares no {kind} schema in @documented")
+    return resolve(source)
+
 
 @functools.lru_cache(maxsize=256)
 def schema(cls: type[Schema], **options: Any) -> Schema:
@@ -24,16 +114,18 @@ def schema(cls: type[Schema], **options: Any) -> Schema:
     return cls(**options)
 
 
-def json_body(schema: Schema, allow_empty: bool = False) -> dict[str, Any]:
-    """The request's JSON body loaded by ``schema``: 400 when it is not a JSON object, 422 when invalid.
+def json_body() -> dict[str, Any]:
+    """The request's JSON body loaded by the view's declared ``body`` schema: 400 when it is not a
+    JSON object, 422 when invalid; an empty body loads as ``{}`` where the body is not required.
 
     The body is parsed here rather than with ``request.get_json``, which lets a deeply nested
     document escape as a RecursionError (a 500); nesting deeper than MAX_DOCUMENT_DEPTH is refused too,
     since every later dump and load of the job would have to survive it again.
     """
+    loader = _declared("body")
     raw = request.get_data(cache=True)
-    if allow_empty and not raw:
-        return schema.load({})
+    if not raw and not _current_operation().body_required:
+        return loader.load({})
     try:
         payload = jsonrules.loads(raw)
     except RecursionError:
@@ -45,18 +137,23 @@ def json_body(schema: Schema, allow_empty: bool = False) -> dict[str, Any]:
     if jsonrules.depth(payload, MAX_DOCUMENT_DEPTH) > MAX_DOCUMENT_DEPTH:
         raise BadRequest(f"the request body is nested deeper than {MAX_DOCUMENT_DEPTH} levels")
     jsonrules.refuse_nul(payload)
-    return schema.load(payload)
+    return loader.load(payload)
 
 
-def query_args(schema: Schema) -> dict[str, Any]:
-    """The query string loaded by ``schema`` (a repeated parameter keeps its first value)."""
+def query_args() -> dict[str, Any]:
+    """The query string loaded by the view's declared ``query`` schema (a repeated parameter keeps
+    its first value)."""
     args = request.args.to_dict()
     jsonrules.refuse_nul(args)
-    return schema.load(args)
+    return _declared("query").load(args)
 
 
-def respond(schema: Schema, obj: Any, status: int = 200) -> Response:
-    return current_app.response_class(current_app.json.dumps(schema.dump(obj)), status=status,
+def respond(obj: Any, status: int | None = None) -> Response:
+    """``obj`` dumped by the view's declared ``response`` schema, with its declared success status
+    unless ``status`` names another one the view documents."""
+    dumper = _declared("response")
+    return current_app.response_class(current_app.json.dumps(dumper.dump(obj)),
+                                      status=status or _current_operation().success,
                                       mimetype="application/json")
 
 

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from flask import Blueprint, Response, g, request, url_for
+from marshmallow import Schema
 from werkzeug.exceptions import MethodNotAllowed
 
 from .. import schemas
@@ -17,10 +18,39 @@ from ..models import RemoteJob
 from ..service import Caller
 from ..sources import download_name
 from ..store.base import JobFilter
-from .http import json_body, query_args, respond, respond_file, schema
+from .http import documented, json_body, query_args, respond, respond_file, schema
 
 bp = Blueprint("remote_jobs", __name__, url_prefix="/api/v1/remote-jobs")
 MAX_LEASE_ID = 64
+JOBS = "remote-jobs"
+WORKERS = "workers"
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_LOCATION = {"description": "The job's URL.", "required": True, "schema": {"type": "string"}}
+_FILE_HEADERS = {
+    "Content-Length": {"description": "Bytes in this response.", "required": True,
+                       "schema": {"type": "integer", "minimum": 0}},
+    "Content-Disposition": {"description": "`attachment` with the source file's name.", "required": True,
+                            "schema": {"type": "string"}},
+    "Accept-Ranges": {"description": "Ranges are accepted in bytes.", "required": True,
+                      "schema": {"type": "string", "enum": ["bytes"]}},
+    "Last-Modified": {"description": "When the source file last changed.", "required": True,
+                      "schema": {"type": "string"}},
+}
+_CONTENT_RANGE = {"description": "The bytes sent, as `bytes first-last/length`.", "required": True,
+                  "schema": {"type": "string", "pattern": r"^bytes \d+-\d+/\d+$"}}
+
+
+def create_request() -> Schema:
+    """The create body with the configured content types and webhook prefixes."""
+    return schema(schemas.CreateJobRequest, content_types=service().settings.content_types,
+                  webhook_prefixes=events().settings.allowed_prefixes)
+
+
+def poll_request() -> Schema:
+    """The poll's query string or body, bounded by the configured maximum jobs and wait."""
+    settings = service().settings
+    return schema(schemas.PollRequest, max_jobs=settings.poll_max_jobs, max_wait=settings.poll_max_wait_seconds)
 
 
 def _caller(body_lease_id: str | None = None) -> Caller:
@@ -34,16 +64,25 @@ def _caller(body_lease_id: str | None = None) -> Caller:
 
 @bp.post("")
 @bp.post("/")
+@documented(
+    "Create a job", tag=JOBS, body=create_request, success=201, response=schemas.CreateJobResponse,
+    headers=("Idempotency-Key",), errors=(409,), success_headers={"Location": _LOCATION},
+    description="`source_file_path` must name a regular file inside the configured source roots. "
+                "With an `Idempotency-Key`, a repeated request with the same body answers 200 with the "
+                "job it created (422 with another body, 409 when that job was deleted or, on the "
+                "PostgreSQL backend, when another request with the key has been in progress too long).",
+    extra_responses={200: {"description": "The job this Idempotency-Key already created.",
+                           "headers": {"Location": _LOCATION},
+                           "content": {"application/json": {"schema": "CreateJobResponse"}}}})
 @requires("producer")
 def create_job() -> Response:
     key = parse_key(request.headers.get(IDEMPOTENCY_HEADER))
-    data = json_body(schema(schemas.CreateJobRequest, content_types=service().settings.content_types,
-                            webhook_prefixes=events().settings.allowed_prefixes))
+    data = json_body()
     if key is None:
         job, created = service().create(**data), True
     else:
         job, created = idempotent_creates().create(current_principal().name, key, data)
-    response = respond(schema(schemas.CreateJobResponse), job, 201 if created else 200)
+    response = respond(job, 201 if created else 200)
     response.headers["Location"] = url_for("remote_jobs.get_job", job_id=job.id)
     return response
 
@@ -65,11 +104,15 @@ def _no_head_poll() -> None:
 
 
 @bp.route("/poll", methods=["GET", "POST"])
+@documented(
+    "Claim jobs (a worker's poll)", tag=WORKERS, query=poll_request, body=poll_request,
+    response=schemas.PollResponse,
+    description="The single-job fields are null when nothing was claimed; `jobs` lists every job "
+                "claimed. `wait` long-polls up to that many seconds. GET takes a query string, "
+                "POST a JSON body; a key bound to a worker id may poll only as that id (403).")
 @requires("worker")
 def poll() -> Response:
-    settings = service().settings
-    loader = schema(schemas.PollRequest, max_jobs=settings.poll_max_jobs, max_wait=settings.poll_max_wait_seconds)
-    data = query_args(loader) if request.method == "GET" else json_body(loader)
+    data = query_args() if request.method == "GET" else json_body()
     bound = current_principal().worker_id
     if bound is not None and bound != data["worker_id"]:
         raise Forbidden(f"this key may only poll as worker {bound!r}")
@@ -81,14 +124,24 @@ def poll() -> Response:
     body = {"job_id": first.get("id"), "source_file_url": first.get("source_file_url"),
             "content_type": first.get("content_type"), "task_options": first.get("task_options"),
             "jobs": jobs}
-    return respond(schema(schemas.PollResponse), body)
+    return respond(body)
 
 
 @bp.get("/<job_id>/download")
+@documented(
+    "Download the source file of a job held by the caller", tag=WORKERS,
+    content={"application/octet-stream": _BINARY}, success_headers=_FILE_HEADERS,
+    query=schemas.DownloadQuery, headers=("X-Lease-Id", "Range"), errors=(409, 416),
+    description="Use `source_file_url` from the poll response (its `token` proves the attempt), or send "
+                "`X-Lease-Id`. 403 for a bad token or a source that may not be served, 409 once the "
+                "attempt is over.",
+    extra_responses={206: {"description": "The requested byte range.",
+                           "headers": {**_FILE_HEADERS, "Content-Range": _CONTENT_RANGE},
+                           "content": {"application/octet-stream": _BINARY}}})
 @requires("worker")
 def download(job_id: str) -> Response:
     g.job_id = job_id
-    token = query_args(schema(schemas.DownloadQuery))["token"]
+    token = query_args()["token"]
     if token is None:
         lease_id = request.headers.get("X-Lease-Id") or None
     else:
@@ -101,75 +154,98 @@ def download(job_id: str) -> Response:
 
 
 @bp.post("/<job_id>/heartbeat")
+@documented(
+    "Extend the lease of a job held by the caller", tag=WORKERS, body=schemas.HeartbeatRequest,
+    body_required=False, response=schemas.HeartbeatResponse, headers=("X-Lease-Id",), errors=(409,),
+    description="409 when the job was cancelled, re-queued or handed to another worker: stop working.")
 @requires("worker")
 def heartbeat(job_id: str) -> Response:
     g.job_id = job_id
-    data = json_body(schema(schemas.HeartbeatRequest), allow_empty=True)
+    data = json_body()
     job = service().heartbeat(job_id, _caller(data["lease_id"]), data["progress"], data["message"])
     if job.worker_id is not None:
         workers().seen(job.worker_id, metadata=data["worker"])
-    return respond(schema(schemas.HeartbeatResponse), job)
+    return respond(job)
 
 
 @bp.post("/<job_id>/release")
+@documented(
+    "Hand a held job back unfinished", tag=WORKERS, body=schemas.ReleaseRequest, body_required=False,
+    response=schemas.ReleaseResponse, headers=("X-Lease-Id",), errors=(409,),
+    description="The job is pending again at once, `retry_count` unchanged (`releases` counts how "
+                "often); for a worker that shuts down. 409 when the caller no longer holds it.")
 @requires("worker")
 def release(job_id: str) -> Response:
     g.job_id = job_id
-    data = json_body(schema(schemas.ReleaseRequest), allow_empty=True)
-    return respond(schema(schemas.ReleaseResponse), service().release(job_id, _caller(data["lease_id"])))
+    data = json_body()
+    return respond(service().release(job_id, _caller(data["lease_id"])))
 
 
 @bp.put("/<job_id>/result")
+@documented(
+    "Submit the result of a job held by the caller", tag=WORKERS, body=schemas.SubmitResultRequest,
+    response=schemas.SubmitResultResponse, headers=("X-Lease-Id",), errors=(409,),
+    description="A failure is retried with backoff while retries remain, unless `retryable` is false. "
+                "Sending the same result again answers as the first time; a result for an attempt "
+                "the caller does not hold is 409.")
 @requires("worker")
 def submit_result(job_id: str) -> Response:
     g.job_id = job_id
-    data = json_body(schema(schemas.SubmitResultRequest))
+    data = json_body()
     caller = _caller(data.pop("lease_id"))
     outcome = service().submit_result(job_id, caller, **data)
-    return respond(schema(schemas.SubmitResultResponse),
-                   {"status": outcome.job.status, "ingestion_continued": outcome.ingestion_continued})
+    return respond({"status": outcome.job.status, "ingestion_continued": outcome.ingestion_continued})
 
 
 @bp.get("/<job_id>/status")
+@documented("A job's status", tag=JOBS, response=schemas.JobStatusResponse)
 @requires(*ANY)
 def job_status(job_id: str) -> Response:
     job = service().get(job_id)
     body = dict(vars(job), estimated_completion=service().estimates.estimated_completion(job),
                 event_delivery=events().delivery_state(job))
-    return respond(schema(schemas.JobStatusResponse), body)
+    return respond(body)
 
 
 @bp.get("/<job_id>")
+@documented("A whole job, with its result", tag=JOBS, response=schemas.JobDetail)
 @requires("producer")
 def get_job(job_id: str) -> Response:
     job = service().get(job_id)
-    return respond(schema(schemas.JobDetail), SimpleNamespace(**vars(job), event_delivery=events().delivery_state(job)))
+    return respond(SimpleNamespace(**vars(job), event_delivery=events().delivery_state(job)))
 
 
 @bp.get("")
 @bp.get("/")
+@documented("List jobs (without result bodies)", tag=JOBS, query=schemas.ListJobsQuery,
+            response=schemas.ListJobsResponse,
+            description="In creation order; pass `next_cursor` back as `cursor` for the next page.")
 @requires("producer")
 def list_jobs() -> Response:
-    q = query_args(schema(schemas.ListJobsQuery))
+    q = query_args()
     filters = JobFilter(status=q["status"], content_type=q["content_type"],
                         ingestion_task_id=q["ingestion_task_id"], worker_id=q["worker_id"])
     jobs, next_cursor = service().list(filters, q["cursor"], q["limit"])
-    return respond(schema(schemas.ListJobsResponse), {"jobs": jobs, "next_cursor": next_cursor})
+    return respond({"jobs": jobs, "next_cursor": next_cursor})
 
 
 @bp.post("/<job_id>/cancel")
+@documented("Cancel a pending or processing job", tag=JOBS, response=schemas.JobSummary, errors=(409,))
 @requires("producer")
 def cancel_job(job_id: str) -> Response:
-    return respond(schema(schemas.JobSummary), service().cancel(job_id))
+    return respond(service().cancel(job_id))
 
 
 @bp.post("/<job_id>/retry")
+@documented("Put a failed, timed-out or cancelled job back in the queue", tag=JOBS,
+            response=schemas.JobSummary, errors=(409,))
 @requires("producer")
 def retry_job(job_id: str) -> Response:
-    return respond(schema(schemas.JobSummary), service().retry(job_id))
+    return respond(service().retry(job_id))
 
 
 @bp.delete("/<job_id>")
+@documented("Delete a job's record", tag=JOBS, success=204)
 @requires("admin")
 def delete_job(job_id: str) -> Response:
     service().delete(job_id)

@@ -7,12 +7,14 @@ from flask import Blueprint, Response
 from .. import schemas
 from ..auth import ANY, requires
 from ..context import service
-from .http import respond, schema
+from .http import documented, respond
 
 bp = Blueprint("stats", __name__, url_prefix="/api/v1/remote-jobs")
 
 
 @bp.get("/stats")
+@documented("Queue depth, oldest pending job, active workers", tag="remote-jobs",
+            response=schemas.StatsResponse)
 @requires(*ANY)
 def stats() -> Response:
-    return respond(schema(schemas.StatsResponse), service().estimates.queue_summary())
+    return respond(service().estimates.queue_summary())

@@ -6,12 +6,14 @@ from flask import Blueprint, Response
 from .. import schemas
 from ..auth import requires
 from ..context import workers
-from .http import respond, schema
+from .http import documented, respond
 
 bp = Blueprint("workers", __name__, url_prefix="/api/v1/remote-jobs")
 
 
 @bp.get("/workers")
+@documented("The workers heard from in the last day, with the jobs each holds", tag="remote-jobs",
+            response=schemas.WorkersResponse)
 @requires("producer")
 def list_workers() -> Response:
-    return respond(schema(schemas.WorkersResponse), {"workers": workers().list()})
+    return respond({"workers": workers().list()})

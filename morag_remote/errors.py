@@ -6,6 +6,9 @@ without a traceback.
 """
 from __future__ import annotations
 
+import errno
+import threading
+import time
 from typing import Any
 
 import structlog
@@ -13,9 +16,11 @@ from flask import Flask, Response, current_app, g, json
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException, InternalServerError, RequestEntityTooLarge
 
-from .exceptions import ServiceError
+from .exceptions import ServiceError, StoreFull
 
 PROBLEM_JSON = "application/problem+json"
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+WARN_INTERVAL_SECONDS = 60.0  # one warning line per distinct condition per minute, not one per request
 log = structlog.get_logger(__name__)
 
 
@@ -52,7 +57,43 @@ def handle_validation(exc: ValidationError) -> Response:
 
 
 def handle_service(exc: ServiceError) -> Response:
-    return problem(exc.status_code, exc.title, exc.detail, **exc.extra)
+    response = problem(exc.status_code, exc.title, exc.detail, **exc.extra)
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+class _Throttle:
+    """Whether a condition was already reported in the last ``interval`` seconds (per process)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: dict[Any, float] = {}
+        self._mutex = threading.Lock()
+
+    def first(self, key: Any) -> bool:
+        now = time.monotonic()
+        with self._mutex:
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval:
+                return False
+            self._last[key] = now
+            return True
+
+
+_warned = _Throttle(WARN_INTERVAL_SECONDS)
+
+
+def handle_no_space(exc: OSError) -> Response:
+    """A write found the store's file system full (no space or no inodes): 503 with Retry-After, and
+    one warning line per minute for each (error, file system) instead of a traceback per request."""
+    where = exc.filename or ""
+    folder = where.rsplit("/", 2)[0] if where else ""
+    if _warned.first((exc.errno, folder)):
+        log.warning("store.full", error=exc.strerror, path=folder or None,
+                    detail="writes are refused with 503 until space is freed; nothing was changed")
+    return handle_service(StoreFull("the job store's disk is full: nothing was changed; try again later "
+                                    "(an operator must free space)"))
 
 
 def handle_http(exc: HTTPException) -> Response:
@@ -74,6 +115,8 @@ def handle_http(exc: HTTPException) -> Response:
 def handle_unexpected(exc: Exception) -> Response:
     if isinstance(exc, HTTPException):
         return handle_http(exc)
+    if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+        return handle_no_space(exc)
     log.exception("request.crashed", error_type=type(exc).__name__)
     return problem(500, InternalServerError().name, "the server failed to handle the request")
 

@@ -5,10 +5,13 @@ from typing import Any
 
 
 class ServiceError(Exception):
-    """Base of every domain error: an HTTP status, a short title and a detail for the client."""
+    """Base of every domain error: an HTTP status, a short title and a detail for the client, and
+    for a passing condition how many seconds a client should wait before it tries again
+    (``Retry-After``)."""
 
     status_code = 400
     title = "Bad request"
+    retry_after: int | None = None
 
     def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail)
@@ -71,3 +74,12 @@ class SourceMissing(ServiceError):
 class StoreUnavailable(ServiceError):
     status_code = 503
     title = "Store unavailable"
+    retry_after = 5
+
+
+class StoreFull(StoreUnavailable):
+    """The store's file system has no space (or no inodes) left: nothing was changed; the same
+    request succeeds once an operator frees space, without a restart."""
+
+    title = "Store full"
+    retry_after = 30

@@ -27,6 +27,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from .context import METRICS, SERVICE, service
+from .exceptions import StoreUnavailable
 from .models import STATUSES, Action, RemoteJob
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -126,6 +127,17 @@ class QueueCollector:
         yield GaugeMetricFamily(f"{PREFIX}_active_workers",
                                 "Workers that claimed or heartbeated within the longest lease.",
                                 value=len(body["active_workers"]))
+        yield GaugeMetricFamily(f"{PREFIX}_store_writable",
+                                "1 when the store takes writes (what /health checks), 0 when it does not "
+                                "(a full disk, a read-only database).", value=_writable())
+
+
+def _writable() -> float:
+    try:
+        service().store.check_writable()
+    except (StoreUnavailable, OSError):
+        return 0.0
+    return 1.0
 
 
 class MetricsExporter:

@@ -18,6 +18,7 @@ call the same factory.
 from __future__ import annotations
 
 import functools
+import socket
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Mapping, TypeVar
@@ -155,6 +156,27 @@ def respond(obj: Any, status: int | None = None) -> Response:
     return current_app.response_class(current_app.json.dumps(dumper.dump(obj)),
                                       status=status or _current_operation().success,
                                       mimetype="application/json")
+
+
+def client_gone() -> Callable[[], bool] | None:
+    """A check of whether the caller of this request has hung up, or None where the server does not
+    give the connection to the app (gunicorn does: ``gunicorn.socket``). A peek that reads end of
+    file (or a reset) means gone; pending bytes (a pipelined request) or none yet mean still there."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        return None
+
+    def gone() -> bool:
+        try:
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except ValueError:  # a TLS socket takes no flags: cannot tell, so assume it is there
+            return False
+        except OSError:
+            return True
+
+    return gone
 
 
 def respond_file(fh: BinaryIO, size: int, mtime: float, name: str) -> Response:

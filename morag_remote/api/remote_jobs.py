@@ -18,7 +18,7 @@ from ..models import RemoteJob
 from ..service import Caller
 from ..sources import download_name
 from ..store.base import JobFilter
-from .http import documented, json_body, query_args, respond, respond_file, schema
+from .http import client_gone, documented, json_body, query_args, respond, respond_file, schema
 
 bp = Blueprint("remote_jobs", __name__, url_prefix="/api/v1/remote-jobs")
 MAX_LEASE_ID = 64
@@ -119,7 +119,7 @@ def poll() -> Response:
     g.worker_id = data["worker_id"]
     workers().seen(data["worker_id"], data["content_types"], data["worker"])
     jobs = [_claimed(j) for j in service().poll(data["worker_id"], data["content_types"],
-                                                data["max_jobs"], data["wait"])]
+                                                data["max_jobs"], data["wait"], client_gone())]
     first = jobs[0] if jobs else {}
     body = {"job_id": first.get("id"), "source_file_url": first.get("source_file_url"),
             "content_type": first.get("content_type"), "task_options": first.get("task_options"),

@@ -143,18 +143,27 @@ class JobService:
     # -- workers ---------------------------------------------------------------------------------
 
     def poll(self, worker_id: str, content_types: Iterable[str], max_jobs: int = 1,
-             wait: float = 0.0) -> list[RemoteJob]:
+             wait: float = 0.0, client_gone: Callable[[], bool] | None = None) -> list[RemoteJob]:
         """Claim up to ``max_jobs`` jobs; with ``wait``, block until one can be claimed or time is up.
 
         Lapsed leases are handled first (a bounded number per poll), so no cron job is needed for
-        a dead worker's job to come back.
+        a dead worker's job to come back. With ``client_gone`` (is the caller still connected?) a
+        long poll whose caller hung up stops waiting, and jobs claimed for a caller that is gone by
+        the time they are claimed are handed back at once (:meth:`release`, no attempt counted).
         """
         types = list(dict.fromkeys(content_types))
         marker = self.polls.marker()
         jobs = self._claim(worker_id, types, max_jobs)
-        if jobs or wait <= 0:
-            return jobs
-        return self.polls.wait_for(lambda: self._claim(worker_id, types, max_jobs), types, wait, marker, worker_id)
+        if not jobs and wait > 0:
+            jobs = self.polls.wait_for(lambda: self._claim(worker_id, types, max_jobs), types, wait, marker,
+                                       worker_id, client_gone)
+        if jobs and client_gone is not None and client_gone():
+            log.warning("poll.undeliverable", worker_id=worker_id, jobs=len(jobs),
+                        detail="the caller hung up before the answer: the jobs are handed back")
+            for job in jobs:
+                self.release(job.id, Caller(lease_id=job.lease_id))
+            return []
+        return jobs
 
     def _claim(self, worker_id: str, types: list[str], max_jobs: int) -> list[RemoteJob]:
         self.expire_due(self.settings.lapsed_per_poll)

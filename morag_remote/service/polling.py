@@ -14,6 +14,7 @@ from ..store.base import JobRepository
 log = structlog.get_logger(__name__)
 
 MAX_SLEEP_SECONDS = 2.0  # a waiter looks again at least this often (delayed jobs, lapsed leases)
+CLIENT_CHECK_SECONDS = 1.0  # and asks whether its caller is still there at least this often
 
 
 class LongPolls:
@@ -35,10 +36,13 @@ class LongPolls:
         return self.store.change_marker()
 
     def wait_for(self, claim: Callable[[], list[RemoteJob]], types: Sequence[str], wait: float,
-                 marker: int | None, worker_id: str) -> list[RemoteJob]:
+                 marker: int | None, worker_id: str,
+                 client_gone: Callable[[], bool] | None = None) -> list[RemoteJob]:
         """Call ``claim`` again whenever the store changed and a job of ``types`` may be there,
         until it returns jobs or ``wait`` seconds have passed. Turned away at once (no jobs) when
-        the process already has its most waiters."""
+        the process already has its most waiters. With ``client_gone``, the wait ends (claiming
+        nothing) as soon as it says the caller has hung up: checked before every claim and at
+        least every ``CLIENT_CHECK_SECONDS``."""
         if not self._waiters.acquire(blocking=False):
             log.warning("poll.waiters_full", worker_id=worker_id)
             return []
@@ -50,7 +54,13 @@ class LongPolls:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                self.store.wait_for_change(min(remaining, self._next_wake(types)), since=marker)
+                sleep = min(remaining, self._next_wake(types))
+                if client_gone is not None:
+                    sleep = min(sleep, CLIENT_CHECK_SECONDS)
+                self.store.wait_for_change(sleep, since=marker)
+                if client_gone is not None and client_gone():
+                    log.info("poll.client_gone", worker_id=worker_id, detail="the caller hung up while waiting")
+                    break
                 marker = self.marker()
                 now = self.clock()
                 if self.store.has_available(types, now) or self.store.lapsed(now, 1):

@@ -1,0 +1,105 @@
+"""The application factory: ``create_app`` is the only place that builds an app (``wsgi.py`` calls it
+for gunicorn, ``flask --app morag_remote`` for the CLI, through the package's lazy attribute).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Mapping
+
+import click
+import structlog
+from flask import Flask
+
+from .auth import KeyFileUnreadable, auth_disabled
+from .config import DEFAULTS, ENV_PREFIX, Settings, instance_path_from_env, resolve_paths
+from .context import KEYS, SERVICE, TOKENS
+from .errors import register_error_handlers
+from .events import init_events
+from .exceptions import StoreUnavailable
+from .idempotency import init_idempotency
+from .log import configure_logging, init_request_logging
+from .secrets_file import load_or_create_secret
+from .sessions import NoSessions
+from .service import JobService
+from .store.factory import build_key_store, build_store
+from .tokens import DownloadTokens
+
+log = structlog.get_logger("morag_remote")  # the name it had in the package's __init__
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    instance_path = (test_config or {}).get("INSTANCE_PATH") or instance_path_from_env()
+    app = Flask("morag_remote", instance_relative_config=True, static_folder=None,
+                instance_path=os.path.abspath(instance_path) if instance_path else None)
+    app.session_interface = NoSessions()  # no cookie sessions: every request carries its key
+    app.config.from_mapping(copy.deepcopy(DEFAULTS))  # nested env overrides (X__y) edit in place
+    app.config.from_pyfile("config.py", silent=True)
+    app.config.from_prefixed_env(ENV_PREFIX)
+    if test_config:
+        app.config.from_mapping(test_config)
+    app.config["AUTH_DISABLED"] = auth_disabled(app.config["AUTH_DISABLED"])
+
+    json_logs = app.config["LOG_JSON"] if app.config["LOG_JSON"] is not None else not app.debug
+    configure_logging(json_lines=bool(json_logs))
+    try:
+        _open_instance(app)
+    except OSError as exc:  # a file where a folder belongs, or the other way round; no permission
+        raise InstanceUnusable(f"the instance folder {app.instance_path} cannot be used: {exc.strerror}"
+                               + (f": {exc.filename}" if exc.filename else "")) from None
+
+    from .api import docs, health, metrics, remote_jobs, stats
+    from .cli import db_cli, jobs_cli, keys_cli
+    from .metrics import init_metrics  # here, not at the top: see gunicorn.conf.py
+
+    init_metrics(app)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(metrics.bp)
+    app.register_blueprint(docs.bp)
+    app.register_blueprint(stats.bp)  # before remote_jobs: /stats must not match /<job_id>
+    app.register_blueprint(remote_jobs.bp)
+    register_error_handlers(app)
+    init_request_logging(app)
+    app.cli.add_command(jobs_cli)
+    app.cli.add_command(keys_cli)
+    app.cli.add_command(db_cli)
+    _warn_about_auth(app)
+    return app
+
+
+class InstanceUnusable(click.ClickException):
+    """The instance folder is damaged. A ClickException, so that every ``flask`` command says so
+    in one line (exit 1); gunicorn shows the same message when a worker cannot boot."""
+
+
+def _open_instance(app: Flask) -> None:
+    """The instance folder's secret, job store, key store, outbox and idempotency records."""
+    os.makedirs(app.instance_path, exist_ok=True)
+    resolve_paths(app.config, app.instance_path)
+    if not app.config.get("SECRET_KEY"):
+        app.config["SECRET_KEY"] = load_or_create_secret(os.path.join(app.instance_path, "secret_key"))
+    store = build_store(app.config)
+    app.extensions[SERVICE] = JobService(store, Settings.from_config(app.config))
+    app.extensions[TOKENS] = DownloadTokens(app.config["SECRET_KEY"])
+    app.extensions[KEYS] = build_key_store(store, app.instance_path)
+    init_events(app, app.extensions[SERVICE])
+    init_idempotency(app, app.extensions[SERVICE])
+
+
+def _warn_about_auth(app: Flask) -> None:
+    """One line at every start when the API is open to anyone, or closed to everyone."""
+    if app.config["AUTH_DISABLED"]:
+        log.warning("auth.disabled", detail="MORAG_REMOTE_AUTH_DISABLED is set: every request is admin "
+                    "without a key; local development only")
+        return
+    try:
+        has_keys = app.extensions[KEYS].has_keys()
+    except KeyFileUnreadable as exc:
+        log.error("auth.keys_unreadable", detail=exc.detail)
+        return
+    except StoreUnavailable as exc:  # e.g. `flask db upgrade` on a database without the schema yet
+        log.warning("auth.keys_unknown", detail=exc.detail)
+        return
+    if not has_keys:
+        log.warning("auth.no_keys", detail="no API key exists yet: every API call answers 401; create one with "
+                    "'flask --app morag_remote keys create --role admin --name admin' (make run does it for you)")

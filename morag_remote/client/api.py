@@ -142,7 +142,7 @@ class Client:
     # -- workers --------------------------------------------------------------------------------
 
     def poll(self, worker_id: str, content_types: Iterable[str], *, max_jobs: int = 1, wait: float = 0.0,
-             worker: Mapping[str, Any] | None = None) -> list[ClaimedJob]:
+             worker: Mapping[str, Any] | None = None, stop: threading.Event | None = None) -> list[ClaimedJob]:
         """Claim up to ``max_jobs`` jobs, waiting up to ``wait`` seconds for one (a long poll).
 
         ``worker`` is the optional metadata (hostname, version, concurrency, labels) a server with the
@@ -155,7 +155,7 @@ class Client:
         if worker:
             body["worker"] = dict(worker)
         data = self._json("POST", f"{API}/poll", json_body=body, timeout=self.transport.timeout + wait,
-                          resend=False)
+                          resend=False, stop=stop)
         return [ClaimedJob.from_json(j) for j in data.get("jobs") or []]
 
     def download(self, job: ClaimedJob | str, dest: str, *, lease_id: str | None = None,

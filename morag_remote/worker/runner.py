@@ -127,14 +127,13 @@ class Worker:
             self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
         self.log.info("worker.started", url=self.config.url, content_types=self.config.content_types,
                       concurrency=self.config.concurrency, poll_wait=self.poll_wait)
-        resender = threading.Thread(target=self._resend_pending, name="resend", daemon=True)
-        resender.start()
-        poller = threading.Thread(target=self._poll_loop, name="poll", daemon=True)
+        # results a previous run left come first: a poll (ours or another worker's) could hand
+        # their jobs on once their leases lapsed, and the work would be done twice
+        poller = threading.Thread(target=self._serve, name="poll", daemon=True)
         poller.start()
         while not self.draining.is_set() and self.fatal is None:
             self.draining.wait(0.5)
         code = self._drain(poller)
-        resender.join(timeout=5)
         if self.fatal is not None:
             print(f"morag-remote-worker: {self.fatal}", file=sys.stderr, flush=True)
             return EX_CONFIG
@@ -161,16 +160,18 @@ class Worker:
             runs = list(self.runs.values())
         for run in runs:
             run.hand_back(at_once=self.forced.is_set())
-        end = time.monotonic() + self.config.kill_grace + 30
+        # handlers get their kill grace, hand-backs a few tries; a result still being sent after
+        # that (or at a second signal) stays in the state folder for the next start
+        end = time.monotonic() + self.config.kill_grace + 10
         with self.changed:
-            while self.runs and time.monotonic() < end:
-                if self.forced.is_set():
-                    for run in self.runs.values():
-                        run.hand_back(at_once=True)
+            while self.runs and time.monotonic() < end and not self.forced.is_set():
                 self.changed.wait(0.2)
+        if self.forced.is_set():
+            for run in list(self.runs.values()):
+                run.hand_back(at_once=True)
         self.results_stop.set()
+        end = time.monotonic() + 15
         with self.changed:
-            end = time.monotonic() + 10
             while self.runs and time.monotonic() < end:
                 self.changed.wait(0.2)
         self.client.close()
@@ -189,6 +190,10 @@ class Worker:
                 self.changed.wait(0.5)
             return self.config.concurrency - len(self.runs)
 
+    def _serve(self) -> None:
+        self._resend_pending()
+        self._poll_loop()
+
     def _poll_loop(self) -> None:
         failures = early = 0
         while not self.draining.is_set():
@@ -199,7 +204,7 @@ class Worker:
             try:
                 claimed = self.poll_client.poll(self.config.worker_id, self.config.content_types,
                                                 max_jobs=min(free, self.max_jobs), wait=self.poll_wait,
-                                                worker=self.announce)
+                                                worker=self.announce, stop=self.draining)
             except (Unauthorized, Forbidden) as exc:
                 self._set_fatal(f"the server refused this key's poll ({exc.status}): {exc.detail}")
                 return
@@ -252,18 +257,18 @@ class Worker:
 
     def _resend_pending(self) -> None:
         for pending in list(self.state.pending()):
-            if self.results_stop.is_set():
+            if self.draining.is_set():
                 return
             log = self.log.bind(job_id=pending.job_id)
             log.info("result.resending", path=os.path.basename(pending.path))
-            self.deliver(pending, log)
+            self.deliver(pending, log, stop=self.draining)
 
-    def deliver(self, pending: PendingResult, log: Any) -> bool:
+    def deliver(self, pending: PendingResult, log: Any, stop: threading.Event | None = None) -> bool:
         """Send a saved result until the server answers; True when it is settled (accepted, or
         refused for good: the job moved on). A result still unsent when the worker stops stays
         in the state folder."""
         try:
-            answer = self.client.send_result(pending.job_id, pending.body, stop=self.results_stop)
+            answer = self.client.send_result(pending.job_id, pending.body, stop=stop or self.results_stop)
         except (LeaseLost, NotFound, InvalidRequest) as exc:
             log.warning("result.refused", status=exc.status, detail=exc.detail)
             self.state.done(pending)

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from gunicorn_harness import wait_for
-from morag_remote.client import Client, NotFound, ReleaseUnsupported
+from morag_remote.client import NotFound, ReleaseUnsupported
 from worker_support import WorkerProcess, handler_script, pid_alive, served
 
 pytestmark = pytest.mark.slow

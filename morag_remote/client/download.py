@@ -159,7 +159,6 @@ class _Fetch:
         self.progressed = False
         headers = {"X-Lease-Id": self.lease_id} if self.lease_id else {}
         if self.have:
-            self.resumes += 1
             headers["Range"] = f"bytes={self.have}-"
             if self.validator:
                 headers["If-Range"] = self.validator
@@ -171,16 +170,20 @@ class _Fetch:
             if not self._accept(resp, fh):
                 return True
             self._read(resp, fh)
-        finally:
-            if not resp.isclosed():
-                resp.close()
-                self.transport.discard()
+        except BaseException:
+            resp.close()
+            self.transport.discard()  # a connection whose stream broke is not used again
+            raise
+        if not resp.isclosed():
+            resp.close()
+            self.transport.discard()
         if self.total is None:  # no length announced (chunked): a clean end is the end
             return True
         if self.have >= self.total:
             if self.have > self.total:
                 raise DownloadError(f"the server sent {self.have} bytes, more than the {self.total} it announced")
             return True
+        self.transport.discard()
         raise _Broken(f"the stream ended after {self.have} of {self.total} bytes")
 
     def _accept(self, resp: http.client.HTTPResponse, fh) -> bool:
@@ -191,6 +194,7 @@ class _Fetch:
                 raise DownloadError(f"the server answered Range bytes={self.have}- with "
                                     f"Content-Range {resp.getheader('Content-Range')!r}")
             self.total = int(match.group(3))
+            self.resumes += 1
         elif resp.status == 200:
             if self.have:  # the file changed (If-Range failed) or the server ignores Range: start over
                 fh.seek(0)

@@ -3,7 +3,8 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
+# the stamp names what was installed: a change to the pins or to the package's metadata reinstalls
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 COVERAGE_FLOOR ?= 95
@@ -14,10 +15,13 @@ export HOST PORT
 
 .PHONY: run test bench install clean
 
-$(STAMP): requirements.txt
+# the pins, then the project itself (editable, without dependencies: the pins are them), so that the
+# console scripts (morag-remote-worker) are in $(BIN)
+$(STAMP): requirements.txt setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 or run make PYTHON=python3"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -16,11 +16,11 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from . import floor, pg, report, scenarios
+from . import floor, pg, report, scenarios, worker
 from .server import REPO, Instance
 
 
-SCENARIOS = ("raw", "claims", "cycles", "floor", "pickup", "idle")
+SCENARIOS = ("raw", "claims", "cycles", "floor", "pickup", "idle", "worker")
 DEPTHS = [("100", {"audio": 100}), ("10000", {"audio": 10_000}), ("50000", {"audio": 50_000}),
           ("10000-other", {"video": 10_000, "audio": 100})]
 PG_DEPTHS = ("100", "50000")  # the PostgreSQL column's claim depths (its target: the ratio of the two)
@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             step("idle long polls")
             results["idle"] = scenarios.idle_cpu(instance, pollers=10 if q else 100, seconds=2 if q else 20,
                                                  wait=3 if q else 20)
+        if "worker" in only:
+            step("morag-remote-worker --exec true --concurrency 8")
+            results["worker"] = worker.worker_scenario(instance, jobs=20 if q else 200, pickups=5 if q else 30)
     finally:
         if schema is not None and not args.keep:
             schema.drop()

@@ -35,6 +35,9 @@ def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
     if "pickup" in r:
         rows.append(("long-poll pick-up median (ms)", r["pickup"]["median_ms"], "<= 100",
                      lambda v: v is not None and v <= 100))
+    if "worker" in r:
+        rows.append(("worker: create to handler start median (ms)",
+                     r["worker"]["create_to_handler_start"]["median_ms"], "<= 50", lambda v: v is not None and v <= 50))
     if "idle" in r:
         rows.append(("100 idle long polls, % of one core", r["idle"]["percent_of_one_core"], "< 5", lambda v: v < 5))
     if "cycles" in r:
@@ -79,6 +82,8 @@ def total_errors(r: dict[str, Any]) -> int:
         n += r["idle"]["errors"] + r["idle"]["returned_early"]
     if "floor" in r:
         n += r["floor"]["errors"]
+    if "worker" in r:
+        n += r["worker"]["errors"]
     return n
 
 
@@ -141,6 +146,12 @@ def table(r: dict[str, Any]) -> str:
         lines.append(f"{idle['pollers']} idle long polls for {idle['seconds']} s: {idle['cpu_seconds']} CPU s = "
                      f"{idle['percent_of_one_core']}% of one core ({idle['returned_early']} returned early; "
                      f"all released in {idle['release_all_seconds']} s)")
+    if "worker" in r:
+        wk = r["worker"]
+        pick = wk["create_to_handler_start"]
+        lines.append(f"worker (--exec true, --concurrency {wk['concurrency']}): {wk['jobs_per_s']} jobs/s over a backlog "
+                     f"of {wk['jobs']}; create to handler start median {pick['median_ms']} ms, p99 {pick['p99_ms']} ms "
+                     f"over {pick['n']} jobs (exit {wk['worker_exit']})")
     lines += _columns(r)
     lines += ["", f"{'target':<46}{'value':>10}  {'goal':<9}ok"]
     for c in r["checks"]:

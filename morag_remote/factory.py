@@ -25,7 +25,7 @@ from .store.factory import open_backend
 from .tokens import DownloadTokens
 from .workers import Workers
 
-log = structlog.get_logger(__name__)
+log = structlog.get_logger("morag_remote")  # the name it had in the package's __init__
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
@@ -33,7 +33,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     backend and the service, events, idempotency and the worker registry built on it -> metrics -> blueprints, error
     handlers, request logging -> CLI."""
     instance_path = (test_config or {}).get("INSTANCE_PATH") or instance_path_from_env()
-    app = Flask(__name__, instance_relative_config=True, static_folder=None,
+    app = Flask("morag_remote", instance_relative_config=True, static_folder=None,
                 instance_path=os.path.abspath(instance_path) if instance_path else None)
     app.session_interface = NoSessions()  # no cookie sessions: every request carries its key
     app.config.from_mapping(copy.deepcopy(DEFAULTS))  # nested env overrides (X__y) edit in place

@@ -122,7 +122,8 @@ class WorkerInfo(StrictSchema):
     hostname = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=255))
     version = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=64))
     concurrency = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(min=1, max=10_000))
-    labels = fields.List(fields.String(validate=validate.Length(min=1, max=64)), load_default=list,
+    labels = fields.Dict(keys=fields.String(validate=validate.Length(min=1, max=64)),
+                         values=fields.String(validate=validate.Length(max=256)), load_default=dict,
                          validate=validate.Length(max=32))
 
 
@@ -346,7 +347,7 @@ class WorkerEntry(Schema):
     hostname = fields.String(allow_none=True)
     version = fields.String(allow_none=True)
     concurrency = fields.Integer(allow_none=True)
-    labels = fields.List(fields.String())
+    labels = fields.Dict(keys=fields.String(), values=fields.String())
     jobs = fields.List(fields.Nested(HeldJob))
 
 

@@ -110,7 +110,7 @@ class Workers:
                 "last_seen": record.last_seen if record else None,
                 "content_types": record.content_types if record else [],
                 "hostname": meta.get("hostname"), "version": meta.get("version"),
-                "concurrency": meta.get("concurrency"), "labels": meta.get("labels", []),
+                "concurrency": meta.get("concurrency"), "labels": meta.get("labels", {}),
                 "jobs": held.get(worker_id, []),
             })
         out.sort(key=lambda w: (w["last_seen"] is None, -(w["last_seen"].timestamp() if w["last_seen"] else 0),

@@ -128,3 +128,14 @@ def test_a_backend_never_imports_the_other():
             assert not any(m.startswith(postgres) for m in imports_of(name)), name
         if name.startswith(postgres):
             assert not any(m.startswith(files) for m in imports_of(name)), name
+
+
+def test_the_client_and_the_worker_import_no_server_module():
+    def inside(name: str, packages: tuple[str, ...]) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in packages)
+
+    allowed = ("morag_remote.client", "morag_remote.worker", "morag_remote.version")
+    for name in MODULES:
+        if inside(name, ("morag_remote.client", "morag_remote.worker")):
+            server = sorted(m for m in imports_of(name) if not inside(m, allowed))
+            assert server == [], f"{name} imports {server}"

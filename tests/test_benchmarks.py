@@ -75,3 +75,14 @@ def test_without_a_server_the_postgres_column_is_one_line(tmp_path: Path) -> Non
     assert mentions[0].startswith("PostgreSQL column skipped: no PostgreSQL at MORAG_REMOTE_BENCH_DATABASE_URL")
     assert "MORAG_REMOTE_BENCH_DATABASE_URL=postgresql://" in mentions[0]
     assert not any(c["check"].startswith("PG ") for c in results["checks"])
+
+
+def test_the_worker_scenario_runs_the_command_and_times_its_pickups(tmp_path: Path) -> None:
+    nobody = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
+    stdout, results = run_quick(tmp_path, nobody, "--only", "worker")
+
+    worker = results["worker"]
+    assert worker["completed"] == worker["jobs"] and worker["errors"] == 0 and worker["worker_exit"] == 0
+    assert worker["jobs_per_s"] > 0 and worker["create_to_handler_start"]["n"] == 5
+    assert "worker (--exec true, --concurrency 8)" in stdout
+    assert any(c["check"].startswith("worker: create to handler start") for c in results["checks"])

@@ -7,7 +7,7 @@ from datetime import timedelta
 from support.actions import auth
 
 J = "/api/v1/remote-jobs"
-INFO = {"hostname": "gpu-7", "version": "1.2.0", "concurrency": 4, "labels": ["cuda12", "whisper-large-v3"]}
+INFO = {"hostname": "gpu-7", "version": "1.2.0", "concurrency": 4, "labels": {"gpu": "a100", "model": "whisper-large-v3"}}
 
 
 def _poll(client, key, worker_id="w1", **body):
@@ -22,7 +22,7 @@ def test_a_poll_with_metadata_makes_the_worker_listed_with_what_it_holds(produce
     assert response.status_code == 200
     (entry,) = response.json["workers"]
     assert entry["worker_id"] == "w1" and entry["hostname"] == "gpu-7" and entry["version"] == "1.2.0"
-    assert entry["concurrency"] == 4 and entry["labels"] == ["cuda12", "whisper-large-v3"]
+    assert entry["concurrency"] == 4 and entry["labels"] == {"gpu": "a100", "model": "whisper-large-v3"}
     assert entry["content_types"] == ["audio", "video"] and entry["last_seen"]
     assert [j["job_id"] for j in entry["jobs"]] == [job_id] and entry["jobs"][0]["attempt"] == 1
 
@@ -39,7 +39,7 @@ def test_a_heartbeat_keeps_the_metadata_and_reports_progress_of_held_jobs(produc
 def test_a_plain_get_poll_registers_the_worker_without_metadata(client, keys, worker):
     assert worker.poll().status_code == 200
     (entry,) = client.get(f"{J}/workers", headers=auth(keys["admin"])).json["workers"]
-    assert entry["worker_id"] == "w1" and entry["hostname"] is None and entry["labels"] == [] and entry["jobs"] == []
+    assert entry["worker_id"] == "w1" and entry["hostname"] is None and entry["labels"] == {} and entry["jobs"] == []
 
 
 def test_workers_not_seen_for_a_day_are_forgotten(client, keys, clock, app):
@@ -54,7 +54,8 @@ def test_workers_not_seen_for_a_day_are_forgotten(client, keys, clock, app):
 
 def test_worker_metadata_is_validated_and_a_bad_one_changes_nothing(client, keys, producer):
     job_id = producer.create_id()
-    for bad in ({"hostname": 5}, {"concurrency": 0}, {"labels": ["x" * 65]}, {"labels": ["a"] * 33},
+    for bad in ({"hostname": 5}, {"concurrency": 0}, {"labels": {"x" * 65: "a"}},
+                {"labels": {f"l{n}": "v" for n in range(33)}}, {"labels": ["a"]}, {"labels": {"a": 1}},
                 {"gpu": "a100"}, "gpu-7"):
         response = _poll(client, keys["worker"], worker=bad)
         assert response.status_code == 422 and any(k.startswith("worker") for k in response.json["errors"]), bad

@@ -1,0 +1,460 @@
+"""The worker's loop: long polls for as many jobs as it has free slots, one :class:`JobRun` per job
+(download, handler, heartbeats, result), and the drain on SIGTERM.
+
+Threads: the main thread waits for signals and runs the drain; one thread polls; each job has a
+thread that runs it and one that sends its heartbeats; one thread sends the results a previous
+run left in the state folder. Every wait is on an event with a timeout, so every signal is seen
+within a fraction of a second.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import structlog
+
+from ..version import __version__
+from ..client import (ApiError, Client, ClaimedJob, ConfigError, ConnectionFailed, DownloadError, Forbidden,
+                      InvalidRequest, LeaseLost, NotFound, ReleaseUnsupported, RetryPolicy, Unauthorized,
+                      result_body)
+from .config import WorkerConfig
+from .handlers import Handler, HandlerError, HandlerProcess, Outcome
+from .metrics import WorkerMetrics
+from .state import PendingResult, StateDir
+
+EX_TEMPFAIL = 75  # sysexits.h: results are left in the state folder for the next start
+EX_CONFIG = 2
+HANDBACK_RETRY = RetryPolicy(attempts=5, base=0.25, cap=2.0)
+POLL_BACKOFF = RetryPolicy(attempts=None, base=0.5, cap=15.0)
+MIN_HEARTBEAT = 0.1
+
+
+class Fatal(Exception):
+    """The server refused this worker for good (its key, its poll): one line and stop."""
+
+
+def heartbeat_interval(timeout_at: datetime | None, default: float = 60.0) -> float:
+    """A third of what is left of the lease (the server sets ``timeout_at`` on the claim and on
+    each heartbeat), so two heartbeats may be lost before it lapses. Assumes the worker's clock
+    agrees with the server's to well within a lease (NTP)."""
+    if timeout_at is None:
+        return default
+    remaining = (timeout_at - datetime.now(timezone.utc)).total_seconds()
+    return max(MIN_HEARTBEAT, min(remaining / 3, 600.0))
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, handler: Handler, state: StateDir,
+                 metrics: WorkerMetrics | None = None) -> None:
+        self.config = config
+        self.handler = handler
+        self.state = state
+        self.metrics = metrics or WorkerMetrics()
+        agent = f"morag-remote-worker/{__version__}"
+        self.client = Client(config.url, config.key, timeout=config.timeout, on_retry=self.metrics.on_retry,
+                             user_agent=agent)
+        self.poll_client = Client(config.url, config.key, timeout=config.timeout, on_retry=self.metrics.on_retry,
+                                  user_agent=agent)
+        self.log = structlog.get_logger("morag_remote.worker").bind(worker_id=config.worker_id)
+        self.draining = threading.Event()
+        self.forced = threading.Event()
+        self.results_stop = threading.Event()
+        self.changed = threading.Condition()
+        self.runs: dict[str, JobRun] = {}
+        self.fatal: str | None = None
+        self.poll_wait = config.poll_wait
+        self.max_jobs = 10
+        self.announce: dict[str, Any] | None = None
+        self.release_supported = True
+        self.undelivered = 0
+        self._lock = threading.Lock()
+
+    # -- start ----------------------------------------------------------------------------------
+
+    def preflight(self) -> None:
+        """Checks at start, before any job is claimed: the key (any key may read the stats; a
+        worker key is then checked by the first poll, which claims nothing when refused) and what
+        the server's OpenAPI document says it accepts. ConfigError for what cannot work; a server
+        that does not answer yet is only logged (the poll loop waits for it)."""
+        try:
+            self.client.stats()
+        except (Unauthorized, Forbidden) as exc:
+            raise ConfigError(f"the server at {self.config.url} refused the key ({exc.status}): {exc.detail}") from None
+        except NotFound:
+            raise ConfigError(f"{self.config.url} does not serve the morag-remote API "
+                              "(no /api/v1/remote-jobs/stats)") from None
+        except (ConnectionFailed, ApiError) as exc:
+            self.log.warning("worker.server_unreachable", url=self.config.url, error=str(exc))
+            return
+        try:
+            schemas = self.client.openapi().get("components", {}).get("schemas", {})
+        except (ConnectionFailed, ApiError, ValueError, AttributeError):
+            return
+        accepted = schemas.get("CreateJobRequest", {}).get("properties", {}).get("content_type", {}).get("enum")
+        if accepted:
+            refused = [t for t in self.config.content_types if t not in accepted]
+            if refused:
+                raise ConfigError(f"the server does not accept the content type {refused[0]!r}; it accepts "
+                                  + ", ".join(accepted))
+        poll = schemas.get("PollRequest", {}).get("properties", {})
+        max_wait = poll.get("wait", {}).get("maximum")
+        if isinstance(max_wait, (int, float)) and self.poll_wait > max_wait:
+            self.log.info("worker.poll_wait_capped", asked=self.poll_wait, server_max=max_wait)
+            self.poll_wait = float(max_wait)
+        max_jobs = poll.get("max_jobs", {}).get("maximum")
+        if isinstance(max_jobs, int) and max_jobs >= 1:
+            self.max_jobs = max_jobs
+        if "worker" in poll:
+            self.announce = {"hostname": socket.gethostname(), "version": __version__,
+                             "concurrency": self.config.concurrency, "labels": dict(self.config.labels)}
+
+    # -- the main thread ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (then drain) or a fatal refusal; the exit code."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        if self.config.metrics_port:
+            self.metrics.serve(self.config.metrics_port, self.config.metrics_host)
+        self.log.info("worker.started", url=self.config.url, content_types=self.config.content_types,
+                      concurrency=self.config.concurrency, poll_wait=self.poll_wait)
+        # results a previous run left come first: a poll (ours or another worker's) could hand
+        # their jobs on once their leases lapsed, and the work would be done twice
+        poller = threading.Thread(target=self._serve, name="poll", daemon=True)
+        poller.start()
+        while not self.draining.is_set() and self.fatal is None:
+            self.draining.wait(0.5)
+        code = self._drain(poller)
+        if self.fatal is not None:
+            print(f"morag-remote-worker: {self.fatal}", file=sys.stderr, flush=True)
+            return EX_CONFIG
+        return code
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self.draining.is_set():
+            self.forced.set()
+        self.draining.set()
+        with self.changed:
+            self.changed.notify_all()
+
+    def _drain(self, poller: threading.Thread) -> int:
+        self.log.info("worker.draining", running=len(self.runs), grace=self.config.grace,
+                      reason="fatal" if self.fatal else "signal")
+        self.draining.set()
+        while poller.is_alive():
+            self.poll_client.abort()
+            poller.join(timeout=0.2)
+        deadline = time.monotonic() + self.config.grace
+        with self.changed:
+            while self.runs and not self.forced.is_set() and time.monotonic() < deadline:
+                self.changed.wait(min(0.2, max(deadline - time.monotonic(), 0.01)))
+            runs = list(self.runs.values())
+        for run in runs:
+            run.hand_back(at_once=self.forced.is_set())
+        # handlers get their kill grace, hand-backs a few tries; a result still being sent after
+        # that (or at a second signal) stays in the state folder for the next start
+        end = time.monotonic() + self.config.kill_grace + 10
+        with self.changed:
+            while self.runs and time.monotonic() < end and not self.forced.is_set():
+                self.changed.wait(0.2)
+        if self.forced.is_set():
+            for run in list(self.runs.values()):
+                run.hand_back(at_once=True)
+        self.results_stop.set()
+        end = time.monotonic() + 15
+        with self.changed:
+            while self.runs and time.monotonic() < end:
+                self.changed.wait(0.2)
+        self.client.close()
+        self.poll_client.close()
+        if self.undelivered:
+            self.log.warning("worker.stopped", undelivered=self.undelivered, state_dir=self.state.root)
+            return EX_TEMPFAIL
+        self.log.info("worker.stopped", clean=True)
+        return 0
+
+    # -- polling --------------------------------------------------------------------------------
+
+    def _free_slots(self) -> int:
+        with self.changed:
+            while len(self.runs) >= self.config.concurrency and not self.draining.is_set():
+                self.changed.wait(0.5)
+            return self.config.concurrency - len(self.runs)
+
+    def _serve(self) -> None:
+        self._resend_pending()
+        self._poll_loop()
+
+    def _poll_loop(self) -> None:
+        failures = early = 0
+        while not self.draining.is_set():
+            free = self._free_slots()
+            if self.draining.is_set() or free <= 0:
+                break
+            started = time.monotonic()
+            try:
+                claimed = self.poll_client.poll(self.config.worker_id, self.config.content_types,
+                                                max_jobs=min(free, self.max_jobs), wait=self.poll_wait,
+                                                worker=self.announce, stop=self.draining)
+            except (Unauthorized, Forbidden) as exc:
+                self._set_fatal(f"the server refused this key's poll ({exc.status}): {exc.detail}")
+                return
+            except InvalidRequest as exc:
+                if "worker" in exc.errors and self.announce:
+                    self.log.warning("worker.announce_unsupported", detail=exc.detail)
+                    self.announce = None
+                    continue
+                self._set_fatal(f"the server refused the poll (422): {exc.detail} {json.dumps(exc.errors)}")
+                return
+            except (ConnectionFailed, ApiError) as exc:
+                if self.draining.is_set():
+                    return
+                failures += 1
+                self.log.warning("poll.failed", error=str(exc), failures=failures)
+                self.draining.wait(POLL_BACKOFF.delay(failures))
+                continue
+            failures = 0
+            for job in claimed:
+                self._start(job, hand_back=self.draining.is_set())
+            if claimed:
+                early = 0
+                continue
+            if time.monotonic() - started < self.poll_wait / 2:
+                early += 1  # answered well before the wait was up: the server is busy or refusing waiters
+                self.draining.wait(POLL_BACKOFF.delay(early))
+            else:
+                early = 0
+
+    def _set_fatal(self, message: str) -> None:
+        self.fatal = message
+        self.draining.set()
+
+    def _start(self, job: ClaimedJob, hand_back: bool = False) -> None:
+        run = JobRun(self, job)
+        with self.changed:
+            self.runs[job.job_id] = run
+            self.metrics.running.set(len(self.runs))
+        if hand_back:  # claimed by a poll that was in flight when the drain began
+            run.hand_back(at_once=True)
+        threading.Thread(target=run.run, name=f"job-{job.job_id}", daemon=True).start()
+
+    def finished(self, run: "JobRun") -> None:
+        with self.changed:
+            self.runs.pop(run.job.job_id, None)
+            self.metrics.running.set(len(self.runs))
+            self.changed.notify_all()
+
+    # -- results --------------------------------------------------------------------------------
+
+    def _resend_pending(self) -> None:
+        for pending in list(self.state.pending()):
+            if self.draining.is_set():
+                return
+            log = self.log.bind(job_id=pending.job_id)
+            log.info("result.resending", path=os.path.basename(pending.path))
+            self.deliver(pending, log, stop=self.draining)
+
+    def deliver(self, pending: PendingResult, log: Any, stop: threading.Event | None = None) -> bool:
+        """Send a saved result until the server answers; True when it is settled (accepted, or
+        refused for good: the job moved on). A result still unsent when the worker stops stays
+        in the state folder."""
+        try:
+            answer = self.client.send_result(pending.job_id, pending.body, stop=stop or self.results_stop)
+        except (LeaseLost, NotFound, InvalidRequest) as exc:
+            log.warning("result.refused", status=exc.status, detail=exc.detail)
+            self.state.done(pending)
+            return True
+        except (ConnectionFailed, ApiError) as exc:
+            with self._lock:
+                self.undelivered += 1
+            log.error("result.undelivered", error=str(exc), kept=os.path.basename(pending.path))
+            return False
+        self.state.done(pending)
+        log.info("result.sent", success=pending.body.get("success"), status=answer.status)
+        return True
+
+    def release_fallback_noted(self) -> None:
+        with self._lock:
+            first, self.release_supported = self.release_supported, False
+        if first:
+            self.log.warning("release.unsupported", detail="this server has no release endpoint; jobs are handed "
+                             "back with a retryable failure result instead (they count a retry)")
+
+
+class JobRun:
+    """One claimed job, from download to delivered result, in a thread of its own."""
+
+    def __init__(self, worker: Worker, job: ClaimedJob) -> None:
+        self.w = worker
+        self.job = job
+        self.log = worker.log.bind(job_id=job.job_id, attempt=job.retry_count + 1)
+        self.lost = threading.Event()       # 409/404 to a heartbeat: stop, send nothing
+        self.release = threading.Event()    # the drain's grace is over: stop and hand the job back
+        self.at_once = threading.Event()    # a second signal: no grace for the handler either
+        self.hb_stop = threading.Event()
+        self.progress: tuple[float | None, str | None] = (None, None)
+        self.folder = os.path.join(worker.state.work, f"{_safe(job.job_id)}-{random.randrange(16**6):06x}")
+
+    def hand_back(self, at_once: bool) -> None:
+        if at_once:
+            self.at_once.set()
+        self.release.set()
+
+    def run(self) -> None:
+        heartbeats = threading.Thread(target=self._heartbeats, name=f"hb-{self.job.job_id}", daemon=True)
+        try:
+            self.log.info("job.claimed", content_type=self.job.content_type, retry_count=self.job.retry_count)
+            heartbeats.start()
+            outcome = self._work()
+            if outcome is not None:
+                self._submit(outcome)
+        except Exception:
+            self.log.exception("job.crashed")
+        finally:
+            self.hb_stop.set()
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.w.finished(self)
+
+    def _stop_reason(self) -> str | None:
+        if self.lost.is_set():
+            return "lost"
+        if self.release.is_set():
+            return "release"
+        return None
+
+    def _work(self) -> Outcome | None:
+        """Download and run the handler; the outcome to send, or None when nothing must be sent."""
+        inputs, output = os.path.join(self.folder, "input"), os.path.join(self.folder, "output")
+        os.makedirs(inputs)
+        os.makedirs(output)
+        if self.release.is_set():
+            self._hand_back()
+            return None
+        try:
+            source = self.w.client.download(self.job, inputs, stop=self.lost,
+                                            on_bytes=self.w.metrics.download_bytes.inc)
+        except LeaseLost as exc:
+            self.log.warning("job.lease_lost", during="download", detail=exc.detail)
+            return None
+        except (DownloadError, ConnectionFailed, ApiError, OSError) as exc:
+            if self.lost.is_set():
+                return None
+            self.log.warning("job.download_failed", error=str(exc))
+            return Outcome(False, error_message=f"the worker could not download the source: {exc}", retryable=True)
+        self.log.info("job.downloaded", bytes=source.size, resumed=source.resumed, digest_checked=source.digest_checked)
+        if self._stop_reason():
+            return self._after_stop()
+        argv = self.w.handler.command(source.path, output, self.job.job_id, self.job.content_type)
+        env = dict(os.environ, MORAG_REMOTE_TASK_OPTIONS=json.dumps(self.job.task_options),
+                   MORAG_REMOTE_JOB_ID=self.job.job_id, MORAG_REMOTE_CONTENT_TYPE=self.job.content_type)
+        for secret in ("MORAG_REMOTE_WORKER_KEY",):
+            env.pop(secret, None)
+        proc = HandlerProcess(argv, self.folder, env, self.w.config.max_output, self._on_progress)
+        try:
+            proc.start()
+        except HandlerError as exc:
+            self.log.error("handler.start_failed", error=exc.message)
+            return Outcome(False, error_message=exc.message, retryable=True)
+        self.log.info("handler.started", pid=proc.proc.pid)
+        limit = self.w.config.runtime_limit(self.job.content_type)
+        code = None
+        while code is None:
+            code = proc.wait(0.1)
+            if code is not None:
+                break
+            if self._stop_reason():
+                grace = 0.0 if self.at_once.is_set() else self.w.config.kill_grace
+                code = proc.stop(grace)
+                self.log.info("handler.stopped", reason=self._stop_reason(), exit=code)
+                return self._after_stop()
+            if limit is not None and time.monotonic() - proc.started > limit:
+                code = proc.stop(self.w.config.kill_grace)
+                self.log.warning("handler.max_runtime", limit=limit)
+                return Outcome(False, error_message=f"the handler ran longer than the --max-runtime of "
+                               f"{limit:g} s for {self.job.content_type} and was stopped", retryable=True)
+        code = proc.finish()
+        elapsed = time.monotonic() - proc.started
+        self.w.metrics.handler_seconds.labels(content_type=self.job.content_type).observe(elapsed)
+        if self.lost.is_set():
+            return None
+        outcome = proc.outcome(code, output)
+        outcome.processing_time = round(elapsed, 3)
+        self.log.info("handler.finished", exit=code, success=outcome.success, seconds=round(elapsed, 3))
+        return outcome
+
+    def _after_stop(self) -> None:
+        if not self.lost.is_set():
+            self._hand_back()
+        return None
+
+    def _submit(self, outcome: Outcome) -> None:
+        body = result_body(success=outcome.success, content=outcome.content, metadata=outcome.metadata,
+                           error_message=outcome.error_message, processing_time=outcome.processing_time,
+                           retryable=None if outcome.success else outcome.retryable, lease_id=self.job.lease_id)
+        pending = self.w.state.save(self.job.job_id, self.job.lease_id, body)
+        if self.w.deliver(pending, self.log):
+            self.w.metrics.finished.labels(outcome="success" if outcome.success else "failure").inc()
+
+    def _hand_back(self) -> None:
+        """Give the job back so another worker takes it now: release, or on a server without the
+        release endpoint a retryable failure (which counts a retry and waits out the backoff)."""
+        lease = self.job.lease_id
+        if self.w.release_supported:
+            try:
+                self.w.client.release(self.job.job_id, lease_id=lease)
+                self.log.info("job.released")
+                self.w.metrics.finished.labels(outcome="released").inc()
+                return
+            except ReleaseUnsupported:
+                self.w.release_fallback_noted()
+            except (LeaseLost, NotFound) as exc:
+                self.log.info("job.release_refused", detail=exc.detail)
+                return
+            except (ConnectionFailed, ApiError) as exc:
+                self.log.warning("job.release_failed", error=str(exc))
+                return
+        try:
+            self.w.client.result(self.job.job_id, success=False, retryable=True, lease_id=lease,
+                                 error_message="handed back: the worker stopped before the job finished",
+                                 retry=HANDBACK_RETRY)
+            self.log.info("job.released", via="failure_result")
+            self.w.metrics.finished.labels(outcome="released").inc()
+        except (LeaseLost, NotFound) as exc:
+            self.log.info("job.release_refused", detail=exc.detail)
+        except (ConnectionFailed, ApiError) as exc:
+            self.log.warning("job.release_failed", error=str(exc))
+
+    def _on_progress(self, fraction: float, message: str | None) -> None:
+        self.progress = (fraction, message)
+
+    def _heartbeats(self) -> None:
+        interval = heartbeat_interval(self.job.timeout_at)
+        while not self.hb_stop.wait(interval):
+            fraction, message = self.progress
+            try:
+                answer = self.w.client.heartbeat(self.job.job_id, lease_id=self.job.lease_id, progress=fraction,
+                                                 message=message, worker=self.w.announce, stop=self.hb_stop)
+                interval = heartbeat_interval(answer.timeout_at, interval)
+            except (LeaseLost, NotFound) as exc:
+                if not self.hb_stop.is_set():
+                    self.log.warning("job.lease_lost", during="heartbeat", detail=exc.detail)
+                    self.lost.set()
+                return
+            except (ConnectionFailed, ApiError) as exc:
+                if self.hb_stop.is_set():
+                    return
+                self.log.warning("heartbeat.failed", error=str(exc))
+                interval = max(MIN_HEARTBEAT, interval / 2)
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:64]

@@ -1,0 +1,148 @@
+"""The worker's and client's small rules, in process: settings, the state folder, header parsing,
+backoff, heartbeat intervals, and a download whose server ignores Range or changes the file."""
+from __future__ import annotations
+
+import base64
+import email.utils
+import hashlib
+import http.server
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from morag_remote.client import Client, ConfigError, RetryPolicy
+from morag_remote.client.download import attachment_name, expected_sha256
+from morag_remote.client.http import retry_after_seconds
+from morag_remote.worker.config import load
+from morag_remote.worker.handlers import ExecHandler, PythonHandler
+from morag_remote.worker.runner import MIN_HEARTBEAT, heartbeat_interval
+from morag_remote.worker.state import StateDir
+
+BASE = ["--url", "http://q.example", "--key", "k", "--content-types", "audio", "--exec", "true"]
+
+
+def test_settings_parse_lists_pairs_and_refuse_bad_values(tmp_path):
+    config, _ = load([*BASE, "--max-runtime", "audio=10", "--max-runtime", "video=20,5", "--labels", "gpu=a100"], {})
+    assert config.max_runtime == {"audio": 10.0, "video": 20.0, "default": 5.0}
+    assert config.runtime_limit("image") == 5.0 and config.labels == {"gpu": "a100"}
+    with pytest.raises(ConfigError, match="--grace"):
+        load([*BASE, "--grace", "-1"], {})
+    with pytest.raises(ConfigError, match="MORAG_REMOTE_WORKER_CONCURRENCY"):
+        load(BASE, {"MORAG_REMOTE_WORKER_CONCURRENCY": "many"})
+    with pytest.raises(ConfigError, match="--content-types"):
+        load(["--url", "http://q", "--key", "k", "--exec", "true"], {})
+    with pytest.raises(ConfigError, match="key"):
+        load(["--url", "http://q", "--content-types", "a", "--exec", "true"], {})
+    with pytest.raises(ConfigError, match="--log-level"):
+        load([*BASE, "--log-level", "loud"], {})
+
+
+def test_a_config_file_must_be_toml_with_known_names_and_a_key_file_is_read(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("url = ")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(["--config", str(bad)], {})
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text('urll = "x"\n')
+    with pytest.raises(ConfigError, match="urll"):
+        load(["--config", str(unknown)], {})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(["--config", str(tmp_path / "missing.toml")], {})
+    key = tmp_path / "key"
+    key.write_text("mrk_from_file\n")
+    config, _ = load(["--url", "http://q", "--content-types", "a", "--exec", "true", "--key-file", str(key)], {})
+    assert config.key == "mrk_from_file"
+    with pytest.raises(ConfigError, match="key file"):
+        load(["--url", "http://q", "--content-types", "a", "--exec", "true", "--key-file", str(tmp_path / "no")], {})
+
+
+def test_exec_templates_keep_words_and_refuse_broken_braces():
+    handler = ExecHandler("convert --in {input} --literal {{x}} --type={content_type}")
+    assert handler.command("/a b", "/o", "j", "audio") == ["convert", "--in", "/a b", "--literal", "{x}", "--type=audio"]
+    with pytest.raises(ConfigError, match="braces"):
+        ExecHandler("convert {input")
+    with pytest.raises(ConfigError, match="split"):
+        ExecHandler("convert 'unclosed")
+    with pytest.raises(ConfigError, match="empty"):
+        ExecHandler("   ")
+    with pytest.raises(ConfigError, match="module:function"):
+        PythonHandler("no_colon")
+
+
+def test_the_state_folder_is_locked_and_skips_a_damaged_result(tmp_path):
+    first = StateDir(str(tmp_path / "s")).open()
+    with pytest.raises(ConfigError, match="in use"):
+        StateDir(str(tmp_path / "s")).open()
+    saved = first.save("job/1", "lease 1", {"success": True})
+    (tmp_path / "s" / "results" / "broken.json").write_text("{")
+    pending = list(first.pending())
+    assert [(p.job_id, p.lease_id) for p in pending] == [("job/1", "lease 1")]
+    assert (tmp_path / "s" / "results" / "broken.json.bad").exists()
+    first.done(saved)
+    first.done(saved)  # twice is fine
+    assert list(first.pending()) == []
+    first.close()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="cannot be used"):
+        StateDir(str(tmp_path / "file")).open()
+
+
+def test_header_parsing():
+    assert attachment_name('attachment; filename="../../etc/passwd"') == "passwd"
+    assert attachment_name("attachment; filename=a.mp3; filename*=UTF-8''caf%C3%A9.mp3") == "café.mp3"
+    assert attachment_name("attachment; filename=...") is None and attachment_name(None) is None
+    digest = hashlib.sha256(b"x").digest()
+    assert expected_sha256(f"sha-256=:{base64.b64encode(digest).decode()}:") == digest
+    assert expected_sha256("sha-256=:!!:") is None and expected_sha256("md5=:AAAA:") is None
+    assert retry_after_seconds("7") == 7.0 and retry_after_seconds("soon") is None and retry_after_seconds(None) is None
+    later = email.utils.format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    assert 20 < retry_after_seconds(later) <= 30
+
+
+def test_backoff_is_capped_jittered_and_honours_retry_after():
+    policy = RetryPolicy(attempts=3, base=1.0, cap=4.0, max_retry_after=10.0)
+    assert [policy.delay(n, rng=lambda: 1.0) for n in (1, 2, 3, 9)] == [1.0, 2.0, 4.0, 4.0]
+    assert policy.delay(1, rng=lambda: 0.0) == 0.5
+    assert policy.delay(1, retry_after=30, rng=lambda: 0.0) == 10.0
+    assert policy.gives_up(3) and not policy.gives_up(2) and not RetryPolicy(attempts=None).gives_up(10**6)
+
+
+def test_heartbeats_come_at_a_third_of_the_lease_left():
+    soon = datetime.now(timezone.utc) + timedelta(seconds=30)
+    assert 9 < heartbeat_interval(soon) <= 10
+    assert heartbeat_interval(datetime.now(timezone.utc) - timedelta(seconds=5)) == MIN_HEARTBEAT
+    assert heartbeat_interval(None, default=7) == 7
+
+
+class _Changing(http.server.BaseHTTPRequestHandler):
+    """Cuts the first answer short; answers a Range request with the whole (changed) file."""
+
+    versions = [b"a" * 5000, b"b" * 3000]
+    calls = 0
+
+    def do_GET(self) -> None:
+        type(self).calls += 1
+        body = self.versions[0] if self.calls == 1 else self.versions[1]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Last-Modified", email.utils.formatdate(time.time() - self.calls, usegmt=True))
+        self.end_headers()
+        self.wfile.write(body[:1000] if self.calls == 1 else body)
+        self.close_connection = True
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_file_that_changed_between_tries_comes_whole_not_spliced(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Changing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = Client(f"http://127.0.0.1:{server.server_port}", "k", retry=RetryPolicy(attempts=3, base=0.01))
+        got = client.download("/f", str(tmp_path / "f"))
+        assert (tmp_path / "f").read_bytes() == _Changing.versions[1] and got.size == 3000
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -164,11 +164,6 @@ def test_a_claimed_job_is_not_handed_to_a_second_worker(producer, worker, worker
     assert worker2.poll("audio").json["job_id"] is None
 
 
-def test_poll_with_wait_returns_empty_when_nothing_arrives(worker):
-    response = worker.poll("audio", wait=0.05)
-    assert response.status_code == 200 and response.json["jobs"] == []
-
-
 # -- download ----------------------------------------------------------------------------------
 
 

@@ -200,34 +200,3 @@ def test_estimated_completion_without_history_uses_the_seed_guess(producer, work
 
 def test_a_pending_job_has_no_estimated_completion(producer):
     assert producer.status(producer.create_id()).json["estimated_completion"] is None
-
-
-# -- long polls --------------------------------------------------------------------------------
-
-
-def test_a_long_poll_returns_a_job_created_while_it_waits(app, producer, keys):
-    got: list[dict] = []
-
-    def long_poll() -> None:
-        with app.test_client() as other:
-            got.append(other.get(f"{BASE}/poll", headers=auth(keys["worker"]), query_string={
-                "worker_id": "patient", "content_types": "audio", "wait": 20}).json)
-
-    thread = threading.Thread(target=long_poll)
-    thread.start()
-    created = []
-    for _ in range(200):  # bounded: create until the waiting poll has taken one
-        created.append(producer.create_id("audio"))
-        thread.join(timeout=0.05)
-        if not thread.is_alive():
-            break
-    assert not thread.is_alive()
-    assert got[0]["job_id"] in created
-
-
-def test_a_long_poll_wakes_for_a_job_whose_backoff_ends(producer, worker, service, no_jitter):
-    service.settings = dataclasses.replace(service.settings, retry_backoff_seconds=0.2)
-    job_id = producer.create_id("audio")
-    worker.claim("audio")
-    worker.result(job_id, success=False)
-    assert worker.poll("audio", wait=10).json["job_id"] == job_id

@@ -1,5 +1,6 @@
-"""Results: a failure re-queues with exponential backoff (kept as ``available_at``) or fails for
-good; the response's ``status`` says which; the same result sent twice counts once."""
+"""Results: a success completes the job; a failure re-queues with exponential backoff (kept as
+``available_at``) or fails for good; the response's ``status`` says which; the same result sent
+twice counts once (also from a bound worker key)."""
 from __future__ import annotations
 
 from datetime import timedelta
@@ -48,6 +49,15 @@ def test_backoff_doubles_from_the_base_up_to_the_cap(service, n, delay):
 def test_backoff_jitter_adds_at_most_ten_percent(service, n, delay):
     service.rng = lambda: 0.999999
     assert delay < service.backoff(n) < delay * 1.1
+
+
+@pytest.mark.parametrize("app_config", [{}])  # the defaults: 30 s doubling up to an hour
+def test_backoff_doubles_and_is_capped_with_at_most_ten_percent_jitter(service):
+    service.rng = lambda: 0.0
+    assert [service.backoff(n) for n in (1, 2, 3)] == [30, 60, 120]
+    assert service.backoff(20) == 3600
+    service.rng = lambda: 0.999
+    assert 30 < service.backoff(1) < 33
 
 
 def test_backoff_jitter_spreads_jobs_that_fail_together(service):
@@ -139,10 +149,13 @@ def test_failure_with_no_retry_left_fails(service, clock):
     assert outcome.job.status == "failed" and outcome.job.retry_count == 1
 
 
-def test_failure_of_a_job_with_max_retries_0_fails_at_once(service):
-    job = claimed_job(service, max_retries=0)
-    outcome = service.submit_result(job.id, Caller(job.lease_id), success=False, error_message="bad")
-    assert outcome.job.status == "failed"
+def test_failure_of_a_job_with_max_retries_0_fails_at_once(producer, worker, service):
+    job_id = producer.create_id("audio", max_retries=0)
+    worker.claim("audio")
+    response = worker.result(job_id, success=False)
+    assert response.json["status"] == "failed"
+    assert service.get(job_id).status == "failed"
+    assert producer.get(job_id).json["error_message"] == "the worker reported a failure"
 
 
 def test_seed_failure_body_without_message_still_records_a_reason(producer, worker):

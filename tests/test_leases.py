@@ -1,5 +1,6 @@
-"""Leases: a claim grants one, a heartbeat extends it, a lapsed one re-queues the job (or times it
-out), and a worker that lost its lease is fenced off."""
+"""Leases: a claim grants one (its length per content type), a heartbeat extends it and records
+progress, a lapsed one re-queues the job (or times it out), lazily on poll or through
+``cleanup-expired``, a worker that lost its lease is fenced off, and the optional pending TTL."""
 from __future__ import annotations
 
 import json
@@ -185,10 +186,13 @@ def test_heartbeat_keeps_the_job_past_its_first_lease(producer, worker, worker2,
     assert producer.status(job_id).json["worker_id"] == "w1"
 
 
-def test_heartbeat_progress_and_message_are_shown_by_status(producer, worker):
+def test_heartbeat_progress_and_message_are_shown_by_status(producer, worker, clock):
     job_id = producer.create_id("audio")
     claimed = worker.claim("audio")
+    clock.advance(0.6)
     response = worker.heartbeat(job_id, lease_id=claimed["lease_id"], progress=0.42, message="diarizing")
+    assert response.status_code == 200
+    assert from_iso(response.json["timeout_at"]) == clock.now + timedelta(seconds=LEASES["audio"])
     assert response.json["progress"] == 0.42
     status = producer.status(job_id).json
     assert status["progress"] == 0.42 and status["progress_message"] == "diarizing"
@@ -207,6 +211,12 @@ def test_heartbeat_with_progress_outside_0_1_is_422(producer, worker, progress):
     worker.claim("audio")
     body = _problem(worker.heartbeat(job_id, progress=progress), 422)
     assert "progress" in body["errors"]
+
+
+def test_heartbeat_with_a_stale_lease_id_is_409(producer, worker):
+    job_id = producer.create_id("audio")
+    worker.claim("audio")
+    assert worker.heartbeat(job_id, lease_id="not-the-lease").status_code == 409
 
 
 def test_heartbeat_with_lost_lease_is_409_and_changes_nothing(producer, worker, worker2, clock):

@@ -1,14 +1,15 @@
-"""The operator CLI through Flask's CliRunner: every command, its output for people and for scripts
-(--json), its exit code, and a one-line error (never a traceback) for bad input."""
+"""The operator CLI (``flask remote-jobs ...``) through Flask's CliRunner: every command, its output
+for people and for scripts (--json), its exit code, and a one-line error (never a traceback) for
+bad input. (The ``keys`` group: test_api_keys.py.)"""
 from __future__ import annotations
 
 import json
 import os
-import stat
 
 import pytest
 
 from morag_remote.fileio import TEMP_PREFIX
+from support.cli import assert_one_line_error
 
 AUDIO_LEASE = 1800
 
@@ -21,15 +22,6 @@ def run_json(runner, *args: str):
     result = run(runner, *args, "--json")
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
-
-
-def assert_one_line_error(result, exit_code: int, *fragments: str) -> None:
-    assert result.exit_code == exit_code, result.output
-    assert isinstance(result.exception, SystemExit), result.exception  # handled, not a crash
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def claimed(producer, worker, n: int = 1, content_type: str = "audio", **extra) -> list[str]:
@@ -82,6 +74,7 @@ def test_cleanup_expired_twice_handles_each_lapse_once(runner, producer, worker,
     clock.advance(AUDIO_LEASE + 1)
     assert run_json(runner, "remote-jobs", "cleanup-expired") == {"expired": 1}
     assert run_json(runner, "remote-jobs", "cleanup-expired") == {"expired": 0}
+    assert run(runner, "remote-jobs", "cleanup-expired").stdout.strip() == "0 job(s) handled"
     assert job_of(service, job_id).retry_count == 1
 
 
@@ -124,6 +117,8 @@ def test_cleanup_old_deletes_finished_jobs_older_than_the_days_given(runner, pro
     assert result.stdout.strip() == "2 job(s) deleted"
     remaining = {j["id"] for j in run_json(runner, "remote-jobs", "list")["jobs"]}
     assert remaining == {waiting, recent}
+    assert producer.get(cancelled).status_code == 404 and producer.get(recent).status_code == 200
+    assert run_json(runner, "remote-jobs", "cleanup-old", "--days", "2") == {"deleted": 0}  # each job once
 
 
 def test_cleanup_old_json_reports_zero_when_nothing_is_old(runner, producer, worker):
@@ -360,8 +355,10 @@ def test_fsck_repair_removes_a_leftover_temp_file(runner, app):
     leftover = os.path.join(app.config["JOBS_DATA_DIR"], "pending", f"{TEMP_PREFIX}x.json.1.2")
     with open(leftover, "w") as fh:
         fh.write("{")
-    assert run(runner, "remote-jobs", "fsck", "--repair").exit_code == 0
+    repaired = run(runner, "remote-jobs", "fsck", "--repair")
+    assert repaired.exit_code == 0 and "[repaired]" in repaired.stdout
     assert not os.path.exists(leftover)
+    assert run(runner, "remote-jobs", "fsck").exit_code == 0  # nothing left to find
 
 
 def _file_of(app, status: str, job_id: str) -> str:
@@ -402,44 +399,6 @@ def test_fsck_repair_moves_a_misplaced_job_to_the_directory_of_its_status(runner
 @pytest.mark.files_only
 def test_fsck_rejects_an_unknown_option(runner):
     assert_one_line_error(run(runner, "remote-jobs", "fsck", "--fix"), 2, "--fix")
-
-
-# -- keys --------------------------------------------------------------------------------------
-
-def test_keys_create_prints_the_key_alone_on_the_last_line(runner, app):
-    result = run(runner, "keys", "create", "--role", "worker", "--name", "gpu-1", "--worker-id", "gpu-1")
-    assert result.exit_code == 0
-    secret = result.stdout.strip().splitlines()[-1]
-    assert app.extensions["morag_remote.keys"].authenticate(secret).worker_id == "gpu-1"
-
-
-def test_keys_create_rejects_an_unknown_role(runner):
-    assert_one_line_error(run(runner, "keys", "create", "--role", "root", "--name", "x"), 2, "--role")
-
-
-def test_keys_create_a_duplicate_name_exits_1(runner, keys):
-    assert_one_line_error(run(runner, "keys", "create", "--role", "admin", "--name", "admin-key"), 1, "admin-key")
-
-
-def test_keys_list_json_never_shows_a_key(runner, keys):
-    rows = run_json(runner, "keys", "list")
-    assert {r["name"] for r in rows} == {"worker-key", "producer-key", "admin-key", "w-bound"}
-    assert all("key_hash" not in r for r in rows)
-    assert not any(secret in run(runner, "keys", "list").stdout for secret in keys.values())
-
-
-def test_keys_revoke_then_revoke_again_exits_1(runner, keys):
-    assert run(runner, "keys", "revoke", "producer-key").exit_code == 0
-    assert_one_line_error(run(runner, "keys", "revoke", "producer-key"), 1, "producer-key")
-
-
-def test_keys_bootstrap_admin_writes_a_private_key_file_once(runner, app):
-    assert run(runner, "keys", "bootstrap-admin").exit_code == 0
-    path = os.path.join(app.instance_path, "admin-key.txt")
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    first = open(path).read()
-    assert run(runner, "keys", "bootstrap-admin").exit_code == 0
-    assert open(path).read() == first
 
 
 # -- export to a file --------------------------------------------------------------------------

@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from support import live_gunicorn
-
+from support.gunicorn import gunicorn
 from morag_remote import create_app
 from morag_remote.context import SERVICE
 from morag_remote.context import events
@@ -484,7 +483,7 @@ def test_under_gunicorn_a_failed_event_is_sent_after_a_later_response(receiver, 
            "MORAG_REMOTE_CALLBACK_RETRY_SECONDS": "0", "MORAG_REMOTE_CALLBACK_PUMP_INTERVAL_SECONDS": "0",
            **database_env(app)}
     source = producer.source("talk.mp3")
-    with live_gunicorn.gunicorn(instance_path, env, workers=1) as base:
+    with gunicorn(instance_path, env, workers=1) as base:
         p, w = ({"Authorization": f"Bearer {keys[role]}"} for role in ("producer", "worker"))
         job_id = requests.post(f"{base}/api/v1/remote-jobs/", headers=p, timeout=10, json={
             "source_file_path": str(source), "content_type": "audio", "ingestion_task_id": "i"}).json()["job_id"]

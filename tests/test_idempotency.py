@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 import requests
 
-from support import live_gunicorn
-from support.gunicorn import wait_for
+from support.gunicorn import gunicorn as serve, wait_for
 
 from morag_remote import create_app, idempotency
 from morag_remote.context import KEYS, SERVICE
@@ -420,7 +419,7 @@ def _host_env(backend_config: dict) -> dict[str, str]:
 def gunicorn(instance_path, backend_config):
     """Two worker processes of four threads, each taking at most four connections: eight requests at
     once reach both processes."""
-    with live_gunicorn.gunicorn(instance_path, env=_host_env(backend_config)) as base:
+    with serve(instance_path, env=_host_env(backend_config)) as base:
         yield base
 
 
@@ -461,8 +460,8 @@ def test_eight_threads_over_two_hosts_sharing_one_database_with_one_key_make_one
     """Each host has its own instance folder: only the database is shared."""
     source = producer.source("talk.mp3")
     env = {**_host_env(backend_config), "MORAG_REMOTE_SOURCE_ROOTS": json.dumps([str(producer.sources)])}
-    with live_gunicorn.gunicorn(tmp_path / "host-a", env=env) as host_a, \
-            live_gunicorn.gunicorn(tmp_path / "host-b", env=env) as host_b:
+    with serve(tmp_path / "host-a", env=env) as host_a, \
+            serve(tmp_path / "host-b", env=env) as host_b:
         answers = _create_together([host_a, host_b], keys["producer"], source, "two-hosts")
         _assert_one_job_made(answers, 8)
         assert _listed(host_a, keys["producer"]) == _listed(host_b, keys["producer"]) == [answers[0][1]]

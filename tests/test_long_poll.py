@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from support import live_gunicorn
 import requests
 from support.actions import WorkerActions, auth
-from support.gunicorn import wait_for
+from support.gunicorn import gunicorn, wait_for
 
 POLL = "/api/v1/remote-jobs/poll"
 
@@ -206,7 +205,7 @@ def test_a_job_of_another_type_does_not_end_the_wait(app, service, keys, produce
 def test_long_polls_over_gunicorn_leave_a_thread_for_the_rest_of_the_api(app, keys, instance_path):
     """One process of 3 threads, at most 2 of them in long polls: the third serves everyone else."""
     env = {**backend_env(app, {}), "MORAG_REMOTE_POLL_MAX_WAITERS": "2"}
-    with live_gunicorn.gunicorn(instance_path, env, workers=1, threads=3, worker_connections=16) as base:
+    with gunicorn(instance_path, env, workers=1, threads=3, worker_connections=16) as base:
         _long_polls_leave_a_thread(base, auth(keys["worker"]), auth(keys["producer"]), instance_path)
 
 

@@ -199,6 +199,7 @@ def test_heartbeat_progress_and_message_are_shown_by_status(producer, worker, cl
 
 
 def test_heartbeat_without_body_is_accepted_from_the_holder(producer, worker):
+    """The body is optional: a worker may send a bare POST to keep its lease."""
     job_id = producer.create_id("audio")
     worker.claim("audio")
     response = worker.client.post(f"/api/v1/remote-jobs/{job_id}/heartbeat", headers=worker.headers)

@@ -40,7 +40,9 @@ def log_lines(buffer) -> list[dict]:
 
 def test_keys_create_prints_the_key_alone_on_the_last_line_and_it_works(cli, client):
     key = create_key(cli, "--role", "producer", "--name", "ingest")
-    assert key.startswith("mrk_") and len(key) > 40 and " " not in key
+    assert key.startswith("mrk_")
+    assert len(key) > 40
+    assert " " not in key
     assert client.get(STATS, headers=auth(key)).status_code == 200
     assert client.get(JOBS, headers=auth(key)).status_code == 200
 
@@ -58,7 +60,8 @@ def test_only_a_hash_of_the_key_is_stored_in_a_private_file(cli, instance_path):
     key = create_key(cli, "--role", "worker", "--name", "gpu-1")
     path = instance_path / "api_keys.json"
     text = path.read_text()
-    assert key not in text and key[4:] not in text
+    assert key not in text
+    assert key[4:] not in text
     assert hash_key(key) in text
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
@@ -78,20 +81,23 @@ def test_two_keys_are_never_the_same(cli):
 def test_keys_create_refuses_bad_input_in_one_line(cli, args, message):
     result = cli.invoke(args=["keys", "create", *args])
     assert result.exit_code == 1
-    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
     assert "Traceback" not in result.output
 
 
 def test_keys_create_refuses_an_existing_name(cli):
     create_key(cli, "--role", "worker", "--name", "gpu-1")
     result = cli.invoke(args=["keys", "create", "--role", "admin", "--name", "gpu-1"])
-    assert result.exit_code == 1 and "exists" in result.output
+    assert result.exit_code == 1
+    assert "exists" in result.output
     assert_one_line_error(result, 1, "gpu-1")
 
 
 def test_keys_create_refuses_an_unknown_role(cli):
     result = cli.invoke(args=["keys", "create", "--role", "root", "--name", "x"])
-    assert result.exit_code == 2 and "root" in result.output
+    assert result.exit_code == 2
+    assert "root" in result.output
     assert_one_line_error(result, 2, "--role")
 
 
@@ -103,14 +109,18 @@ def test_keys_list_shows_names_roles_created_last_used_and_never_the_key(cli, cl
     rows = {row["name"]: row for row in json.loads(listed.stdout)}
     assert set(rows) == {"gpu-1", "ingest"}
     assert all("key_hash" not in row for row in rows.values())
-    assert rows["gpu-1"]["role"] == "worker" and rows["gpu-1"]["worker_id"] == "gpu-1"
-    assert rows["gpu-1"]["created_at"].endswith("Z") and rows["gpu-1"]["last_used_at"].endswith("Z")
+    assert rows["gpu-1"]["role"] == "worker"
+    assert rows["gpu-1"]["worker_id"] == "gpu-1"
+    assert rows["gpu-1"]["created_at"].endswith("Z")
+    assert rows["gpu-1"]["last_used_at"].endswith("Z")
     assert rows["ingest"]["last_used_at"] is None
     human = cli.invoke(args=["keys", "list"]).output
-    assert "gpu-1" in human and "last_used=never" in human
+    assert "gpu-1" in human
+    assert "last_used=never" in human
     for output in (listed.output, human):
         for key in (worker_key, producer_key):
-            assert key not in output and hash_key(key) not in output
+            assert key not in output
+            assert hash_key(key) not in output
 
 
 @pytest.mark.files_only
@@ -136,9 +146,11 @@ def test_revoked_key_is_401_at_once_even_after_use(cli, client):
     key = create_key(cli, "--role", "admin", "--name", "ops")
     assert client.get(STATS, headers=auth(key)).status_code == 200
     result = cli.invoke(args=["keys", "revoke", "ops"])
-    assert result.exit_code == 0 and "revoked ops" in result.output
+    assert result.exit_code == 0
+    assert "revoked ops" in result.output
     response = client.get(STATS, headers=auth(key))
-    assert response.status_code == 401 and response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
     assert client.get(JOBS, headers=auth(key)).status_code == 401
     assert_one_line_error(cli.invoke(args=["keys", "revoke", "ops"]), 1, "ops")  # revoked once only
     assert cli.invoke(args=["keys", "list"]).output.strip() == "no keys"
@@ -177,7 +189,8 @@ def test_last_used_that_cannot_be_written_does_not_fail_the_request(tmp_path, lo
 
 def test_keys_revoke_unknown_name_fails_in_one_line(cli):
     result = cli.invoke(args=["keys", "revoke", "nobody"])
-    assert result.exit_code == 1 and "no key named 'nobody'" in result.output
+    assert result.exit_code == 1
+    assert "no key named 'nobody'" in result.output
     assert "Traceback" not in result.output
 
 
@@ -186,9 +199,11 @@ def test_unreadable_key_file_fails_closed(cli, client, keys, instance_path):
     (instance_path / "api_keys.json").write_text("{not json")
     response = client.get(STATS, headers=auth(keys["admin"]))
     assert response.status_code == 503
-    assert response.mimetype == "application/problem+json" and "api_keys.json" in response.json["detail"]
+    assert response.mimetype == "application/problem+json"
+    assert "api_keys.json" in response.json["detail"]
     listed = cli.invoke(args=["keys", "list"])
-    assert listed.exit_code == 1 and "api_keys.json" in listed.output
+    assert listed.exit_code == 1
+    assert "api_keys.json" in listed.output
 
 
 def test_unreadable_key_file_is_logged_at_start(tmp_path, log_output):
@@ -232,7 +247,8 @@ def test_bootstrap_admin_writes_a_private_key_file_and_says_where_in_one_line(lo
     assert result.output.strip().splitlines() == [f"created an admin API key; it is in {path} (readable by you only)"]
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     key = path.read_text().strip()
-    assert key not in result.output and key not in log_output.getvalue()
+    assert key not in result.output
+    assert key not in log_output.getvalue()
     assert client.delete("/api/v1/remote-jobs/nope", headers=auth(key)).status_code == 404  # admin-only route
     assert client.get(STATS, headers=auth(key)).status_code == 200
     again = cli.invoke(args=["keys", "bootstrap-admin"])  # once a key exists: nothing more
@@ -245,21 +261,24 @@ def test_bootstrap_admin_replaces_a_stale_world_readable_file_with_a_private_one
     path.write_text("old")
     path.chmod(0o644)
     assert cli.invoke(args=["keys", "bootstrap-admin"]).exit_code == 0
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and path.read_text().strip() != "old"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert path.read_text().strip() != "old"
 
 
 def test_bootstrap_admin_that_cannot_write_its_file_leaves_no_key_behind(app, cli, instance_path):
     (instance_path / "admin-key.txt").mkdir()
     result = cli.invoke(args=["keys", "bootstrap-admin"])
     assert result.exit_code == 1
-    assert "could not write" in result.output and "no key was created" in result.output
+    assert "could not write" in result.output
+    assert "no key was created" in result.output
     assert app.extensions[KEYS].list() == []
     assert [p.name for p in instance_path.iterdir() if ".tmp-" in p.name] == []
 
 
 def test_bootstrap_admin_does_nothing_once_a_key_exists(cli, keys, instance_path):
     result = cli.invoke(args=["keys", "bootstrap-admin"])
-    assert result.exit_code == 0 and result.output == ""
+    assert result.exit_code == 0
+    assert result.output == ""
     assert not (instance_path / "admin-key.txt").exists()
 
 
@@ -274,7 +293,8 @@ def test_a_created_key_authenticates_and_only_its_hash_is_kept(key_store):
     key, secret = key_store.create("gpu-1", "worker", worker_id="gpu-1")
     found = key_store.authenticate(secret)
     assert (found.name, found.role, found.worker_id) == ("gpu-1", "worker", "gpu-1")
-    assert key.key_hash == hash_key(secret) and secret not in repr(key_store.list())
+    assert key.key_hash == hash_key(secret)
+    assert secret not in repr(key_store.list())
 
 
 def test_an_unknown_key_does_not_authenticate(key_store):

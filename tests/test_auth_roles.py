@@ -221,7 +221,8 @@ def test_auth_disabled_lets_requests_in_and_warns_at_every_start(value, monkeypa
         # every request is admin: an admin-only route answers (404: there is no such job)
         assert app.test_client().delete(f"{J}/0190d6a0-0000-7000-8000-000000000000").status_code == 404
     warnings = [e for e in log_lines(log_output) if e["event"] == "auth.disabled"]
-    assert len(warnings) == 2 and all(e["level"] == "warning" for e in warnings)
+    assert len(warnings) == 2
+    assert all(e["level"] == "warning" for e in warnings)
 
 
 @pytest.mark.parametrize("value", ["false", "False", "0", "no", "off", ""])

@@ -58,7 +58,8 @@ def test_bound_key_result_on_a_job_another_worker_holds_is_409(held_by_other, bo
     response = bound.result(job_id, content="stolen")
     assert response.status_code == 409
     job = service.get(job_id)
-    assert job.status == "processing" and job.result_data is None
+    assert job.status == "processing"
+    assert job.result_data is None
 
 
 def test_bound_key_with_the_holders_lease_id_is_still_409(held_by_other, bound):
@@ -73,7 +74,8 @@ def test_bound_key_download_of_a_job_another_worker_holds_is_409_even_with_its_u
     with_token = bound.download(claimed["source_file_url"])
     without = bound.download(urlsplit(claimed["source_file_url"]).path)
     assert (with_token.status_code, without.status_code) == (409, 409)
-    assert data not in with_token.data and data not in without.data
+    assert data not in with_token.data
+    assert data not in without.data
 
 
 def test_bound_key_acts_on_the_job_it_holds_without_lease_id_or_token(producer, bound):

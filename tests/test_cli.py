@@ -117,7 +117,8 @@ def test_cleanup_old_deletes_finished_jobs_older_than_the_days_given(runner, pro
     assert result.stdout.strip() == "2 job(s) deleted"
     remaining = {j["id"] for j in run_json(runner, "remote-jobs", "list")["jobs"]}
     assert remaining == {waiting, recent}
-    assert producer.get(cancelled).status_code == 404 and producer.get(recent).status_code == 200
+    assert producer.get(cancelled).status_code == 404
+    assert producer.get(recent).status_code == 200
     assert run_json(runner, "remote-jobs", "cleanup-old", "--days", "2") == {"deleted": 0}  # each job once
 
 
@@ -161,7 +162,9 @@ def test_list_json_has_jobs_without_results_and_a_cursor(runner, producer, worke
     body = run_json(runner, "remote-jobs", "list")
     assert body["next_cursor"] is None
     [job] = body["jobs"]
-    assert job["id"] == done and job["status"] == "completed" and "result_data" not in job
+    assert job["id"] == done
+    assert job["status"] == "completed"
+    assert "result_data" not in job
 
 
 def test_list_filters_by_status_and_content_type(runner, producer, worker):
@@ -219,7 +222,8 @@ def test_show_json_is_the_whole_record_with_its_result(runner, producer, worker)
     [job_id] = claimed(producer, worker)
     worker.result(job_id, content="hello world", metadata={"lang": "en"}, processing_time=2.5)
     job = run_json(runner, "remote-jobs", "show", job_id)
-    assert job["id"] == job_id and job["status"] == "completed"
+    assert job["id"] == job_id
+    assert job["status"] == "completed"
     assert job["result_data"] == {"content": "hello world", "metadata": {"lang": "en"}, "processing_time": 2.5}
 
 
@@ -244,7 +248,8 @@ def test_stats_json_counts_by_status_and_content_type(runner, producer, worker, 
     body = run_json(runner, "remote-jobs", "stats")
     assert body["counts"]["pending"] == {"audio": 2}
     assert body["counts"]["processing"] == {"video": 1}
-    assert body["totals"]["pending"] == 2 and body["totals"]["completed"] == 0
+    assert body["totals"]["pending"] == 2
+    assert body["totals"]["completed"] == 0
     assert body["oldest_pending_age_seconds"] == 15
     assert body["active_workers"] == ["w1"]
 
@@ -258,7 +263,8 @@ def test_stats_for_people_has_a_line_per_count(runner, producer):
 
 def test_stats_of_an_empty_store(runner):
     body = run_json(runner, "remote-jobs", "stats")
-    assert body["oldest_pending_age_seconds"] is None and sum(body["totals"].values()) == 0
+    assert body["oldest_pending_age_seconds"] is None
+    assert sum(body["totals"].values()) == 0
 
 
 # -- cancel and retry --------------------------------------------------------------------------
@@ -343,7 +349,8 @@ def test_fsck_repair_moves_a_corrupt_file_aside_and_exits_0(runner, app, produce
         fh.write("{not json")
     result = run(runner, "remote-jobs", "fsck", "--repair")
     assert result.exit_code == 0, result.output
-    assert "corrupt" in result.stdout and "[repaired]" in result.stdout
+    assert "corrupt" in result.stdout
+    assert "[repaired]" in result.stdout
     assert not os.path.exists(broken)
     assert len(os.listdir(os.path.join(data, "corrupt"))) == 1
     assert run(runner, "remote-jobs", "fsck").exit_code == 0
@@ -356,7 +363,8 @@ def test_fsck_repair_removes_a_leftover_temp_file(runner, app):
     with open(leftover, "w") as fh:
         fh.write("{")
     repaired = run(runner, "remote-jobs", "fsck", "--repair")
-    assert repaired.exit_code == 0 and "[repaired]" in repaired.stdout
+    assert repaired.exit_code == 0
+    assert "[repaired]" in repaired.stdout
     assert not os.path.exists(leftover)
     assert run(runner, "remote-jobs", "fsck").exit_code == 0  # nothing left to find
 
@@ -389,7 +397,8 @@ def test_fsck_repair_moves_a_misplaced_job_to_the_directory_of_its_status(runner
     with open(_file_of(app, "pending", job_id), "w") as fh:
         json.dump(record, fh)
     result = run(runner, "remote-jobs", "fsck")
-    assert result.exit_code == 1 and "misplaced" in result.stdout
+    assert result.exit_code == 1
+    assert "misplaced" in result.stdout
     assert run(runner, "remote-jobs", "fsck", "--repair").exit_code == 0
     assert os.path.exists(_file_of(app, "cancelled", job_id))
     assert not os.path.exists(_file_of(app, "pending", job_id))
@@ -419,4 +428,5 @@ def test_export_to_a_directory_is_one_line_and_leaves_nothing(runner, producer, 
     assert_one_line_error(run(runner, "remote-jobs", "export", "--output", str(exports / "out")), 2, "directory")
     assert_one_line_error(run(runner, "remote-jobs", "export", "--output", str(exports / "none" / "x")), 1,
                           "could not write")
-    assert [p.name for p in exports.iterdir()] == ["out"] and not any((exports / "out").iterdir())
+    assert [p.name for p in exports.iterdir()] == ["out"]
+    assert not any((exports / "out").iterdir())

@@ -25,8 +25,10 @@ def assert_problem(response, status: int) -> dict:
     body = response.json
     assert body["status"] == status
     assert body["type"] == "about:blank"
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["detail"], str) and body["detail"]
+    assert isinstance(body["title"], str)
+    assert body["title"]
+    assert isinstance(body["detail"], str)
+    assert body["detail"]
     assert body["request_id"] == response.headers["X-Request-ID"]
     return body
 
@@ -101,7 +103,8 @@ def test_large_but_finite_numbers_are_still_accepted(producer):
     assert response.status_code == 201
     options = producer.get(response.json["job_id"]).json["task_options"]
     # as JSON numbers (PostgreSQL's jsonb writes 1e300 out in full digits: the same double)
-    assert float(options["gain"]) == 1e300 and options["frames"] == 10**30
+    assert float(options["gain"]) == 1e300
+    assert options["frames"] == 10**30
 
 
 def test_invalid_utf8_is_400(client, keys):
@@ -189,7 +192,8 @@ def test_nul_in_a_body_is_refused_and_the_job_is_unchanged(producer, worker):
     assert response.json["errors"] == {"content": ["contains a NUL byte (U+0000)"]}
     assert producer.get(job_id).json == before
     refused = producer.create("audio", task_options={"lang\x00": "en"})
-    assert refused.status_code == 422 and refused.json["errors"] == {"task_options": ["a key contains a NUL byte (U+0000)"]}
+    assert refused.status_code == 422
+    assert refused.json["errors"] == {"task_options": ["a key contains a NUL byte (U+0000)"]}
 
 
 def test_unknown_query_parameter_is_422(client, keys):

@@ -153,7 +153,8 @@ def test_polls_beyond_the_waiter_cap_return_at_once_instead_of_waiting(app, serv
                                                        "wait": 20}, headers=auth(keys["worker"]))
     assert second.status_code == 200
     assert second.json["job_id"] is None
-    assert first.thread.is_alive() and service.polls.waiting == 1  # the first is still waiting
+    assert first.thread.is_alive()
+    assert service.polls.waiting == 1  # the first is still waiting
     job_id = producer.create_id("audio")
     assert first.result().json["job_id"] == job_id
 
@@ -174,7 +175,8 @@ def test_delayed_retry_wakes_a_waiting_poll_when_its_backoff_ends(app, service, 
     response = WorkerActions(app.test_client(), keys["worker"], "w2").poll("audio", wait=20)
     assert response.json["job_id"] == job_id
     job = producer.get(job_id).json
-    assert job["retry_count"] == 1 and job["worker_id"] == "w2"
+    assert job["retry_count"] == 1
+    assert job["worker_id"] == "w2"
     assert job["started_at"] >= job["available_at"]
 
 
@@ -187,7 +189,8 @@ def test_long_poll_returns_a_job_whose_lease_lapses_while_it_waits(producer, wor
     body = worker2.poll("audio", wait=10).json
 
     assert body["job_id"] == job_id
-    assert body["jobs"][0]["retry_count"] == 1 and body["jobs"][0]["lease_id"] != first["lease_id"]
+    assert body["jobs"][0]["retry_count"] == 1
+    assert body["jobs"][0]["lease_id"] != first["lease_id"]
 
 
 def test_a_job_of_another_type_does_not_end_the_wait(app, service, keys, producer):
@@ -232,7 +235,8 @@ def _long_polls_leave_a_thread(base: str, worker_h: dict, producer_h: dict, inst
     assert created.status_code == 201
     status = requests.get(f"{base}/api/v1/remote-jobs/{created.json()['job_id']}/status", headers=producer_h,
                           timeout=30)
-    assert status.status_code == 200 and status.json()["status"] == "pending"
+    assert status.status_code == 200
+    assert status.json()["status"] == "pending"
 
     # and each waiting poll gets the audio job created for it
     audio = [requests.post(f"{base}/api/v1/remote-jobs/", headers=producer_h, timeout=30, json={

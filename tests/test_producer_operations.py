@@ -49,7 +49,9 @@ def test_retry_of_failed_job_clears_the_outcome_and_makes_it_claimable_now(produ
     assert response.status_code == 200
     assert body["status"] == "pending"
     assert body["max_retries"] == 1  # one more attempt than the job had
-    assert body["error_message"] is None and body["completed_at"] is None and body["worker_id"] is None
+    assert body["error_message"] is None
+    assert body["completed_at"] is None
+    assert body["worker_id"] is None
     again = worker.claim("audio")
     assert again["job_id"] == job_id
 
@@ -74,7 +76,8 @@ def test_retry_gives_the_next_claim_a_new_lease(service):
     service.cancel(job.id)
     service.retry(job.id)
     again = service.poll("w2", ["audio"])[0]
-    assert again.lease_id != job.lease_id and again.attempt == job.attempt + 1
+    assert again.lease_id != job.lease_id
+    assert again.attempt == job.attempt + 1
 
 
 # -- delete -----------------------------------------------------------------------------------
@@ -82,7 +85,8 @@ def test_retry_gives_the_next_claim_a_new_lease(service):
 def test_delete_by_admin_answers_204_and_removes_the_file(producer, admin_headers, service, backend):
     job_id = producer.create_id("audio")
     response = producer.client.delete(f"/api/v1/remote-jobs/{job_id}", headers=admin_headers)
-    assert response.status_code == 204 and response.data == b""
+    assert response.status_code == 204
+    assert response.data == b""
     assert producer.get(job_id).status_code == 404
     if backend == "files":
         assert directories_of(Path(service.store.root), job_id) == []
@@ -98,7 +102,8 @@ def test_delete_by_producer_is_403_and_keeps_the_job(producer):
 
 def test_delete_of_unknown_job_is_404(client, admin_headers):
     response = client.delete(f"/api/v1/remote-jobs/{UNKNOWN}", headers=admin_headers)
-    assert response.status_code == 404 and response.mimetype == "application/problem+json"
+    assert response.status_code == 404
+    assert response.mimetype == "application/problem+json"
 
 
 def test_deleted_processing_job_answers_its_worker_404(producer, worker, admin_headers):

@@ -77,9 +77,11 @@ def test_failure_with_retries_left_answers_pending_and_requeues(producer, worker
     assert response.status_code == 200
     assert response.json == {"status": "pending", "ingestion_continued": False}
     job = producer.get(job_id).json
-    assert job["status"] == "pending" and job["retry_count"] == 1
+    assert job["status"] == "pending"
+    assert job["retry_count"] == 1
     assert job["error_message"] == "CUDA out of memory"
-    assert job["worker_id"] is None and job["timeout_at"] is None
+    assert job["worker_id"] is None
+    assert job["timeout_at"] is None
 
 
 def test_failure_keeps_the_jittered_backoff_as_available_at(producer, worker, service, clock):
@@ -132,8 +134,10 @@ def test_failure_with_retryable_false_fails_for_good(producer, worker):
 
     assert response.json["status"] == "failed"
     job = producer.get(job_id).json
-    assert job["status"] == "failed" and job["retry_count"] == 0
-    assert job["completed_at"] is not None and job["error_message"] == "not audio"
+    assert job["status"] == "failed"
+    assert job["retry_count"] == 0
+    assert job["completed_at"] is not None
+    assert job["error_message"] == "not audio"
     assert worker.poll("audio").json["job_id"] is None
 
 
@@ -146,7 +150,8 @@ def test_failure_with_no_retry_left_fails(service, clock):
 
     outcome = service.submit_result(job.id, Caller(again.lease_id), success=False, error_message="second")
 
-    assert outcome.job.status == "failed" and outcome.job.retry_count == 1
+    assert outcome.job.status == "failed"
+    assert outcome.job.retry_count == 1
 
 
 def test_failure_of_a_job_with_max_retries_0_fails_at_once(producer, worker, service):
@@ -177,7 +182,8 @@ def test_identical_success_resubmission_answers_200_again(producer, worker):
 
     second = worker.result(job_id, content="hello")
 
-    assert second.status_code == 200 and second.json == first.json
+    assert second.status_code == 200
+    assert second.json == first.json
     assert producer.get(job_id).json == stored  # same version, same completed_at
 
 
@@ -189,7 +195,8 @@ def test_identical_success_resubmission_completes_the_job_only_once(service):
 
     again = service.submit_result(job.id, Caller(job.lease_id), success=True, content="hello")
 
-    assert again.repeated and not first.repeated
+    assert again.repeated
+    assert not first.repeated
     assert again.job.version == first.job.version
     assert recorder.finished == [(job.id, "completed")]
 
@@ -210,7 +217,8 @@ def test_identical_failure_resubmission_does_not_count_a_second_retry(producer, 
 
     again = worker.result(job_id, success=False, error_message="flaky")
 
-    assert again.status_code == 200 and again.json["status"] == "pending"
+    assert again.status_code == 200
+    assert again.json["status"] == "pending"
     assert producer.get(job_id).json["retry_count"] == 1
 
 

@@ -100,7 +100,8 @@ def test_service_legal_transition_moves_the_job_to_its_one_new_directory(service
     after = _act(service, clock, job, action)
 
     expected = TRANSITIONS[(status, action)]
-    assert after is not None and after.status == expected.value
+    assert after is not None
+    assert after.status == expected.value
     assert service.get(job.id).status == expected.value
     assert directories_of(Path(service.store.root), job.id) == [expected.value]
     assert service.get(job.id).version > job.version
@@ -161,7 +162,8 @@ def test_api_cancel_completed_job_is_409_and_keeps_the_result(producer, worker, 
 
     assert body["title"] == "Invalid state transition"
     assert body["detail"] == "cannot cancel a job that is completed"
-    assert body["job_status"] == "completed" and body["action"] == "cancel"
+    assert body["job_status"] == "completed"
+    assert body["action"] == "cancel"
     assert disk_snapshot(Path(service.store.root)) == before
 
 
@@ -178,7 +180,8 @@ def test_api_retry_cancelled_job_puts_it_back_in_the_queue(producer, worker):
     job_id = producer.create_id()
     producer.cancel(job_id)
     response = producer.retry(job_id)
-    assert response.status_code == 200 and response.json["status"] == "pending"
+    assert response.status_code == 200
+    assert response.json["status"] == "pending"
     assert worker.claim()["job_id"] == job_id
 
 
@@ -197,7 +200,8 @@ def test_api_heartbeat_on_cancelled_job_is_409_telling_the_worker_to_stop(produc
 
     body = _problem(worker.heartbeat(job_id, lease_id=claimed["lease_id"], progress=0.3))
 
-    assert "cancelled" in body["detail"] and "stop" in body["detail"]
+    assert "cancelled" in body["detail"]
+    assert "stop" in body["detail"]
     without_lease = _problem(worker.heartbeat(job_id))  # the seed worker sends no lease id
     assert "cancelled" in without_lease["detail"]
     assert _stored(service, backend) == before

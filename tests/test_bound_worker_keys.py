@@ -1,5 +1,6 @@
 """A worker key bound to a worker id polls only as that id (403 otherwise) and acts only on jobs
-that id holds (409 otherwise), with or without a lease id or a download token."""
+that id holds (409 otherwise), with or without a lease id or a download token; its own repeated
+result (a success, or a failure that re-queued the job) answers as the first time."""
 from __future__ import annotations
 
 from urllib.parse import urlsplit
@@ -57,7 +58,8 @@ def test_bound_key_result_on_a_job_another_worker_holds_is_409(held_by_other, bo
     response = bound.result(job_id, content="stolen")
     assert response.status_code == 409
     job = service.get(job_id)
-    assert job.status == "processing" and job.result_data is None
+    assert job.status == "processing"
+    assert job.result_data is None
 
 
 def test_bound_key_with_the_holders_lease_id_is_still_409(held_by_other, bound):
@@ -72,7 +74,8 @@ def test_bound_key_download_of_a_job_another_worker_holds_is_409_even_with_its_u
     with_token = bound.download(claimed["source_file_url"])
     without = bound.download(urlsplit(claimed["source_file_url"]).path)
     assert (with_token.status_code, without.status_code) == (409, 409)
-    assert data not in with_token.data and data not in without.data
+    assert data not in with_token.data
+    assert data not in without.data
 
 
 def test_bound_key_acts_on_the_job_it_holds_without_lease_id_or_token(producer, bound):
@@ -109,3 +112,16 @@ def test_bound_key_repeating_its_own_result_answers_as_the_first_time(producer, 
     again = bound.result(job_id, content="mine")
     assert (first.status_code, again.status_code) == (200, 200)
     assert again.json["status"] == first.json["status"] == "completed"
+
+
+def test_bound_worker_repeating_a_requeued_failure_gets_its_first_answer(producer, bound, service):
+    """Found by the state machine: the re-queue cleared the job's worker id, so the shortcut for a
+    repeated result no longer recognised the bound key that sent it, and its retried request got 409."""
+    job_id = producer.create_id("audio", max_retries=2)
+    bound.claim("audio")
+    first = bound.result(job_id, success=False, error_message="GPU out of memory")
+    before = service.get(job_id)
+    again = bound.result(job_id, success=False, error_message="GPU out of memory")
+    assert (first.status_code, again.status_code) == (200, 200)
+    assert again.json == first.json == {"status": "pending", "ingestion_continued": False}
+    assert service.get(job_id).version == before.version

@@ -1,14 +1,15 @@
-"""The operator CLI through Flask's CliRunner: every command, its output for people and for scripts
-(--json), its exit code, and a one-line error (never a traceback) for bad input."""
+"""The operator CLI (``flask remote-jobs ...``) through Flask's CliRunner: every command, its output
+for people and for scripts (--json), its exit code, and a one-line error (never a traceback) for
+bad input. (The ``keys`` group: test_api_keys.py.)"""
 from __future__ import annotations
 
 import json
 import os
-import stat
 
 import pytest
 
 from morag_remote.fileio import TEMP_PREFIX
+from support.cli import assert_one_line_error
 
 AUDIO_LEASE = 1800
 
@@ -21,15 +22,6 @@ def run_json(runner, *args: str):
     result = run(runner, *args, "--json")
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
-
-
-def assert_one_line_error(result, exit_code: int, *fragments: str) -> None:
-    assert result.exit_code == exit_code, result.output
-    assert isinstance(result.exception, SystemExit), result.exception  # handled, not a crash
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def claimed(producer, worker, n: int = 1, content_type: str = "audio", **extra) -> list[str]:
@@ -82,6 +74,7 @@ def test_cleanup_expired_twice_handles_each_lapse_once(runner, producer, worker,
     clock.advance(AUDIO_LEASE + 1)
     assert run_json(runner, "remote-jobs", "cleanup-expired") == {"expired": 1}
     assert run_json(runner, "remote-jobs", "cleanup-expired") == {"expired": 0}
+    assert run(runner, "remote-jobs", "cleanup-expired").stdout.strip() == "0 job(s) handled"
     assert job_of(service, job_id).retry_count == 1
 
 
@@ -124,6 +117,9 @@ def test_cleanup_old_deletes_finished_jobs_older_than_the_days_given(runner, pro
     assert result.stdout.strip() == "2 job(s) deleted"
     remaining = {j["id"] for j in run_json(runner, "remote-jobs", "list")["jobs"]}
     assert remaining == {waiting, recent}
+    assert producer.get(cancelled).status_code == 404
+    assert producer.get(recent).status_code == 200
+    assert run_json(runner, "remote-jobs", "cleanup-old", "--days", "2") == {"deleted": 0}  # each job once
 
 
 def test_cleanup_old_json_reports_zero_when_nothing_is_old(runner, producer, worker):
@@ -166,7 +162,9 @@ def test_list_json_has_jobs_without_results_and_a_cursor(runner, producer, worke
     body = run_json(runner, "remote-jobs", "list")
     assert body["next_cursor"] is None
     [job] = body["jobs"]
-    assert job["id"] == done and job["status"] == "completed" and "result_data" not in job
+    assert job["id"] == done
+    assert job["status"] == "completed"
+    assert "result_data" not in job
 
 
 def test_list_filters_by_status_and_content_type(runner, producer, worker):
@@ -224,7 +222,8 @@ def test_show_json_is_the_whole_record_with_its_result(runner, producer, worker)
     [job_id] = claimed(producer, worker)
     worker.result(job_id, content="hello world", metadata={"lang": "en"}, processing_time=2.5)
     job = run_json(runner, "remote-jobs", "show", job_id)
-    assert job["id"] == job_id and job["status"] == "completed"
+    assert job["id"] == job_id
+    assert job["status"] == "completed"
     assert job["result_data"] == {"content": "hello world", "metadata": {"lang": "en"}, "processing_time": 2.5}
 
 
@@ -249,7 +248,8 @@ def test_stats_json_counts_by_status_and_content_type(runner, producer, worker, 
     body = run_json(runner, "remote-jobs", "stats")
     assert body["counts"]["pending"] == {"audio": 2}
     assert body["counts"]["processing"] == {"video": 1}
-    assert body["totals"]["pending"] == 2 and body["totals"]["completed"] == 0
+    assert body["totals"]["pending"] == 2
+    assert body["totals"]["completed"] == 0
     assert body["oldest_pending_age_seconds"] == 15
     assert body["active_workers"] == ["w1"]
 
@@ -263,7 +263,8 @@ def test_stats_for_people_has_a_line_per_count(runner, producer):
 
 def test_stats_of_an_empty_store(runner):
     body = run_json(runner, "remote-jobs", "stats")
-    assert body["oldest_pending_age_seconds"] is None and sum(body["totals"].values()) == 0
+    assert body["oldest_pending_age_seconds"] is None
+    assert sum(body["totals"].values()) == 0
 
 
 # -- cancel and retry --------------------------------------------------------------------------
@@ -348,7 +349,8 @@ def test_fsck_repair_moves_a_corrupt_file_aside_and_exits_0(runner, app, produce
         fh.write("{not json")
     result = run(runner, "remote-jobs", "fsck", "--repair")
     assert result.exit_code == 0, result.output
-    assert "corrupt" in result.stdout and "[repaired]" in result.stdout
+    assert "corrupt" in result.stdout
+    assert "[repaired]" in result.stdout
     assert not os.path.exists(broken)
     assert len(os.listdir(os.path.join(data, "corrupt"))) == 1
     assert run(runner, "remote-jobs", "fsck").exit_code == 0
@@ -360,8 +362,11 @@ def test_fsck_repair_removes_a_leftover_temp_file(runner, app):
     leftover = os.path.join(app.config["JOBS_DATA_DIR"], "pending", f"{TEMP_PREFIX}x.json.1.2")
     with open(leftover, "w") as fh:
         fh.write("{")
-    assert run(runner, "remote-jobs", "fsck", "--repair").exit_code == 0
+    repaired = run(runner, "remote-jobs", "fsck", "--repair")
+    assert repaired.exit_code == 0
+    assert "[repaired]" in repaired.stdout
     assert not os.path.exists(leftover)
+    assert run(runner, "remote-jobs", "fsck").exit_code == 0  # nothing left to find
 
 
 def _file_of(app, status: str, job_id: str) -> str:
@@ -392,7 +397,8 @@ def test_fsck_repair_moves_a_misplaced_job_to_the_directory_of_its_status(runner
     with open(_file_of(app, "pending", job_id), "w") as fh:
         json.dump(record, fh)
     result = run(runner, "remote-jobs", "fsck")
-    assert result.exit_code == 1 and "misplaced" in result.stdout
+    assert result.exit_code == 1
+    assert "misplaced" in result.stdout
     assert run(runner, "remote-jobs", "fsck", "--repair").exit_code == 0
     assert os.path.exists(_file_of(app, "cancelled", job_id))
     assert not os.path.exists(_file_of(app, "pending", job_id))
@@ -402,44 +408,6 @@ def test_fsck_repair_moves_a_misplaced_job_to_the_directory_of_its_status(runner
 @pytest.mark.files_only
 def test_fsck_rejects_an_unknown_option(runner):
     assert_one_line_error(run(runner, "remote-jobs", "fsck", "--fix"), 2, "--fix")
-
-
-# -- keys --------------------------------------------------------------------------------------
-
-def test_keys_create_prints_the_key_alone_on_the_last_line(runner, app):
-    result = run(runner, "keys", "create", "--role", "worker", "--name", "gpu-1", "--worker-id", "gpu-1")
-    assert result.exit_code == 0
-    secret = result.stdout.strip().splitlines()[-1]
-    assert app.extensions["morag_remote.keys"].authenticate(secret).worker_id == "gpu-1"
-
-
-def test_keys_create_rejects_an_unknown_role(runner):
-    assert_one_line_error(run(runner, "keys", "create", "--role", "root", "--name", "x"), 2, "--role")
-
-
-def test_keys_create_a_duplicate_name_exits_1(runner, keys):
-    assert_one_line_error(run(runner, "keys", "create", "--role", "admin", "--name", "admin-key"), 1, "admin-key")
-
-
-def test_keys_list_json_never_shows_a_key(runner, keys):
-    rows = run_json(runner, "keys", "list")
-    assert {r["name"] for r in rows} == {"worker-key", "producer-key", "admin-key", "w-bound"}
-    assert all("key_hash" not in r for r in rows)
-    assert not any(secret in run(runner, "keys", "list").stdout for secret in keys.values())
-
-
-def test_keys_revoke_then_revoke_again_exits_1(runner, keys):
-    assert run(runner, "keys", "revoke", "producer-key").exit_code == 0
-    assert_one_line_error(run(runner, "keys", "revoke", "producer-key"), 1, "producer-key")
-
-
-def test_keys_bootstrap_admin_writes_a_private_key_file_once(runner, app):
-    assert run(runner, "keys", "bootstrap-admin").exit_code == 0
-    path = os.path.join(app.instance_path, "admin-key.txt")
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    first = open(path).read()
-    assert run(runner, "keys", "bootstrap-admin").exit_code == 0
-    assert open(path).read() == first
 
 
 # -- export to a file --------------------------------------------------------------------------
@@ -460,4 +428,5 @@ def test_export_to_a_directory_is_one_line_and_leaves_nothing(runner, producer, 
     assert_one_line_error(run(runner, "remote-jobs", "export", "--output", str(exports / "out")), 2, "directory")
     assert_one_line_error(run(runner, "remote-jobs", "export", "--output", str(exports / "none" / "x")), 1,
                           "could not write")
-    assert [p.name for p in exports.iterdir()] == ["out"] and not any((exports / "out").iterdir())
+    assert [p.name for p in exports.iterdir()] == ["out"]
+    assert not any((exports / "out").iterdir())

@@ -1,6 +1,10 @@
 """Every error is RFC 9457 problem details (application/problem+json) with type, title, status and
-detail; nothing a client can send produces a 500."""
+detail, keeping the headers its status needs (Allow, Content-Range, Retry-After); what is not JSON
+(NaN, Infinity, NUL bytes) is refused and nothing is stored; nothing a client can send produces a
+500. (Includes the regressions found while fuzzing the API.)"""
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -21,8 +25,10 @@ def assert_problem(response, status: int) -> dict:
     body = response.json
     assert body["status"] == status
     assert body["type"] == "about:blank"
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["detail"], str) and body["detail"]
+    assert isinstance(body["title"], str)
+    assert body["title"]
+    assert isinstance(body["detail"], str)
+    assert body["detail"]
     assert body["request_id"] == response.headers["X-Request-ID"]
     return body
 
@@ -31,8 +37,9 @@ def test_flask_404_for_an_unknown_path_is_problem_json(client):
     assert_problem(client.get("/no/such/path"), 404)
 
 
-def test_flask_405_for_a_wrong_method_is_problem_json_with_allow(client):
-    response = client.delete("/health")
+@pytest.mark.parametrize("method", ["DELETE", "PUT"])
+def test_flask_405_for_a_wrong_method_is_problem_json_with_allow(client, method):
+    response = client.open("/health", method=method)
     assert_problem(response, 405)
     assert set(response.headers["Allow"].split(", ")) >= {"GET", "HEAD"}
 
@@ -75,6 +82,29 @@ def test_nan_is_not_json_and_is_400(client, keys):
     response = client.post(f"{BASE}/poll", data='{"worker_id": "w", "content_types": "audio", "wait": NaN}',
                            content_type="application/json", headers=auth(keys["worker"]))
     assert_problem(response, 400)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_json_numbers_in_a_body_are_refused_and_nothing_is_stored(client, keys, instance_path, literal):
+    source = instance_path / "sources" / "a.mp3"
+    source.write_bytes(b"audio")
+    body = ('{"source_file_path": %s, "content_type": "audio", "ingestion_task_id": "i", '
+            '"task_options": {"gain": %s}}' % (json.dumps(str(source)), literal))
+    response = client.post("/api/v1/remote-jobs/", data=body, content_type="application/json",
+                           headers=auth(keys["producer"]))
+    assert response.status_code == 400
+    assert response.mimetype == "application/problem+json"
+    listed = client.get("/api/v1/remote-jobs/", headers=auth(keys["producer"]))
+    assert listed.json["jobs"] == []
+
+
+def test_large_but_finite_numbers_are_still_accepted(producer):
+    response = producer.create("audio", task_options={"gain": 1e300, "frames": 10**30})
+    assert response.status_code == 201
+    options = producer.get(response.json["job_id"]).json["task_options"]
+    # as JSON numbers (PostgreSQL's jsonb writes 1e300 out in full digits: the same double)
+    assert float(options["gain"]) == 1e300
+    assert options["frames"] == 10**30
 
 
 def test_invalid_utf8_is_400(client, keys):
@@ -142,6 +172,28 @@ def test_poll_with_too_many_content_types_is_422(client, keys):
     response = client.post(f"{BASE}/poll", json={"worker_id": "w", "content_types": ["t"] * 33},
                            headers=auth(keys["worker"]))
     assert_problem(response, 422)
+
+
+@pytest.mark.parametrize("query", [{"worker_id": "w1", "content_types": "audio,vi\x00deo"},
+                                   {"worker_id": "w\x001", "content_types": "audio"}])
+def test_nul_in_a_poll_is_refused_on_every_backend(worker, query):
+    response = worker.client.get("/api/v1/remote-jobs/poll", query_string=query, headers=worker.headers)
+    assert response.status_code == 422
+    assert response.mimetype == "application/problem+json"
+    assert "NUL" in response.json["detail"]
+
+
+def test_nul_in_a_body_is_refused_and_the_job_is_unchanged(producer, worker):
+    job_id = producer.create_id("audio")
+    worker.claim("audio")
+    before = producer.get(job_id).json
+    response = worker.result(job_id, content="text\x00more")
+    assert response.status_code == 422
+    assert response.json["errors"] == {"content": ["contains a NUL byte (U+0000)"]}
+    assert producer.get(job_id).json == before
+    refused = producer.create("audio", task_options={"lang\x00": "en"})
+    assert refused.status_code == 422
+    assert refused.json["errors"] == {"task_options": ["a key contains a NUL byte (U+0000)"]}
 
 
 def test_unknown_query_parameter_is_422(client, keys):

@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from support import live_gunicorn
-
+from support.gunicorn import gunicorn
 from morag_remote import create_app
 from morag_remote.context import SERVICE
 from morag_remote.context import events
@@ -144,7 +143,8 @@ def test_completed_job_sends_a_signed_event_the_receiver_can_verify(producer, wo
     job_id, result = finish(producer, worker, ingestion_task_id="ingest-7")
     assert result.json == {"status": "completed", "ingestion_continued": True}
     [request] = receiver.requests
-    assert request["verified"] and request["path"] == "/morag/events"
+    assert request["verified"]
+    assert request["path"] == "/morag/events"
     headers, body = request["headers"], json.loads(request["body"])
     assert headers["Content-Type"] == "application/json"
     assert int(headers["X-MoRAG-Timestamp"]) > 0
@@ -159,7 +159,9 @@ def test_completed_job_sends_a_signed_event_the_receiver_can_verify(producer, wo
 def test_job_and_status_show_the_delivered_event(producer, worker, receiver):
     job_id, _ = finish(producer, worker)
     state = producer.get(job_id).json["event_delivery"]
-    assert state["state"] == "delivered" and state["attempts"] == 1 and state["last_error"] is None
+    assert state["state"] == "delivered"
+    assert state["attempts"] == 1
+    assert state["last_error"] is None
     assert state["event_id"] == receiver.requests[0]["headers"]["X-MoRAG-Event-Id"]
     assert state["delivered_at"].endswith(("Z", "+00:00"))
     assert producer.status(job_id).json["event_delivery"]["state"] == "delivered"
@@ -176,12 +178,15 @@ def test_receiver_down_then_up_event_arrives_after_deliver_exactly_once(producer
     job_id, result = finish(producer, worker)
     assert result.json == {"status": "completed", "ingestion_continued": False}
     state = producer.get(job_id).json["event_delivery"]
-    assert state["state"] == "retrying" and state["attempts"] == 1 and state["last_error"]
+    assert state["state"] == "retrying"
+    assert state["attempts"] == 1
+    assert state["last_error"]
 
     receiver.start()  # back on the same port
     assert deliver(runner)["delivered"] == 1
     assert deliver(runner)["delivered"] == 0
-    assert len(receiver.requests) == 1 and receiver.requests[0]["verified"]
+    assert len(receiver.requests) == 1
+    assert receiver.requests[0]["verified"]
     [event] = receiver.events_of(job_id)
     assert event["type"] == "job.completed"
     assert producer.get(job_id).json["event_delivery"]["state"] == "delivered"
@@ -214,7 +219,9 @@ def test_backoff_doubles_with_each_failed_attempt_up_to_the_cap(producer, worker
         events().deliver_pending(due_only=True)
         assert 3600 <= events().backoff(50) <= 3960
     state = producer.get(job_id).json["event_delivery"]
-    assert state["attempts"] == 2 and state["last_error"] == "HTTP 500" and state["state"] == "retrying"
+    assert state["attempts"] == 2
+    assert state["last_error"] == "HTTP 500"
+    assert state["state"] == "retrying"
     assert 20 <= (from_iso(state["next_attempt_at"]) - clock.now).total_seconds() <= 22
 
 
@@ -222,7 +229,8 @@ def test_identical_result_resubmission_sends_no_second_event_and_answers_as_the_
     job_id, first = finish(producer, worker)
     assert first.json == {"status": "completed", "ingestion_continued": True}
     again = worker.result(job_id, True)
-    assert again.status_code == 200 and again.json == first.json
+    assert again.status_code == 200
+    assert again.json == first.json
     assert len(receiver.requests) == 1
 
 
@@ -251,7 +259,8 @@ def test_each_terminal_state_sends_its_own_event_once(producer, worker, receiver
     assert types == ["job.completed", "job.failed"]
     assert len(receiver.requests) == 2
     failed_event = next(e for e in receiver.events_of(job_id) if e["type"] == "job.failed")
-    assert failed_event["error"] == "decoder crashed" and failed_event["status"] == "failed"
+    assert failed_event["error"] == "decoder crashed"
+    assert failed_event["status"] == "failed"
 
 
 def test_failure_with_retries_left_sends_no_event(producer, worker, receiver):
@@ -266,7 +275,8 @@ def test_cancel_sends_a_cancelled_event(producer, receiver):
     job_id = producer.create_id()
     assert producer.cancel(job_id).status_code == 200
     [event] = receiver.events_of(job_id)
-    assert event["type"] == "job.cancelled" and event["status"] == "cancelled"
+    assert event["type"] == "job.cancelled"
+    assert event["status"] == "cancelled"
 
 
 def test_lapsed_lease_without_retries_sends_a_timeout_event(producer, worker, worker2, receiver, clock):
@@ -275,14 +285,16 @@ def test_lapsed_lease_without_retries_sends_a_timeout_event(producer, worker, wo
     clock.advance(31 * 60)
     worker2.poll()  # polls handle lapsed leases
     [event] = receiver.events_of(job_id)
-    assert event["type"] == "job.timeout" and "lease expired" in event["error"]
+    assert event["type"] == "job.timeout"
+    assert "lease expired" in event["error"]
 
 
 def test_job_webhook_url_under_an_allowed_prefix_gets_the_event(producer, worker, receiver):
     job_id, result = finish(producer, worker, task_options={"webhook_url": f"{receiver.url}/hooks/job-1?x=1"})
     assert result.json["ingestion_continued"] is True
     [request] = receiver.requests
-    assert request["path"] == "/hooks/job-1?x=1" and request["verified"]
+    assert request["path"] == "/hooks/job-1?x=1"
+    assert request["verified"]
 
 
 @pytest.mark.parametrize("url", [
@@ -331,7 +343,8 @@ def test_without_a_callback_nothing_is_recorded_and_webhooks_are_refused(produce
 ], indirect=["app_config"])
 def test_a_callback_url_that_cannot_be_sent_is_a_failed_attempt_not_a_failed_request(producer, worker, receiver, error):
     job_id, result = finish(producer, worker)
-    assert result.status_code == 200 and result.json == {"status": "completed", "ingestion_continued": False}
+    assert result.status_code == 200
+    assert result.json == {"status": "completed", "ingestion_continued": False}
     assert producer.get(job_id).json["event_delivery"]["last_error"].startswith(error)
     assert producer.cancel(producer.create_id()).status_code == 200
     assert receiver.requests == []
@@ -351,7 +364,8 @@ class _BrokenListener:
 def test_a_failing_listener_never_fails_the_committed_change(producer, worker, service, receiver):
     service.hooks.listeners.insert(0, _BrokenListener())
     job_id, result = finish(producer, worker)
-    assert result.status_code == 200 and result.json == {"status": "completed", "ingestion_continued": True}
+    assert result.status_code == 200
+    assert result.json == {"status": "completed", "ingestion_continued": True}
     cancelled = producer.create_id()
     assert producer.cancel(cancelled).status_code == 200
     assert [json.loads(r["body"])["status"] for r in receiver.requests] == ["completed", "cancelled"]
@@ -409,9 +423,11 @@ def test_event_lost_to_a_crash_after_the_job_write_is_recorded_and_sent_by_deliv
     job_id = producer.create_id()
     crash_after_job_write(success=True)
     assert producer.get(job_id).json["status"] == "completed"
-    assert producer.get(job_id).json["event_delivery"] is None and receiver.requests == []
+    assert producer.get(job_id).json["event_delivery"] is None
+    assert receiver.requests == []
     report = deliver(runner)
-    assert report["reconciled"] == 1 and report["delivered"] == 1
+    assert report["reconciled"] == 1
+    assert report["delivered"] == 1
     [event] = receiver.events_of(job_id)
     assert event["type"] == "job.completed"
     assert deliver(runner) == {"delivered": 0, "failed": 0, "reconciled": 0, "purged": 0, "pending": 0}
@@ -423,9 +439,11 @@ def test_retry_before_reconciliation_still_sends_the_event_of_the_state_it_left(
     crash_after_job_write(success=False)
     assert producer.retry(job_id).json["status"] == "pending"
     report = deliver(runner)
-    assert report["delivered"] == 1 and report["reconciled"] == 0
+    assert report["delivered"] == 1
+    assert report["reconciled"] == 0
     [event] = receiver.events_of(job_id)
-    assert event["type"] == "job.failed" and event["error"] == "gpu fell off"
+    assert event["type"] == "job.failed"
+    assert event["error"] == "gpu fell off"
 
 
 def test_delete_before_reconciliation_still_sends_the_event(producer, receiver, runner, admin_headers,
@@ -484,7 +502,7 @@ def test_under_gunicorn_a_failed_event_is_sent_after_a_later_response(receiver, 
            "MORAG_REMOTE_CALLBACK_RETRY_SECONDS": "0", "MORAG_REMOTE_CALLBACK_PUMP_INTERVAL_SECONDS": "0",
            **database_env(app)}
     source = producer.source("talk.mp3")
-    with live_gunicorn.gunicorn(instance_path, env, workers=1) as base:
+    with gunicorn(instance_path, env, workers=1) as base:
         p, w = ({"Authorization": f"Bearer {keys[role]}"} for role in ("producer", "worker"))
         job_id = requests.post(f"{base}/api/v1/remote-jobs/", headers=p, timeout=10, json={
             "source_file_path": str(source), "content_type": "audio", "ingestion_task_id": "i"}).json()["job_id"]
@@ -502,7 +520,8 @@ def test_under_gunicorn_a_failed_event_is_sent_after_a_later_response(receiver, 
                 break
             threading.Event().wait(0.05)
     assert [e["job_id"] for e in receiver.accepted.values()] == [job_id]
-    assert state["event_delivery"]["state"] == "delivered" and state["event_delivery"]["attempts"] >= 2
+    assert state["event_delivery"]["state"] == "delivered"
+    assert state["event_delivery"]["attempts"] >= 2
 
 
 def test_deliver_stops_trying_a_failing_receiver_after_one_attempt(producer, worker, receiver, runner):
@@ -651,7 +670,8 @@ def test_an_outbox_that_cannot_be_written_does_not_fail_the_result_and_is_caught
         pending.unlink()
         pending.with_name("pending-away").rename(pending)
     report = deliver(runner)
-    assert report["reconciled"] == 1 and report["delivered"] == 1
+    assert report["reconciled"] == 1
+    assert report["delivered"] == 1
     assert [e["type"] for e in receiver.events_of(job_id)] == ["job.completed"]
 
 
@@ -676,7 +696,8 @@ def test_an_event_table_that_refuses_writes_does_not_fail_the_result_and_is_caug
             conn.execute("DROP TRIGGER refuse ON event_outbox")
             conn.execute("DROP FUNCTION refuse_event()")
     report = deliver(runner)
-    assert report["reconciled"] == 1 and report["delivered"] == 1
+    assert report["reconciled"] == 1
+    assert report["delivered"] == 1
     assert [e["type"] for e in receiver.events_of(job_id)] == ["job.completed"]
 
 
@@ -702,9 +723,11 @@ def test_any_host_reads_and_delivers_an_event_another_host_recorded(
                          "DATABASE_URL": app.config["DATABASE_URL"], **app_config})
     b = host_b.test_client()
     seen_by_b = b.get(f"/api/v1/remote-jobs/{job_id}", headers=producer.headers).json["event_delivery"]
-    assert seen_by_b["state"] == "retrying" and seen_by_b["attempts"] == 1
+    assert seen_by_b["state"] == "retrying"
+    assert seen_by_b["attempts"] == 1
     receiver.start()
     assert deliver(host_b.test_cli_runner())["delivered"] == 1
     assert deliver(runner)["delivered"] == 0
-    assert len(receiver.requests) == 1 and [e["job_id"] for e in receiver.accepted.values()] == [job_id]
+    assert len(receiver.requests) == 1
+    assert [e["job_id"] for e in receiver.accepted.values()] == [job_id]
     assert producer.get(job_id).json["event_delivery"]["state"] == "delivered"

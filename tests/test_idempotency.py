@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 import requests
 
-from support import live_gunicorn
-from support.gunicorn import wait_for
+from support.gunicorn import gunicorn as serve, wait_for
 
 from morag_remote import create_app, idempotency
 from morag_remote.context import KEYS, SERVICE
@@ -51,7 +50,8 @@ def _rows(pg_database) -> dict[str, str]:
 def test_same_key_and_body_answers_200_with_the_original_job(producer):
     first = keyed(producer, "req-1")
     again = keyed(producer, "req-1")
-    assert first.status_code == 201 and again.status_code == 200
+    assert first.status_code == 201
+    assert again.status_code == 200
     assert again.json == first.json
     assert again.headers["Location"] == first.headers["Location"]
     assert job_count(producer) == 1
@@ -70,7 +70,8 @@ def test_replay_answers_with_the_jobs_current_status(producer, worker):
     first = keyed(producer, "req-1")
     worker.claim()
     again = keyed(producer, "req-1")
-    assert again.status_code == 200 and again.json["job_id"] == first.json["job_id"]
+    assert again.status_code == 200
+    assert again.json["job_id"] == first.json["job_id"]
     assert again.json["status"] == "processing"
 
 
@@ -115,7 +116,8 @@ def test_a_key_is_kept_a_day_then_names_a_new_request(producer, clock, app):
     assert keyed(producer, "req-1").json["job_id"] == first
     clock.advance(2 * 3600)
     second = keyed(producer, "req-1")
-    assert second.status_code == 201 and second.json["job_id"] != first
+    assert second.status_code == 201
+    assert second.json["job_id"] != first
 
 
 @pytest.mark.files_only
@@ -170,7 +172,8 @@ def test_a_key_whose_job_was_deleted_is_409(producer, admin_headers):
     job_id = keyed(producer, "req-1").json["job_id"]
     producer.client.delete(f"/api/v1/remote-jobs/{job_id}", headers=admin_headers)
     response = keyed(producer, "req-1")
-    assert response.status_code == 409 and response.json["job_id"] == job_id
+    assert response.status_code == 409
+    assert response.json["job_id"] == job_id
 
 
 def test_eight_threads_with_one_key_make_one_job(app, producer):
@@ -214,7 +217,8 @@ def test_a_file_name_postgresql_cannot_store_is_refused_there_and_leaves_the_key
     if backend == "files":
         assert response.status_code == 201
         return
-    assert response.status_code == 422 and "UTF-8" in response.json["detail"]  # not a 500
+    assert response.status_code == 422
+    assert "UTF-8" in response.json["detail"]  # not a 500
     assert keyed(producer, "req-1").status_code == 201
     assert job_count(producer) == 1
 
@@ -420,7 +424,7 @@ def _host_env(backend_config: dict) -> dict[str, str]:
 def gunicorn(instance_path, backend_config):
     """Two worker processes of four threads, each taking at most four connections: eight requests at
     once reach both processes."""
-    with live_gunicorn.gunicorn(instance_path, env=_host_env(backend_config)) as base:
+    with serve(instance_path, env=_host_env(backend_config)) as base:
         yield base
 
 
@@ -461,8 +465,8 @@ def test_eight_threads_over_two_hosts_sharing_one_database_with_one_key_make_one
     """Each host has its own instance folder: only the database is shared."""
     source = producer.source("talk.mp3")
     env = {**_host_env(backend_config), "MORAG_REMOTE_SOURCE_ROOTS": json.dumps([str(producer.sources)])}
-    with live_gunicorn.gunicorn(tmp_path / "host-a", env=env) as host_a, \
-            live_gunicorn.gunicorn(tmp_path / "host-b", env=env) as host_b:
+    with serve(tmp_path / "host-a", env=env) as host_a, \
+            serve(tmp_path / "host-b", env=env) as host_b:
         answers = _create_together([host_a, host_b], keys["producer"], source, "two-hosts")
         _assert_one_job_made(answers, 8)
         assert _listed(host_a, keys["producer"]) == _listed(host_b, keys["producer"]) == [answers[0][1]]

@@ -1,5 +1,8 @@
-"""Long polling: ``wait`` on GET/POST /poll returns as soon as a job can be claimed, empty when the
-wait ends, never beyond the configured maximum, and never holds more threads than the cap allows."""
+"""Long polls: ``wait`` on GET/POST /poll (and ``JobService.poll(wait=)``) returns as soon as a job
+can be claimed (one created meanwhile by another thread or process, one whose backoff ends, one whose
+previous holder's lease lapses, with no cron job and no other request), empty when the wait ends,
+never beyond the configured maximum, and never holds more threads than the cap allows. Every test
+runs on both backends (across hosts on PostgreSQL: test_postgres_scaleout.py)."""
 from __future__ import annotations
 
 import json
@@ -11,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from support import live_gunicorn
 import requests
 from support.actions import WorkerActions, auth
-from support.gunicorn import wait_for
+from support.gunicorn import gunicorn, wait_for
 
 POLL = "/api/v1/remote-jobs/poll"
 
@@ -30,6 +32,12 @@ def backend_env(app, base: dict | None = None) -> dict[str, str]:
     if app.config.get("DATABASE_URL"):
         env["MORAG_REMOTE_DATABASE_URL"] = app.config["DATABASE_URL"]
     return env
+
+
+def _source(instance_path) -> str:
+    path = instance_path / "sources" / "a.mp3"
+    path.write_bytes(b"a")
+    return str(path)
 
 
 class PollInThread:
@@ -79,11 +87,33 @@ def test_waiting_poll_returns_job_created_by_another_process_meanwhile(app, serv
     assert response.json["job_id"] == job_id
 
 
-def test_poll_returns_empty_when_the_wait_ends(worker):
+def test_poll_returns_empty_when_the_wait_ends(worker, service):
     response = worker.poll("audio", wait=0.2)
     assert response.status_code == 200
     assert response.json["job_id"] is None
     assert response.json["jobs"] == []
+    assert service.poll("w1", ["audio"], wait=0.2) == []  # the service's own long poll, too
+
+
+def test_a_long_poll_takes_a_job_created_while_it_waits(service, instance_path):
+    source = _source(instance_path)
+    got = []
+    poller = threading.Thread(target=lambda: got.extend(service.poll("w1", ["audio"], wait=30)))
+    poller.start()
+    created = []
+    for _ in range(100):  # bounded; usually the first job wakes the poll
+        created.append(service.create(source_file_path=source, content_type="audio", ingestion_task_id="t").id)
+        poller.join(0.3)
+        if not poller.is_alive():
+            break
+    assert len(got) == 1
+    assert got[0].id in created
+    assert got[0].worker_id == "w1"
+
+
+def test_a_long_poll_for_other_types_is_not_handed_a_job(service, instance_path):
+    service.create(source_file_path=_source(instance_path), content_type="video", ingestion_task_id="t")
+    assert service.poll("w1", ["audio"], wait=0.3) == []
 
 
 def test_post_poll_waits_as_get_does(app, service, keys, producer):
@@ -123,24 +153,44 @@ def test_polls_beyond_the_waiter_cap_return_at_once_instead_of_waiting(app, serv
                                                        "wait": 20}, headers=auth(keys["worker"]))
     assert second.status_code == 200
     assert second.json["job_id"] is None
-    assert first.thread.is_alive() and service.polls.waiting == 1  # the first is still waiting
+    assert first.thread.is_alive()
+    assert service.polls.waiting == 1  # the first is still waiting
     job_id = producer.create_id("audio")
     assert first.result().json["job_id"] == job_id
 
 
-@pytest.mark.parametrize("app_config", [{"RETRY_BACKOFF_SECONDS": 0.3, "RETRY_BACKOFF_MAX_SECONDS": 0.3}])
+SHORT = 0.3  # seconds: short enough to pass within a long poll, long enough to be a real delay
+
+
+@pytest.mark.parametrize("app_config", [{"RETRY_BACKOFF_SECONDS": SHORT, "RETRY_BACKOFF_MAX_SECONDS": SHORT}])
 def test_delayed_retry_wakes_a_waiting_poll_when_its_backoff_ends(app, service, keys, producer, worker, app_config):
     job_id = producer.create_id("audio")
     worker.claim("audio")
     failed = worker.result(job_id, success=False, error_message="GPU out of memory")
     assert failed.json["status"] == "pending"
+    waiting_job = producer.get(job_id).json
+    assert waiting_job["available_at"] > waiting_job["updated_at"]  # a real delay
     assert worker.poll("audio").json["job_id"] is None  # still in its backoff
 
     response = WorkerActions(app.test_client(), keys["worker"], "w2").poll("audio", wait=20)
     assert response.json["job_id"] == job_id
     job = producer.get(job_id).json
-    assert job["retry_count"] == 1 and job["worker_id"] == "w2"
+    assert job["retry_count"] == 1
+    assert job["worker_id"] == "w2"
     assert job["started_at"] >= job["available_at"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("app_config", [{"LEASE_SECONDS": {"default": SHORT}}])
+def test_long_poll_returns_a_job_whose_lease_lapses_while_it_waits(producer, worker, worker2):
+    job_id = producer.create_id("audio")
+    first = worker.claim("audio")
+
+    body = worker2.poll("audio", wait=10).json
+
+    assert body["job_id"] == job_id
+    assert body["jobs"][0]["retry_count"] == 1
+    assert body["jobs"][0]["lease_id"] != first["lease_id"]
 
 
 def test_a_job_of_another_type_does_not_end_the_wait(app, service, keys, producer):
@@ -158,7 +208,7 @@ def test_a_job_of_another_type_does_not_end_the_wait(app, service, keys, produce
 def test_long_polls_over_gunicorn_leave_a_thread_for_the_rest_of_the_api(app, keys, instance_path):
     """One process of 3 threads, at most 2 of them in long polls: the third serves everyone else."""
     env = {**backend_env(app, {}), "MORAG_REMOTE_POLL_MAX_WAITERS": "2"}
-    with live_gunicorn.gunicorn(instance_path, env, workers=1, threads=3, worker_connections=16) as base:
+    with gunicorn(instance_path, env, workers=1, threads=3, worker_connections=16) as base:
         _long_polls_leave_a_thread(base, auth(keys["worker"]), auth(keys["producer"]), instance_path)
 
 
@@ -185,7 +235,8 @@ def _long_polls_leave_a_thread(base: str, worker_h: dict, producer_h: dict, inst
     assert created.status_code == 201
     status = requests.get(f"{base}/api/v1/remote-jobs/{created.json()['job_id']}/status", headers=producer_h,
                           timeout=30)
-    assert status.status_code == 200 and status.json()["status"] == "pending"
+    assert status.status_code == 200
+    assert status.json()["status"] == "pending"
 
     # and each waiting poll gets the audio job created for it
     audio = [requests.post(f"{base}/api/v1/remote-jobs/", headers=producer_h, timeout=30, json={

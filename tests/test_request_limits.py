@@ -176,11 +176,3 @@ def test_body_that_is_not_a_json_object_is_400(data, producer, client, service):
     response = client.post(f"{J}/", data=data, content_type="application/json", headers=producer.headers)
     assert_problem(response, 400, "JSON")
     assert job_count(service) == 0
-
-
-def test_heartbeat_without_a_body_is_accepted(producer, worker):
-    """The body is optional: a worker may send a bare POST to keep its lease."""
-    job_id = producer.create_id("audio")
-    worker.claim("audio")
-    response = worker.client.post(f"{J}/{job_id}/heartbeat", headers=worker.headers)
-    assert response.status_code == 200

@@ -1,5 +1,7 @@
 """A real gunicorn, started the way production starts it (``gunicorn -c gunicorn.conf.py wsgi:app``),
-on a port the kernel picks on 127.0.0.1, for tests that need several OS processes."""
+on a port the kernel picks on 127.0.0.1, for tests that need several OS processes: the ``Gunicorn``
+class (start, look at its pids and stderr, stop), and the ``gunicorn(...)`` context manager that
+yields the base URL of one serving JSON logs with a given number of threads."""
 from __future__ import annotations
 
 import os
@@ -8,8 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import requests
 
@@ -40,8 +43,10 @@ def make_keys(instance: Path) -> dict[str, str]:
 
 
 class Gunicorn:
-    def __init__(self, instance: Path, workers: int = 2, env: dict[str, str] | None = None) -> None:
+    def __init__(self, instance: Path, workers: int = 2, env: dict[str, str] | None = None,
+                 worker_connections: int | None = None) -> None:
         self.instance = instance
+        self.worker_connections = worker_connections
         self.stdout_path = instance / "gunicorn.stdout"
         self.stderr_path = instance / "gunicorn.stderr"
         self.env = {**os.environ, "MORAG_REMOTE_INSTANCE_PATH": str(instance), "HOST": "127.0.0.1",
@@ -53,10 +58,11 @@ class Gunicorn:
 
     def start(self) -> "Gunicorn":
         self.instance.mkdir(parents=True, exist_ok=True)
+        options = [] if self.worker_connections is None else ["--worker-connections", str(self.worker_connections)]
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "--no-control-socket",
-                 "wsgi:app"], cwd=ROOT, env=self.env, stdout=out, stderr=err, start_new_session=True)
+                 *options, "wsgi:app"], cwd=ROOT, env=self.env, stdout=out, stderr=err, start_new_session=True)
         port = wait_for(self._port, START_TIMEOUT, "gunicorn to listen")
         self.base_url = f"http://127.0.0.1:{port}"
         wait_for(lambda: len(self.booted_pids()) >= self.workers, START_TIMEOUT, "the workers to boot")
@@ -94,3 +100,19 @@ class Gunicorn:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
+
+
+@contextmanager
+def gunicorn(instance_path: Path, env: dict[str, str] | None = None, workers: int = 2, threads: int = 4,
+             worker_connections: int = 4) -> Iterator[str]:
+    """Serve ``instance_path`` with JSON logs; yields the base URL. ``worker_connections`` caps the
+    connections one process takes, so concurrent requests reach every process instead of the fastest
+    acceptor."""
+    server = Gunicorn(instance_path, workers,
+                      {"GUNICORN_THREADS": str(threads), "MORAG_REMOTE_LOG_JSON": "true", **(env or {})},
+                      worker_connections=worker_connections)
+    try:
+        server.start()
+        yield server.base_url
+    finally:
+        server.stop()

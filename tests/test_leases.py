@@ -1,5 +1,6 @@
-"""Leases: a claim grants one, a heartbeat extends it, a lapsed one re-queues the job (or times it
-out), and a worker that lost its lease is fenced off."""
+"""Leases: a claim grants one (its length per content type), a heartbeat extends it and records
+progress, a lapsed one re-queues the job (or times it out), lazily on poll or through
+``cleanup-expired``, a worker that lost its lease is fenced off, and the optional pending TTL."""
 from __future__ import annotations
 
 import json
@@ -52,10 +53,13 @@ def test_one_second_lease_without_heartbeat_goes_to_the_next_worker_and_fences_t
     assert first["lease_id"] in late["detail"]
 
     done = worker2.result(job_id, lease_id=second["lease_id"], content="fresh")
-    assert done.status_code == 200 and done.json["status"] == "completed"
+    assert done.status_code == 200
+    assert done.json["status"] == "completed"
     job = producer.get(job_id).json
     assert job["result_data"]["content"] == "fresh"
-    assert job["worker_id"] == "w2" and job["retry_count"] == 1 and job["attempt"] == 2
+    assert job["worker_id"] == "w2"
+    assert job["retry_count"] == 1
+    assert job["attempt"] == 2
 
 
 @pytest.mark.slow
@@ -71,7 +75,8 @@ def test_one_second_lease_in_real_time_returns_the_job_to_the_queue(producer, wo
         else:
             time.sleep(0.05)
     assert second is not None, "the lapsed job never came back"
-    assert second["job_id"] == job_id and second["retry_count"] == 1
+    assert second["job_id"] == job_id
+    assert second["retry_count"] == 1
     assert worker.result(job_id, lease_id=first["lease_id"]).status_code == 409
     assert worker2.result(job_id, lease_id=second["lease_id"]).json["status"] == "completed"
 
@@ -86,7 +91,8 @@ def test_lapsed_lease_puts_the_job_back_pending_with_retry_count_1(producer, wor
     status = producer.status(job_id).json
     assert status["status"] == "pending"
     assert status["retry_count"] == 1
-    assert status["worker_id"] is None and status["timeout_at"] is None
+    assert status["worker_id"] is None
+    assert status["timeout_at"] is None
 
 
 def test_late_result_with_a_key_bound_to_the_first_worker_is_409(producer, bound_worker, worker2, clock):
@@ -123,7 +129,8 @@ def test_seed_worker_late_result_after_reassignment_wins_when_it_arrives_first(p
     seed_style = worker.client.put(f"/api/v1/remote-jobs/{job_id}/result", headers=worker.headers,
                                    json={"success": True, "content": "from the first worker", "metadata": {},
                                          "processing_time": 90.0})
-    assert seed_style.status_code == 200 and seed_style.json["status"] == "completed"
+    assert seed_style.status_code == 200
+    assert seed_style.json["status"] == "completed"
 
     current = _problem(worker2.result(job_id, lease_id=second["lease_id"], content="from the second"))
     assert current["detail"] == "cannot complete a job that is completed"
@@ -185,20 +192,26 @@ def test_heartbeat_keeps_the_job_past_its_first_lease(producer, worker, worker2,
     assert producer.status(job_id).json["worker_id"] == "w1"
 
 
-def test_heartbeat_progress_and_message_are_shown_by_status(producer, worker):
+def test_heartbeat_progress_and_message_are_shown_by_status(producer, worker, clock):
     job_id = producer.create_id("audio")
     claimed = worker.claim("audio")
+    clock.advance(0.6)
     response = worker.heartbeat(job_id, lease_id=claimed["lease_id"], progress=0.42, message="diarizing")
+    assert response.status_code == 200
+    assert from_iso(response.json["timeout_at"]) == clock.now + timedelta(seconds=LEASES["audio"])
     assert response.json["progress"] == 0.42
     status = producer.status(job_id).json
-    assert status["progress"] == 0.42 and status["progress_message"] == "diarizing"
+    assert status["progress"] == 0.42
+    assert status["progress_message"] == "diarizing"
 
 
 def test_heartbeat_without_body_is_accepted_from_the_holder(producer, worker):
+    """The body is optional: a worker may send a bare POST to keep its lease."""
     job_id = producer.create_id("audio")
     worker.claim("audio")
     response = worker.client.post(f"/api/v1/remote-jobs/{job_id}/heartbeat", headers=worker.headers)
-    assert response.status_code == 200 and response.json["status"] == "processing"
+    assert response.status_code == 200
+    assert response.json["status"] == "processing"
 
 
 @pytest.mark.parametrize("progress", [-0.1, 1.5, "half"])
@@ -207,6 +220,12 @@ def test_heartbeat_with_progress_outside_0_1_is_422(producer, worker, progress):
     worker.claim("audio")
     body = _problem(worker.heartbeat(job_id, progress=progress), 422)
     assert "progress" in body["errors"]
+
+
+def test_heartbeat_with_a_stale_lease_id_is_409(producer, worker):
+    job_id = producer.create_id("audio")
+    worker.claim("audio")
+    assert worker.heartbeat(job_id, lease_id="not-the-lease").status_code == 409
 
 
 def test_heartbeat_with_lost_lease_is_409_and_changes_nothing(producer, worker, worker2, clock):
@@ -254,7 +273,8 @@ def test_result_after_lapse_but_before_anyone_requeued_it_is_accepted(producer, 
     worker.claim("audio")
     clock.advance(3600)
     response = worker.result(job_id, True)
-    assert response.status_code == 200 and response.json["status"] == "completed"
+    assert response.status_code == 200
+    assert response.json["status"] == "completed"
     assert worker.poll("audio").json["job_id"] is None  # nothing was re-queued behind the result
 
 
@@ -268,7 +288,8 @@ def test_each_poll_requeues_at_most_lapsed_per_poll_leases(service, clock):
     assert service.poll("idle", ["document"]) == []  # a poll for another type still does the work
 
     statuses = [service.get(job_id).status for job_id in ids]
-    assert statuses.count("pending") == 2 and statuses.count("processing") == 3
+    assert statuses.count("pending") == 2
+    assert statuses.count("processing") == 3
     service.poll("idle", ["document"])
     service.poll("idle", ["document"])
     assert all(service.get(job_id).status == "pending" for job_id in ids)
@@ -279,7 +300,8 @@ def test_poll_claims_a_job_whose_lease_lapsed_in_the_same_call(service, clock):
     clock.advance(1.5)
     got = service.poll("w2", ["audio"])
     assert [j.id for j in got] == [job.id]
-    assert got[0].retry_count == 1 and got[0].worker_id == "w2"
+    assert got[0].retry_count == 1
+    assert got[0].worker_id == "w2"
 
 
 def test_cleanup_expired_requeues_every_lapsed_lease_and_prints_the_count(service, clock, runner):
@@ -312,8 +334,10 @@ def test_lapse_with_no_retry_left_times_the_job_out(service, clock):
 
     final = service.get(job.id)
     assert again.retry_count == 1
-    assert final.status == "timeout" and final.retry_count == 1
-    assert final.completed_at == clock.now and final.lease_id is None
+    assert final.status == "timeout"
+    assert final.retry_count == 1
+    assert final.completed_at == clock.now
+    assert final.lease_id is None
     assert "no retry left" in final.error_message
     assert service.poll("w3", ["audio"]) == []
 

@@ -1,4 +1,6 @@
-"""The auth matrix: every route the app serves x every kind of caller, each cell's status asserted.
+"""Who may call what: the auth matrix (every route the app serves x every kind of caller, each cell's
+status asserted), how the Authorization header is read, a view without ``@requires`` admitting no
+one anonymously, and ``MORAG_REMOTE_AUTH_DISABLED`` (read strictly, warned about at every start).
 
 The routes come from ``app.url_map``, so an endpoint added later is covered automatically: it fails
 ``test_every_served_route_is_in_the_role_table`` until ROLE_TABLE says who may call it (and how to
@@ -7,6 +9,7 @@ a real one and not turned away for another reason.
 """
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -14,7 +17,9 @@ from typing import Any, Callable
 import pytest
 
 from support.actions import auth
+from morag_remote import create_app
 from morag_remote.api.docs import ASSET_RULE
+from morag_remote.auth import current_principal
 from morag_remote.context import KEYS, SERVICE, TOKENS
 
 J = "/api/v1/remote-jobs"
@@ -178,16 +183,19 @@ def test_auth_matrix_row(caller, app, client, instance_path, caller_headers):
 
 
 @pytest.mark.parametrize("header", [
+    None,  # no Authorization header at all
     "Basic dXNlcjpwYXNz",
+    "Basic abc",
     "Bearer",
     "Bearer    ",
     "Token mrk_whatever",
     "mrk_no_scheme_at_all",
     "Bearer mrk_" + "x" * 5000,
     "Bearer \u00e9\u00e8",
+    "Bearer mrk_not-a-real-key",
 ])
 def test_malformed_authorization_header_is_401_with_bearer_challenge(client, keys, header):
-    response = client.get(f"{J}/stats", headers={"Authorization": header})
+    response = client.get(f"{J}/stats", headers={} if header is None else {"Authorization": header})
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
     assert response.json["status"] == 401
@@ -202,3 +210,42 @@ def test_unknown_route_is_404_without_asking_for_a_key(client):
     response = client.get("/api/v1/nothing-here")
     assert response.status_code == 404
     assert response.mimetype == "application/problem+json"
+
+
+# -- a view without @requires, and MORAG_REMOTE_AUTH_DISABLED -----------------------------------------
+
+def log_lines(buffer) -> list[dict]:
+    return [json.loads(line) for line in buffer.getvalue().splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("value", ["true", "True", "1", "yes", "on"])
+def test_auth_disabled_lets_requests_in_and_warns_at_every_start(value, monkeypatch, instance_path, log_output):
+    monkeypatch.setenv("MORAG_REMOTE_AUTH_DISABLED", value)
+    for _ in range(2):
+        app = create_app({"TESTING": True, "INSTANCE_PATH": str(instance_path), "LOG_JSON": True})
+        assert app.test_client().get(f"{J}/stats").status_code == 200
+        # every request is admin: an admin-only route answers (404: there is no such job)
+        assert app.test_client().delete(f"{J}/0190d6a0-0000-7000-8000-000000000000").status_code == 404
+    warnings = [e for e in log_lines(log_output) if e["event"] == "auth.disabled"]
+    assert len(warnings) == 2
+    assert all(e["level"] == "warning" for e in warnings)
+
+
+@pytest.mark.parametrize("value", ["false", "False", "0", "no", "off", ""])
+def test_auth_disabled_set_to_a_false_value_keeps_auth_on(value, monkeypatch, instance_path):
+    monkeypatch.setenv("MORAG_REMOTE_AUTH_DISABLED", value)
+    app = create_app({"TESTING": True, "INSTANCE_PATH": str(instance_path), "LOG_JSON": True})
+    assert app.test_client().get(f"{J}/stats").status_code == 401
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "[]", "tru"])
+def test_auth_disabled_with_an_unclear_value_refuses_to_start(value, monkeypatch, instance_path):
+    monkeypatch.setenv("MORAG_REMOTE_AUTH_DISABLED", value)
+    with pytest.raises(ValueError, match="MORAG_REMOTE_AUTH_DISABLED must be true or false"):
+        create_app({"TESTING": True, "INSTANCE_PATH": str(instance_path), "LOG_JSON": True})
+
+
+def test_a_view_without_requires_does_not_get_an_anonymous_admin(app, client, keys):
+    app.add_url_rule("/who-for-test", view_func=lambda: {"role": current_principal().role})
+    assert client.get("/who-for-test").status_code == 401
+    assert client.get("/who-for-test", headers=auth(keys["worker"])).json == {"role": "worker"}

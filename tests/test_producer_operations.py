@@ -1,16 +1,13 @@
-"""What producers and operators do to jobs: cancel, retry, delete, stats, and the status view's
-``estimated_completion``."""
+"""What producers and operators do to jobs through the API: cancel, retry, delete and stats.
+(The status view's ``estimated_completion``: test_estimates.py.)"""
 from __future__ import annotations
 
-from datetime import timedelta
 from pathlib import Path
-
-import pytest
 
 from support.actions import auth
 from support.jobs import claimed_job, directories_of, new_job
 from morag_remote.models import from_iso
-from morag_remote.service import DEFAULT_DURATION, DEFAULT_DURATIONS, Caller
+from morag_remote.service import Caller
 
 UNKNOWN = "0190a0a0-0000-7000-8000-000000000000"
 
@@ -41,14 +38,20 @@ def test_cancelled_job_lease_no_longer_opens_the_source(producer, worker):
 # -- retry ------------------------------------------------------------------------------------
 
 def test_retry_of_failed_job_clears_the_outcome_and_makes_it_claimable_now(producer, worker):
-    job_id = producer.create_id("audio")
+    job_id = producer.create_id("audio", max_retries=0)
+    assert producer.retry(job_id).status_code == 409  # a pending job has nothing to retry
     worker.claim("audio")
     worker.result(job_id, success=False, error_message="bad input", retryable=False)
 
-    body = producer.retry(job_id).json
+    response = producer.retry(job_id)
+    body = response.json
 
+    assert response.status_code == 200
     assert body["status"] == "pending"
-    assert body["error_message"] is None and body["completed_at"] is None and body["worker_id"] is None
+    assert body["max_retries"] == 1  # one more attempt than the job had
+    assert body["error_message"] is None
+    assert body["completed_at"] is None
+    assert body["worker_id"] is None
     again = worker.claim("audio")
     assert again["job_id"] == job_id
 
@@ -73,18 +76,21 @@ def test_retry_gives_the_next_claim_a_new_lease(service):
     service.cancel(job.id)
     service.retry(job.id)
     again = service.poll("w2", ["audio"])[0]
-    assert again.lease_id != job.lease_id and again.attempt == job.attempt + 1
+    assert again.lease_id != job.lease_id
+    assert again.attempt == job.attempt + 1
 
 
 # -- delete -----------------------------------------------------------------------------------
 
-@pytest.mark.files_only
-def test_delete_by_admin_answers_204_and_removes_the_file(producer, admin_headers, service):
+def test_delete_by_admin_answers_204_and_removes_the_file(producer, admin_headers, service, backend):
     job_id = producer.create_id("audio")
     response = producer.client.delete(f"/api/v1/remote-jobs/{job_id}", headers=admin_headers)
-    assert response.status_code == 204 and response.data == b""
+    assert response.status_code == 204
+    assert response.data == b""
     assert producer.get(job_id).status_code == 404
-    assert directories_of(Path(service.store.root), job_id) == []
+    if backend == "files":
+        assert directories_of(Path(service.store.root), job_id) == []
+    assert producer.client.delete(f"/api/v1/remote-jobs/{job_id}", headers=admin_headers).status_code == 404
 
 
 def test_delete_by_producer_is_403_and_keeps_the_job(producer):
@@ -96,7 +102,8 @@ def test_delete_by_producer_is_403_and_keeps_the_job(producer):
 
 def test_delete_of_unknown_job_is_404(client, admin_headers):
     response = client.delete(f"/api/v1/remote-jobs/{UNKNOWN}", headers=admin_headers)
-    assert response.status_code == 404 and response.mimetype == "application/problem+json"
+    assert response.status_code == 404
+    assert response.mimetype == "application/problem+json"
 
 
 def test_deleted_processing_job_answers_its_worker_404(producer, worker, admin_headers):
@@ -158,58 +165,3 @@ def test_stats_counts_a_heartbeat_as_seeing_the_worker(client, keys, service, cl
     service.heartbeat(job.id, Caller(job.lease_id))
     clock.advance(20)
     assert _stats(client, keys["admin"])["active_workers"] == ["gpu-1"]
-
-
-# -- estimated completion ---------------------------------------------------------------------
-
-@pytest.mark.parametrize("content_type", ["audio", "video", "document"])
-def test_estimated_completion_uses_the_seed_constants_without_history(producer, worker, content_type):
-    job_id = producer.create_id(content_type)
-    worker.claim(content_type)
-    status = producer.status(job_id).json
-    expected = DEFAULT_DURATIONS.get(content_type, DEFAULT_DURATION)
-    assert from_iso(status["estimated_completion"]) == from_iso(status["started_at"]) + timedelta(seconds=expected)
-
-
-def _complete_after(service, clock, seconds: float, content_type: str = "audio") -> None:
-    job = claimed_job(service, content_type=content_type)
-    clock.advance(seconds)
-    service.submit_result(job.id, Caller(job.lease_id), success=True, content="ok")
-
-
-def test_estimated_completion_is_the_median_of_observed_durations(producer, worker, service, clock):
-    for seconds in (10, 20, 600):
-        _complete_after(service, clock, seconds)
-    job_id = producer.create_id("audio")
-    worker.claim("audio")
-
-    status = producer.status(job_id).json
-
-    assert from_iso(status["estimated_completion"]) == clock.now + timedelta(seconds=20)
-
-
-def test_estimated_completion_history_is_per_content_type(service, clock):
-    _complete_after(service, clock, 10, "video")
-    job = claimed_job(service, content_type="audio")
-    assert service.estimates.estimated_completion(job) == job.started_at + timedelta(seconds=DEFAULT_DURATIONS["audio"])
-
-
-def test_estimated_completion_samples_the_most_recent_completions(service, clock):
-    service.estimates.duration_sample = 3
-    for seconds in (500, 500, 500, 7, 8, 9):
-        _complete_after(service, clock, seconds)
-    assert service.estimates.typical_duration("audio") == 8
-
-
-def test_estimated_completion_follows_a_new_completion_at_once(service, clock):
-    assert service.estimates.typical_duration("audio") == DEFAULT_DURATIONS["audio"]
-    _complete_after(service, clock, 42)
-    assert service.estimates.typical_duration("audio") == 42
-
-
-def test_estimated_completion_is_null_unless_processing(producer, worker):
-    pending = producer.create_id("audio")
-    assert producer.status(pending).json["estimated_completion"] is None
-    worker.claim("audio")
-    worker.result(pending)
-    assert producer.status(pending).json["estimated_completion"] is None

@@ -1,5 +1,6 @@
-"""Results: a failure re-queues with exponential backoff (kept as ``available_at``) or fails for
-good; the response's ``status`` says which; the same result sent twice counts once."""
+"""Results: a success completes the job; a failure re-queues with exponential backoff (kept as
+``available_at``) or fails for good; the response's ``status`` says which; the same result sent
+twice counts once (also from a bound worker key)."""
 from __future__ import annotations
 
 from datetime import timedelta
@@ -50,6 +51,15 @@ def test_backoff_jitter_adds_at_most_ten_percent(service, n, delay):
     assert delay < service.backoff(n) < delay * 1.1
 
 
+@pytest.mark.parametrize("app_config", [{}])  # the defaults: 30 s doubling up to an hour
+def test_backoff_doubles_and_is_capped_with_at_most_ten_percent_jitter(service):
+    service.rng = lambda: 0.0
+    assert [service.backoff(n) for n in (1, 2, 3)] == [30, 60, 120]
+    assert service.backoff(20) == 3600
+    service.rng = lambda: 0.999
+    assert 30 < service.backoff(1) < 33
+
+
 def test_backoff_jitter_spreads_jobs_that_fail_together(service):
     delays = {service.backoff(1) for _ in range(50)}
     assert len(delays) > 1
@@ -67,9 +77,11 @@ def test_failure_with_retries_left_answers_pending_and_requeues(producer, worker
     assert response.status_code == 200
     assert response.json == {"status": "pending", "ingestion_continued": False}
     job = producer.get(job_id).json
-    assert job["status"] == "pending" and job["retry_count"] == 1
+    assert job["status"] == "pending"
+    assert job["retry_count"] == 1
     assert job["error_message"] == "CUDA out of memory"
-    assert job["worker_id"] is None and job["timeout_at"] is None
+    assert job["worker_id"] is None
+    assert job["timeout_at"] is None
 
 
 def test_failure_keeps_the_jittered_backoff_as_available_at(producer, worker, service, clock):
@@ -122,8 +134,10 @@ def test_failure_with_retryable_false_fails_for_good(producer, worker):
 
     assert response.json["status"] == "failed"
     job = producer.get(job_id).json
-    assert job["status"] == "failed" and job["retry_count"] == 0
-    assert job["completed_at"] is not None and job["error_message"] == "not audio"
+    assert job["status"] == "failed"
+    assert job["retry_count"] == 0
+    assert job["completed_at"] is not None
+    assert job["error_message"] == "not audio"
     assert worker.poll("audio").json["job_id"] is None
 
 
@@ -136,13 +150,17 @@ def test_failure_with_no_retry_left_fails(service, clock):
 
     outcome = service.submit_result(job.id, Caller(again.lease_id), success=False, error_message="second")
 
-    assert outcome.job.status == "failed" and outcome.job.retry_count == 1
-
-
-def test_failure_of_a_job_with_max_retries_0_fails_at_once(service):
-    job = claimed_job(service, max_retries=0)
-    outcome = service.submit_result(job.id, Caller(job.lease_id), success=False, error_message="bad")
     assert outcome.job.status == "failed"
+    assert outcome.job.retry_count == 1
+
+
+def test_failure_of_a_job_with_max_retries_0_fails_at_once(producer, worker, service):
+    job_id = producer.create_id("audio", max_retries=0)
+    worker.claim("audio")
+    response = worker.result(job_id, success=False)
+    assert response.json["status"] == "failed"
+    assert service.get(job_id).status == "failed"
+    assert producer.get(job_id).json["error_message"] == "the worker reported a failure"
 
 
 def test_seed_failure_body_without_message_still_records_a_reason(producer, worker):
@@ -164,7 +182,8 @@ def test_identical_success_resubmission_answers_200_again(producer, worker):
 
     second = worker.result(job_id, content="hello")
 
-    assert second.status_code == 200 and second.json == first.json
+    assert second.status_code == 200
+    assert second.json == first.json
     assert producer.get(job_id).json == stored  # same version, same completed_at
 
 
@@ -176,7 +195,8 @@ def test_identical_success_resubmission_completes_the_job_only_once(service):
 
     again = service.submit_result(job.id, Caller(job.lease_id), success=True, content="hello")
 
-    assert again.repeated and not first.repeated
+    assert again.repeated
+    assert not first.repeated
     assert again.job.version == first.job.version
     assert recorder.finished == [(job.id, "completed")]
 
@@ -197,7 +217,8 @@ def test_identical_failure_resubmission_does_not_count_a_second_retry(producer, 
 
     again = worker.result(job_id, success=False, error_message="flaky")
 
-    assert again.status_code == 200 and again.json["status"] == "pending"
+    assert again.status_code == 200
+    assert again.json["status"] == "pending"
     assert producer.get(job_id).json["retry_count"] == 1
 
 

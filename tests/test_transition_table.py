@@ -1,4 +1,4 @@
-"""The state machine: every status x every action, legal and illegal, through the table, through
+"""The transition table: every status x every action, legal and illegal, through the table, through
 the service (a real store, a fake clock) and, for the ones callers trigger, through the API."""
 from __future__ import annotations
 
@@ -100,7 +100,8 @@ def test_service_legal_transition_moves_the_job_to_its_one_new_directory(service
     after = _act(service, clock, job, action)
 
     expected = TRANSITIONS[(status, action)]
-    assert after is not None and after.status == expected.value
+    assert after is not None
+    assert after.status == expected.value
     assert service.get(job.id).status == expected.value
     assert directories_of(Path(service.store.root), job.id) == [expected.value]
     assert service.get(job.id).version > job.version
@@ -139,6 +140,9 @@ def test_api_cancel_pending_job_answers_200_cancelled(producer):
     assert response.status_code == 200
     assert response.json["status"] == "cancelled"
     assert producer.status(job_id).json["status"] == "cancelled"
+    again = producer.cancel(job_id)  # a second cancel is an illegal one
+    assert again.status_code == 409
+    assert again.content_type == "application/problem+json"
 
 
 def test_api_cancel_processing_job_answers_200_cancelled(producer, worker):
@@ -158,7 +162,8 @@ def test_api_cancel_completed_job_is_409_and_keeps_the_result(producer, worker, 
 
     assert body["title"] == "Invalid state transition"
     assert body["detail"] == "cannot cancel a job that is completed"
-    assert body["job_status"] == "completed" and body["action"] == "cancel"
+    assert body["job_status"] == "completed"
+    assert body["action"] == "cancel"
     assert disk_snapshot(Path(service.store.root)) == before
 
 
@@ -175,21 +180,31 @@ def test_api_retry_cancelled_job_puts_it_back_in_the_queue(producer, worker):
     job_id = producer.create_id()
     producer.cancel(job_id)
     response = producer.retry(job_id)
-    assert response.status_code == 200 and response.json["status"] == "pending"
+    assert response.status_code == 200
+    assert response.json["status"] == "pending"
     assert worker.claim()["job_id"] == job_id
 
 
-@pytest.mark.files_only
-def test_api_heartbeat_on_cancelled_job_is_409_telling_the_worker_to_stop(producer, worker, service):
+def _stored(service, backend: str):
+    """What the store holds: every file's bytes on the file store, every job's version on PostgreSQL."""
+    if backend == "files":
+        return disk_snapshot(Path(service.store.root))
+    return sorted((job.id, job.version) for job in service.store.iter_all())
+
+
+def test_api_heartbeat_on_cancelled_job_is_409_telling_the_worker_to_stop(producer, worker, service, backend):
     job_id = producer.create_id()
     claimed = worker.claim()
     producer.cancel(job_id)
-    before = disk_snapshot(Path(service.store.root))
+    before = _stored(service, backend)
 
     body = _problem(worker.heartbeat(job_id, lease_id=claimed["lease_id"], progress=0.3))
 
-    assert "cancelled" in body["detail"] and "stop" in body["detail"]
-    assert disk_snapshot(Path(service.store.root)) == before
+    assert "cancelled" in body["detail"]
+    assert "stop" in body["detail"]
+    without_lease = _problem(worker.heartbeat(job_id))  # the seed worker sends no lease id
+    assert "cancelled" in without_lease["detail"]
+    assert _stored(service, backend) == before
 
 
 @pytest.mark.files_only

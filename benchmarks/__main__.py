@@ -16,11 +16,11 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from . import floor, pg, report, scenarios, worker
+from . import floor, pg, report, scenarios, slow_clients, worker
 from .server import REPO, Instance
 
 
-SCENARIOS = ("raw", "claims", "cycles", "floor", "pickup", "idle", "worker")
+SCENARIOS = ("raw", "claims", "cycles", "floor", "pickup", "idle", "worker", "slow")
 DEPTHS = [("100", {"audio": 100}), ("10000", {"audio": 10_000}), ("50000", {"audio": 50_000}),
           ("10000-other", {"video": 10_000, "audio": 100})]
 PG_DEPTHS = ("100", "50000")  # the PostgreSQL column's claim depths (its target: the ratio of the two)
@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         if "worker" in only:
             step("morag-remote-worker --exec true --concurrency 8")
             results["worker"] = worker.worker_scenario(instance, jobs=20 if q else 200, pickups=5 if q else 30)
+        if "slow" in only:
+            step("slow clients (a byte a second) until a request is not answered")
+            results["slow_clients"] = slow_clients.stall_point(
+                instance, **({"step": 32, "limit": 64} if q else {}))
     finally:
         if schema is not None and not args.keep:
             schema.drop()

@@ -152,6 +152,11 @@ def table(r: dict[str, Any]) -> str:
         lines.append(f"worker (--exec true, --concurrency {wk['concurrency']}): {wk['jobs_per_s']} jobs/s over a backlog "
                      f"of {wk['jobs']}; create to handler start median {pick['median_ms']} ms, p99 {pick['p99_ms']} ms "
                      f"over {pick['n']} jobs (exit {wk['worker_exit']})")
+    if "slow_clients" in r:
+        sc = r["slow_clients"]
+        stalled = sc["stalled_at"] if sc["stalled_at"] is not None else f"none up to {sc['limit']}"
+        lines.append(f"slow clients (a byte a second) that stop /health answering within 3 s: {stalled} "
+                     f"({sc['workers']} processes; answers again once they close: {sc['answers_again_after_they_close']})")
     lines += _columns(r)
     lines += ["", f"{'target':<46}{'value':>10}  {'goal':<9}ok"]
     for c in r["checks"]:

@@ -86,3 +86,11 @@ def test_the_worker_scenario_runs_the_command_and_times_its_pickups(tmp_path: Pa
     assert worker["jobs_per_s"] > 0 and worker["create_to_handler_start"]["n"] == 5
     assert "worker (--exec true, --concurrency 8)" in stdout
     assert any(c["check"].startswith("worker: create to handler start") for c in results["checks"])
+
+
+def test_the_slow_client_scenario_counts_connections_and_closes_them(tmp_path: Path) -> None:
+    stdout, results = run_quick(tmp_path, "", "--only", "slow")
+    figures = results["slow_clients"]
+    assert [p["slow_connections"] for p in figures["probes"]][0] == 32
+    assert figures["answers_again_after_they_close"] is True
+    assert "slow clients (a byte a second)" in stdout

@@ -15,7 +15,8 @@ from morag_remote.service import Caller, JobService
 PAIRS = [(status, action) for status in Status for action in Action]
 LEGAL = [pair for pair in PAIRS if pair in TRANSITIONS]
 ILLEGAL = [pair for pair in PAIRS if pair not in TRANSITIONS]
-CALLER_ACTIONS = {Action.HEARTBEAT, Action.COMPLETE, Action.FAIL_RETRY, Action.FAIL, Action.CANCEL, Action.RETRY}
+CALLER_ACTIONS = {Action.HEARTBEAT, Action.COMPLETE, Action.FAIL_RETRY, Action.FAIL, Action.CANCEL, Action.RETRY,
+                  Action.RELEASE}
 PENDING_TTL = 10.0
 
 
@@ -82,6 +83,8 @@ def _act(service: JobService, clock, job: RemoteJob, action: Action) -> RemoteJo
         return service.get(job.id) if service.expire_due() else None
     if action is Action.CANCEL:
         return service.cancel(job.id)
+    if action is Action.RELEASE:
+        return service.release(job.id, caller)
     assert action is Action.RETRY
     return service.retry(job.id)
 

@@ -187,3 +187,12 @@ def backend(request) -> str:
 @pytest.fixture
 def backend_config(backend: str, request) -> dict[str, Any]:
     return {"DATABASE_URL": request.getfixturevalue("pg_url")} if backend == "postgres" else {}
+
+
+@pytest.fixture
+def workers():
+    """``morag-remote-worker`` subprocesses a test starts (support.workers.WorkerProcess), stopped after it."""
+    started: list = []
+    yield started
+    for w in started:
+        w.stop()

@@ -14,14 +14,6 @@ from support.workers import WORKER_BIN, WorkerProcess, all_terminal, handler_scr
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def workers():
-    started: list[WorkerProcess] = []
-    yield started
-    for w in started:
-        w.stop()
-
-
 def test_twenty_jobs_with_concurrency_four_each_completed_once_with_its_content(tmp_path, workers):
     with served(tmp_path) as srv:
         template = handler_script(tmp_path, (

@@ -15,14 +15,6 @@ from support.workers import WorkerProcess, handler_script, pid_alive, served
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def workers():
-    started: list[WorkerProcess] = []
-    yield started
-    for w in started:
-        w.stop()
-
-
 def start_worker(workers, srv, folder, *args, **kwargs) -> WorkerProcess:
     worker = WorkerProcess(srv.url, srv.keys["worker"], folder, *args, **kwargs).start()
     workers.append(worker)

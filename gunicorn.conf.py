@@ -118,4 +118,5 @@ def post_worker_init(worker):
     try:
         worker.wsgi.extensions[SERVICE].stats()
     except Exception as exc:  # the app reports a broken store itself (/health answers 503)
-        worker.log.warning("store warm-up failed: %s", exc)
+        # with where it failed: the traceback is a field of this one JSON line (gunicorn_log.py)
+        worker.log.warning("store warm-up failed: %s", exc, exc_info=True)

@@ -47,13 +47,16 @@ job id to it. The app's own per-request line is switched off (MORAG_REMOTE_REQUE
 each request is logged once, by the only party that knows when its body was fully sent.
 
 Metrics: prometheus_client's multiprocess mode sums the counters of every worker process from
-files in PROMETHEUS_MULTIPROC_DIR (default ``<instance>/prometheus``). The variable is set here,
-before any worker imports prometheus_client (which reads it once, on import); the directory is
-emptied when gunicorn starts, and a dead worker's files are marked in ``child_exit``.
+memory-mapped files in PROMETHEUS_MULTIPROC_DIR. Default: a private folder in a RAM file system
+(``/dev/shm/morag-remote-<uid>-<hash of the instance folder>``, see ``morag_remote/metrics_location.py``),
+not ``<instance>``: on a full disk a mapped page with no block behind it kills the worker that
+touches it (SIGBUS). The variable is set here, before any worker imports prometheus_client (which
+reads it once, on import); the directory is made (0700) and emptied when gunicorn starts, emptied
+again when it exits, and a dead worker's files are marked in ``child_exit``.
 """
-import glob
 import os
 
+from morag_remote import metrics_location
 from morag_remote.cpu_placement import post_fork, pre_fork  # noqa: F401 (gunicorn hooks)
 
 
@@ -68,7 +71,8 @@ def _instance_path() -> str:
 
 
 _instance = _instance_path()
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", os.path.join(_instance, "prometheus"))
+_metrics_default = metrics_location.default_dir(_instance)
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", _metrics_default)
 os.environ.setdefault("MORAG_REMOTE_REQUEST_LOG", "false")
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
@@ -96,11 +100,20 @@ control_socket = os.path.join(_instance, "gunicorn.ctl")
 
 
 def on_starting(server):
-    """Empty the metrics directory: files of a previous run would be added to this run's counts."""
+    """Make the metrics directory and empty it: files of a previous run would be added to this
+    run's counts. Our default folder in shared memory must be ours alone; if it is not, the files
+    go under the instance folder (the workers, forked after this, inherit the variable)."""
     path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    if path == _metrics_default and path != metrics_location.fallback_dir(_instance):
+        refused = metrics_location.make_private_dir(path)
+        if refused:
+            path = os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_location.fallback_dir(_instance)
+            server.log.warning("metrics files in %s instead: %s", path, refused)
     os.makedirs(path, exist_ok=True)
-    for name in glob.glob(os.path.join(path, "*.db")):
-        os.unlink(name)
+    metrics_location.remove_files(path)
+
+
+_exited_workers: set[int] = set()
 
 
 def child_exit(server, worker):
@@ -108,6 +121,19 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+    _exited_workers.add(worker.pid)
+
+
+def on_exit(server):
+    """The counters end with the server: remove its workers' files (they take memory in /dev/shm),
+    and only theirs (during a binary upgrade, the new master's workers use the same folder)."""
+    path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    metrics_location.remove_files(path, pids=_exited_workers | set(getattr(server, "WORKERS", ())))
+    if path == _metrics_default:
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty (files of another master's workers) or already gone
+            pass
 
 
 def post_worker_init(worker):
@@ -118,4 +144,5 @@ def post_worker_init(worker):
     try:
         worker.wsgi.extensions[SERVICE].stats()
     except Exception as exc:  # the app reports a broken store itself (/health answers 503)
-        worker.log.warning("store warm-up failed: %s", exc)
+        # with where it failed: the traceback is a field of this one JSON line (gunicorn_log.py)
+        worker.log.warning("store warm-up failed: %s", exc, exc_info=True)

@@ -5,7 +5,8 @@
   what the app learnt about the request (request id, worker id, job id; see ``log.ACCESS_CONTEXT``)
   and the gunicorn process id. The query string is not logged: a download URL carries a token.
 - gunicorn's own messages (boot, worker exits, timeouts): the same JSON shape, event = the message,
-  with keys, tokens and Bearer credentials masked as in the app's own lines (``log.RedactFilter``).
+  with keys, tokens and Bearer credentials masked as in the app's own lines (``log.RedactFilter``);
+  a traceback is the ``exception`` field of its line, never lines of its own.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any
 import structlog
 from gunicorn.glogging import Logger
 
-from .log import ACCESS_CONTEXT, RedactFilter, _redact
+from .log import ACCESS_CONTEXT, RedactFilter, _redact, _stack_info, stdlib_formatter
 
 ACCESS_FIELDS = ("method", "path", "status", "bytes", "duration_ms", "remote_addr", "user_agent",
                  "request_id", "worker_id", "job_id", "pid")
@@ -28,18 +29,14 @@ _PRE_CHAIN = [
     structlog.stdlib.add_logger_name,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
     structlog.stdlib.ExtraAdder(allow=ACCESS_FIELDS),  # only ours: a record carries other attributes
+    _stack_info,
 ]
 
 
 def json_formatter() -> logging.Formatter:
-    """A stdlib formatter that renders every record as one JSON object (structlog's renderer)."""
-    return structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=_PRE_CHAIN,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                    structlog.processors.format_exc_info,
-                    _redact,
-                    structlog.processors.JSONRenderer()],
-    )
+    """A stdlib formatter that renders every record as one JSON object (structlog's renderer), an
+    exception as the ``exception`` field of that line (``Error handling request`` and the like)."""
+    return stdlib_formatter(json_lines=True, pre_chain=_PRE_CHAIN)
 
 
 class AccessFormatter(logging.Formatter):

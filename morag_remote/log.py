@@ -9,6 +9,10 @@ is logged: headers and query strings are never logged, fields named like a secre
 :func:`redact_text` masks anything shaped like an API key, a ``token=`` parameter or a ``Bearer``
 credential in every logged string (tracebacks included), and in the lines of stdlib loggers
 (werkzeug's request lines under ``flask run``, gunicorn's under ``gunicorn_log.JsonLogger``).
+
+Other libraries' records (psycopg_pool's warnings, werkzeug's lines) go through the root logger's
+handler, whose formatter is structlog's (:func:`stdlib_formatter`): they come out in the same shape
+as the app's own lines, one JSON object per line, an exception as the ``exception`` field.
 """
 from __future__ import annotations
 
@@ -72,24 +76,55 @@ class RedactFilter(logging.Filter):
         return True
 
 
+def _stack_info(_, __, event_dict: dict) -> dict:
+    """A stdlib record's ``stack_info`` (the text ``logging`` captured) as the field ``stack``."""
+    stack = event_dict.pop("stack_info", None)
+    if isinstance(stack, str):
+        event_dict["stack"] = stack
+    return event_dict
+
+
+# What every line gets, structlog's own and other libraries' stdlib records alike: the request
+# context, the level and the time; a stdlib record also its logger's name and its stack, if any.
+_COMMON = [
+    structlog.contextvars.merge_contextvars,
+    structlog.processors.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+]
+FOREIGN_PRE_CHAIN = [*_COMMON, structlog.stdlib.add_logger_name, _stack_info]
+# Then, for every line: an exception becomes a field (``exception``, the traceback as one string,
+# so a line is one JSON object and never a line followed by a traceback), and secrets are masked.
+_FINISH = [structlog.processors.format_exc_info, _redact]
+
+
+def renderer(json_lines: bool):
+    return structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=False)
+
+
+def stdlib_formatter(json_lines: bool = True, pre_chain: list | None = None) -> logging.Formatter:
+    """A ``logging`` formatter that renders a stdlib record (psycopg_pool's, werkzeug's, gunicorn's)
+    as structlog renders its own lines: one JSON object, traceback included, secrets masked."""
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=FOREIGN_PRE_CHAIN if pre_chain is None else pre_chain,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *_FINISH, renderer(json_lines)],
+    )
+
+
 def configure_logging(json_lines: bool) -> None:
+    """structlog's lines, and the root logger's handler for every library's stdlib records (unless
+    someone configured the root logger before us: then their handlers stay, with our masking)."""
     global _configured
     if _configured:
         return
     _configured = True
-    logging.basicConfig(format="%(message)s", stream=sys.stderr, level=logging.INFO)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactFilter())
-    renderer = structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=False)
+    handler = logging.StreamHandler(sys.stderr)  # one write per record: message and newline together
+    handler.setFormatter(stdlib_formatter(json_lines))
+    logging.basicConfig(handlers=[handler], level=logging.INFO)
+    for each in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactFilter) for f in each.filters):
+            each.addFilter(RedactFilter())
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            _redact,
-            renderer,
-        ],
+        processors=[*_COMMON, *_FINISH, renderer(json_lines)],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         # One write per line: PrintLogger's print() writes the message and the newline separately, and
         # a stdlib handler's line (gunicorn's, a library's) on the same stream in another thread could

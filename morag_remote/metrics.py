@@ -12,17 +12,26 @@ to jobs, counted where it happens.
 Under gunicorn the counters must add up across worker processes: prometheus_client's multiprocess
 mode keeps each process's values in memory-mapped files under ``PROMETHEUS_MULTIPROC_DIR`` and the
 scrape sums them. That mode is chosen when prometheus_client is first imported, so the variable is
-set by ``gunicorn.conf.py`` (default ``<instance>/prometheus``) before the app is loaded; without it
+set by ``gunicorn.conf.py`` (default: a folder in ``/dev/shm``) before the app is loaded; without it
 (the development server, ``flask`` commands, tests) each app keeps its own registry in memory.
+
+Those files are memory-mapped, and prometheus_client grows them sparse (``truncate``): on a full file
+system the first store into a new page raises SIGBUS, which kills the worker. Their default folder
+is in shared memory, off the store's disk (``metrics_location.py``), and their pages are allocated
+before they are mapped (:class:`PreallocatedMmapedDict`): a full file system then makes a new label
+set fail with ENOSPC, which the observer logs (once a minute) and drops; the worker lives on.
 """
 from __future__ import annotations
 
+import mmap
 import os
+import struct
+import time
 from typing import Any, Iterator
 
 import structlog
 from flask import Flask
-from prometheus_client import CollectorRegistry, Counter, Histogram, exposition, values
+from prometheus_client import CollectorRegistry, Counter, Histogram, exposition, mmap_dict, values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -37,6 +46,56 @@ PREFIX = "morag_remote"
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 900, 1800, 2700, 3600, 5400, 7200, 14400)
 
 log = structlog.get_logger(__name__)
+NOT_RECORDED_LOG_INTERVAL = 60.0  # seconds between two "metrics.not_recorded" warnings of a process
+
+
+def _allocate(filename: str, length: int) -> None:
+    """Give the first ``length`` bytes of the file their blocks (extending it as needed), or raise
+    OSError with the file as it was (and no file, if it was new and empty): nothing mapped may lack
+    its blocks. Through a descriptor of its own, without O_APPEND, so that where the file system
+    cannot fallocate, glibc's emulation (writing each block) can."""
+    fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            os.posix_fallocate(fd, 0, max(length, size))
+        except OSError:
+            if size == 0:  # an empty file is one the scrape cannot read: leave none
+                os.unlink(filename)
+            else:
+                os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
+class PreallocatedMmapedDict(mmap_dict.MmapedDict):
+    """prometheus_client's per-process file of values, whose pages all have blocks before they are
+    mapped. The original makes room with ``truncate``, a hole a store into the mapping must fill:
+    SIGBUS on a full file system. Here a file that cannot get its blocks raises OSError (ENOSPC)
+    where room was needed, a new label set, and every value already in the file keeps working."""
+
+    def __init__(self, filename: str, read_mode: bool = False) -> None:
+        if not read_mode:
+            _allocate(filename, mmap_dict._INITIAL_MMAP_SIZE)
+        super().__init__(filename, read_mode)
+
+    def _init_value(self, key: str) -> None:
+        encoded = key.encode("utf-8")
+        padded = len(encoded) + (8 - (len(encoded) + 4) % 8)  # as the original pads it
+        needed = self._used + struct.calcsize(f"i{padded}sdd")
+        capacity = self._capacity
+        while needed > capacity:
+            capacity *= 2
+        if capacity > self._capacity:
+            _allocate(self._fname, capacity)
+            self._m = mmap.mmap(self._f.fileno(), capacity)
+            self._capacity = capacity
+        super()._init_value(key)  # now within capacity: writes only pages that have their blocks
+
+
+# prometheus_client's multiprocess values open their files through this name (values.py).
+values.MmapedDict = PreallocatedMmapedDict
 
 
 class JobCounters:
@@ -80,8 +139,19 @@ class JobMetrics:
 
     def __init__(self, counters: JobCounters) -> None:
         self.counters = counters
+        self._warned_at: float | None = None
 
     def job_changed(self, action: Action, job: RemoteJob) -> None:
+        try:
+            self._count(action, job)
+        except OSError as exc:  # a new label set's file could not grow (a full file system)
+            now = time.monotonic()
+            if self._warned_at is None or now - self._warned_at >= NOT_RECORDED_LOG_INTERVAL:
+                self._warned_at = now
+                log.warning("metrics.not_recorded", action=action.value, error=str(exc),
+                            detail="the metrics files have no room; changes go uncounted until they do")
+
+    def _count(self, action: Action, job: RemoteJob) -> None:
         c, ct = self.counters, job.content_type
         if action is Action.CLAIM:
             c.claims.labels(ct).inc()

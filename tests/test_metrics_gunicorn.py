@@ -14,6 +14,7 @@ import requests
 
 from support.gunicorn import Gunicorn, make_keys, wait_for
 from support.metrics_text import parse_samples, value, values_of
+from morag_remote import metrics_location
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +79,8 @@ def _pids_with_counters(directory: Path) -> set[int]:
 def test_counters_add_up_exactly_across_three_gunicorn_workers(served):
     http, server = served, served.server
     started = time.time()
-    prom_dir = server.instance / "prometheus"
+    prom_dir = Path(metrics_location.default_dir(str(server.instance)))  # in shared memory, off the disk
+    assert server.instance not in prom_dir.parents
 
     # Phase 1: 11 jobs, 11 claims, 5 audio results.
     audio = [http.create("audio") for _ in range(5)]

@@ -6,8 +6,11 @@ import json
 import logging
 import os
 import runpy
+import shutil
+import stat
 import sys
 from datetime import timedelta
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +19,7 @@ from gunicorn.config import Config
 from structlog.testing import capture_logs
 
 from support.gunicorn import ROOT, Gunicorn, make_keys
+from morag_remote import metrics_location
 from morag_remote.gunicorn_log import AccessFormatter, JsonLogger, json_formatter
 from morag_remote.log import ACCESS_CONTEXT
 
@@ -27,12 +31,14 @@ API = "/api/v1/remote-jobs"
 
 @pytest.fixture
 def conf_env(monkeypatch, tmp_path):
-    """The conf file sets defaults in os.environ: make sure the test leaves none behind."""
+    """The conf file sets defaults in os.environ: make sure the test leaves none behind, nor a
+    metrics folder in shared memory."""
     for name in ("PROMETHEUS_MULTIPROC_DIR", "MORAG_REMOTE_REQUEST_LOG", "WEB_CONCURRENCY"):
         monkeypatch.setenv(name, "placeholder")
         monkeypatch.delenv(name)
     monkeypatch.setenv("MORAG_REMOTE_INSTANCE_PATH", str(tmp_path / "instance"))
-    return tmp_path / "instance"
+    yield tmp_path / "instance"
+    shutil.rmtree(metrics_location.default_dir(str(tmp_path / "instance")), ignore_errors=True)
 
 
 def test_conf_serves_with_threads_and_json_logs(conf_env):
@@ -49,37 +55,42 @@ def test_conf_honours_web_concurrency(conf_env, monkeypatch):
     assert runpy.run_path(CONF)["workers"] == 5
 
 
-def test_conf_puts_metrics_files_under_the_instance_and_turns_the_app_request_line_off(conf_env):
+def test_conf_puts_metrics_files_in_shared_memory_and_turns_the_app_request_line_off(conf_env):
     runpy.run_path(CONF)
-    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(conf_env / "prometheus")
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == metrics_location.default_dir(str(conf_env))
+    if os.path.isdir("/dev/shm"):
+        assert os.environ["PROMETHEUS_MULTIPROC_DIR"].startswith(f"/dev/shm/morag-remote-{os.getuid()}-")
     assert os.environ["MORAG_REMOTE_REQUEST_LOG"] == "false"
 
 
 def test_conf_keeps_a_metrics_dir_the_operator_chose(conf_env, monkeypatch, tmp_path):
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "elsewhere"))
-    runpy.run_path(CONF)
+    conf = runpy.run_path(CONF)
     assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path / "elsewhere")
+    conf["on_starting"](None)
+    assert (tmp_path / "elsewhere").is_dir()
 
 
 def test_on_starting_empties_the_metrics_dir_of_its_own_files_only(conf_env):
     conf = runpy.run_path(CONF)
-    prom = conf_env / "prometheus"
-    prom.mkdir(parents=True)
+    prom = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    prom.mkdir(mode=0o700, parents=True)
     (prom / "counter_123.db").write_bytes(b"old run")
     (prom / "README").write_text("not ours")
     conf["on_starting"](None)
     assert sorted(p.name for p in prom.iterdir()) == ["README"]
 
 
-def test_on_starting_creates_the_metrics_dir(conf_env):
+def test_on_starting_creates_the_metrics_dir_private(conf_env):
     runpy.run_path(CONF)["on_starting"](None)
-    assert (conf_env / "prometheus").is_dir()
+    prom = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    assert prom.is_dir() and stat.S_IMODE(prom.stat().st_mode) == 0o700
 
 
 def test_child_exit_drops_live_gauges_and_keeps_counters(conf_env):
     conf = runpy.run_path(CONF)
-    prom = conf_env / "prometheus"
-    prom.mkdir(parents=True)
+    conf["on_starting"](None)
+    prom = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     for name in ("gauge_livesum_4242.db", "counter_4242.db"):
         (prom / name).write_bytes(b"")
     conf["child_exit"](None, SimpleNamespace(pid=4242))

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from support.gunicorn import Gunicorn, make_keys, wait_for
+from support.gunicorn import Gunicorn, make_keys
 from support.metrics_text import parse_samples, values_of
 from morag_remote import metrics_location
 from morag_remote.metrics import NOT_RECORDED_LOG_INTERVAL, JobMetrics

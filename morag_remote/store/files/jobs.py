@@ -40,7 +40,7 @@ from ...fileio import (TEMP_PREFIX, FileLock, fsync_dir, read_bytes, read_commit
                      unlink_quietly, write_all, write_atomic)
 from ..base import JobFilter, Mutator, StoreStats, is_pure
 from .catalog import Catalog
-from .journal import Journal, JournalGap, Position
+from .journal import Journal, JournalDamaged, JournalGap, Position
 from .recycle import SPARE_DIR, recycler_for
 from .stale import StaleCopies
 
@@ -191,6 +191,9 @@ class FileJobStore:
         if self._position is not None:
             try:
                 changes, position = self.journal.changes_since(self._position)
+            except JournalDamaged as exc:  # which job the line announced is unknown: read them all
+                log.warning("store.journal_damaged", detail=str(exc))
+                self._position = None
             except JournalGap:
                 self._position = None
             else:

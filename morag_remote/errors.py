@@ -52,7 +52,10 @@ def handle_validation(exc: ValidationError) -> Response:
 
 
 def handle_service(exc: ServiceError) -> Response:
-    return problem(exc.status_code, exc.title, exc.detail, **exc.extra)
+    response = problem(exc.status_code, exc.title, exc.detail, **exc.extra)
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 def handle_http(exc: HTTPException) -> Response:

@@ -9,6 +9,7 @@ class ServiceError(Exception):
 
     status_code = 400
     title = "Bad request"
+    retry_after: int | None = None  # seconds, sent as Retry-After when set
 
     def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail)
@@ -71,3 +72,11 @@ class SourceMissing(ServiceError):
 class StoreUnavailable(ServiceError):
     status_code = 503
     title = "Store unavailable"
+
+
+class StoreBusy(StoreUnavailable):
+    """The store's lock could not be had within STORE_LOCK_TIMEOUT_SECONDS: another process holds
+    it (stopped, or stuck in a system call). Nothing was changed; the request may be repeated."""
+
+    title = "Store busy"
+    retry_after = 1

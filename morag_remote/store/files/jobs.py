@@ -34,13 +34,14 @@ from typing import Callable, Iterable, Iterator
 
 import structlog
 
-from ...exceptions import JobNotFound, JobUnreadable, StoreUnavailable
+from ...exceptions import JobNotFound, JobUnreadable, StoreBusy, StoreUnavailable
 from ...models import STATUSES, RemoteJob, valid_job_id
-from ...fileio import (TEMP_PREFIX, FileLock, fsync_dir, read_bytes, read_committed, stage, stage_open,
+from ...fileio import (TEMP_PREFIX, fsync_dir, read_bytes, read_committed, stage, stage_open,
                      unlink_quietly, write_all, write_atomic)
 from ..base import JobFilter, Mutator, StoreStats, is_pure
 from .catalog import Catalog
 from .journal import Journal, JournalDamaged, JournalGap, Position
+from .locks import bounded_lock
 from .recycle import SPARE_DIR, recycler_for
 from .stale import StaleCopies
 
@@ -94,7 +95,8 @@ def load_job_file(path: str | os.PathLike, job_id: str | None = None, *, locked:
 
 class FileJobStore:
     def __init__(self, data_dir: str | os.PathLike, *, journal_segment_bytes: int | None = None,
-                 watch_interval: float = 0.02, watch_linger: float = 5.0) -> None:
+                 watch_interval: float = 0.02, watch_linger: float = 5.0,
+                 lock_timeout: float | None = None) -> None:
         self.root = Path(data_dir)
         self._folders = tuple(str(self.root / status) for status in STATUSES)
         self._incoming = str(self.root / INCOMING_DIR)
@@ -105,7 +107,8 @@ class FileJobStore:
         (self.root / SPARE_DIR).mkdir(exist_ok=True)
         self._recycler = recycler_for(self.root / SPARE_DIR)
         self._recycler.adopt()  # now, not at the first move, which holds the store lock
-        self.lock = FileLock(self.root / ".lock")
+        # every hold gives up after lock_timeout seconds (StoreBusy, a 503), None: waits for ever
+        self.lock = bounded_lock(self.root / ".lock", lock_timeout)
         self.journal = Journal(self.root / "journal", **(
             {"segment_bytes": journal_segment_bytes} if journal_segment_bytes else {}))
         self.catalog = Catalog()
@@ -528,6 +531,8 @@ class FileJobStore:
                 yield job
 
     def check_writable(self) -> None:
+        """A file can be written, and the lock writers take can be had (within the bound: a
+        process stopped while it holds the lock stops every write, StoreBusy says so)."""
         # a name per call: threads probing at once must not replace or remove each other's file
         probe = self.root / f"{TEMP_PREFIX}health.{os.getpid()}.{secrets.token_hex(8)}"
         try:
@@ -535,6 +540,8 @@ class FileJobStore:
             unlink_quietly(probe)
         except OSError as exc:
             raise StoreUnavailable(f"the job store is not writable: {exc.strerror}") from None
+        with self.lock.hold(exclusive=True):
+            pass
 
     # -- change notification (long polls) ------------------------------------------------------
 

@@ -17,7 +17,7 @@ from psycopg import sql
 
 from morag_remote.models import RemoteJob, new_job_id, utcnow
 from morag_remote.store.files.jobs import FileJobStore, encode_job
-from morag_remote.store.postgres.jobs import _WRITE_COLUMNS, _params
+from morag_remote.store.postgres.jobs import WRITE_COLUMNS, row_params
 
 
 def _pending_jobs(source: Path, counts: dict[str, int]) -> Iterator[RemoteJob]:
@@ -48,12 +48,12 @@ def seed_pending(data_dir: Path, source: Path, counts: dict[str, int]) -> int:
 def copy_pending(conn: psycopg.Connection, source: Path, counts: dict[str, int]) -> int:
     """Load the jobs of ``counts`` into ``remote_jobs`` (``conn``'s search path) with COPY; returns
     how many. The caller commits."""
-    columns = ("id", *_WRITE_COLUMNS)
+    columns = ("id", *WRITE_COLUMNS)
     statement = sql.SQL("COPY remote_jobs ({}) FROM STDIN").format(sql.SQL(", ").join(map(sql.Identifier, columns)))
     written = 0
     with conn.cursor().copy(statement) as copy:
         for job in _pending_jobs(source, counts):
-            params = _params(job)
+            params = row_params(job)
             copy.write_row([params[c] for c in columns])
             written += 1
     return written

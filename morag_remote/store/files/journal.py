@@ -66,7 +66,10 @@ class Journal:
         store lock uses it (the watcher's :meth:`end` goes by path). A forked child opens its own."""
         kept = self._open
         if kept is not None and kept[0] == os.getpid() and kept[1] == segment:
-            return kept[2]
+            if os.fstat(kept[2]).st_nlink:
+                return kept[2]
+            # removed since (others wrote a segment's worth meanwhile): reading on from the kept
+            # descriptor would look like the end of the journal and miss every later segment
         fd = os.open(self._path(segment), os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         if self._closer is not None:
             self._closer()  # the previous segment's descriptor (or the parent's copy, after a fork)
@@ -120,7 +123,8 @@ class Journal:
         is cut back to where it ended before the error is raised; a fragment some earlier writer
         left (killed mid-write) is cut off first, so no line is ever glued to it."""
         kept = self._open
-        if kept is not None and kept[0] == os.getpid() and not os.path.exists(self._path(kept[1] + 1)):
+        if (kept is not None and kept[0] == os.getpid() and not os.path.exists(self._path(kept[1] + 1))
+                and os.fstat(kept[2]).st_nlink):
             segment = kept[1]  # still the newest segment: no need to look for the end
         else:
             segment, _ = self.head()

@@ -35,6 +35,9 @@ def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
     if "pickup" in r:
         rows.append(("long-poll pick-up median (ms)", r["pickup"]["median_ms"], "<= 100",
                      lambda v: v is not None and v <= 100))
+    if "restart" in r:
+        rows.append((f"longest write during a worker restart at {r['restart']['jobs']:,} (ms)", r["restart"]["max_ms"],
+                     "<= 100", lambda v: v is not None and v <= 100))
     if "idle" in r:
         rows.append(("100 idle long polls, % of one core", r["idle"]["percent_of_one_core"], "< 5", lambda v: v < 5))
     if "cycles" in r:
@@ -77,6 +80,8 @@ def total_errors(r: dict[str, Any]) -> int:
         n += r["pickup"]["errors"] + r["pickup"]["missed"]
     if "idle" in r:
         n += r["idle"]["errors"] + r["idle"]["returned_early"]
+    if "restart" in r:
+        n += r["restart"]["errors"]
     if "floor" in r:
         n += r["floor"]["errors"]
     return n
@@ -141,6 +146,11 @@ def table(r: dict[str, Any]) -> str:
         lines.append(f"{idle['pollers']} idle long polls for {idle['seconds']} s: {idle['cpu_seconds']} CPU s = "
                      f"{idle['percent_of_one_core']}% of one core ({idle['returned_early']} returned early; "
                      f"all released in {idle['release_all_seconds']} s)")
+    if "restart" in r:
+        rs = r["restart"]
+        lines.append(f"a worker restart at {rs['jobs']:,} jobs ({rs['restart_seconds']} s until it had built its "
+                     f"catalog): {rs['n']} creates meanwhile, median {rs['median_ms']} ms, p99 {rs['p99_ms']} ms, "
+                     f"longest {rs['max_ms']} ms (before the restart: {rs['before_max_ms']} ms)")
     lines += _columns(r)
     lines += ["", f"{'target':<46}{'value':>10}  {'goal':<9}ok"]
     for c in r["checks"]:

@@ -231,7 +231,7 @@ class FileLock:
         if timeout is None:
             self._mutex.acquire()
         elif not self._mutex.acquire(timeout=max(timeout, 0.0)):
-            self._timed_out(exclusive, started)
+            self.timed_out(exclusive, started)
         try:
             outermost = self._depth == 0
             if not outermost and exclusive and not self._exclusive:
@@ -271,7 +271,7 @@ class FileLock:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                self._timed_out(mode == fcntl.LOCK_EX, started)
+                self.timed_out(mode == fcntl.LOCK_EX, started)
             time.sleep(min(delay, left))
             delay = min(delay * 2, LAST_RETRY)
             try:
@@ -280,7 +280,8 @@ class FileLock:
             except BlockingIOError:
                 continue
 
-    def _timed_out(self, exclusive: bool, started: float) -> None:
+    def timed_out(self, exclusive: bool, started: float) -> None:
+        """Raise the error of a hold that could not be had since ``started`` (a monotonic time)."""
         error = LockTimeout(self.path, exclusive, time.monotonic() - started, self.holders())
         raise (self.on_timeout(error) if self.on_timeout is not None else error)
 

@@ -43,6 +43,22 @@ def _break_next_journal_write(mode: str) -> None:
     os.write = write
 
 
+def _stop_in_build(store, after: int) -> None:
+    """The process stops itself (SIGSTOP) in the middle of its next catalog build, once it has
+    read ``after`` job files: what a worker stopped while it boots is."""
+    real = store._read_in
+    reads = [0]
+
+    def read_in(folder, job_id):
+        reads[0] += 1
+        if reads[0] == after:
+            store._read_in = real
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return real(folder, job_id)
+
+    store._read_in = read_in
+
+
 def _serve(data_dir: str, source_root: str, conn, config: dict) -> None:
     service = file_service(data_dir, source_root, **config)
     source = source_file(service)
@@ -54,6 +70,9 @@ def _serve(data_dir: str, source_root: str, conn, config: dict) -> None:
             if command == "break_journal":
                 _break_next_journal_write(*args)
                 result: Any = None
+            elif command == "stop_in_build":  # SIGSTOP itself after reading args[0] files of a build
+                _stop_in_build(service.store, args[0])
+                result = None
             elif command == "create":
                 result = service.create(source_file_path=source, content_type=args[0],
                                         ingestion_task_id="ingest-1").id

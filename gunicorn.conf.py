@@ -138,7 +138,10 @@ def on_exit(server):
 
 def post_worker_init(worker):
     """Build the job store's catalog before the worker takes its first request: with a large
-    backlog that takes seconds, which the first poll after a (re)start would otherwise wait for."""
+    backlog that takes seconds, which the first poll after a (re)start would otherwise wait for.
+    The build holds no lock that writers need (the folders are scanned without it, then the catalog
+    catches up from the journal under a short hold), so the other workers' writes go on meanwhile,
+    even when this one is stopped half-way (README, "Performance")."""
     from morag_remote.context import SERVICE
 
     try:

@@ -20,7 +20,7 @@ from . import floor, pg, report, scenarios, slow_clients, worker
 from .server import REPO, Instance
 
 
-SCENARIOS = ("raw", "claims", "cycles", "floor", "pickup", "idle", "worker", "slow")
+SCENARIOS = ("raw", "claims", "cycles", "floor", "pickup", "idle", "restart", "worker", "slow")
 DEPTHS = [("100", {"audio": 100}), ("10000", {"audio": 10_000}), ("50000", {"audio": 50_000}),
           ("10000-other", {"video": 10_000, "audio": 100})]
 PG_DEPTHS = ("100", "50000")  # the PostgreSQL column's claim depths (its target: the ratio of the two)
@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             step("idle long polls")
             results["idle"] = scenarios.idle_cpu(instance, pollers=10 if q else 100, seconds=2 if q else 20,
                                                  wait=3 if q else 20)
+        if "restart" in only:
+            step("write stall while a worker restarts")
+            results["restart"] = scenarios.restart_stall(instance, jobs=500 if q else 50_000)
         if "worker" in only:
             step("morag-remote-worker --exec true --concurrency 8")
             results["worker"] = worker.worker_scenario(instance, jobs=20 if q else 200, pickups=5 if q else 30)

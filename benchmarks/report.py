@@ -35,6 +35,9 @@ def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
     if "pickup" in r:
         rows.append(("long-poll pick-up median (ms)", r["pickup"]["median_ms"], "<= 100",
                      lambda v: v is not None and v <= 100))
+    if "restart" in r:
+        rows.append((f"longest write during a worker restart at {r['restart']['jobs']:,} (ms)", r["restart"]["max_ms"],
+                     "<= 100", lambda v: v is not None and v <= 100))
     if "worker" in r:
         rows.append(("worker: create to handler start median (ms)",
                      r["worker"]["create_to_handler_start"]["median_ms"], "<= 50", lambda v: v is not None and v <= 50))
@@ -80,6 +83,8 @@ def total_errors(r: dict[str, Any]) -> int:
         n += r["pickup"]["errors"] + r["pickup"]["missed"]
     if "idle" in r:
         n += r["idle"]["errors"] + r["idle"]["returned_early"]
+    if "restart" in r:
+        n += r["restart"]["errors"]
     if "floor" in r:
         n += r["floor"]["errors"]
     if "worker" in r:
@@ -146,6 +151,11 @@ def table(r: dict[str, Any]) -> str:
         lines.append(f"{idle['pollers']} idle long polls for {idle['seconds']} s: {idle['cpu_seconds']} CPU s = "
                      f"{idle['percent_of_one_core']}% of one core ({idle['returned_early']} returned early; "
                      f"all released in {idle['release_all_seconds']} s)")
+    if "restart" in r:
+        rs = r["restart"]
+        lines.append(f"a worker restart at {rs['jobs']:,} jobs ({rs['restart_seconds']} s until it had built its "
+                     f"catalog): {rs['n']} creates meanwhile, median {rs['median_ms']} ms, p99 {rs['p99_ms']} ms, "
+                     f"longest {rs['max_ms']} ms (before the restart: {rs['before_max_ms']} ms)")
     if "worker" in r:
         wk = r["worker"]
         pick = wk["create_to_handler_start"]

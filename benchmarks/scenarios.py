@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import statistics
 import threading
 import time
@@ -366,3 +367,53 @@ def idle_cpu(instance: Instance, pollers: int = 100, seconds: float = 20.0, wait
             "percent_of_one_core": round(cpu / elapsed * 100, 2),
             "returned_early": sum(early.values()), "errors": len(errors),
             "release_all_seconds": round(release, 3) if release is not None else None}
+
+
+# -- (7) the write stall while a worker restarts --------------------------------------------------
+
+def restart_stall(instance: Instance, jobs: int = 50_000, before: float = 1.0, after: float = 1.0,
+                  gap: float = 0.005) -> dict[str, Any]:
+    """A producer creates a job every ``gap`` seconds (a new connection each, so the kernel hands
+    it to a process that is serving) while one of the two worker processes is restarted (SIGTERM:
+    it finishes its requests and exits, gunicorn starts another, which builds its catalog of the
+    ``jobs`` pending ones before it serves); the longest create meanwhile is the write stall a
+    worker start causes (target: <= 100 ms), beside the longest before it (the machine's noise)."""
+    data_dir = instance.data_dir("restart")
+    seed_pending(data_dir, instance.source, {"audio": jobs})
+    samples: list[tuple[float, float]] = []  # (sent, seconds)
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def producer(port: int) -> None:
+        while not stop.is_set():
+            sent = time.perf_counter()
+            try:
+                with Api(port, instance.keys["producer"]) as api:
+                    api.create(str(instance.source), "video")
+            except (BadStatus, OSError) as exc:
+                errors.append(str(exc))
+            samples.append((sent, time.perf_counter() - sent))
+            time.sleep(gap)
+
+    with Server(instance, data_dir) as server:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.catalogs_built < server.workers:  # both have booted
+            time.sleep(0.01)
+        thread = threading.Thread(target=producer, args=(server.port,), daemon=True)
+        thread.start()
+        time.sleep(before)
+        old = server.worker_pids()
+        built = server.catalogs_built
+        killed = time.perf_counter()
+        os.kill(old[0], signal.SIGTERM)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.catalogs_built == built:  # the new one has built its catalog
+            time.sleep(0.01)
+        booted = time.perf_counter()
+        time.sleep(after)
+        stop.set()
+        thread.join(30)
+    during = [took for sent, took in samples if killed <= sent <= booted]
+    calm = [took for sent, took in samples if sent < killed]
+    return {"jobs": jobs, "restart_seconds": round(booted - killed, 2), **summary_ms(during),
+            "before_max_ms": summary_ms(calm)["max_ms"], "creates": len(samples), "errors": len(errors)}

@@ -66,6 +66,7 @@ class Server:
         self.extra_env = env or {}
         self.proc: subprocess.Popen | None = None
         self.ready_seconds: float | None = None
+        self.catalogs_built = 0  # store.catalog_rebuilt lines logged so far (a worker booted)
 
     def __enter__(self) -> "Server":
         # the store is the one this benchmark chooses, never one the shell happens to configure
@@ -89,6 +90,8 @@ class Server:
     def _drain_output(self) -> None:
         for line in self.proc.stdout:
             self.tail.append(line)
+            if b'"store.catalog_rebuilt"' in line:
+                self.catalogs_built += 1
 
     def log_tail(self) -> str:
         return b"".join(self.tail).decode(errors="replace")

@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_POOL_SIZE": 10,       # connections per process (PostgreSQL backend)
     "DATABASE_TIMEOUT": 5.0,        # seconds to connect / to wait for a free connection, then 503
     "LOG_JSON": None,               # None: JSON lines unless debug
+    "STORE_LOCK_TIMEOUT_SECONDS": 5,  # file store: wait this long for its lock, then 503 (None: for ever)
 }
 
 
@@ -63,6 +64,12 @@ def resolve_paths(config: dict, instance_path: str) -> None:
         config["SOURCE_ROOTS"] = [config["SOURCE_ROOTS"]]
 
 
+def store_lock_timeout(config: Mapping[str, Any]) -> float | None:
+    """``STORE_LOCK_TIMEOUT_SECONDS`` as seconds; None (wait for ever) when unset or not positive."""
+    value = config.get("STORE_LOCK_TIMEOUT_SECONDS")
+    return float(value) if value is not None and float(value) > 0 else None
+
+
 @dataclass(frozen=True)
 class Settings:
     content_types: tuple[str, ...] = tuple(DEFAULT_CONTENT_TYPES)
@@ -76,6 +83,7 @@ class Settings:
     poll_max_waiters: int = 64
     lapsed_per_poll: int = 20
     source_roots: tuple[str, ...] = ()
+    store_lock_timeout_seconds: float | None = 5
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "Settings":
@@ -92,6 +100,7 @@ class Settings:
             poll_max_waiters=int(config["POLL_MAX_WAITERS"]),
             lapsed_per_poll=int(config["LAPSED_PER_POLL"]),
             source_roots=tuple(config["SOURCE_ROOTS"]),
+            store_lock_timeout_seconds=store_lock_timeout(config),
         )
 
     def lease_for(self, content_type: str) -> float:

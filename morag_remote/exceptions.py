@@ -11,7 +11,7 @@ class ServiceError(Exception):
 
     status_code = 400
     title = "Bad request"
-    retry_after: int | None = None
+    retry_after: int | None = None  # seconds, sent as Retry-After when set
 
     def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail)
@@ -83,3 +83,11 @@ class StoreFull(StoreUnavailable):
 
     title = "Store full"
     retry_after = 30
+
+
+class StoreBusy(StoreUnavailable):
+    """The store's lock could not be had within STORE_LOCK_TIMEOUT_SECONDS: another process holds
+    it (stopped, or stuck in a system call). Nothing was changed; the request may be repeated."""
+
+    title = "Store busy"
+    retry_after = 1

@@ -11,10 +11,11 @@ import json
 import os
 import secrets
 import threading
+import time
 import weakref
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 TEMP_PREFIX = ".tmp-"
 READ_CHUNK = 64 * 1024
@@ -169,6 +170,25 @@ def unlink_quietly(path: str | os.PathLike) -> bool:
         return False
 
 
+class LockTimeout(TimeoutError):
+    """A :class:`FileLock` that could not be had within its bound."""
+
+    def __init__(self, path: Path, exclusive: bool, waited: float, holders: list[int]) -> None:
+        who = f" (held by pid {', '.join(map(str, holders))})" if holders else ""
+        super().__init__(f"{path} could not be locked in {waited:.1f} s{who}")
+        self.path = path
+        self.exclusive = exclusive
+        self.waited = waited
+        self.holders = holders
+
+
+# Waiting for a lock another process holds: retry a non-blocking flock after sleeps that grow from
+# FIRST_RETRY to LAST_RETRY seconds. The first retries come soon (the store lock is held for well
+# under a millisecond at a time), the later ones rarely, so a waiter costs no core.
+FIRST_RETRY = 0.0002
+LAST_RETRY = 0.01
+
+
 class FileLock:
     """An exclusive/shared lock across processes (``flock``) and threads (a mutex) on one file.
 
@@ -177,10 +197,19 @@ class FileLock:
     and an exclusive hold inside a shared one is a RuntimeError (it cannot be had without letting
     go, and going on shared would let another process write in between). The file is reopened
     after a fork, because a flock belongs to an open file description.
+
+    With a ``timeout`` (seconds), a hold that cannot be had within it (the mutex and the flock
+    together) raises :class:`LockTimeout`, or what ``on_timeout`` makes of it, instead of waiting
+    for as long as another process holds the lock (a process that is stopped, SIGSTOP or a
+    debugger, holds it for ever; one that dies lets go, the kernel releases its flock). The
+    uncontended case is one non-blocking ``flock``, as cheap as a blocking one.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, timeout: float | None = None,
+                 on_timeout: Callable[[LockTimeout], BaseException] | None = None) -> None:
         self.path = path
+        self.timeout = timeout
+        self.on_timeout = on_timeout
         self._mutex = threading.RLock()
         self._fd: int | None = None
         self._pid: int | None = None
@@ -197,19 +226,19 @@ class FileLock:
 
     @contextmanager
     def hold(self, exclusive: bool = True) -> Iterator[None]:
-        with self._mutex:
+        timeout = self.timeout
+        started = time.monotonic() if timeout is not None else 0.0
+        if timeout is None:
+            self._mutex.acquire()
+        elif not self._mutex.acquire(timeout=max(timeout, 0.0)):
+            self.timed_out(exclusive, started)
+        try:
             outermost = self._depth == 0
             if not outermost and exclusive and not self._exclusive:
                 raise RuntimeError(f"an exclusive hold of {self.path} inside a shared one")
             if outermost:
                 fd = self._descriptor()
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-                        break
-                    except OSError as exc:  # pragma: no cover - EINTR from a signal
-                        if exc.errno != errno.EINTR:
-                            raise
+                self._flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, started)
                 self._exclusive = exclusive
                 self._owner = threading.get_ident()
             self._depth += 1
@@ -220,10 +249,69 @@ class FileLock:
                 if outermost:
                     self._owner = None
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._mutex.release()
+
+    def _flock(self, fd: int, mode: int, started: float) -> None:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        if self.timeout is None:
+            while True:
+                try:
+                    fcntl.flock(fd, mode)
+                    return
+                except OSError as exc:  # pragma: no cover - EINTR from a signal
+                    if exc.errno != errno.EINTR:
+                        raise
+        deadline = started + self.timeout
+        delay = FIRST_RETRY
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.timed_out(mode == fcntl.LOCK_EX, started)
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, LAST_RETRY)
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                continue
+
+    def timed_out(self, exclusive: bool, started: float) -> None:
+        """Raise the error of a hold that could not be had since ``started`` (a monotonic time)."""
+        error = LockTimeout(self.path, exclusive, time.monotonic() - started, self.holders())
+        raise (self.on_timeout(error) if self.on_timeout is not None else error)
+
+    def holders(self) -> list[int]:
+        """The pids that hold the lock now, as the kernel's /proc/locks says (best effort: empty
+        when it cannot be read, and a pid from another pid namespace is that namespace's)."""
+        return lock_holders(self.path)
 
     def held(self) -> bool:
         """Whether the calling thread holds the lock (shared or exclusive)."""
         return self._owner == threading.get_ident()
+
+
+def lock_holders(path: str | os.PathLike) -> list[int]:
+    """The pids holding a flock or POSIX lock on the file at ``path`` (from /proc/locks)."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks", "rb") as f:
+            lines = f.read().decode("ascii", "replace").splitlines()
+    except OSError:
+        return []
+    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or fields[1] == "->":  # "->": a waiter, not a holder
+            continue
+        if fields[5] == wanted and fields[4].isdigit():
+            pids.append(int(fields[4]))
+    return sorted(set(pids))
 
 
 def _close_in(pid: int, fd: int) -> None:

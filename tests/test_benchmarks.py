@@ -36,7 +36,7 @@ def test_quick_run_measures_both_stores(pg_database, tmp_path: Path) -> None:
     stdout, results = run_quick(tmp_path, pg_database.base_url)
 
     assert [c["label"] for c in results["claims"]] == ["100", "10000", "50000", "10000-other"]
-    for section in ("raw_store", "cycles", "floor", "pickup", "idle"):
+    for section in ("raw_store", "cycles", "floor", "pickup", "idle", "restart"):
         assert section in results
     floor = results["floor"]  # trivial views under the same gunicorn settings
     assert floor["cycles"] > 0 and floor["errors"] == 0

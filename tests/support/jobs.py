@@ -10,9 +10,10 @@ from morag_remote.service import Caller, JobService
 from morag_remote.store.files.jobs import FileJobStore
 
 
-def file_service(data_dir: str, source_root: str) -> JobService:
-    """A service on the JSON files in ``data_dir``, as each OS process of a concurrency test builds it."""
-    return JobService(FileJobStore(data_dir), Settings(source_roots=(source_root,)))
+def file_service(data_dir: str, source_root: str, **store_options) -> JobService:
+    """A service on the JSON files in ``data_dir``, as each OS process of a concurrency test builds it
+    (``store_options``: :class:`FileJobStore`'s keyword arguments)."""
+    return JobService(FileJobStore(data_dir, **store_options), Settings(source_roots=(source_root,)))
 
 
 def source_file(service: JobService, name: str = "input.bin") -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+from ...config import store_lock_timeout
 from ..base import Backend
 from .fsck import fsck
 from .idempotency import FileIdempotencyRecords
@@ -23,13 +24,14 @@ from .workers import FileWorkerRegistry
 def open_backend(config: Mapping[str, Any], instance_path: str) -> Backend:
     """Jobs, idempotency records and events under ``JOBS_DATA_DIR``; API keys in the instance folder."""
     data_dir = config["JOBS_DATA_DIR"]
-    jobs = FileJobStore(data_dir)
+    bound = store_lock_timeout(config)  # every lock of the store gives up after it (StoreBusy, 503)
+    jobs = FileJobStore(data_dir, lock_timeout=bound)
     return Backend(
         name="files",
         jobs=jobs,
         keys=FileKeyStore(os.path.join(instance_path, "api_keys.json")),
-        idempotency=FileIdempotencyRecords(os.path.join(data_dir, "idempotency")),
-        outbox=FileOutbox(os.path.join(data_dir, "events")),
-        workers=FileWorkerRegistry(os.path.join(data_dir, "workers")),
+        idempotency=FileIdempotencyRecords(os.path.join(data_dir, "idempotency"), bound),
+        outbox=FileOutbox(os.path.join(data_dir, "events"), bound),
+        workers=FileWorkerRegistry(os.path.join(data_dir, "workers"), bound),
         fsck=lambda repair: fsck(jobs, repair=repair),
     )

@@ -16,6 +16,12 @@ Findings, and the deterministic repair of each:
   whose fsync a power loss cut short, next to the older copy that is the job): moved to
   ``<data>/corrupt/`` (never deleted, never overwriting an earlier one).
 
+- ``journal``: a segment of the change journal with a line that does not parse (its readers cannot
+  know which job it announced) or ending in a torn line (part of a line, its writer killed or its
+  disk full): a torn end is cut off (it never announced a change, and no reader has read it); past
+  a damaged line a new segment is started and the older ones removed, so every process that had
+  not read past it rebuilds its catalog from the folders.
+
 A repair that fails (an OSError) leaves its finding unrepaired with the reason, so the CLI exits 1.
 """
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Callable
 from ...models import STATUSES, RemoteJob
 from ...fileio import TEMP_PREFIX, fsync_dir, unlink_quietly, write_atomic
 from ..base import Finding
+from .journal import check_segment
 from .jobs import CORRUPT_DIR, INCOMING_DIR, CorruptJobFile, FileJobStore, encode_job, load_job_file
 
 
@@ -51,6 +58,7 @@ def _scan(store: FileJobStore, repair: bool) -> list[Finding]:
     copies: dict[str, list[tuple[RemoteJob, Path]]] = defaultdict(list)
     with store.lock.hold():
         findings.extend(_stale_incoming(store, repair))
+        findings.extend(_journal(store, repair))
         for status in STATUSES:
             folder = store.root / status
             with os.scandir(folder) as it:
@@ -94,6 +102,34 @@ def _scan(store: FileJobStore, repair: bool) -> list[Finding]:
         if touched or any(f.kind == "corrupt" and f.repaired for f in findings):
             corrupt_ids = [f.job_id for f in findings if f.kind == "corrupt" and f.job_id]
             store.journal.append(sorted(set(touched + corrupt_ids)))
+    return findings
+
+
+def _journal(store: FileJobStore, repair: bool) -> list[Finding]:
+    findings: list[Finding] = []
+    journal = store.journal
+    damaged = False
+    for segment in journal._segments():
+        path = journal._path(segment)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:  # pragma: no cover - removed while we listed
+            continue
+        bad, torn = check_segment(data)
+        rel = f"journal/{os.path.basename(path)}"
+        if bad:
+            damaged = True
+            findings.append(Finding("journal", rel, None, f"{len(bad)} line(s) that do not parse, the first at "
+                                    f"byte {bad[0]}: readers cannot tell which job they announced"))
+        if torn:
+            f = Finding("journal", rel, None, f"ends in a torn line ({torn} bytes without a newline)")
+            if repair and not bad:
+                _attempt(f, lambda path=path, size=len(data) - torn: os.truncate(path, size))
+            findings.append(f)
+    if repair and damaged and _attempt(findings[0], journal.rotate):
+        for f in findings:  # every segment older than the new one is gone, torn ends included
+            f.repaired = True
     return findings
 
 

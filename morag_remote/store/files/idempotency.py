@@ -13,6 +13,7 @@ import structlog
 
 from ...idempotency import RESERVED, IdempotencyRecord
 from ...fileio import FileLock, fsync_dir, read_json, unlink_quietly, write_atomic
+from .locks import bounded_lock
 
 log = structlog.get_logger(__name__)
 
@@ -20,10 +21,11 @@ log = structlog.get_logger(__name__)
 class FileIdempotencyRecords:
     """``<data>/idempotency/<sha256>.json``; lock stripes ``<data>/idempotency/.lock-<xx>``."""
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike, lock_timeout: float | None = None) -> None:
         self.root = Path(directory)
         self.root.mkdir(parents=True, exist_ok=True)
         self._locks: dict[str, FileLock] = {}
+        self._lock_timeout = lock_timeout
         self._mutex = threading.Lock()
 
     def _path(self, key_id: str) -> Path:
@@ -34,7 +36,7 @@ class FileIdempotencyRecords:
         with self._mutex:
             lock = self._locks.get(stripe)
             if lock is None:
-                lock = self._locks[stripe] = FileLock(self.root / f".lock-{stripe}")
+                lock = self._locks[stripe] = bounded_lock(self.root / f".lock-{stripe}", self._lock_timeout)
         return lock.hold()
 
     def get(self, key_id: str) -> IdempotencyRecord | None:

@@ -17,6 +17,12 @@
   fsck moves the damaged file aside; a later change of the job replaces it.
 - Each process keeps a :class:`~.catalog.Catalog` of the jobs, kept current through the
   :class:`~.journal.Journal`, so claims, lists and stats read only the files they return.
+- A catalog is built (at a process's first use, or after a gap in the journal) without holding the
+  lock writers need: the journal's end is noted under a short shared hold (no change is half-done
+  then), every folder is scanned and every file read without the lock (as lockless reads do,
+  :func:`~morag_remote.fileio.read_committed`), and the catalog then catches up under the lock from
+  the journal lines written since, which name every job that changed while the scan ran. A worker
+  that starts, or one stopped half-way through its build, holds up no write.
 """
 from __future__ import annotations
 
@@ -36,11 +42,12 @@ import structlog
 
 from ...exceptions import JobNotFound, JobUnreadable, StoreUnavailable
 from ...models import STATUSES, RemoteJob, valid_job_id
-from ...fileio import (TEMP_PREFIX, FileLock, fsync_dir, read_bytes, read_committed, stage, stage_open,
+from ...fileio import (TEMP_PREFIX, fsync_dir, read_bytes, read_committed, stage, stage_open,
                      unlink_quietly, write_all, write_atomic)
 from ..base import JobFilter, Mutator, StoreStats, is_pure
 from .catalog import Catalog
-from .journal import Journal, JournalGap, Position
+from .journal import Journal, JournalDamaged, JournalGap, Position
+from .locks import bounded_lock
 from .recycle import SPARE_DIR, recycler_for
 from .stale import StaleCopies
 
@@ -94,7 +101,8 @@ def load_job_file(path: str | os.PathLike, job_id: str | None = None, *, locked:
 
 class FileJobStore:
     def __init__(self, data_dir: str | os.PathLike, *, journal_segment_bytes: int | None = None,
-                 watch_interval: float = 0.02, watch_linger: float = 5.0) -> None:
+                 watch_interval: float = 0.02, watch_linger: float = 5.0,
+                 lock_timeout: float | None = None) -> None:
         self.root = Path(data_dir)
         self._folders = tuple(str(self.root / status) for status in STATUSES)
         self._incoming = str(self.root / INCOMING_DIR)
@@ -105,7 +113,8 @@ class FileJobStore:
         (self.root / SPARE_DIR).mkdir(exist_ok=True)
         self._recycler = recycler_for(self.root / SPARE_DIR)
         self._recycler.adopt()  # now, not at the first move, which holds the store lock
-        self.lock = FileLock(self.root / ".lock")
+        # every hold gives up after lock_timeout seconds (StoreBusy, a 503), None: waits for ever
+        self.lock = bounded_lock(self.root / ".lock", lock_timeout)
         self.journal = Journal(self.root / "journal", **(
             {"segment_bytes": journal_segment_bytes} if journal_segment_bytes else {}))
         self.catalog = Catalog()
@@ -121,6 +130,9 @@ class FileJobStore:
         self._first_lease_end = float("-inf")  # unknown until the catalog is first synced
         self._pending_types: frozenset[str] = frozenset()  # as of the last turn of the lock
         self._stale_pid: int | None = None
+        self._prebuilt: tuple[int, Position, Catalog] | None = None  # (pid, journal end, catalog)
+        self._build_mutex: tuple[int, threading.Lock] = (os.getpid(), threading.Lock())
+        self._scanning = False  # a thread of this process is scanning the folders for a catalog
 
     # -- paths and raw reads -------------------------------------------------------------------
 
@@ -180,17 +192,25 @@ class FileJobStore:
 
     # -- the lock and the catalog --------------------------------------------------------------
 
-    def _sync(self) -> None:
-        """Bring this process's catalog up to date (caller holds the lock)."""
+    def _sync(self, rebuild: bool = True) -> bool:
+        """Bring this process's catalog up to date (caller holds the lock). When that needs a
+        rebuild and ``rebuild`` is False, returns False instead: the caller lets go of the lock,
+        builds the catalog outside it (:meth:`_build_outside_lock`) and comes back."""
         if self._pid != os.getpid():  # forked: the parent's catalog is not ours to trust
             self._pid = os.getpid()
             self._position = None
             self._watcher = None
             self._changed = threading.Condition()
             self._waiting = 0
+        prebuilt, self._prebuilt = self._prebuilt, None
+        if self._position is None and prebuilt is not None and prebuilt[0] == os.getpid():
+            _, self._position, self.catalog = prebuilt  # caught up below
         if self._position is not None:
             try:
                 changes, position = self.journal.changes_since(self._position)
+            except JournalDamaged as exc:  # which job the line announced is unknown: read them all
+                log.warning("store.journal_damaged", detail=str(exc))
+                self._position = None
             except JournalGap:
                 self._position = None
             else:
@@ -198,9 +218,50 @@ class FileJobStore:
                     self.catalog.apply(job_id, self._read_announced(job_id, where))
                 self._position = position  # only now: a read that failed is done again next time
                 self._first_lease_end = self.catalog.next_lease_end()
-                return
+                return True
+        if not rebuild:
+            return False
         self._rebuild()
         self._first_lease_end = self.catalog.next_lease_end()
+        return True
+
+    def _build_outside_lock(self) -> None:
+        """When this process has no catalog yet, build one without holding the lock (see the
+        module's docstring); :meth:`_sync` catches it up under the lock. One thread per process
+        builds, the others wait for it."""
+        if self._position is not None and self._pid == os.getpid():
+            return
+        pid, mutex = self._build_mutex
+        if pid != os.getpid():  # forked
+            self._build_mutex = (os.getpid(), threading.Lock())
+            mutex = self._build_mutex[1]
+        started = time.monotonic()
+        bound = self.lock.timeout
+        # another thread builds: wait for it while it scans (that ends), but only within the lock's
+        # bound while it waits for the lock (a frozen holder: that thread gives up then too)
+        while not mutex.acquire(timeout=-1 if bound is None else bound):
+            if not self._scanning:
+                self.lock.timed_out(False, started)
+        try:
+            if (self._position is not None and self._pid == os.getpid()) or (
+                    self._prebuilt is not None and self._prebuilt[0] == os.getpid()):
+                return
+            with self.lock.hold(exclusive=False):  # no change is half-done: every later one is logged
+                start = self.journal.head()
+            started = time.monotonic()
+            self._scanning = True
+            try:
+                catalog = Catalog()
+                for job_id, folders in self._scan_folders().items():
+                    catalog.apply(job_id, self._read_in(folders[0], job_id) if len(folders) == 1
+                                  else self._read(job_id))
+            finally:
+                self._scanning = False
+            self._prebuilt = (os.getpid(), start, catalog)
+            log.info("store.catalog_rebuilt", jobs=len(catalog.entries), outside_lock=True,
+                     duration_ms=round((time.monotonic() - started) * 1000, 1))
+        finally:
+            mutex.release()
 
     def _rebuild(self) -> None:
         started = time.monotonic()
@@ -525,6 +586,8 @@ class FileJobStore:
                 yield job
 
     def check_writable(self) -> None:
+        """A file can be written, and the lock writers take can be had (within the bound: a
+        process stopped while it holds the lock stops every write, StoreBusy says so)."""
         # a name per call: threads probing at once must not replace or remove each other's file
         probe = self.root / f"{TEMP_PREFIX}health.{os.getpid()}.{secrets.token_hex(8)}"
         try:
@@ -532,6 +595,8 @@ class FileJobStore:
             unlink_quietly(probe)
         except OSError as exc:
             raise StoreUnavailable(f"the job store is not writable: {exc.strerror}") from None
+        with self.lock.hold(exclusive=True):
+            pass
 
     # -- change notification (long polls) ------------------------------------------------------
 
@@ -564,9 +629,8 @@ class FileJobStore:
     def _ensure_watcher(self) -> None:
         if self._watcher is not None and self._pid == os.getpid():
             return
-        with self.lock.hold(exclusive=False):
-            before = self._position
-            self._sync()
+        before = self._position if self._pid == os.getpid() else None
+        with self._locked(exclusive=False):
             baseline = self._position
             with self._changed:
                 if before != baseline:  # changes learnt here would reach no waiter otherwise
@@ -626,19 +690,30 @@ class _Commit:
 
 
 class _Locked:
-    """Context manager: take the store lock, then sync the catalog."""
+    """Context manager: take the store lock, then sync the catalog (built outside the lock when
+    this process has none: a build under the lock would stop every writer for as long as it takes)."""
+
+    ATTEMPTS = 3  # builds outside the lock before one is made under it (a gap each time: rare)
 
     def __init__(self, store: FileJobStore, exclusive: bool) -> None:
         self.store = store
-        self.cm = store.lock.hold(exclusive)
+        self.exclusive = exclusive
 
     def __enter__(self) -> None:
-        self.cm.__enter__()
-        try:
-            self.store._sync()
-        except BaseException:
+        store = self.store
+        nested = store.lock.held()  # a hold inside a hold cannot let go to build
+        for attempt in range(self.ATTEMPTS):
+            if not nested:
+                store._build_outside_lock()
+            self.cm = store.lock.hold(self.exclusive)
+            self.cm.__enter__()
+            try:
+                if store._sync(rebuild=nested or attempt == self.ATTEMPTS - 1):
+                    return
+            except BaseException:
+                self.cm.__exit__(None, None, None)
+                raise
             self.cm.__exit__(None, None, None)
-            raise
 
     def __exit__(self, *exc) -> None:
         self.store._first_lease_end = self.store.catalog.next_lease_end()

@@ -11,14 +11,28 @@ A line written for a job's new record also names where it goes and its version (
 <version>``): a reader opens that file first, and only if it is not there at that version (the
 writer died before its rename) looks in every status directory. A line with the id alone (fsck,
 deletes) always sends the reader to every directory.
+
+Torn lines. A line is ``<id>[ <status> <version>] <crc32>``: the checksum covers the rest of the
+line, so a line that is not what one writer wrote (a fragment glued to the next writer's line) is
+recognised as damaged rather than read as another id. A reader reads whole lines only; an append
+that fails part-way (a full disk writes part of the line, then ENOSPC) cuts the file back to where
+it ended before raising, and an append that finds the journal ending in a fragment (its writer was
+killed in the middle of its write) cuts the fragment off first: a fragment never announced a change
+(the line comes before the change), and no reader has read it. A complete line that does not parse
+(a damaged file, lines of an older version glued together) raises :class:`JournalDamaged` in the
+reader, which then rebuilds its catalog from the folders, as after a gap; ``fsck`` reports such a
+line and starts a new segment past it.
 """
 from __future__ import annotations
 
 import os
 import weakref
+import zlib
+from contextlib import suppress
 from pathlib import Path
 
 from ...fileio import READ_CHUNK, unlink_quietly
+from ...models import STATUSES, valid_job_id
 
 Position = tuple[int, int]  # (segment number, byte offset)
 Where = tuple[str, int]  # (status, version) of the record a line announces
@@ -28,6 +42,11 @@ SEGMENT_BYTES = 1 << 20
 
 class JournalGap(Exception):
     """The segment a reader was in has been removed: it must rebuild from the files."""
+
+
+class JournalDamaged(JournalGap):
+    """A complete line that does not parse: which job it announced cannot be known, so the reader
+    must rebuild from the files (as after a gap)."""
 
 
 class Journal:
@@ -47,7 +66,10 @@ class Journal:
         store lock uses it (the watcher's :meth:`end` goes by path). A forked child opens its own."""
         kept = self._open
         if kept is not None and kept[0] == os.getpid() and kept[1] == segment:
-            return kept[2]
+            if os.fstat(kept[2]).st_nlink:
+                return kept[2]
+            # removed since (others wrote a segment's worth meanwhile): reading on from the kept
+            # descriptor would look like the end of the journal and miss every later segment
         fd = os.open(self._path(segment), os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         if self._closer is not None:
             self._closer()  # the previous segment's descriptor (or the parent's copy, after a fork)
@@ -95,19 +117,32 @@ class Journal:
 
     def append(self, job_ids: list[str], where: Where | None = None) -> Position:
         """Log ``job_ids`` (caller holds the exclusive store lock), with the status and version of
-        the record about to be written when ``where`` is given; returns the new end."""
+        the record about to be written when ``where`` is given; returns the new end.
+
+        All or nothing: when the write fails part-way (ENOSPC after part of the line), the segment
+        is cut back to where it ended before the error is raised; a fragment some earlier writer
+        left (killed mid-write) is cut off first, so no line is ever glued to it."""
         kept = self._open
-        if kept is not None and kept[0] == os.getpid() and not os.path.exists(self._path(kept[1] + 1)):
+        if (kept is not None and kept[0] == os.getpid() and not os.path.exists(self._path(kept[1] + 1))
+                and os.fstat(kept[2]).st_nlink):
             segment = kept[1]  # still the newest segment: no need to look for the end
         else:
             segment, _ = self.head()
-        suffix = f" {where[0]} {where[1]}\n" if where is not None else "\n"
-        data = "".join(f"{job_id}{suffix}" for job_id in job_ids).encode()
+        data = "".join(map(encode_line, job_ids, [where] * len(job_ids))).encode()
         fd = self._fd(segment)
+        before = os.lseek(fd, 0, os.SEEK_END)
+        if before and os.pread(fd, 1, before - 1) != b"\n":
+            before = _cut_fragment(fd, before)
         view = memoryview(data)
-        while view:  # O_APPEND: every write lands at the end
-            view = view[os.write(fd, view):]
-        end = os.lseek(fd, 0, os.SEEK_CUR)
+        try:
+            while view:  # O_APPEND: every write lands at the end
+                view = view[os.write(fd, view):]
+        except BaseException:
+            # part of it may have been written (a short write, then ENOSPC): nobody may read it
+            with suppress(OSError):  # if even this fails, the next append cuts it off
+                os.ftruncate(fd, before)
+            raise
+        end = before + len(data)
         if end >= self.segment_bytes:
             _touch(self._path(segment + 1))
             for old in self._segments():
@@ -115,6 +150,17 @@ class Journal:
                     unlink_quietly(self._path(old))
             return (segment + 1, 0)
         return (segment, end)
+
+    def rotate(self) -> Position:
+        """Start a new segment and remove every older one (fsck, past a damaged line: readers that
+        were before it rebuild, as after any removed segment). Caller holds the exclusive lock."""
+        segment, _ = self.head()
+        _touch(self._path(segment + 1))
+        for old in self._segments():
+            if old <= segment:
+                unlink_quietly(self._path(old))
+        self._last = segment + 1
+        return (segment + 1, 0)
 
     def read_since(self, position: Position) -> tuple[list[str], Position]:
         """The ids logged after ``position`` and the new position; JournalGap when it is gone."""
@@ -132,7 +178,12 @@ class Journal:
             except FileNotFoundError:
                 raise JournalGap(f"segment {segment} removed") from None
             complete = chunk.rfind(b"\n") + 1
-            changes.extend(map(_parse, chunk[:complete].decode().splitlines()))
+            for number, line in enumerate(chunk[:complete].split(b"\n")[:-1]):
+                change = parse_line(line)
+                if change is None:
+                    raise JournalDamaged(f"segment {segment}: line {number + 1} after offset {offset} "
+                                         "does not parse")
+                changes.append(change)
             offset += complete
             if not os.path.exists(self._path(segment + 1)):
                 return changes, (segment, offset)
@@ -160,7 +211,61 @@ def _read_from(fd: int, offset: int) -> bytes:
         offset += len(chunk)
 
 
-def _parse(line: str) -> tuple[str, Where | None]:
-    job_id, _, rest = line.partition(" ")
-    status, _, version = rest.partition(" ")
-    return job_id, ((status, int(version)) if version.isdigit() else None)
+def _cut_fragment(fd: int, end: int) -> int:
+    """Cut the segment back to its last newline (the caller holds the exclusive lock and found it
+    ending in a fragment); returns the new end."""
+    cut = end
+    while cut > 0:
+        start = max(cut - READ_CHUNK, 0)
+        newline = os.pread(fd, cut - start, start).rfind(b"\n")
+        if newline >= 0:
+            cut = start + newline + 1
+            break
+        cut = start
+    os.ftruncate(fd, cut)
+    return cut
+
+
+def _crc(body: str) -> str:
+    return f"{zlib.crc32(body.encode()):08x}"
+
+
+def encode_line(job_id: str, where: Where | None = None) -> str:
+    body = f"{job_id} {where[0]} {where[1]}" if where is not None else job_id
+    return f"{body} {_crc(body)}\n"
+
+
+def parse_line(raw: bytes) -> tuple[str, Where | None] | None:
+    """The id and announced record of one line (without its newline); None when it does not parse.
+
+    A line of this version ends with the checksum of the rest; a line without one (written by the
+    version before, during a rolling restart) is read as it was then."""
+    try:
+        line = raw.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    parts = line.split(" ")
+    if len(parts) in (2, 4):
+        body, _, crc = line.rpartition(" ")
+        if crc != _crc(body):
+            return None
+        parts.pop()
+    if not valid_job_id(parts[0]):
+        return None
+    if len(parts) == 1:
+        return parts[0], None
+    if len(parts) == 3 and parts[1] in STATUSES and parts[2].isdigit():
+        return parts[0], (parts[1], int(parts[2]))
+    return None
+
+
+def check_segment(data: bytes) -> tuple[list[int], int]:
+    """fsck's view of one segment's bytes: the offsets of the complete lines that do not parse, and
+    how many bytes follow the last newline (a torn line)."""
+    bad, offset = [], 0
+    complete = data.rfind(b"\n") + 1
+    for line in data[:complete].split(b"\n")[:-1]:
+        if parse_line(line) is None:
+            bad.append(offset)
+        offset += len(line) + 1
+    return bad, len(data) - complete

@@ -23,19 +23,20 @@ import structlog
 from ...events.model import DELIVERED, Event
 from ...events.outbox import Checkpoint, claimable, schedule, start_attempt, valid_event_id
 from ...models import from_iso, to_iso
-from ...fileio import FileLock, fsync_dir, read_json, unlink_quietly, write_json_atomic
+from ...fileio import fsync_dir, read_json, unlink_quietly, write_json_atomic
+from .locks import bounded_lock
 
 log = structlog.get_logger(__name__)
 
 
 class FileOutbox:
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike, lock_timeout: float | None = None) -> None:
         self.root = Path(directory)
         self.pending_dir = self.root / "pending"
         self.delivered_dir = self.root / "delivered"
         for folder in (self.pending_dir, self.delivered_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        self.lock = FileLock(self.root / ".lock")
+        self.lock = bounded_lock(self.root / ".lock", lock_timeout)
         self._cache: dict[str, tuple[tuple[int, int, int], Event]] = {}
         self._cache_mutex = threading.Lock()
 

@@ -20,8 +20,13 @@ import os
 import threading
 from typing import Iterable
 
+import structlog
+
+from ...exceptions import StoreBusy
 from ...fileio import FileLock, fsync_dir, read_json
 from .recycle import Recycler
+
+log = structlog.get_logger(__name__)
 
 StaleCopy = tuple[str | os.PathLike, int]  # the old file and the version it held when it was replaced
 
@@ -70,7 +75,7 @@ class StaleCopies:
         aside: list[str] = []
         folders: dict[str, None] = {}
         try:
-            with self._lock.hold():
+            with self._lock.hold():  # StoreBusy only here, before anything is moved
                 for path, version in batch:
                     found = version_at(path)
                     if found is not None and found <= version:
@@ -79,6 +84,10 @@ class StaleCopies:
                             os.rename(path, name)
                             aside.append(name)
                             folders[os.path.dirname(os.fspath(path))] = None
+        except StoreBusy:
+            # the changes are durable already and answered as done; an older copy left beside its
+            # newer one is passed over by every reader, and removed by the job's next change or fsck
+            log.warning("store.stale_copies_left", copies=len(batch))
         finally:
             if aside:
                 try:
@@ -97,3 +106,4 @@ def version_at(path: str | os.PathLike) -> int | None:
     except (FileNotFoundError, ValueError, AttributeError):
         return None
     return version if isinstance(version, int) else None
+

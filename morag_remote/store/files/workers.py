@@ -13,17 +13,18 @@ from pathlib import Path
 
 import structlog
 
-from ...fileio import FileLock, read_json, unlink_quietly, write_atomic
+from ...fileio import read_json, unlink_quietly, write_atomic
 from ...workers import WorkerRecord
+from .locks import bounded_lock
 
 log = structlog.get_logger(__name__)
 
 
 class FileWorkerRegistry:
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike, lock_timeout: float | None = None) -> None:
         self.root = Path(directory)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.lock = FileLock(self.root / ".lock")
+        self.lock = bounded_lock(self.root / ".lock", lock_timeout)
 
     def _path(self, worker_id: str) -> Path:
         return self.root / f"{hashlib.sha256(worker_id.encode('utf-8', 'surrogatepass')).hexdigest()}.json"

@@ -44,6 +44,11 @@ class Client:
     def close(self) -> None:
         self.transport.close()
 
+    def forget_connection(self) -> None:
+        """Close the calling thread's connection now (a thread that is about to end; it would be
+        closed when the thread object is gone anyway)."""
+        self.transport.discard()
+
     def abort(self) -> None:
         """Break the requests in flight from another thread (a long poll returns at once)."""
         self.transport.abort()

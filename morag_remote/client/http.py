@@ -18,6 +18,7 @@ import random
 import socket
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 from urllib.parse import urlencode, urlsplit
@@ -77,9 +78,16 @@ class _Attempt:
 
 @dataclass(eq=False)  # hashed by identity: kept in a set of live connections
 class _Conn:
+    """A thread's connection. Only the thread-local holds it strongly: when the thread ends, the
+    finalizer closes the socket (a worker starts threads per job; their connections must not pile
+    up until the process runs out of file descriptors)."""
+
     conn: http.client.HTTPConnection
     used: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.closer = weakref.finalize(self, self.conn.close)
 
 
 def parse_base_url(base_url: str) -> tuple[str, str, int | None, str]:
@@ -109,7 +117,8 @@ def retry_after_seconds(value: str | None) -> float | None:
 
 
 class Transport:
-    """HTTP to one service. Thread-safe: each thread keeps its own connection."""
+    """HTTP to one service. Thread-safe: each thread keeps its own connection, closed when the
+    thread ends (or at once by :meth:`discard`)."""
 
     def __init__(self, base_url: str, key: str, timeout: float = 30.0, retry: RetryPolicy | None = None,
                  user_agent: str = "morag-remote-client",
@@ -124,7 +133,7 @@ class Transport:
         self._headers = {"Authorization": f"Bearer {key}", "User-Agent": user_agent,
                          "Accept": "application/json, application/problem+json"}
         self._local = threading.local()
-        self._live: set[_Conn] = set()
+        self._live: weakref.WeakSet[_Conn] = weakref.WeakSet()  # for abort() and close()
         self._live_lock = threading.Lock()
 
     def __repr__(self) -> str:  # never the key
@@ -148,7 +157,7 @@ class Transport:
             self._local.conn = None
             with self._live_lock:
                 self._live.discard(held)
-            held.conn.close()
+            held.closer()
 
     def abort(self) -> None:
         """Break every connection in use (from another thread): a long poll in flight returns at
@@ -165,9 +174,9 @@ class Transport:
 
     def close(self) -> None:
         with self._live_lock:
-            live, self._live = list(self._live), set()
+            live, self._live = list(self._live), weakref.WeakSet()
         for held in live:
-            held.conn.close()
+            held.closer()
 
     def url_path(self, path: str, query: Mapping[str, Any] | None = None) -> str:
         """``path`` (absolute, from the API root) under the base URL's own path, with ``query``."""
@@ -197,7 +206,8 @@ class Transport:
             raise
 
     def discard(self) -> None:
-        """Forget this thread's connection (after a stream that was not read to its end)."""
+        """Close and forget this thread's connection (after a stream that was not read to its end,
+        or when a thread is done with the service)."""
         self._drop()
 
     def _once(self, method: str, path: str, body: bytes | None, headers: dict[str, str],

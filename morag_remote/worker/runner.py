@@ -321,6 +321,7 @@ class JobRun:
             self.log.exception("job.crashed")
         finally:
             self.hb_stop.set()
+            self.w.client.forget_connection()  # one thread per job: its connection goes with it
             shutil.rmtree(self.folder, ignore_errors=True)
             self.w.finished(self)
 
@@ -437,6 +438,12 @@ class JobRun:
         self.progress = (fraction, message)
 
     def _heartbeats(self) -> None:
+        try:
+            self._heartbeat_loop()
+        finally:
+            self.w.client.forget_connection()
+
+    def _heartbeat_loop(self) -> None:
         interval = heartbeat_interval(self.job.timeout_at)
         while not self.hb_stop.wait(interval):
             fraction, message = self.progress

@@ -9,15 +9,18 @@ import http.server
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
+import structlog
 
 from morag_remote.client import Client, ConfigError, RetryPolicy
 from morag_remote.client.download import attachment_name, expected_sha256
 from morag_remote.client.http import retry_after_seconds
 from morag_remote.worker.config import load
 from morag_remote.worker.handlers import ExecHandler, PythonHandler
-from morag_remote.worker.runner import MIN_HEARTBEAT, heartbeat_interval
+from morag_remote.worker import runner
+from morag_remote.worker.runner import MIN_HEARTBEAT, Worker, heartbeat_interval
 from morag_remote.worker.state import StateDir
 
 BASE = ["--url", "http://q.example", "--key", "k", "--content-types", "audio", "--exec", "true"]
@@ -146,3 +149,41 @@ def test_a_file_that_changed_between_tries_comes_whole_not_spliced(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -- the worker's loop in process (its clients' calls replaced) ---------------------------------------
+
+
+def make_worker(tmp_path, *args: str) -> Worker:
+    config, _ = load([*BASE, "--state-dir", str(tmp_path / "state"), *args], {})
+    return Worker(config, ExecHandler("true"), StateDir(config.state_dir).open())
+
+
+@pytest.fixture
+def fast_backoff(monkeypatch):
+    monkeypatch.setattr(runner, "POLL_BACKOFF", RetryPolicy(attempts=None, base=0.001, cap=0.01))
+
+
+def test_backoff_survives_any_number_of_retries():
+    assert RetryPolicy(base=0.5, cap=15.0).delay(10_000, rng=lambda: 1.0) == 15.0
+    assert runner.POLL_BACKOFF.delay(2000) <= runner.POLL_BACKOFF.cap
+
+
+def test_an_unexpected_error_in_a_poll_is_logged_and_the_loop_goes_on(tmp_path, fast_backoff):
+    worker = make_worker(tmp_path)
+    answers: list[Any] = [OverflowError("int too large"), ValueError("not JSON"), []]
+
+    def poll(*args, **kwargs):
+        answer = answers.pop(0)
+        if not answers:
+            worker.draining.set()
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    worker.poll_client.poll = poll
+    with structlog.testing.capture_logs() as logged:
+        worker._serve()
+    assert answers == [] and worker.fatal is None
+    crashed = [e for e in logged if e["event"] == "poll.crashed"]
+    assert [e["error"] for e in crashed] == ["OverflowError: int too large", "ValueError: not JSON"]

@@ -46,7 +46,7 @@ class RetryPolicy:
 
     def delay(self, retry: int, retry_after: float | None = None,
               rng: Callable[[], float] = random.random) -> float:
-        full = min(self.cap, self.base * 2 ** max(retry - 1, 0))
+        full = min(self.cap, self.base * 2.0 ** min(max(retry - 1, 0), 60))  # no overflow after 1024 tries
         delay = full / 2 + rng() * full / 2
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.max_retry_after))

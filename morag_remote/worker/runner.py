@@ -191,10 +191,16 @@ class Worker:
             return self.config.concurrency - len(self.runs)
 
     def _serve(self) -> None:
-        self._resend_pending()
+        try:
+            self._resend_pending()
+        except Exception as exc:  # noqa: BLE001 - the poll must start anyway; the files stay for the next start
+            self.log.exception("result.resend_crashed", error=f"{type(exc).__name__}: {exc}")
         self._poll_loop()
 
     def _poll_loop(self) -> None:
+        """Poll until the drain. An unexpected error (a bug, an answer that is not JSON) is
+        logged and backed off like a failed poll, and the loop goes on: a worker whose poll
+        thread died would stay up doing nothing, which systemd cannot see."""
         failures = early = 0
         while not self.draining.is_set():
             free = self._free_slots()
@@ -220,6 +226,11 @@ class Worker:
                     return
                 failures += 1
                 self.log.warning("poll.failed", error=str(exc), failures=failures)
+                self.draining.wait(POLL_BACKOFF.delay(failures))
+                continue
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                failures += 1
+                self.log.exception("poll.crashed", error=f"{type(exc).__name__}: {exc}", failures=failures)
                 self.draining.wait(POLL_BACKOFF.delay(failures))
                 continue
             failures = 0

@@ -14,13 +14,15 @@ from typing import Any
 import pytest
 import structlog
 
-from morag_remote.client import Client, ConfigError, RetryPolicy
+from morag_remote.client import ClaimedJob, Client, ConfigError, RetryPolicy
+from morag_remote.worker.handlers import Outcome
+from support.loopback import answer, loopback  # noqa: F401 - a fixture
 from morag_remote.client.download import attachment_name, expected_sha256
 from morag_remote.client.http import retry_after_seconds
 from morag_remote.worker.config import load
 from morag_remote.worker.handlers import ExecHandler, PythonHandler
 from morag_remote.worker import runner
-from morag_remote.worker.runner import MIN_HEARTBEAT, Worker, heartbeat_interval
+from morag_remote.worker.runner import MIN_HEARTBEAT, JobRun, Worker, heartbeat_interval
 from morag_remote.worker.state import StateDir
 
 BASE = ["--url", "http://q.example", "--key", "k", "--content-types", "audio", "--exec", "true"]
@@ -154,9 +156,15 @@ def test_a_file_that_changed_between_tries_comes_whole_not_spliced(tmp_path):
 # -- the worker's loop in process (its clients' calls replaced) ---------------------------------------
 
 
-def make_worker(tmp_path, *args: str) -> Worker:
-    config, _ = load([*BASE, "--state-dir", str(tmp_path / "state"), *args], {})
+def make_worker(tmp_path, *args: str, url: str = "http://q.example") -> Worker:
+    config, _ = load([*BASE, "--url", url, "--state-dir", str(tmp_path / "state"), *args], {})
     return Worker(config, ExecHandler("true"), StateDir(config.state_dir).open())
+
+
+def claimed(job_id: str = "job-1", lease_id: str = "lease-1", lease: float = 30.0) -> ClaimedJob:
+    timeout_at = (datetime.now(timezone.utc) + timedelta(seconds=lease)).isoformat()
+    return ClaimedJob.from_json({"job_id": job_id, "source_file_url": f"/api/v1/remote-jobs/{job_id}/download",
+                                 "content_type": "audio", "lease_id": lease_id, "timeout_at": timeout_at})
 
 
 @pytest.fixture
@@ -187,3 +195,63 @@ def test_an_unexpected_error_in_a_poll_is_logged_and_the_loop_goes_on(tmp_path, 
     assert answers == [] and worker.fatal is None
     crashed = [e for e in logged if e["event"] == "poll.crashed"]
     assert [e["error"] for e in crashed] == ["OverflowError: int too large", "ValueError: not JSON"]
+
+
+@pytest.fixture
+def fast_results(monkeypatch):
+    monkeypatch.setattr("morag_remote.client.api.RESULT_RETRY", RetryPolicy(attempts=None, base=0.001, cap=0.01))
+
+
+def result_server(loopback, statuses: list[int]):
+    """Answers each result PUT with the next of ``statuses`` (then 200), heartbeats with 200."""
+    def respond(handler, method, body):
+        if handler.path.endswith("/result"):
+            status = statuses.pop(0) if statuses else 200
+            answer(handler, status, {"status": "completed"} if status == 200 else {"detail": f"said {status}"})
+        else:
+            answer(handler, 200, {"job_id": "job-1", "status": "processing"})
+    return loopback(respond)
+
+
+def results_sent(server) -> list[dict]:
+    return [body for method, path, body in server.requests if path.endswith("/result")]
+
+
+def test_a_result_answered_500_is_sent_again_until_accepted(tmp_path, loopback, fast_results):
+    server = result_server(loopback, [500, 502, 500])
+    worker = make_worker(tmp_path, url=server.url)
+    JobRun(worker, claimed())._submit(Outcome(True, content="text"))
+    assert [b["success"] for b in results_sent(server)] == [True] * 4
+    assert not list(worker.state.pending())
+
+
+def test_a_result_too_large_for_the_server_becomes_a_failure_that_says_so(tmp_path, loopback, fast_results):
+    server = result_server(loopback, [413])
+    worker = make_worker(tmp_path, url=server.url)
+    JobRun(worker, claimed())._submit(Outcome(True, content="x" * 1000))
+    first, second = results_sent(server)
+    assert first["success"] and not second["success"] and second["retryable"] is False
+    assert "413" in second["error_message"] and second["lease_id"] == "lease-1"
+    assert not list(worker.state.pending())
+
+
+def test_results_are_sent_as_utf8_not_escaped(tmp_path, loopback, fast_results):
+    server = result_server(loopback, [])
+    worker = make_worker(tmp_path, url=server.url)
+    JobRun(worker, claimed())._submit(Outcome(True, content="ü" * 1000))
+    assert results_sent(server)[0]["content"] == "ü" * 1000
+    assert len(server.raw[0]) < 2200  # escaped as \u00fc it would be 6000 bytes
+
+
+def test_a_result_that_cannot_be_saved_is_still_sent(tmp_path, loopback, fast_results):
+    server = result_server(loopback, [])
+    worker = make_worker(tmp_path, url=server.url)
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    worker.state.save = full
+    with structlog.testing.capture_logs() as logged:
+        JobRun(worker, claimed())._submit(Outcome(True, content="text"))
+    assert results_sent(server)[0]["content"] == "text"
+    assert [e for e in logged if e["event"] == "result.not_saved"]

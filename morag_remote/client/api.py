@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .download import download as _download
 from .errors import ApiError, LeaseLost, ReleaseUnsupported, WaitTimeout
-from .http import RetryPolicy, Transport
+from .http import RESULT_RETRY_STATUSES, RetryPolicy, Transport
 from .models import (TERMINAL_STATUSES, ClaimedJob, CreatedJob, Download, Heartbeat, Job, JobPage, JobStatus, ResultAnswer,
                      parse_time)
 
@@ -203,10 +203,12 @@ class Client:
 
     def send_result(self, job_id: str, body: Mapping[str, Any], *, stop: threading.Event | None = None,
                     retry: RetryPolicy | None = None) -> ResultAnswer:
-        """Send a result body as built by :func:`result_body` (a worker keeps it on disk first)."""
+        """Send a result body as built by :func:`result_body` (a worker keeps it on disk first).
+        Server errors (5xx) are retried like no answer: the same body is answered as the first."""
         headers = {"X-Lease-Id": body["lease_id"]} if body.get("lease_id") else None
         data = self._json("PUT", f"{API}/{job_id}/result", json_body=dict(body), headers=headers,
-                          conflict=LeaseLost, retry=retry or RESULT_RETRY, stop=stop)
+                          conflict=LeaseLost, retry=retry or RESULT_RETRY, stop=stop,
+                          retry_statuses=RESULT_RETRY_STATUSES)
         return ResultAnswer(status=data["status"], ingestion_continued=bool(data.get("ingestion_continued")))
 
     def release(self, job_id: str, *, lease_id: str | None = None,

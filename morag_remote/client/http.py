@@ -26,6 +26,9 @@ from urllib.parse import urlencode, urlsplit
 from .errors import ApiError, ClientError, ConfigError, ConnectionFailed, Conflict, error_for
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# a result is idempotent and the end of long work: any server error may be passing (a full disk, a
+# restart), so it is sent again like after no answer (not 501 or 505, which say it never can be)
+RESULT_RETRY_STATUSES = frozenset({429, *range(500, 600)}) - {501, 505}
 MAX_ERROR_BODY = 64 * 1024
 
 
@@ -239,20 +242,20 @@ class Transport:
     def request(self, method: str, path: str, *, query: Mapping[str, Any] | None = None, json_body: Any = None,
                 headers: Mapping[str, str] | None = None, timeout: float | None = None,
                 retry: RetryPolicy | None = None, resend: bool = True, stop: threading.Event | None = None,
-                conflict: type[Conflict] = Conflict) -> Response:
+                conflict: type[Conflict] = Conflict, retry_statuses: frozenset[int] | None = None) -> Response:
         """Send a request, retrying transient failures; the answer when its status is below 400.
 
         An error status raises the matching :class:`ApiError`; no answer after the retries raises
         :class:`ConnectionFailed`. ``stop`` cuts the waits between tries short (the last failure is
         raised then); ``resend=False`` retries only failures that happened before the request was
-        sent.
+        sent. ``retry_statuses`` replaces the error statuses retried (default RETRY_STATUSES).
         """
         policy = retry or self.retry
         target = self.url_path(path, query)
         all_headers = dict(self._headers, **(headers or {}))
         body = None
         if json_body is not None:
-            body = json.dumps(json_body).encode()
+            body = json.dumps(json_body, ensure_ascii=False).encode()  # "\u00fc" is 6 bytes, "ü" 2
             all_headers["Content-Type"] = "application/json"
         tries = 0
         while True:
@@ -265,7 +268,7 @@ class Transport:
                 return response
             if response is not None:
                 failure: ClientError = self._error(method, path, response, conflict)
-                retryable = response.status in RETRY_STATUSES
+                retryable = response.status in (retry_statuses or RETRY_STATUSES)
                 retry_after = retry_after_seconds(response.headers.get("retry-after"))
                 reason = str(response.status)
             else:

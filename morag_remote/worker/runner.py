@@ -23,9 +23,9 @@ from typing import Any
 import structlog
 
 from ..version import __version__
-from ..client import (ApiError, Client, ClaimedJob, ConfigError, ConnectionFailed, DownloadError, Forbidden,
-                      InvalidRequest, LeaseLost, NotFound, ReleaseUnsupported, RetryPolicy, Unauthorized,
-                      result_body)
+from ..client import (ApiError, BadRequest, Client, ClaimedJob, ConfigError, ConnectionFailed, DownloadError,
+                      Forbidden, InvalidRequest, LeaseLost, NotFound, PayloadTooLarge, ReleaseUnsupported,
+                      RetryPolicy, Unauthorized, result_body)
 from .config import WorkerConfig
 from .handlers import Handler, HandlerError, HandlerProcess, Outcome
 from .metrics import WorkerMetrics
@@ -271,27 +271,59 @@ class Worker:
             if self.draining.is_set():
                 return
             log = self.log.bind(job_id=pending.job_id)
-            log.info("result.resending", path=os.path.basename(pending.path))
+            log.info("result.resending", path=os.path.basename(pending.path or ""))
             self.deliver(pending, log, stop=self.draining)
 
-    def deliver(self, pending: PendingResult, log: Any, stop: threading.Event | None = None) -> bool:
+    def deliver(self, pending: PendingResult, log: Any, stop: threading.Event | None = None,
+                replacement: bool = False) -> bool:
         """Send a saved result until the server answers; True when it is settled (accepted, or
-        refused for good: the job moved on). A result still unsent when the worker stops stays
-        in the state folder."""
+        refused for good: the job moved on). Server errors are retried (the heartbeats go on
+        meanwhile). A result the server cannot take (413 too large, 400/422 refused) is replaced
+        by a failure result that says why, so the job does not wait out its lease and run again
+        elsewhere for nothing. A result still unsent when the worker stops stays in the state
+        folder."""
+        path = os.path.basename(pending.path) if pending.path else None
         try:
             answer = self.client.send_result(pending.job_id, pending.body, stop=stop or self.results_stop)
-        except (LeaseLost, NotFound, InvalidRequest) as exc:
+        except (PayloadTooLarge, BadRequest, InvalidRequest) as exc:
+            log.warning("result.refused", status=exc.status, detail=exc.detail)
+            self.state.done(pending)
+            if replacement:
+                return True  # the failure result sent instead was refused too: nothing else to try
+            return self._replace_refused(pending, exc, log, stop)
+        except (LeaseLost, NotFound) as exc:
             log.warning("result.refused", status=exc.status, detail=exc.detail)
             self.state.done(pending)
             return True
         except (ConnectionFailed, ApiError) as exc:
             with self._lock:
                 self.undelivered += 1
-            log.error("result.undelivered", error=str(exc), kept=os.path.basename(pending.path))
+            log.error("result.undelivered", error=str(exc), kept=path)
             return False
         self.state.done(pending)
         log.info("result.sent", success=pending.body.get("success"), status=answer.status)
         return True
+
+    def _replace_refused(self, pending: PendingResult, refused: ApiError, log: Any,
+                         stop: threading.Event | None) -> bool:
+        size = len(json.dumps(pending.body, ensure_ascii=False).encode())
+        if isinstance(refused, PayloadTooLarge):
+            message = (f"the server refused the result (413): its {size} bytes are more than the server "
+                       f"accepts; make the handler's output smaller")
+        else:
+            message = f"the server refused the result ({refused.status}): {refused.detail}"[:4000]
+        body = result_body(success=False, error_message=message, retryable=not isinstance(refused, PayloadTooLarge),
+                           lease_id=pending.lease_id, processing_time=pending.body.get("processing_time"))
+        return self.deliver(self.save_result(pending.job_id, pending.lease_id, body, log), log, stop, replacement=True)
+
+    def save_result(self, job_id: str, lease_id: str | None, body: dict[str, Any], log: Any) -> PendingResult:
+        """The result written to the state folder; when that fails (a full disk), logged, and
+        kept in memory only: it is still sent."""
+        try:
+            return self.state.save(job_id, lease_id, body)
+        except OSError as exc:
+            log.error("result.not_saved", error=f"{exc.strerror or exc}", state_dir=self.state.root)
+            return PendingResult(job_id, lease_id, body, None)
 
     def release_fallback_noted(self) -> None:
         with self._lock:
@@ -412,7 +444,7 @@ class JobRun:
         body = result_body(success=outcome.success, content=outcome.content, metadata=outcome.metadata,
                            error_message=outcome.error_message, processing_time=outcome.processing_time,
                            retryable=None if outcome.success else outcome.retryable, lease_id=self.job.lease_id)
-        pending = self.w.state.save(self.job.job_id, self.job.lease_id, body)
+        pending = self.w.save_result(self.job.job_id, self.job.lease_id, body, self.log)
         if self.w.deliver(pending, self.log):
             self.w.metrics.finished.labels(outcome="success" if outcome.success else "failure").inc()
 

@@ -27,7 +27,7 @@ class PendingResult:
     job_id: str
     lease_id: str | None
     body: dict[str, Any]
-    path: str
+    path: str | None  # None: it could not be saved (sent from memory only)
 
 
 class StateDir:
@@ -64,7 +64,7 @@ class StateDir:
 
     def save(self, job_id: str, lease_id: str | None, body: dict[str, Any]) -> PendingResult:
         path = self._name(job_id, lease_id)
-        data = json.dumps({"job_id": job_id, "lease_id": lease_id, "body": body}).encode()
+        data = json.dumps({"job_id": job_id, "lease_id": lease_id, "body": body}, ensure_ascii=False).encode()
         fd, tmp = tempfile.mkstemp(dir=self.results, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -100,6 +100,8 @@ class StateDir:
 
     @staticmethod
     def done(result: PendingResult) -> None:
+        if result.path is None:
+            return
         try:
             os.unlink(result.path)
         except FileNotFoundError:

@@ -6,6 +6,7 @@ import base64
 import email.utils
 import hashlib
 import http.server
+import signal
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -15,7 +16,7 @@ import pytest
 import structlog
 
 from morag_remote.client import ClaimedJob, Client, ConfigError, RetryPolicy
-from morag_remote.worker.handlers import Outcome
+from morag_remote.worker.handlers import HandlerProcess, Outcome
 from support.loopback import answer, loopback  # noqa: F401 - a fixture
 from morag_remote.client.download import attachment_name, expected_sha256
 from morag_remote.client.http import retry_after_seconds
@@ -255,3 +256,25 @@ def test_a_result_that_cannot_be_saved_is_still_sent(tmp_path, loopback, fast_re
         JobRun(worker, claimed())._submit(Outcome(True, content="text"))
     assert results_sent(server)[0]["content"] == "text"
     assert [e for e in logged if e["event"] == "result.not_saved"]
+
+
+def test_a_handler_killed_by_a_real_time_signal_is_a_failure_not_a_crash(tmp_path):
+    proc = HandlerProcess(["true"], str(tmp_path), {}, 1024, lambda f, m: None)
+    number = int(signal.SIGRTMIN) + 2  # Python names SIGRTMIN and SIGRTMAX only
+    outcome = proc.outcome(-number, str(tmp_path))
+    assert not outcome.success and outcome.retryable and f"signal {number}" in outcome.error_message
+    assert "SIGKILL" in proc.outcome(-9, str(tmp_path)).error_message
+
+
+def test_a_run_that_crashes_hands_its_job_back(tmp_path, loopback):
+    server = loopback(lambda h, m, b: answer(h, 200, {"job_id": "job-1", "status": "pending"}))
+    worker = make_worker(tmp_path, url=server.url)
+    run = JobRun(worker, claimed())
+    (tmp_path / "a-file").write_text("")
+    run.folder = str(tmp_path / "a-file" / "job")  # makedirs fails: NotADirectoryError, as ENOSPC would
+    with structlog.testing.capture_logs() as logged:
+        run.run()
+    assert [e["event"] for e in logged if e["event"].startswith("job.")] == ["job.claimed", "job.crashed",
+                                                                             "job.released"]
+    assert [(m, p) for m, p, b in server.requests] == [("POST", "/api/v1/remote-jobs/job-1/release")]
+    assert server.requests[0][2] == {"lease_id": "lease-1"}

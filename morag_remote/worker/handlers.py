@@ -41,6 +41,14 @@ MAX_ERROR_MESSAGE = 4000
 _PROGRESS = re.compile(rb"^progress\s+([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)(?:\s+(.*?))?\s*$")
 
 
+def signal_name(number: int) -> str:
+    """``SIGKILL``; ``signal 34`` for one Python has no name for (the real-time signals)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 class HandlerError(Exception):
     """The handler could not run or its output is unusable; ``retryable`` says whether another try
     may do better."""
@@ -230,7 +238,7 @@ class HandlerProcess:
             return Outcome(True, content=content, metadata=metadata)
         tail = self.stderr_tail()
         if code < 0:
-            reason = f"the handler was killed by signal {signal.Signals(-code).name}"
+            reason = f"the handler was killed by {signal_name(-code)}"
         else:
             reason = f"the handler exited with {code}"
         message = f"{reason}: {tail}" if tail else reason

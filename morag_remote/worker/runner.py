@@ -345,6 +345,8 @@ class JobRun:
         self.at_once = threading.Event()    # a second signal: no grace for the handler either
         self.hb_stop = threading.Event()
         self.progress: tuple[float | None, str | None] = (None, None)
+        self.proc: HandlerProcess | None = None
+        self.submitting = False  # a result went to deliver(): from then on it is the result that hands it on
         self.folder = os.path.join(worker.state.work, f"{_safe(job.job_id)}-{random.randrange(16**6):06x}")
 
     def hand_back(self, at_once: bool) -> None:
@@ -362,11 +364,24 @@ class JobRun:
                 self._submit(outcome)
         except Exception:
             self.log.exception("job.crashed")
+            self._after_crash()
         finally:
             self.hb_stop.set()
             self.w.client.forget_connection()  # one thread per job: its connection goes with it
             shutil.rmtree(self.folder, ignore_errors=True)
             self.w.finished(self)
+
+    def _after_crash(self) -> None:
+        """An unexpected error (a full disk, a bug): stop the handler if it still runs and hand
+        the job back, so that it does not wait out its lease (unless the lease is gone already,
+        or a result was on its way)."""
+        try:
+            if self.proc is not None and self.proc.proc is not None and self.proc.proc.poll() is None:
+                self.proc.stop(0.0 if self.at_once.is_set() else self.w.config.kill_grace)
+            if not self.lost.is_set() and not self.submitting:
+                self._hand_back()
+        except Exception:  # noqa: BLE001 - nothing more can be done here; the lease will lapse
+            self.log.exception("job.hand_back_crashed")
 
     def _stop_reason(self) -> str | None:
         if self.lost.is_set():
@@ -402,7 +417,7 @@ class JobRun:
                    MORAG_REMOTE_JOB_ID=self.job.job_id, MORAG_REMOTE_CONTENT_TYPE=self.job.content_type)
         for secret in ("MORAG_REMOTE_WORKER_KEY",):
             env.pop(secret, None)
-        proc = HandlerProcess(argv, self.folder, env, self.w.config.max_output, self._on_progress)
+        proc = self.proc = HandlerProcess(argv, self.folder, env, self.w.config.max_output, self._on_progress)
         try:
             proc.start()
         except HandlerError as exc:
@@ -441,6 +456,7 @@ class JobRun:
         return None
 
     def _submit(self, outcome: Outcome) -> None:
+        self.submitting = True
         body = result_body(success=outcome.success, content=outcome.content, metadata=outcome.metadata,
                            error_message=outcome.error_message, processing_time=outcome.processing_time,
                            retryable=None if outcome.success else outcome.retryable, lease_id=self.job.lease_id)

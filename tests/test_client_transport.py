@@ -7,7 +7,7 @@ import os
 import threading
 import time
 
-from morag_remote.client import Client, RetryPolicy
+from morag_remote.client import Client, DownloadStopped, RetryPolicy
 from support.loopback import answer, loopback  # noqa: F401 - a fixture
 
 
@@ -31,3 +31,39 @@ def test_a_thread_that_ends_leaves_no_connection_open(loopback):
     assert open_fds() <= before + 4
     assert len(client.transport._live) <= 1
     client.close()
+
+
+def trickle(handler, method, body):
+    """GET: announces 10 MB and sends 1 KiB every 20 ms; anything else: 200 {}."""
+    if method != "GET":
+        return answer(handler, 200, {"job_id": "job-1", "status": "pending"})
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(10 * 1024 * 1024))
+    handler.end_headers()
+    try:
+        for _ in range(10 * 1024):
+            handler.wfile.write(b"x" * 1024)
+            handler.wfile.flush()
+            time.sleep(0.02)
+    except OSError:
+        pass
+
+
+def test_a_download_stops_between_chunks_when_told(loopback, tmp_path):
+    server = loopback(trickle)
+    client = Client(server.url, "k")
+    stop, raised = threading.Event(), []
+
+    def fetch() -> None:
+        try:
+            client.download("/f", str(tmp_path / "f"), stop=stop)
+        except Exception as exc:  # noqa: BLE001 - what it ends in is the point
+            raised.append(exc)
+
+    thread = threading.Thread(target=fetch)
+    thread.start()
+    time.sleep(0.3)
+    stop.set()
+    thread.join(3)
+    assert not thread.is_alive() and [type(e) for e in raised] == [DownloadStopped]
+    assert not list(tmp_path.iterdir())  # the .part is gone

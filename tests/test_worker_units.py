@@ -278,3 +278,21 @@ def test_a_run_that_crashes_hands_its_job_back(tmp_path, loopback):
                                                                              "job.released"]
     assert [(m, p) for m, p, b in server.requests] == [("POST", "/api/v1/remote-jobs/job-1/release")]
     assert server.requests[0][2] == {"lease_id": "lease-1"}
+
+
+def test_a_drain_during_a_download_stops_it_and_hands_the_job_back(tmp_path, loopback):
+    from test_client_transport import trickle
+    server = loopback(trickle)
+    worker = make_worker(tmp_path, url=server.url)
+    run = JobRun(worker, claimed())
+    thread = threading.Thread(target=run.run)
+    thread.start()
+    for _ in range(100):
+        if server.requests:
+            break
+        time.sleep(0.05)
+    time.sleep(0.2)
+    run.hand_back(at_once=False)
+    thread.join(5)
+    assert not thread.is_alive()
+    assert [(m, p.rsplit("/", 1)[1]) for m, p, b in server.requests] == [("GET", "download"), ("POST", "release")]

@@ -18,7 +18,7 @@ import time
 from typing import Callable
 from urllib.parse import unquote, urlsplit
 
-from .errors import ConnectionFailed, DownloadError, LeaseLost
+from .errors import ConnectionFailed, DownloadError, DownloadStopped, LeaseLost
 from .http import RETRY_STATUSES, Response, RetryPolicy, Transport, retry_after_seconds
 from .models import Download
 
@@ -73,20 +73,27 @@ def download(transport: Transport, url: str, dest: str, *, lease_id: str | None 
              on_bytes: Callable[[int], None] | None = None, timeout: float | None = None) -> Download:
     """Fetch ``url`` into ``dest`` (a file path, or an existing folder: the server's file name is
     used there). A broken stream is resumed with Range; retries follow ``retry`` (counted from the
-    last progress). 409 is LeaseLost; sizes or digest that disagree raise DownloadError."""
+    last progress). 409 is LeaseLost; sizes or digest that disagree raise DownloadError; ``stop``
+    set ends it between two chunks (or during a wait between tries) with DownloadStopped."""
     policy = retry or transport.retry
     target = request_target(transport, url)
-    fetch = _Fetch(transport, target, lease_id, timeout, on_bytes)
+    fetch = _Fetch(transport, target, lease_id, timeout, on_bytes, stop)
     into_folder = os.path.isdir(dest)
     part = os.path.join(dest, ".download.part") if into_folder else dest + ".part"
     failures = 0
     with open(part, "wb") as fh:
         while True:
             try:
+                if stop is not None and stop.is_set():
+                    raise DownloadStopped(f"GET {target.split('?')[0]}: stopped after {fetch.have} bytes")
                 if fetch.step(fh):
                     break
                 failures = 0
                 continue
+            except DownloadStopped:
+                fh.close()
+                _remove(part)
+                raise
             except _Broken as exc:
                 if fetch.progressed:
                     failures = 0
@@ -107,7 +114,7 @@ def download(transport: Transport, url: str, dest: str, *, lease_id: str | None 
             delay = policy.delay(failures, retry_after, transport.rng)
             if stop is not None and stop.wait(delay):
                 _remove(part)
-                raise failure
+                raise DownloadStopped(f"GET {target.split('?')[0]}: stopped after {fetch.have} bytes") from failure
             if stop is None:
                 time.sleep(delay)
     if fetch.digest is not None and fetch.hasher.digest() != fetch.digest:
@@ -139,8 +146,9 @@ class _Fetch:
     """The state of one download across its requests."""
 
     def __init__(self, transport: Transport, target: str, lease_id: str | None, timeout: float | None,
-                 on_bytes: Callable[[int], None] | None) -> None:
+                 on_bytes: Callable[[int], None] | None, stop: threading.Event | None = None) -> None:
         self.transport = transport
+        self.stop = stop
         self.target = target
         self.lease_id = lease_id
         self.timeout = timeout
@@ -223,7 +231,9 @@ class _Fetch:
     def _read(self, resp: http.client.HTTPResponse, fh) -> None:
         try:
             while True:
-                chunk = resp.read(CHUNK)
+                if self.stop is not None and self.stop.is_set():
+                    raise DownloadStopped(f"GET {self.target.split('?')[0]}: stopped after {self.have} bytes")
+                chunk = resp.read1(CHUNK)  # what has come, so that a slow stream still sees stop
                 if not chunk:
                     return
                 fh.write(chunk)

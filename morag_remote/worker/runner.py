@@ -24,7 +24,7 @@ import structlog
 
 from ..version import __version__
 from ..client import (ApiError, BadRequest, Client, ClaimedJob, ConfigError, ConnectionFailed, DownloadError,
-                      Forbidden, InvalidRequest, LeaseLost, NotFound, PayloadTooLarge, ReleaseUnsupported,
+                      DownloadStopped, Forbidden, InvalidRequest, LeaseLost, NotFound, PayloadTooLarge, ReleaseUnsupported,
                       RetryPolicy, Unauthorized, result_body)
 from .config import WorkerConfig
 from .handlers import Handler, HandlerError, HandlerProcess, Outcome
@@ -343,6 +343,7 @@ class JobRun:
         self.lost = threading.Event()       # 409/404 to a heartbeat: stop, send nothing
         self.release = threading.Event()    # the drain's grace is over: stop and hand the job back
         self.at_once = threading.Event()    # a second signal: no grace for the handler either
+        self.halt = threading.Event()       # lost or release: what a download in progress watches
         self.hb_stop = threading.Event()
         self.progress: tuple[float | None, str | None] = (None, None)
         self.proc: HandlerProcess | None = None
@@ -353,6 +354,7 @@ class JobRun:
         if at_once:
             self.at_once.set()
         self.release.set()
+        self.halt.set()
 
     def run(self) -> None:
         heartbeats = threading.Thread(target=self._heartbeats, name=f"hb-{self.job.job_id}", daemon=True)
@@ -399,14 +401,15 @@ class JobRun:
             self._hand_back()
             return None
         try:
-            source = self.w.client.download(self.job, inputs, stop=self.lost,
+            source = self.w.client.download(self.job, inputs, stop=self.halt,
                                             on_bytes=self.w.metrics.download_bytes.inc)
         except LeaseLost as exc:
             self.log.warning("job.lease_lost", during="download", detail=exc.detail)
             return None
-        except (DownloadError, ConnectionFailed, ApiError, OSError) as exc:
-            if self.lost.is_set():
-                return None
+        except (DownloadStopped, DownloadError, ConnectionFailed, ApiError, OSError) as exc:
+            if self._stop_reason():
+                self.log.info("job.download_stopped", reason=self._stop_reason(), error=str(exc))
+                return self._after_stop()
             self.log.warning("job.download_failed", error=str(exc))
             return Outcome(False, error_message=f"the worker could not download the source: {exc}", retryable=True)
         self.log.info("job.downloaded", bytes=source.size, resumed=source.resumed, digest_checked=source.digest_checked)
@@ -514,6 +517,7 @@ class JobRun:
                 if not self.hb_stop.is_set():
                     self.log.warning("job.lease_lost", during="heartbeat", detail=exc.detail)
                     self.lost.set()
+                    self.halt.set()
                 return
             except (ConnectionFailed, ApiError) as exc:
                 if self.hb_stop.is_set():

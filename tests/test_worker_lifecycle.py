@@ -3,7 +3,6 @@ restart: each a real gunicorn (leases of 2 s for audio, see ``support.workers.FA
 worker subprocesses. Every wait is a bounded polling loop that ends as soon as it can."""
 from __future__ import annotations
 
-import os
 import signal
 import threading
 
@@ -34,14 +33,6 @@ def gated(folder, gate, content: str) -> str:
     return handler_script(folder, f"for _ in range(6000):\n    if os.path.exists({str(gate)!r}):\n        break\n"
                                   f"    time.sleep(0.1)\n"
                                   f"open(os.path.join(output_dir, 'content.txt'), 'w').write({content!r})\n")
-
-
-def kill_handler_group(worker: WorkerProcess) -> None:
-    for started in worker.named("handler.started"):
-        try:
-            os.killpg(started["pid"], signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 class Poller:
@@ -90,10 +81,11 @@ def test_kill_9_mid_job_is_requeued_after_the_lease_and_done_by_another_worker(t
         producer = srv.client()
         job_id = producer.create(srv.source("a.mp3", b"audio"), "audio", "ingest-1").job_id
         first = start_worker(workers, srv, tmp_path / "w1", "--exec", sleeper(tmp_path / "h1", 60, "first"))
-        first.wait_event("handler.started", job_id=job_id)
+        started = first.wait_event("handler.started", job_id=job_id)
         first.proc.kill()
         first.wait(30)
-        kill_handler_group(first)  # its orphaned handler, which a real crash may leave too
+        # its handler dies with it (PR_SET_PDEATHSIG), rather than run on unowned
+        wait_for(lambda: not pid_alive(started["pid"]), 10, "the handler to die with its worker")
         second = start_worker(workers, srv, tmp_path / "w2", "--exec", sleeper(tmp_path / "h2", 0.1, "second"))
         wait_for(lambda: producer.status(job_id).is_terminal, 90, "the job to be done again")
         job = producer.get(job_id)

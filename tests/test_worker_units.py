@@ -6,7 +6,10 @@ import base64
 import email.utils
 import hashlib
 import http.server
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -296,3 +299,55 @@ def test_a_drain_during_a_download_stops_it_and_hands_the_job_back(tmp_path, loo
     thread.join(5)
     assert not thread.is_alive()
     assert [(m, p.rsplit("/", 1)[1]) for m, p, b in server.requests] == [("GET", "download"), ("POST", "release")]
+
+
+_STARTS_A_HANDLER = """
+import sys, threading, time
+from morag_remote.worker.handlers import HandlerProcess
+def start():
+    proc = HandlerProcess(["sleep", "60"], ".", {}, 1024, lambda f, m: None)
+    proc.start()
+    print(proc.proc.pid, flush=True)
+    proc.wait(120)
+threading.Thread(target=start).start()
+time.sleep(120)
+"""
+
+
+def wait_gone(pid: int, seconds: float = 5.0) -> bool:
+    from support.workers import pid_alive
+    deadline = time.monotonic() + seconds
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_handler_dies_with_a_worker_killed_by_sigkill(tmp_path):
+    parent = subprocess.Popen([sys.executable, "-c", _STARTS_A_HANDLER], stdout=subprocess.PIPE, cwd=tmp_path)
+    try:
+        handler = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait(10)
+        assert wait_gone(handler)
+    finally:
+        parent.kill()
+
+
+def test_opening_the_state_folder_kills_a_killed_workers_leftovers_and_empties_work(tmp_path):
+    root = tmp_path / "state"
+    (root / "work" / "job-1-abc" / "input").mkdir(parents=True)
+    left = subprocess.Popen(["sleep", "60"], env={**os.environ, "MORAG_REMOTE_HANDLER_OF": str(root)},
+                            start_new_session=True)
+    other = subprocess.Popen(["sleep", "60"], env={**os.environ, "MORAG_REMOTE_HANDLER_OF": str(root) + "-x"})
+    try:
+        state = StateDir(str(root)).open()
+        left.wait(5)
+        assert left.returncode == -signal.SIGKILL and other.poll() is None
+        assert not list((root / "work").iterdir())
+        state.close()
+    finally:
+        for proc in (left, other):
+            proc.kill()
+            proc.wait()

@@ -16,6 +16,7 @@ A stdout line ``progress 0.42 transcribing`` reports progress.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -38,7 +39,63 @@ EX_DATAERR = 65
 LINE_LIMIT = 64 * 1024
 STDERR_TAIL = 64 * 1024
 MAX_ERROR_MESSAGE = 4000
+HANDLER_MARK = "MORAG_REMOTE_HANDLER_OF"  # in each handler's environment: the state folder it belongs to
+PR_SET_PDEATHSIG = 1
 _PROGRESS = re.compile(rb"^progress\s+([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)(?:\s+(.*?))?\s*$")
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # looked up once, here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
+def _dies_with(parent: int) -> Callable[[], None] | None:
+    """A preexec_fn (Linux) that has the kernel SIGKILL the handler when the thread that started it
+    dies, so that ``kill -9`` of the worker takes its handlers' leaders along (the rest of their
+    groups are killed at the worker's next start, see StateDir.open). The thread that starts a
+    handler waits for it to end, so it outlives it in every other case."""
+    if _PRCTL is None:
+        return None
+    prctl = _PRCTL
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the worker died before the line above
+            os._exit(1)
+    return preexec
+
+
+def kill_leftovers(mark: str) -> list[int]:
+    """SIGKILL every process whose environment carries ``HANDLER_MARK=mark``: what the handlers of
+    a worker that was killed left running (Linux; nothing elsewhere). The pids killed."""
+    needle = f"{HANDLER_MARK}={mark}".encode() + b"\0"
+    killed: list[int] = []
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return killed
+    for pid in pids:
+        if pid == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                environ = fh.read()
+        except OSError:
+            continue
+        if environ.startswith(needle) or b"\0" + needle in environ:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except OSError:
+                pass
+    return killed
 
 
 def signal_name(number: int) -> str:
@@ -162,7 +219,8 @@ class HandlerProcess:
     def start(self) -> None:
         try:
             self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                                         preexec_fn=_dies_with(os.getpid()))
         except OSError as exc:
             raise HandlerError(f"the handler cannot be started: {self.argv[0]}: {exc.strerror or exc}") from None
         self.started = time.monotonic()
@@ -210,6 +268,11 @@ class HandlerProcess:
             os.killpg(self.proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+
+    def kill(self) -> None:
+        """SIGKILL the whole group now (from any thread: a worker that stops at once)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self._signal_group(signal.SIGKILL)
 
     def stop(self, grace: float) -> int:
         """SIGTERM to the whole group, SIGKILL after ``grace`` seconds; the exit code."""

@@ -27,7 +27,7 @@ from ..client import (ApiError, BadRequest, Client, ClaimedJob, ConfigError, Con
                       DownloadStopped, Forbidden, InvalidRequest, LeaseLost, NotFound, PayloadTooLarge, ReleaseUnsupported,
                       RetryPolicy, Unauthorized, result_body)
 from .config import WorkerConfig
-from .handlers import Handler, HandlerError, HandlerProcess, Outcome
+from .handlers import HANDLER_MARK, Handler, HandlerError, HandlerProcess, Outcome
 from .metrics import WorkerMetrics
 from .state import PendingResult, StateDir
 
@@ -166,14 +166,18 @@ class Worker:
         with self.changed:
             while self.runs and time.monotonic() < end and not self.forced.is_set():
                 self.changed.wait(0.2)
-        if self.forced.is_set():
+        if self.forced.is_set():  # a second signal: the handlers die now, from this thread
             for run in list(self.runs.values()):
+                run.kill_handler()
                 run.hand_back(at_once=True)
         self.results_stop.set()
         end = time.monotonic() + 15
         with self.changed:
             while self.runs and time.monotonic() < end:
                 self.changed.wait(0.2)
+        # the process is about to exit: no handler may outlive it (their threads are daemons)
+        for run in list(self.runs.values()):
+            run.kill_handler()
         self.client.close()
         self.poll_client.close()
         if self.undelivered:
@@ -350,6 +354,10 @@ class JobRun:
         self.submitting = False  # a result went to deliver(): from then on it is the result that hands it on
         self.folder = os.path.join(worker.state.work, f"{_safe(job.job_id)}-{random.randrange(16**6):06x}")
 
+    def kill_handler(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+
     def hand_back(self, at_once: bool) -> None:
         if at_once:
             self.at_once.set()
@@ -417,7 +425,8 @@ class JobRun:
             return self._after_stop()
         argv = self.w.handler.command(source.path, output, self.job.job_id, self.job.content_type)
         env = dict(os.environ, MORAG_REMOTE_TASK_OPTIONS=json.dumps(self.job.task_options),
-                   MORAG_REMOTE_JOB_ID=self.job.job_id, MORAG_REMOTE_CONTENT_TYPE=self.job.content_type)
+                   MORAG_REMOTE_JOB_ID=self.job.job_id, MORAG_REMOTE_CONTENT_TYPE=self.job.content_type,
+                   **{HANDLER_MARK: self.w.state.root})
         for secret in ("MORAG_REMOTE_WORKER_KEY",):
             env.pop(secret, None)
         proc = self.proc = HandlerProcess(argv, self.folder, env, self.w.config.max_output, self._on_progress)

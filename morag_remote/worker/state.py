@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -52,7 +53,23 @@ class StateDir:
             raise ConfigError(f"--state-dir {self.root} is in use by another worker process; "
                               "give each worker a folder of its own") from None
         self._lock_fd = fd
+        self._clear_work()
         return self
+
+    def _clear_work(self) -> None:
+        """What a previous worker on this folder left (it was killed): its handlers still running
+        are killed and its job folders removed; their jobs come back when their leases lapse."""
+        from .handlers import kill_leftovers  # noqa: PLC0415 - state is imported by handlers' users first
+        kill_leftovers(self.root)
+        for name in os.listdir(self.work):
+            path = os.path.join(self.work, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
 
     def close(self) -> None:
         if self._lock_fd is not None:

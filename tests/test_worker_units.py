@@ -351,3 +351,15 @@ def test_opening_the_state_folder_kills_a_killed_workers_leftovers_and_empties_w
         for proc in (left, other):
             proc.kill()
             proc.wait()
+
+
+def test_a_finished_run_does_not_remove_a_newer_run_of_the_same_job(tmp_path):
+    worker = make_worker(tmp_path)
+    old, new = JobRun(worker, claimed(lease_id="lease-1")), JobRun(worker, claimed(lease_id="lease-2"))
+    worker.track(old)
+    worker.track(new)  # the lease was lost and this worker was handed the job again
+    assert len(worker.runs) == 2
+    worker.finished(old)
+    assert list(worker.runs.values()) == [new]
+    worker.finished(old)
+    assert list(worker.runs.values()) == [new]

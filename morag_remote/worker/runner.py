@@ -69,7 +69,9 @@ class Worker:
         self.forced = threading.Event()
         self.results_stop = threading.Event()
         self.changed = threading.Condition()
-        self.runs: dict[str, JobRun] = {}
+        # by (job id, lease id): a job whose lease was lost may be handed to this worker again
+        # while the old run is still winding down
+        self.runs: dict[tuple[str, str | None], JobRun] = {}
         self.fatal: str | None = None
         self.poll_wait = config.poll_wait
         self.max_jobs = 10
@@ -253,18 +255,23 @@ class Worker:
         self.fatal = message
         self.draining.set()
 
+    def track(self, run: "JobRun") -> None:
+        with self.changed:
+            self.runs[(run.job.job_id, run.job.lease_id)] = run
+            self.metrics.running.set(len(self.runs))
+
     def _start(self, job: ClaimedJob, hand_back: bool = False) -> None:
         run = JobRun(self, job)
-        with self.changed:
-            self.runs[job.job_id] = run
-            self.metrics.running.set(len(self.runs))
+        self.track(run)
         if hand_back:  # claimed by a poll that was in flight when the drain began
             run.hand_back(at_once=True)
         threading.Thread(target=run.run, name=f"job-{job.job_id}", daemon=True).start()
 
     def finished(self, run: "JobRun") -> None:
+        key = (run.job.job_id, run.job.lease_id)
         with self.changed:
-            self.runs.pop(run.job.job_id, None)
+            if self.runs.get(key) is run:
+                del self.runs[key]
             self.metrics.running.set(len(self.runs))
             self.changed.notify_all()
 

@@ -7,7 +7,9 @@ import os
 import threading
 import time
 
-from morag_remote.client import Client, DownloadStopped, RetryPolicy
+import pytest
+
+from morag_remote.client import Client, ConnectionFailed, DownloadStopped, RetryPolicy
 from support.loopback import answer, loopback  # noqa: F401 - a fixture
 
 
@@ -67,3 +69,67 @@ def test_a_download_stops_between_chunks_when_told(loopback, tmp_path):
     thread.join(3)
     assert not thread.is_alive() and [type(e) for e in raised] == [DownloadStopped]
     assert not list(tmp_path.iterdir())  # the .part is gone
+
+
+def test_an_aborted_long_poll_is_not_sent_again(loopback):
+    def respond(handler, method, body):
+        time.sleep(body["wait"])
+        answer(handler, 200, {"jobs": []})
+
+    server = loopback(respond)
+    client = Client(server.url, "k")
+    stop, raised = threading.Event(), []
+
+    def polls() -> None:
+        client.poll("w", ["audio"], wait=0)  # the connection is reused by the next poll
+        try:
+            client.poll("w", ["audio"], wait=1.5, stop=stop)
+        except Exception as exc:  # noqa: BLE001 - what it ends in is the point
+            raised.append(exc)
+
+    thread = threading.Thread(target=polls)
+    thread.start()
+    time.sleep(0.5)
+    stop.set()
+    client.abort()
+    thread.join(5)
+    time.sleep(0.3)
+    assert [b["wait"] for m, p, b in server.requests] == [0, 1.5]
+    assert [type(e).__name__ for e in raised] == ["ConnectionFailed"]
+
+
+def test_a_poll_on_a_connection_the_server_closed_while_idle_is_not_resent(loopback):
+    """The server may have read the poll and claimed before the connection broke: a poll is
+    never resent once its bytes went out (its jobs would come back only when their leases lapse)."""
+    def respond(handler, method, body):
+        if len(server.requests) == 2:
+            handler.close_connection = True
+            handler.connection.shutdown(2)  # read, then gone without an answer
+            return
+        answer(handler, 200, {"jobs": []})
+
+    server = loopback(respond)
+    client = Client(server.url, "k")
+    client.poll("w", ["audio"])
+    with pytest.raises(ConnectionFailed):
+        client.poll("w", ["audio"])
+    assert len(server.requests) == 2
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_before_a_poll(loopback):
+    def respond(handler, method, body):
+        answer(handler, 200, {"jobs": []})
+        handler.close_connection = True  # as a keep-alive timeout would, after the answer
+
+    server = loopback(respond)
+    client = Client(server.url, "k")
+    tries = []
+    once = client.transport._once
+    client.transport._once = lambda *a, **k: tries.append(once(*a, **k)) or tries[-1]
+    client.poll("w", ["audio"])
+    time.sleep(0.2)
+    assert client.poll("w", ["audio"]) == []
+    assert len(server.requests) == 2
+    # seen closed before the poll was written (on a real network the write would succeed and the
+    # answer be lost, which a poll could not retry)
+    assert [t.error for t in tries] == [None, None]

@@ -5,9 +5,9 @@ Standard library only, so that a worker machine needs nothing but this package. 
 transient: no connection (refused, reset, DNS), a timeout, a broken answer, and the statuses 502,
 503 and 504 (and 429), whose ``Retry-After`` is honoured. A request that may have reached the
 server (anything after the bytes were sent) is sent again only when the caller says it is safe
-(``resend=True``: creates carry an ``Idempotency-Key``, heartbeats and results are idempotent), with
-one exception every HTTP client makes: a kept-alive connection that the server had closed before
-answering is retried once at once on a fresh connection.
+(``resend=True``: creates carry an ``Idempotency-Key``, heartbeats and results are idempotent); a
+kept-alive connection that the server had closed before answering is retried once at once on a
+fresh connection, for such a request, or for any whose bytes could not all be written.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import email.utils
 import http.client
 import json
 import random
+import select
 import socket
 import threading
 import time
@@ -75,7 +76,8 @@ class _Attempt:
 
     response: Response | None = None
     error: BaseException | None = None
-    sent: bool = False
+    sent: bool = False     # the request may have been seen (we began to send it)
+    written: bool = False  # every byte of it went out
     stale: bool = False
 
 
@@ -117,6 +119,17 @@ def retry_after_seconds(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _dropped(sock: socket.socket | None) -> bool:
+    """Whether an idle kept-alive socket was closed by the server (readable with nothing to read)."""
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and not sock.recv(1, socket.MSG_PEEK)
+    except (OSError, ValueError):
+        return True
 
 
 class Transport:
@@ -216,6 +229,9 @@ class Transport:
     def _once(self, method: str, path: str, body: bytes | None, headers: dict[str, str],
               timeout: float) -> _Attempt:
         held = self._connection()
+        if held.used and _dropped(held.conn.sock):  # the server closed it while it was idle
+            self._drop()
+            held = self._connection()
         reused = held.used > 0
         conn = held.conn
         conn.timeout = timeout
@@ -226,6 +242,7 @@ class Transport:
             conn.sock.settimeout(timeout)
             attempt.sent = True  # from here on the server may have seen it
             conn.request(method, path, body=body, headers=headers)
+            attempt.written = True
             raw = conn.getresponse()
             data = raw.read()
             held.used += 1
@@ -261,7 +278,11 @@ class Transport:
         while True:
             tries += 1
             attempt = self._once(method, target, body, all_headers, timeout or self.timeout)
-            if attempt.error is not None and attempt.stale:
+            if attempt.error is not None and attempt.stale and (resend or not attempt.written) \
+                    and not (stop is not None and stop.is_set()):
+                # a kept-alive connection the server had closed: again at once on a new one; but
+                # not a request that went out whole and may not be resent (the server may have
+                # read it before the connection broke: a poll), nor once told to stop
                 attempt = self._once(method, target, body, all_headers, timeout or self.timeout)
             response = attempt.response
             if response is not None and response.status < 400:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from morag_remote.client import Client, ConnectionFailed, DownloadStopped, RetryPolicy
+from morag_remote.client import Client, ConnectionFailed, DownloadStopped, RetryPolicy, ServiceUnavailable
 from support.loopback import answer, loopback  # noqa: F401 - a fixture
 
 
@@ -133,3 +133,22 @@ def test_a_connection_the_server_closed_while_idle_is_replaced_before_a_poll(loo
     # seen closed before the poll was written (on a real network the write would succeed and the
     # answer be lost, which a poll could not retry)
     assert [t.error for t in tries] == [None, None]
+
+
+@pytest.mark.parametrize("status, retried", [(502, False), (504, False), (503, True), (429, True)])
+def test_a_call_that_may_not_be_resent_is_retried_only_when_the_server_says_it_did_nothing(
+        loopback, status, retried):
+    """502/504 come from a proxy whose upstream may have acted; 503 and 429 say it did not."""
+    def respond(handler, method, body):
+        if len(server.requests) == 1:
+            return answer(handler, status, {"detail": "busy"})
+        answer(handler, 200, {"job_id": "j", "status": "cancelled"})
+
+    server = loopback(respond)
+    client = Client(server.url, "k", retry=RetryPolicy(attempts=3, base=0.001))
+    if retried:
+        assert client.cancel("j").status == "cancelled"
+    else:
+        with pytest.raises(ServiceUnavailable):
+            client.cancel("j")
+    assert len(server.requests) == (2 if retried else 1)

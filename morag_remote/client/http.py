@@ -3,11 +3,12 @@ of transient failures with capped exponential backoff and jitter.
 
 Standard library only, so that a worker machine needs nothing but this package. What counts as
 transient: no connection (refused, reset, DNS), a timeout, a broken answer, and the statuses 502,
-503 and 504 (and 429), whose ``Retry-After`` is honoured. A request that may have reached the
-server (anything after the bytes were sent) is sent again only when the caller says it is safe
-(``resend=True``: creates carry an ``Idempotency-Key``, heartbeats and results are idempotent); a
-kept-alive connection that the server had closed before answering is retried once at once on a
-fresh connection, for such a request, or for any whose bytes could not all be written.
+503 and 504 (and 429), whose ``Retry-After`` is honoured (for a request that may not be resent,
+only 503 and 429: a proxy's 502 or 504 does not say the server did nothing). A request that may
+have reached the server (anything after the bytes were sent) is sent again only when the caller
+says it is safe (``resend=True``: creates carry an ``Idempotency-Key``, heartbeats and results are
+idempotent); a kept-alive connection that the server had closed before answering is retried once
+at once on a fresh connection, for such a request, or for any whose bytes could not all be written.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ from .errors import ApiError, ClientError, ConfigError, ConnectionFailed, Confli
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 # a result is idempotent and the end of long work: any server error may be passing (a full disk, a
 # restart), so it is sent again like after no answer (not 501 or 505, which say it never can be)
+# what a request that may not be resent is retried on: the server says it did nothing (a 502 or 504
+# from a proxy does not: the upstream may have acted before the proxy gave up)
+UNSENT_RETRY_STATUSES = frozenset({429, 503})
 RESULT_RETRY_STATUSES = frozenset({429, *range(500, 600)}) - {501, 505}
 MAX_ERROR_BODY = 64 * 1024
 
@@ -265,7 +269,8 @@ class Transport:
         An error status raises the matching :class:`ApiError`; no answer after the retries raises
         :class:`ConnectionFailed`. ``stop`` cuts the waits between tries short (the last failure is
         raised then); ``resend=False`` retries only failures that happened before the request was
-        sent. ``retry_statuses`` replaces the error statuses retried (default RETRY_STATUSES).
+        sent and the statuses 503 and 429. ``retry_statuses`` replaces the error statuses retried
+        (default RETRY_STATUSES).
         """
         policy = retry or self.retry
         target = self.url_path(path, query)
@@ -289,7 +294,7 @@ class Transport:
                 return response
             if response is not None:
                 failure: ClientError = self._error(method, path, response, conflict)
-                retryable = response.status in (retry_statuses or RETRY_STATUSES)
+                retryable = response.status in (retry_statuses or (RETRY_STATUSES if resend else UNSENT_RETRY_STATUSES))
                 retry_after = retry_after_seconds(response.headers.get("retry-after"))
                 reason = str(response.status)
             else:

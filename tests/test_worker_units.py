@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import structlog
 
-from morag_remote.client import ClaimedJob, Client, ConfigError, RetryPolicy
+from morag_remote.client import ClaimedJob, Client, ConfigError, InvalidRequest, RetryPolicy
 from morag_remote.worker.handlers import HandlerProcess, Outcome
 from support.loopback import answer, loopback  # noqa: F401 - a fixture
 from morag_remote.client.download import attachment_name, expected_sha256
@@ -363,3 +363,54 @@ def test_a_finished_run_does_not_remove_a_newer_run_of_the_same_job(tmp_path):
     assert list(worker.runs.values()) == [new]
     worker.finished(old)
     assert list(worker.runs.values()) == [new]
+
+
+def refusing(worker: Worker, field: str, then: int = 1):
+    """A poll that answers 422 naming ``field`` ``then`` times, then [] and the drain; the calls' kwargs."""
+    calls: list[dict] = []
+
+    def poll(*args, **kwargs):
+        calls.append(kwargs)
+        if len(calls) <= then:
+            raise InvalidRequest("POST", "/api/v1/remote-jobs/poll", 422,
+                                 {"detail": "invalid", "errors": {field: ["Must be less than or equal to 5."]}})
+        worker.draining.set()
+        return []
+    worker.poll_client.poll = poll
+    return calls
+
+
+def test_a_poll_refused_for_its_wait_or_max_jobs_asks_for_less_and_goes_on(tmp_path, fast_backoff):
+    worker = make_worker(tmp_path, "--poll-wait", "20")
+    calls = refusing(worker, "wait", then=2)
+    worker._poll_loop()
+    assert worker.fatal is None and [c["wait"] for c in calls] == [20, 10, 5]
+    worker = make_worker(tmp_path / "2", "--concurrency", "8")
+    calls = refusing(worker, "max_jobs")
+    worker._poll_loop()
+    assert worker.fatal is None and [c["max_jobs"] for c in calls] == [8, 4]
+
+
+def test_a_poll_refused_for_something_else_is_fatal(tmp_path, fast_backoff):
+    worker = make_worker(tmp_path)
+    refusing(worker, "content_types")
+    worker._poll_loop()
+    assert "422" in worker.fatal
+
+
+def test_short_polls_do_not_spin(tmp_path, fast_backoff):
+    worker = make_worker(tmp_path, "--poll-wait", "0")
+    calls = []
+
+    def poll(*args, **kwargs):
+        calls.append(kwargs)
+        return []
+    worker.poll_client.poll = poll
+    threading.Timer(0.5, worker.draining.set).start()
+    worker._poll_loop()
+    assert 1 <= len(calls) <= 2
+
+
+def test_a_timeout_of_0_is_refused():
+    with pytest.raises(ConfigError, match="--timeout"):
+        load([*BASE, "--timeout", "0"], {})

@@ -77,6 +77,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise ValueError("must be a number of seconds above 0")
+    return value
+
+
 def _types(value: Any) -> list[str]:
     items = value if isinstance(value, list) else str(value).split(",")
     out = [str(v).strip() for v in items if str(v).strip()]
@@ -108,7 +115,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "handler": str, "concurrency": lambda v: _positive_int(str(v)), "state_dir": str,
     "grace": lambda v: _seconds(str(v)), "kill_grace": lambda v: _seconds(str(v)),
     "max_runtime": lambda v: _pairs(v, _seconds), "poll_wait": lambda v: _seconds(str(v)),
-    "timeout": lambda v: _seconds(str(v)), "max_output": lambda v: _positive_int(str(v)),
+    "timeout": lambda v: _positive_seconds(str(v)), "max_output": lambda v: _positive_int(str(v)),
     "metrics_port": lambda v: _positive_int(str(v)), "metrics_host": str, "log_level": str,
     "labels": lambda v: _pairs(v, str),
 }

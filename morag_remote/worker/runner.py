@@ -36,6 +36,7 @@ EX_CONFIG = 2
 HANDBACK_RETRY = RetryPolicy(attempts=5, base=0.25, cap=2.0)
 POLL_BACKOFF = RetryPolicy(attempts=None, base=0.5, cap=15.0)
 MIN_HEARTBEAT = 0.1
+MIN_POLL_INTERVAL = 1.0  # between the starts of two polls answered empty (a --poll-wait 0 short poll)
 
 
 class Fatal(Exception):
@@ -225,6 +226,8 @@ class Worker:
                     self.log.warning("worker.announce_unsupported", detail=exc.detail)
                     self.announce = None
                     continue
+                if self._ask_less(exc, min(free, self.max_jobs)):
+                    continue
                 self._set_fatal(f"the server refused the poll (422): {exc.detail} {json.dumps(exc.errors)}")
                 return
             except (ConnectionFailed, ApiError) as exc:
@@ -245,11 +248,30 @@ class Worker:
             if claimed:
                 early = 0
                 continue
-            if time.monotonic() - started < self.poll_wait / 2:
+            elapsed = time.monotonic() - started
+            if self.poll_wait > 0 and elapsed < self.poll_wait / 2:
                 early += 1  # answered well before the wait was up: the server is busy or refusing waiters
                 self.draining.wait(POLL_BACKOFF.delay(early))
             else:
                 early = 0
+                if elapsed < MIN_POLL_INTERVAL:  # a short poll (--poll-wait 0) must not spin
+                    self.draining.wait(MIN_POLL_INTERVAL - elapsed)
+
+    def _ask_less(self, refused: InvalidRequest, asked_jobs: int) -> bool:
+        """A poll refused (422) for its ``wait`` or ``max_jobs``: the server's maxima are lower
+        than the worker knew (preflight could not read them). Halve what was refused and go on;
+        False when there is nothing left to halve."""
+        changed = False
+        if "wait" in refused.errors and self.poll_wait >= 1:
+            self.poll_wait = float(int(self.poll_wait / 2)) if self.poll_wait >= 2 else 0.0
+            changed = True
+        if "max_jobs" in refused.errors and asked_jobs > 1:
+            self.max_jobs = asked_jobs // 2
+            changed = True
+        if changed:
+            self.log.warning("poll.asking_less", poll_wait=self.poll_wait, max_jobs=self.max_jobs,
+                             detail=refused.detail, errors=refused.errors)
+        return changed
 
     def _set_fatal(self, message: str) -> None:
         self.fatal = message

@@ -414,3 +414,22 @@ def test_short_polls_do_not_spin(tmp_path, fast_backoff):
 def test_a_timeout_of_0_is_refused():
     with pytest.raises(ConfigError, match="--timeout"):
         load([*BASE, "--timeout", "0"], {})
+
+
+def test_a_key_or_a_handler_comes_whole_from_the_first_layer_that_sets_it(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("mrk_from_flag_file\n")
+    base = ["--url", "http://q", "--content-types", "a"]
+    config, _ = load([*base, "--exec", "true", "--key-file", str(key)], {"MORAG_REMOTE_WORKER_KEY": "mrk_env"})
+    assert config.key == "mrk_from_flag_file"
+    config, _ = load([*base, "--exec", "true", "--key", "mrk_flag"], {"MORAG_REMOTE_WORKER_KEY_FILE": "/nonexistent"})
+    assert config.key == "mrk_flag"
+    toml = tmp_path / "c.toml"
+    toml.write_text('exec = "true"\nkey = "mrk_toml"\n')
+    config, _ = load([*base, "--handler", "m:f", "--config", str(toml)], {})
+    assert (config.handler, config.exec, config.key) == ("m:f", None, "mrk_toml")
+    config, _ = load([*base, "--config", str(toml)], {"MORAG_REMOTE_WORKER_HANDLER": "m:g"})
+    assert (config.handler, config.exec) == ("m:g", None)
+    toml.write_text('exec = "true"\nhandler = "m:f"\nkey = "k"\n')
+    with pytest.raises(ConfigError, match="exactly one"):
+        load([*base, "--config", str(toml)], {})

@@ -1,6 +1,8 @@
 """The worker's settings: command-line flags, then ``MORAG_REMOTE_WORKER_*`` environment variables,
 then an optional TOML file (``--config`` or ``MORAG_REMOTE_WORKER_CONFIG``), then the defaults; the
-first that sets a value wins. ``--print-config`` shows the result with the key masked.
+first that sets a value wins (the key and the handler as pairs: ``--key-file`` beats the
+environment's ``KEY``, ``--handler`` a file's ``exec``). ``--print-config`` shows the result with
+the key masked.
 
 Each setting has one name everywhere: ``--content-types`` is ``MORAG_REMOTE_WORKER_CONTENT_TYPES``
 and ``content_types`` in the file.
@@ -121,6 +123,9 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+PAIRS = (("key", "key_file"), ("exec", "handler"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="morag-remote-worker",
@@ -182,6 +187,15 @@ def load(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
                                    if environ.get(ENV_PREFIX + name.upper())}))
     if config_path:
         layers.append((f"config file {config_path}", _from_file(config_path)))
+    # settings that come in pairs (a key or its file, one handler or the other) are taken whole
+    # from the first layer that sets either: --key-file beats the environment's KEY, --handler a
+    # file's exec
+    for pair in PAIRS:
+        first = next((layer for _, layer in layers if any(n in layer for n in pair)), None)
+        for _, layer in layers:
+            if layer is not first:
+                for n in pair:
+                    layer.pop(n, None)
     values: dict[str, Any] = {}
     for name, parse in PARSERS.items():
         for where, layer in layers:

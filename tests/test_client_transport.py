@@ -1,5 +1,6 @@
-"""The transport in process, against a small stdlib HTTP server on loopback: connections do not
-outlive the threads that made them, what is retried and what is not, and JSON bodies."""
+"""The transport and downloads in process, against a small stdlib HTTP server on loopback:
+connections do not outlive the threads that made them, what is retried and what is not, and how a
+download stops, resumes and fails."""
 from __future__ import annotations
 
 import gc
@@ -9,7 +10,8 @@ import time
 
 import pytest
 
-from morag_remote.client import Client, ConnectionFailed, DownloadStopped, RetryPolicy, ServiceUnavailable
+from morag_remote.client import (Client, ConnectionFailed, DownloadError, DownloadStopped, RetryPolicy,
+                                 ServiceUnavailable)
 from support.loopback import answer, loopback  # noqa: F401 - a fixture
 
 
@@ -152,3 +154,76 @@ def test_a_call_that_may_not_be_resent_is_retried_only_when_the_server_says_it_d
         with pytest.raises(ServiceUnavailable):
             client.cancel("j")
     assert len(server.requests) == (2 if retried else 1)
+
+
+def serve_file(data: bytes, cut_first_at: int | None = None, total_on_resume: int | None = None):
+    """GET: ``data`` (the first answer cut after ``cut_first_at`` bytes); a Range request is answered
+    206 with a Content-Range whose total is ``total_on_resume`` (default: the true size)."""
+    calls = []
+
+    def respond(handler, method, body):
+        calls.append(handler.headers.get("Range"))
+        wanted = handler.headers.get("Range")
+        if wanted:
+            start = int(wanted.split("=")[1].rstrip("-"))
+            handler.send_response(206)
+            handler.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{total_on_resume or len(data)}")
+            handler.send_header("Content-Length", str(len(data) - start))
+            handler.end_headers()
+            handler.wfile.write(data[start:])
+            return
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.send_header("ETag", '"v1"')
+        handler.end_headers()
+        handler.wfile.write(data[:cut_first_at] if cut_first_at is not None else data)
+        if cut_first_at is not None:
+            handler.close_connection = True
+    return respond, calls
+
+
+def test_a_full_disk_is_not_retried_as_a_broken_stream(loopback, tmp_path, monkeypatch):
+    respond, calls = serve_file(b"x" * 5000)
+    server = loopback(respond)
+    real_open = open
+
+    class Full:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    monkeypatch.setattr("morag_remote.client.download.open", lambda *a, **k: Full(real_open(*a, **k)),
+                        raising=False)
+    client = Client(server.url, "k", retry=RetryPolicy(attempts=5, base=0.001))
+    with pytest.raises(OSError) as raised:
+        client.download("/f", str(tmp_path / "f"))
+    assert raised.value.errno == 28 and len(calls) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_resume_whose_total_differs_from_the_first_answer_is_refused(loopback, tmp_path):
+    respond, calls = serve_file(b"x" * 5000, cut_first_at=1000, total_on_resume=6000)
+    server = loopback(respond)
+    client = Client(server.url, "k", retry=RetryPolicy(attempts=3, base=0.001))
+    with pytest.raises(DownloadError, match="6000"):
+        client.download("/f", str(tmp_path / "f"))
+    assert calls == [None, "bytes=1000-"]
+
+
+def test_a_resumed_download_is_whole(loopback, tmp_path):
+    data = bytes(range(256)) * 40
+    respond, calls = serve_file(data, cut_first_at=3000)
+    server = loopback(respond)
+    got = Client(server.url, "k", retry=RetryPolicy(attempts=3, base=0.001)).download("/f", str(tmp_path / "f"))
+    assert (tmp_path / "f").read_bytes() == data and got.resumed == 1 and calls == [None, "bytes=3000-"]

@@ -68,6 +68,14 @@ class _Broken(Exception):
     """The stream ended or failed before every byte came; resume."""
 
 
+class _LocalWrite(Exception):
+    """Writing the file failed (a full disk): not the network's fault, so not retried."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def download(transport: Transport, url: str, dest: str, *, lease_id: str | None = None,
              retry: RetryPolicy | None = None, stop: threading.Event | None = None,
              on_bytes: Callable[[int], None] | None = None, timeout: float | None = None) -> Download:
@@ -94,6 +102,10 @@ def download(transport: Transport, url: str, dest: str, *, lease_id: str | None 
                 fh.close()
                 _remove(part)
                 raise
+            except _LocalWrite as exc:
+                fh.close()
+                _remove(part)
+                raise exc.error from None
             except _Broken as exc:
                 if fetch.progressed:
                     failures = 0
@@ -117,6 +129,10 @@ def download(transport: Transport, url: str, dest: str, *, lease_id: str | None 
                 raise DownloadStopped(f"GET {target.split('?')[0]}: stopped after {fetch.have} bytes") from failure
             if stop is None:
                 time.sleep(delay)
+        written = fh.tell()
+    if fetch.total is not None and written != fetch.total:
+        _remove(part)
+        raise DownloadError(f"the file holds {written} bytes, the server announced {fetch.total}")
     if fetch.digest is not None and fetch.hasher.digest() != fetch.digest:
         _remove(part)
         raise DownloadError(f"the downloaded bytes' sha-256 is {fetch.hasher.hexdigest()}, the server "
@@ -166,6 +182,8 @@ class _Fetch:
         """One request; True when every byte is in. Raises _Broken to resume."""
         self.progressed = False
         headers = {"X-Lease-Id": self.lease_id} if self.lease_id else {}
+        fh.seek(self.have)  # whatever a broken try wrote past what was counted goes
+        fh.truncate()
         if self.have:
             headers["Range"] = f"bytes={self.have}-"
             if self.validator:
@@ -201,6 +219,9 @@ class _Fetch:
             if not match or int(match.group(1)) != self.have:
                 raise DownloadError(f"the server answered Range bytes={self.have}- with "
                                     f"Content-Range {resp.getheader('Content-Range')!r}")
+            if self.total is not None and int(match.group(3)) != self.total:
+                raise DownloadError(f"the resumed answer says the file has {match.group(3)} bytes, the first "
+                                    f"said {self.total}: it changed on the server")
             self.total = int(match.group(3))
             self.resumes += 1
         elif resp.status == 200:
@@ -229,18 +250,21 @@ class _Fetch:
         return True
 
     def _read(self, resp: http.client.HTTPResponse, fh) -> None:
-        try:
-            while True:
-                if self.stop is not None and self.stop.is_set():
-                    raise DownloadStopped(f"GET {self.target.split('?')[0]}: stopped after {self.have} bytes")
+        while True:
+            if self.stop is not None and self.stop.is_set():
+                raise DownloadStopped(f"GET {self.target.split('?')[0]}: stopped after {self.have} bytes")
+            try:
                 chunk = resp.read1(CHUNK)  # what has come, so that a slow stream still sees stop
-                if not chunk:
-                    return
+            except (OSError, http.client.HTTPException) as exc:
+                raise _Broken("the stream broke") from exc
+            if not chunk:
+                return
+            try:
                 fh.write(chunk)
-                self.hasher.update(chunk)
-                self.have += len(chunk)
-                self.progressed = True
-                if self.on_bytes is not None:
-                    self.on_bytes(len(chunk))
-        except (OSError, http.client.HTTPException) as exc:
-            raise _Broken("the stream broke") from exc
+            except OSError as exc:
+                raise _LocalWrite(exc) from exc
+            self.hasher.update(chunk)
+            self.have += len(chunk)
+            self.progressed = True
+            if self.on_bytes is not None:
+                self.on_bytes(len(chunk))

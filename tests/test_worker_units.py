@@ -26,7 +26,7 @@ from morag_remote.client.http import retry_after_seconds
 from morag_remote.worker.config import load
 from morag_remote.worker.handlers import ExecHandler, PythonHandler
 from morag_remote.worker import runner
-from morag_remote.worker.runner import MIN_HEARTBEAT, JobRun, Worker, heartbeat_interval
+from morag_remote.worker.runner import JobRun, Worker, heartbeat_interval
 from morag_remote.worker.state import StateDir
 
 BASE = ["--url", "http://q.example", "--key", "k", "--content-types", "audio", "--exec", "true"]
@@ -121,7 +121,7 @@ def test_backoff_is_capped_jittered_and_honours_retry_after():
 def test_heartbeats_come_at_a_third_of_the_lease_left():
     soon = datetime.now(timezone.utc) + timedelta(seconds=30)
     assert 9 < heartbeat_interval(soon) <= 10
-    assert heartbeat_interval(datetime.now(timezone.utc) - timedelta(seconds=5)) == MIN_HEARTBEAT
+    assert heartbeat_interval(datetime.now(timezone.utc) - timedelta(seconds=5)) == runner.MIN_LEASE / 3
     assert heartbeat_interval(None, default=7) == 7
 
 
@@ -433,3 +433,14 @@ def test_a_key_or_a_handler_comes_whole_from_the_first_layer_that_sets_it(tmp_pa
     toml.write_text('exec = "true"\nhandler = "m:f"\nkey = "k"\n')
     with pytest.raises(ConfigError, match="exactly one"):
         load([*base, "--config", str(toml)], {})
+
+
+def test_heartbeats_follow_the_servers_clock_not_the_workers():
+    server_now = datetime.now(timezone.utc) - timedelta(hours=1)  # the worker's clock is an hour ahead
+    interval = heartbeat_interval(server_now + timedelta(seconds=30), server_now=server_now)
+    assert 9 <= interval <= 10  # (30 s - 1 s for the Date header's resolution) / 3
+    ahead = datetime.now(timezone.utc) + timedelta(hours=1)  # an hour behind
+    assert 9 <= heartbeat_interval(ahead + timedelta(seconds=30), server_now=ahead) <= 10
+    # a lease already over by the worker's clock does not make heartbeats spin
+    assert heartbeat_interval(datetime.now(timezone.utc) - timedelta(seconds=5)) >= runner.MIN_LEASE / 3
+

@@ -36,6 +36,7 @@ EX_CONFIG = 2
 HANDBACK_RETRY = RetryPolicy(attempts=5, base=0.25, cap=2.0)
 POLL_BACKOFF = RetryPolicy(attempts=None, base=0.5, cap=15.0)
 MIN_HEARTBEAT = 0.1
+MIN_LEASE = 1.0  # the least lease a heartbeat interval assumes is left (a third of it)
 MIN_POLL_INTERVAL = 1.0  # between the starts of two polls answered empty (a --poll-wait 0 short poll)
 
 
@@ -43,14 +44,20 @@ class Fatal(Exception):
     """The server refused this worker for good (its key, its poll): one line and stop."""
 
 
-def heartbeat_interval(timeout_at: datetime | None, default: float = 60.0) -> float:
+def heartbeat_interval(timeout_at: datetime | None, default: float = 60.0,
+                       server_now: datetime | None = None) -> float:
     """A third of what is left of the lease (the server sets ``timeout_at`` on the claim and on
-    each heartbeat), so two heartbeats may be lost before it lapses. Assumes the worker's clock
-    agrees with the server's to well within a lease (NTP)."""
+    each heartbeat), so two heartbeats may be lost before it lapses. What is left is measured on
+    the server's clock: ``timeout_at`` minus the answer's ``Date`` (less a second, the header's
+    resolution), so a worker whose clock is off neither spins nor lets its leases lapse; the
+    worker's own clock only when the answer had no Date. Never less than MIN_LEASE."""
     if timeout_at is None:
         return default
-    remaining = (timeout_at - datetime.now(timezone.utc)).total_seconds()
-    return max(MIN_HEARTBEAT, min(remaining / 3, 600.0))
+    if server_now is not None:
+        remaining = (timeout_at - server_now).total_seconds() - 1.0
+    else:
+        remaining = (timeout_at - datetime.now(timezone.utc)).total_seconds()
+    return min(max(remaining, MIN_LEASE) / 3, 600.0)
 
 
 class Worker:
@@ -380,6 +387,7 @@ class JobRun:
         self.hb_stop = threading.Event()
         self.progress: tuple[float | None, str | None] = (None, None)
         self.proc: HandlerProcess | None = None
+        self.claimed_at = time.monotonic()
         self.submitting = False  # a result went to deliver(): from then on it is the result that hands it on
         self.folder = os.path.join(worker.state.work, f"{_safe(job.job_id)}-{random.randrange(16**6):06x}")
 
@@ -544,13 +552,18 @@ class JobRun:
             self.w.client.forget_connection()
 
     def _heartbeat_loop(self) -> None:
-        interval = heartbeat_interval(self.job.timeout_at)
-        while not self.hb_stop.wait(interval):
+        # on the monotonic clock: the first from the claim, each next from when the heartbeat
+        # before it was sent, by a third of the lease the server's clock says is left
+        next_at = self.claimed_at + heartbeat_interval(self.job.timeout_at, server_now=self.job.server_date)
+        interval = next_at - self.claimed_at
+        while not self.hb_stop.wait(max(0.0, next_at - time.monotonic())):
+            sent = time.monotonic()
             fraction, message = self.progress
             try:
                 answer = self.w.client.heartbeat(self.job.job_id, lease_id=self.job.lease_id, progress=fraction,
                                                  message=message, worker=self.w.announce, stop=self.hb_stop)
-                interval = heartbeat_interval(answer.timeout_at, interval)
+                interval = heartbeat_interval(answer.timeout_at, interval, server_now=answer.server_date)
+                next_at = sent + interval
             except (LeaseLost, NotFound) as exc:
                 if not self.hb_stop.is_set():
                     self.log.warning("job.lease_lost", during="heartbeat", detail=exc.detail)
@@ -562,6 +575,7 @@ class JobRun:
                     return
                 self.log.warning("heartbeat.failed", error=str(exc))
                 interval = max(MIN_HEARTBEAT, interval / 2)
+                next_at = time.monotonic() + interval
 
 
 def _safe(text: str) -> str:

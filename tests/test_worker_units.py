@@ -444,3 +444,24 @@ def test_heartbeats_follow_the_servers_clock_not_the_workers():
     # a lease already over by the worker's clock does not make heartbeats spin
     assert heartbeat_interval(datetime.now(timezone.utc) - timedelta(seconds=5)) >= runner.MIN_LEASE / 3
 
+
+def test_a_handlers_group_is_killed_before_the_handler_is_reaped(tmp_path, monkeypatch):
+    """While the leader is an unreaped zombie its pid (and so its group id) cannot be reused."""
+    proc = HandlerProcess(["sh", "-c", "sleep 30 & exit 0"], str(tmp_path), dict(os.environ), 1024,
+                          lambda f, m: None)
+    seen = []
+    real_killpg = os.killpg
+
+    def killpg(pgid, sig):
+        try:
+            with open(f"/proc/{pgid}/stat") as fh:
+                seen.append(fh.read().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            seen.append("reaped")
+        real_killpg(pgid, sig)
+
+    monkeypatch.setattr("morag_remote.worker.handlers.os.killpg", killpg)
+    proc.start()
+    assert proc.wait(10) == 0
+    assert proc.finish() == 0
+    assert seen == ["Z"]

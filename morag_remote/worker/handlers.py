@@ -257,11 +257,30 @@ class HandlerProcess:
         text = b"".join(self._stderr).decode("utf-8", "replace")
         return "\n".join(text.strip().splitlines()[-lines:])
 
-    def wait(self, timeout: float) -> int | None:
+    def exit_code(self) -> int | None:
+        """The handler's exit code once it ended, without reaping it: until :meth:`finish` reaps
+        it, its pid (and so its group id) cannot be given to a new process."""
+        if self.proc.returncode is not None:
+            return self.proc.returncode
         try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+            info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return self.proc.poll()
+        if info is None:
             return None
+        return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+    def running(self) -> bool:
+        return self.proc is not None and self.exit_code() is None
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit code once the handler ended within ``timeout`` seconds (not reaped), else None."""
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self.exit_code()
+            if code is not None or time.monotonic() >= deadline:
+                return code
+            time.sleep(min(0.02, max(deadline - time.monotonic(), 0)))
 
     def _signal_group(self, sig: int) -> None:
         try:
@@ -271,21 +290,25 @@ class HandlerProcess:
 
     def kill(self) -> None:
         """SIGKILL the whole group now (from any thread: a worker that stops at once)."""
-        if self.proc is not None and self.proc.poll() is None:
+        if self.running():
             self._signal_group(signal.SIGKILL)
 
     def stop(self, grace: float) -> int:
         """SIGTERM to the whole group, SIGKILL after ``grace`` seconds; the exit code."""
-        if self.proc.poll() is None:
+        if self.running():
             self._signal_group(signal.SIGTERM)
             if self.wait(grace) is None:
                 self._signal_group(signal.SIGKILL)
         return self.finish()
 
     def finish(self) -> int:
-        """Wait for the process, kill what it left behind in its group, collect the readers."""
+        """Wait for the process, kill what it left behind in its group (before reaping it, so that
+        the group id is still its own), reap it, collect the readers."""
+        while self.exit_code() is None:
+            self.wait(1.0)
+        if self.proc.returncode is None:
+            self._signal_group(signal.SIGKILL)
         code = self.proc.wait()
-        self._signal_group(signal.SIGKILL)
         for t in self._readers:
             t.join(timeout=5)
         return code

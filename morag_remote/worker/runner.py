@@ -423,7 +423,7 @@ class JobRun:
         the job back, so that it does not wait out its lease (unless the lease is gone already,
         or a result was on its way)."""
         try:
-            if self.proc is not None and self.proc.proc is not None and self.proc.proc.poll() is None:
+            if self.proc is not None and self.proc.running():
                 self.proc.stop(0.0 if self.at_once.is_set() else self.w.config.kill_grace)
             if not self.lost.is_set() and not self.submitting:
                 self._hand_back()

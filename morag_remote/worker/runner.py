@@ -24,8 +24,8 @@ import structlog
 
 from ..version import __version__
 from ..client import (ApiError, BadRequest, Client, ClaimedJob, ConfigError, ConnectionFailed, DownloadError,
-                      DownloadStopped, Forbidden, InvalidRequest, LeaseLost, NotFound, PayloadTooLarge, ReleaseUnsupported,
-                      RetryPolicy, Unauthorized, result_body)
+                      DownloadStopped, Forbidden, InvalidRequest, LeaseLost, NotFound, PayloadTooLarge,
+                      ReleaseUnsupported, RetryPolicy, Unauthorized, result_body)
 from .config import WorkerConfig
 from .handlers import HANDLER_MARK, Handler, HandlerError, HandlerProcess, Outcome
 from .metrics import WorkerMetrics

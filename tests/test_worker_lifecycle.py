@@ -3,7 +3,6 @@ restart: each a real gunicorn (leases of 2 s for audio, see ``support.workers.FA
 worker subprocesses. Every wait is a bounded polling loop that ends as soon as it can."""
 from __future__ import annotations
 
-import os
 import signal
 import threading
 
@@ -36,14 +35,6 @@ def gated(folder, gate, content: str) -> str:
                                   f"open(os.path.join(output_dir, 'content.txt'), 'w').write({content!r})\n")
 
 
-def kill_handler_group(worker: WorkerProcess) -> None:
-    for started in worker.named("handler.started"):
-        try:
-            os.killpg(started["pid"], signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
 class Poller:
     """A second worker that long-polls throughout and records every job it is handed."""
 
@@ -71,10 +62,15 @@ class Poller:
 
 
 def test_heartbeats_keep_a_job_three_times_longer_than_its_lease(tmp_path, workers):
-    with served(tmp_path) as srv:
+    # a 3 s lease: heartbeats every second, so that a loaded machine that delays one by a second
+    # does not let the second poller (which reaps lapsed leases) take the job
+    lease = 3
+    env = {"MORAG_REMOTE_LEASE_SECONDS": f'{{"audio": {lease}, "default": 30}}'}
+    with served(tmp_path, env=env) as srv:
         producer = srv.client()
         job_id = producer.create(srv.source("long.mp3", b"audio"), "audio", "ingest-1").job_id
-        worker = start_worker(workers, srv, tmp_path / "w1", "--exec", sleeper(tmp_path / "h", 6.0, "long done"))
+        worker = start_worker(workers, srv, tmp_path / "w1", "--exec",
+                              sleeper(tmp_path / "h", 3.0 * lease, "long done"))
         worker.wait_event("handler.started", job_id=job_id)
         with Poller(srv) as second:
             wait_for(lambda: producer.status(job_id).is_terminal, 90, "the long job to finish")
@@ -90,10 +86,11 @@ def test_kill_9_mid_job_is_requeued_after_the_lease_and_done_by_another_worker(t
         producer = srv.client()
         job_id = producer.create(srv.source("a.mp3", b"audio"), "audio", "ingest-1").job_id
         first = start_worker(workers, srv, tmp_path / "w1", "--exec", sleeper(tmp_path / "h1", 60, "first"))
-        first.wait_event("handler.started", job_id=job_id)
+        started = first.wait_event("handler.started", job_id=job_id)
         first.proc.kill()
         first.wait(30)
-        kill_handler_group(first)  # its orphaned handler, which a real crash may leave too
+        # its handler dies with it (PR_SET_PDEATHSIG), rather than run on unowned
+        wait_for(lambda: not pid_alive(started["pid"]), 10, "the handler to die with its worker")
         second = start_worker(workers, srv, tmp_path / "w2", "--exec", sleeper(tmp_path / "h2", 0.1, "second"))
         wait_for(lambda: producer.status(job_id).is_terminal, 90, "the job to be done again")
         job = producer.get(job_id)
@@ -158,10 +155,14 @@ def test_cancel_while_running_stops_the_handler_and_sends_nothing(tmp_path, work
 
 
 def test_server_down_for_5_s_mid_job_the_worker_retries_and_completes(tmp_path, workers):
-    with served(tmp_path) as srv:
+    # the outage (5 s, plus gunicorn's start) is shorter than the 12 s lease, so the job is still
+    # this worker's when the server is back; the first heartbeat (at about 4 s) falls in it, and
+    # the handler (8 s) ends after it
+    env = {"MORAG_REMOTE_LEASE_SECONDS": '{"audio": 12, "default": 30}'}
+    with served(tmp_path, env=env) as srv:
         producer = srv.client()
         job_id = producer.create(srv.source("a.mp3", b"audio"), "audio", "ingest-1").job_id
-        worker = start_worker(workers, srv, tmp_path / "w1", "--exec", sleeper(tmp_path / "h", 4.0, "survived"))
+        worker = start_worker(workers, srv, tmp_path / "w1", "--exec", sleeper(tmp_path / "h", 8.0, "survived"))
         worker.wait_event("handler.started", job_id=job_id)
         port = srv.url.rsplit(":", 1)[1]
         srv.server.stop()
@@ -171,7 +172,8 @@ def test_server_down_for_5_s_mid_job_the_worker_retries_and_completes(tmp_path, 
         wait_for(lambda: producer.status(job_id).is_terminal, 120, "the job to complete after the restart")
         job = producer.get(job_id)
         assert job.status == "completed" and job.content == "survived" and job.retry_count == 0
-        assert worker.named("heartbeat.failed") or worker.named("result.sent")
+        assert worker.named("heartbeat.failed", job_id=job_id)
+        assert len(worker.named("result.sent", job_id=job_id)) == 1
 
 
 def test_a_restarted_worker_sends_the_result_its_predecessor_could_not(tmp_path, workers):

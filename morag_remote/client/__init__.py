@@ -10,13 +10,13 @@ machine needs nothing else. ::
 """
 from .api import RESULT_RETRY, Client, result_body
 from .errors import (ApiError, BadRequest, ClientError, ConfigError, Conflict, ConnectionFailed, DownloadError,
-                     Forbidden, InvalidRequest, LeaseLost, NotFound, PayloadTooLarge, ReleaseUnsupported,
-                     ServerError, ServiceUnavailable, Unauthorized, WaitTimeout)
+                     DownloadStopped, Forbidden, InvalidRequest, LeaseLost, NotFound, PayloadTooLarge,
+                     ReleaseUnsupported, ServerError, ServiceUnavailable, Unauthorized, WaitTimeout)
 from .http import RetryPolicy
 from .models import TERMINAL_STATUSES, ClaimedJob, CreatedJob, Download, Heartbeat, Job, JobPage, JobStatus, ResultAnswer
 
 __all__ = ["Client", "RetryPolicy", "RESULT_RETRY", "result_body", "TERMINAL_STATUSES",
            "ClaimedJob", "CreatedJob", "Download", "Heartbeat", "Job", "JobPage", "JobStatus", "ResultAnswer",
            "ApiError", "BadRequest", "ClientError", "ConfigError", "Conflict", "ConnectionFailed", "DownloadError",
-           "Forbidden", "InvalidRequest", "LeaseLost", "NotFound", "PayloadTooLarge", "ReleaseUnsupported",
-           "ServerError", "ServiceUnavailable", "Unauthorized", "WaitTimeout"]
+           "DownloadStopped", "Forbidden", "InvalidRequest", "LeaseLost", "NotFound", "PayloadTooLarge",
+           "ReleaseUnsupported", "ServerError", "ServiceUnavailable", "Unauthorized", "WaitTimeout"]

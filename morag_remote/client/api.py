@@ -8,9 +8,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .download import download as _download
 from .errors import ApiError, LeaseLost, ReleaseUnsupported, WaitTimeout
-from .http import RetryPolicy, Transport
+from .http import RESULT_RETRY_STATUSES, RetryPolicy, Transport
 from .models import (TERMINAL_STATUSES, ClaimedJob, CreatedJob, Download, Heartbeat, Job, JobPage, JobStatus, ResultAnswer,
-                     parse_time)
+                     parse_http_date, parse_time)
 
 API = "/api/v1/remote-jobs"
 # A result is the end of an hour of GPU work: retried until the server answers it (or ``stop``).
@@ -43,6 +43,11 @@ class Client:
 
     def close(self) -> None:
         self.transport.close()
+
+    def forget_connection(self) -> None:
+        """Close the calling thread's connection now (a thread that is about to end; it would be
+        closed when the thread object is gone anyway)."""
+        self.transport.discard()
 
     def abort(self) -> None:
         """Break the requests in flight from another thread (a long poll returns at once)."""
@@ -154,9 +159,11 @@ class Client:
                                 "max_jobs": max_jobs, "wait": wait}
         if worker:
             body["worker"] = dict(worker)
-        data = self._json("POST", f"{API}/poll", json_body=body, timeout=self.transport.timeout + wait,
-                          resend=False, stop=stop)
-        return [ClaimedJob.from_json(j) for j in data.get("jobs") or []]
+        response = self.transport.request("POST", f"{API}/poll", json_body=body, timeout=self.transport.timeout + wait,
+                                          resend=False, stop=stop)
+        data = response.json()
+        date = parse_http_date(response.headers.get("date"))
+        return [ClaimedJob.from_json(j, server_date=date) for j in data.get("jobs") or []]
 
     def download(self, job: ClaimedJob | str, dest: str, *, lease_id: str | None = None,
                  stop: threading.Event | None = None, on_bytes: Callable[[int], None] | None = None) -> Download:
@@ -181,9 +188,11 @@ class Client:
             body["message"] = message[:1000]
         if worker:
             body["worker"] = dict(worker)
-        data = self._json("POST", f"{API}/{job_id}/heartbeat", json_body=body, conflict=LeaseLost, stop=stop)
+        response = self.transport.request("POST", f"{API}/{job_id}/heartbeat", json_body=body, conflict=LeaseLost,
+                                          stop=stop)
+        data = response.json()
         return Heartbeat(job_id=data["job_id"], status=data["status"], timeout_at=parse_time(data.get("timeout_at")),
-                         progress=data.get("progress"))
+                         progress=data.get("progress"), server_date=parse_http_date(response.headers.get("date")))
 
     def result(self, job_id: str, *, success: bool, content: str | None = None,
                metadata: Mapping[str, Any] | None = None, error_message: str | None = None,
@@ -198,10 +207,12 @@ class Client:
 
     def send_result(self, job_id: str, body: Mapping[str, Any], *, stop: threading.Event | None = None,
                     retry: RetryPolicy | None = None) -> ResultAnswer:
-        """Send a result body as built by :func:`result_body` (a worker keeps it on disk first)."""
+        """Send a result body as built by :func:`result_body` (a worker keeps it on disk first).
+        Server errors (5xx) are retried like no answer: the same body is answered as the first."""
         headers = {"X-Lease-Id": body["lease_id"]} if body.get("lease_id") else None
         data = self._json("PUT", f"{API}/{job_id}/result", json_body=dict(body), headers=headers,
-                          conflict=LeaseLost, retry=retry or RESULT_RETRY, stop=stop)
+                          conflict=LeaseLost, retry=retry or RESULT_RETRY, stop=stop,
+                          retry_statuses=RESULT_RETRY_STATUSES)
         return ResultAnswer(status=data["status"], ingestion_continued=bool(data.get("ingestion_continued")))
 
     def release(self, job_id: str, *, lease_id: str | None = None,

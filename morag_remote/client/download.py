@@ -18,7 +18,7 @@ import time
 from typing import Callable
 from urllib.parse import unquote, urlsplit
 
-from .errors import ConnectionFailed, DownloadError, LeaseLost
+from .errors import ConnectionFailed, DownloadError, DownloadStopped, LeaseLost
 from .http import RETRY_STATUSES, Response, RetryPolicy, Transport, retry_after_seconds
 from .models import Download
 
@@ -68,25 +68,44 @@ class _Broken(Exception):
     """The stream ended or failed before every byte came; resume."""
 
 
+class _LocalWrite(Exception):
+    """Writing the file failed (a full disk): not the network's fault, so not retried."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def download(transport: Transport, url: str, dest: str, *, lease_id: str | None = None,
              retry: RetryPolicy | None = None, stop: threading.Event | None = None,
              on_bytes: Callable[[int], None] | None = None, timeout: float | None = None) -> Download:
     """Fetch ``url`` into ``dest`` (a file path, or an existing folder: the server's file name is
     used there). A broken stream is resumed with Range; retries follow ``retry`` (counted from the
-    last progress). 409 is LeaseLost; sizes or digest that disagree raise DownloadError."""
+    last progress). 409 is LeaseLost; sizes or digest that disagree raise DownloadError; ``stop``
+    set ends it between two chunks (or during a wait between tries) with DownloadStopped."""
     policy = retry or transport.retry
     target = request_target(transport, url)
-    fetch = _Fetch(transport, target, lease_id, timeout, on_bytes)
+    fetch = _Fetch(transport, target, lease_id, timeout, on_bytes, stop)
     into_folder = os.path.isdir(dest)
     part = os.path.join(dest, ".download.part") if into_folder else dest + ".part"
     failures = 0
     with open(part, "wb") as fh:
         while True:
             try:
+                if stop is not None and stop.is_set():
+                    raise DownloadStopped(f"GET {target.split('?')[0]}: stopped after {fetch.have} bytes")
                 if fetch.step(fh):
                     break
                 failures = 0
                 continue
+            except DownloadStopped:
+                fh.close()
+                _remove(part)
+                raise
+            except _LocalWrite as exc:
+                fh.close()
+                _remove(part)
+                raise exc.error from None
             except _Broken as exc:
                 if fetch.progressed:
                     failures = 0
@@ -107,9 +126,13 @@ def download(transport: Transport, url: str, dest: str, *, lease_id: str | None 
             delay = policy.delay(failures, retry_after, transport.rng)
             if stop is not None and stop.wait(delay):
                 _remove(part)
-                raise failure
+                raise DownloadStopped(f"GET {target.split('?')[0]}: stopped after {fetch.have} bytes") from failure
             if stop is None:
                 time.sleep(delay)
+        written = fh.tell()
+    if fetch.total is not None and written != fetch.total:
+        _remove(part)
+        raise DownloadError(f"the file holds {written} bytes, the server announced {fetch.total}")
     if fetch.digest is not None and fetch.hasher.digest() != fetch.digest:
         _remove(part)
         raise DownloadError(f"the downloaded bytes' sha-256 is {fetch.hasher.hexdigest()}, the server "
@@ -139,8 +162,9 @@ class _Fetch:
     """The state of one download across its requests."""
 
     def __init__(self, transport: Transport, target: str, lease_id: str | None, timeout: float | None,
-                 on_bytes: Callable[[int], None] | None) -> None:
+                 on_bytes: Callable[[int], None] | None, stop: threading.Event | None = None) -> None:
         self.transport = transport
+        self.stop = stop
         self.target = target
         self.lease_id = lease_id
         self.timeout = timeout
@@ -158,6 +182,8 @@ class _Fetch:
         """One request; True when every byte is in. Raises _Broken to resume."""
         self.progressed = False
         headers = {"X-Lease-Id": self.lease_id} if self.lease_id else {}
+        fh.seek(self.have)  # whatever a broken try wrote past what was counted goes
+        fh.truncate()
         if self.have:
             headers["Range"] = f"bytes={self.have}-"
             if self.validator:
@@ -193,6 +219,9 @@ class _Fetch:
             if not match or int(match.group(1)) != self.have:
                 raise DownloadError(f"the server answered Range bytes={self.have}- with "
                                     f"Content-Range {resp.getheader('Content-Range')!r}")
+            if self.total is not None and int(match.group(3)) != self.total:
+                raise DownloadError(f"the resumed answer says the file has {match.group(3)} bytes, the first "
+                                    f"said {self.total}: it changed on the server")
             self.total = int(match.group(3))
             self.resumes += 1
         elif resp.status == 200:
@@ -221,16 +250,21 @@ class _Fetch:
         return True
 
     def _read(self, resp: http.client.HTTPResponse, fh) -> None:
-        try:
-            while True:
-                chunk = resp.read(CHUNK)
-                if not chunk:
-                    return
+        while True:
+            if self.stop is not None and self.stop.is_set():
+                raise DownloadStopped(f"GET {self.target.split('?')[0]}: stopped after {self.have} bytes")
+            try:
+                chunk = resp.read1(CHUNK)  # what has come, so that a slow stream still sees stop
+            except (OSError, http.client.HTTPException) as exc:
+                raise _Broken("the stream broke") from exc
+            if not chunk:
+                return
+            try:
                 fh.write(chunk)
-                self.hasher.update(chunk)
-                self.have += len(chunk)
-                self.progressed = True
-                if self.on_bytes is not None:
-                    self.on_bytes(len(chunk))
-        except (OSError, http.client.HTTPException) as exc:
-            raise _Broken("the stream broke") from exc
+            except OSError as exc:
+                raise _LocalWrite(exc) from exc
+            self.hasher.update(chunk)
+            self.have += len(chunk)
+            self.progressed = True
+            if self.on_bytes is not None:
+                self.on_bytes(len(chunk))

@@ -122,6 +122,11 @@ class DownloadError(ClientError):
     """The downloaded bytes are not what the server announced (size or sha-256)."""
 
 
+class DownloadStopped(ClientError):
+    """The ``stop`` event given to a download was set: it ended between two chunks, its partial
+    file removed."""
+
+
 class WaitTimeout(ClientError, TimeoutError):
     """:meth:`Client.wait` gave up before the job reached a terminal state."""
 

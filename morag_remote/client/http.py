@@ -3,11 +3,12 @@ of transient failures with capped exponential backoff and jitter.
 
 Standard library only, so that a worker machine needs nothing but this package. What counts as
 transient: no connection (refused, reset, DNS), a timeout, a broken answer, and the statuses 502,
-503 and 504 (and 429), whose ``Retry-After`` is honoured. A request that may have reached the
-server (anything after the bytes were sent) is sent again only when the caller says it is safe
-(``resend=True``: creates carry an ``Idempotency-Key``, heartbeats and results are idempotent), with
-one exception every HTTP client makes: a kept-alive connection that the server had closed before
-answering is retried once at once on a fresh connection.
+503 and 504 (and 429), whose ``Retry-After`` is honoured (for a request that may not be resent,
+only 503 and 429: a proxy's 502 or 504 does not say the server did nothing). A request that may
+have reached the server (anything after the bytes were sent) is sent again only when the caller
+says it is safe (``resend=True``: creates carry an ``Idempotency-Key``, heartbeats and results are
+idempotent); a kept-alive connection that the server had closed before answering is retried once
+at once on a fresh connection, for such a request, or for any whose bytes could not all be written.
 """
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import email.utils
 import http.client
 import json
 import random
+import select
 import socket
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 from urllib.parse import urlencode, urlsplit
@@ -25,6 +28,12 @@ from urllib.parse import urlencode, urlsplit
 from .errors import ApiError, ClientError, ConfigError, ConnectionFailed, Conflict, error_for
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# a result is idempotent and the end of long work: any server error may be passing (a full disk, a
+# restart), so it is sent again like after no answer (not 501 or 505, which say it never can be)
+# what a request that may not be resent is retried on: the server says it did nothing (a 502 or 504
+# from a proxy does not: the upstream may have acted before the proxy gave up)
+UNSENT_RETRY_STATUSES = frozenset({429, 503})
+RESULT_RETRY_STATUSES = frozenset({429, *range(500, 600)}) - {501, 505}
 MAX_ERROR_BODY = 64 * 1024
 
 
@@ -45,7 +54,7 @@ class RetryPolicy:
 
     def delay(self, retry: int, retry_after: float | None = None,
               rng: Callable[[], float] = random.random) -> float:
-        full = min(self.cap, self.base * 2 ** max(retry - 1, 0))
+        full = min(self.cap, self.base * 2.0 ** min(max(retry - 1, 0), 60))  # no overflow after 1024 tries
         delay = full / 2 + rng() * full / 2
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.max_retry_after))
@@ -71,15 +80,23 @@ class _Attempt:
 
     response: Response | None = None
     error: BaseException | None = None
-    sent: bool = False
+    sent: bool = False     # the request may have been seen (we began to send it)
+    written: bool = False  # every byte of it went out
     stale: bool = False
 
 
 @dataclass(eq=False)  # hashed by identity: kept in a set of live connections
 class _Conn:
+    """A thread's connection. Only the thread-local holds it strongly: when the thread ends, the
+    finalizer closes the socket (a worker starts threads per job; their connections must not pile
+    up until the process runs out of file descriptors)."""
+
     conn: http.client.HTTPConnection
     used: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.closer = weakref.finalize(self, self.conn.close)
 
 
 def parse_base_url(base_url: str) -> tuple[str, str, int | None, str]:
@@ -108,8 +125,20 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def _dropped(sock: socket.socket | None) -> bool:
+    """Whether an idle kept-alive socket was closed by the server (readable with nothing to read)."""
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and not sock.recv(1, socket.MSG_PEEK)
+    except (OSError, ValueError):
+        return True
+
+
 class Transport:
-    """HTTP to one service. Thread-safe: each thread keeps its own connection."""
+    """HTTP to one service. Thread-safe: each thread keeps its own connection, closed when the
+    thread ends (or at once by :meth:`discard`)."""
 
     def __init__(self, base_url: str, key: str, timeout: float = 30.0, retry: RetryPolicy | None = None,
                  user_agent: str = "morag-remote-client",
@@ -124,7 +153,7 @@ class Transport:
         self._headers = {"Authorization": f"Bearer {key}", "User-Agent": user_agent,
                          "Accept": "application/json, application/problem+json"}
         self._local = threading.local()
-        self._live: set[_Conn] = set()
+        self._live: weakref.WeakSet[_Conn] = weakref.WeakSet()  # for abort() and close()
         self._live_lock = threading.Lock()
 
     def __repr__(self) -> str:  # never the key
@@ -148,7 +177,7 @@ class Transport:
             self._local.conn = None
             with self._live_lock:
                 self._live.discard(held)
-            held.conn.close()
+            held.closer()
 
     def abort(self) -> None:
         """Break every connection in use (from another thread): a long poll in flight returns at
@@ -165,9 +194,9 @@ class Transport:
 
     def close(self) -> None:
         with self._live_lock:
-            live, self._live = list(self._live), set()
+            live, self._live = list(self._live), weakref.WeakSet()
         for held in live:
-            held.conn.close()
+            held.closer()
 
     def url_path(self, path: str, query: Mapping[str, Any] | None = None) -> str:
         """``path`` (absolute, from the API root) under the base URL's own path, with ``query``."""
@@ -197,12 +226,16 @@ class Transport:
             raise
 
     def discard(self) -> None:
-        """Forget this thread's connection (after a stream that was not read to its end)."""
+        """Close and forget this thread's connection (after a stream that was not read to its end,
+        or when a thread is done with the service)."""
         self._drop()
 
     def _once(self, method: str, path: str, body: bytes | None, headers: dict[str, str],
               timeout: float) -> _Attempt:
         held = self._connection()
+        if held.used and _dropped(held.conn.sock):  # the server closed it while it was idle
+            self._drop()
+            held = self._connection()
         reused = held.used > 0
         conn = held.conn
         conn.timeout = timeout
@@ -213,6 +246,7 @@ class Transport:
             conn.sock.settimeout(timeout)
             attempt.sent = True  # from here on the server may have seen it
             conn.request(method, path, body=body, headers=headers)
+            attempt.written = True
             raw = conn.getresponse()
             data = raw.read()
             held.used += 1
@@ -229,33 +263,38 @@ class Transport:
     def request(self, method: str, path: str, *, query: Mapping[str, Any] | None = None, json_body: Any = None,
                 headers: Mapping[str, str] | None = None, timeout: float | None = None,
                 retry: RetryPolicy | None = None, resend: bool = True, stop: threading.Event | None = None,
-                conflict: type[Conflict] = Conflict) -> Response:
+                conflict: type[Conflict] = Conflict, retry_statuses: frozenset[int] | None = None) -> Response:
         """Send a request, retrying transient failures; the answer when its status is below 400.
 
         An error status raises the matching :class:`ApiError`; no answer after the retries raises
         :class:`ConnectionFailed`. ``stop`` cuts the waits between tries short (the last failure is
         raised then); ``resend=False`` retries only failures that happened before the request was
-        sent.
+        sent and the statuses 503 and 429. ``retry_statuses`` replaces the error statuses retried
+        (default RETRY_STATUSES).
         """
         policy = retry or self.retry
         target = self.url_path(path, query)
         all_headers = dict(self._headers, **(headers or {}))
         body = None
         if json_body is not None:
-            body = json.dumps(json_body).encode()
+            body = json.dumps(json_body, ensure_ascii=False).encode()  # "\u00fc" is 6 bytes, "ü" 2
             all_headers["Content-Type"] = "application/json"
         tries = 0
         while True:
             tries += 1
             attempt = self._once(method, target, body, all_headers, timeout or self.timeout)
-            if attempt.error is not None and attempt.stale:
+            if attempt.error is not None and attempt.stale and (resend or not attempt.written) \
+                    and not (stop is not None and stop.is_set()):
+                # a kept-alive connection the server had closed: again at once on a new one; but
+                # not a request that went out whole and may not be resent (the server may have
+                # read it before the connection broke: a poll), nor once told to stop
                 attempt = self._once(method, target, body, all_headers, timeout or self.timeout)
             response = attempt.response
             if response is not None and response.status < 400:
                 return response
             if response is not None:
                 failure: ClientError = self._error(method, path, response, conflict)
-                retryable = response.status in RETRY_STATUSES
+                retryable = response.status in (retry_statuses or (RETRY_STATUSES if resend else UNSENT_RETRY_STATUSES))
                 retry_after = retry_after_seconds(response.headers.get("retry-after"))
                 reason = str(response.status)
             else:

@@ -2,11 +2,22 @@
 so a field the service adds later is readable before this module names it."""
 from __future__ import annotations
 
+import email.utils
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 TERMINAL_STATUSES = frozenset({"completed", "failed", "timeout", "cancelled"})
+
+
+def parse_http_date(value: str | None) -> datetime | None:
+    """An HTTP ``Date`` header (whole seconds, UTC), or None."""
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -37,13 +48,14 @@ class ClaimedJob:
     timeout_at: datetime | None
     retry_count: int
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    server_date: datetime | None = None  # the poll answer's Date: the lease is timeout_at minus it
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "ClaimedJob":
+    def from_json(cls, data: dict[str, Any], server_date: datetime | None = None) -> "ClaimedJob":
         return cls(job_id=data["job_id"], source_file_url=data["source_file_url"],
                    content_type=data["content_type"], task_options=data.get("task_options") or {},
                    lease_id=data.get("lease_id"), timeout_at=parse_time(data.get("timeout_at")),
-                   retry_count=int(data.get("retry_count") or 0), raw=data)
+                   retry_count=int(data.get("retry_count") or 0), raw=data, server_date=server_date)
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,7 @@ class Heartbeat:
     status: str
     timeout_at: datetime | None
     progress: float | None
+    server_date: datetime | None = None  # the answer's Date header
 
 
 @dataclass(frozen=True)

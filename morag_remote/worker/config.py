@@ -1,6 +1,8 @@
 """The worker's settings: command-line flags, then ``MORAG_REMOTE_WORKER_*`` environment variables,
 then an optional TOML file (``--config`` or ``MORAG_REMOTE_WORKER_CONFIG``), then the defaults; the
-first that sets a value wins. ``--print-config`` shows the result with the key masked.
+first that sets a value wins (the key and the handler as pairs: ``--key-file`` beats the
+environment's ``KEY``, ``--handler`` a file's ``exec``). ``--print-config`` shows the result with
+the key masked.
 
 Each setting has one name everywhere: ``--content-types`` is ``MORAG_REMOTE_WORKER_CONTENT_TYPES``
 and ``content_types`` in the file.
@@ -77,6 +79,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise ValueError("must be a number of seconds above 0")
+    return value
+
+
 def _types(value: Any) -> list[str]:
     items = value if isinstance(value, list) else str(value).split(",")
     out = [str(v).strip() for v in items if str(v).strip()]
@@ -108,10 +117,13 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "handler": str, "concurrency": lambda v: _positive_int(str(v)), "state_dir": str,
     "grace": lambda v: _seconds(str(v)), "kill_grace": lambda v: _seconds(str(v)),
     "max_runtime": lambda v: _pairs(v, _seconds), "poll_wait": lambda v: _seconds(str(v)),
-    "timeout": lambda v: _seconds(str(v)), "max_output": lambda v: _positive_int(str(v)),
+    "timeout": lambda v: _positive_seconds(str(v)), "max_output": lambda v: _positive_int(str(v)),
     "metrics_port": lambda v: _positive_int(str(v)), "metrics_host": str, "log_level": str,
     "labels": lambda v: _pairs(v, str),
 }
+
+
+PAIRS = (("key", "key_file"), ("exec", "handler"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +187,15 @@ def load(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
                                    if environ.get(ENV_PREFIX + name.upper())}))
     if config_path:
         layers.append((f"config file {config_path}", _from_file(config_path)))
+    # settings that come in pairs (a key or its file, one handler or the other) are taken whole
+    # from the first layer that sets either: --key-file beats the environment's KEY, --handler a
+    # file's exec
+    for pair in PAIRS:
+        first = next((layer for _, layer in layers if any(n in layer for n in pair)), None)
+        for _, layer in layers:
+            if layer is not first:
+                for n in pair:
+                    layer.pop(n, None)
     values: dict[str, Any] = {}
     for name, parse in PARSERS.items():
         for where, layer in layers:

@@ -16,6 +16,7 @@ A stdout line ``progress 0.42 transcribing`` reports progress.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -38,7 +39,71 @@ EX_DATAERR = 65
 LINE_LIMIT = 64 * 1024
 STDERR_TAIL = 64 * 1024
 MAX_ERROR_MESSAGE = 4000
+HANDLER_MARK = "MORAG_REMOTE_HANDLER_OF"  # in each handler's environment: the state folder it belongs to
+PR_SET_PDEATHSIG = 1
 _PROGRESS = re.compile(rb"^progress\s+([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)(?:\s+(.*?))?\s*$")
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # looked up once, here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
+def _dies_with(parent: int) -> Callable[[], None] | None:
+    """A preexec_fn (Linux) that has the kernel SIGKILL the handler when the thread that started it
+    dies, so that ``kill -9`` of the worker takes its handlers' leaders along (the rest of their
+    groups are killed at the worker's next start, see StateDir.open). The thread that starts a
+    handler waits for it to end, so it outlives it in every other case."""
+    if _PRCTL is None:
+        return None
+    prctl = _PRCTL
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the worker died before the line above
+            os._exit(1)
+    return preexec
+
+
+def kill_leftovers(mark: str) -> list[int]:
+    """SIGKILL every process whose environment carries ``HANDLER_MARK=mark``: what the handlers of
+    a worker that was killed left running (Linux; nothing elsewhere). The pids killed."""
+    needle = f"{HANDLER_MARK}={mark}".encode() + b"\0"
+    killed: list[int] = []
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return killed
+    for pid in pids:
+        if pid == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                environ = fh.read()
+        except OSError:
+            continue
+        if environ.startswith(needle) or b"\0" + needle in environ:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except OSError:
+                pass
+    return killed
+
+
+def signal_name(number: int) -> str:
+    """``SIGKILL``; ``signal 34`` for one Python has no name for (the real-time signals)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 class HandlerError(Exception):
@@ -154,7 +219,8 @@ class HandlerProcess:
     def start(self) -> None:
         try:
             self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                                         preexec_fn=_dies_with(os.getpid()))
         except OSError as exc:
             raise HandlerError(f"the handler cannot be started: {self.argv[0]}: {exc.strerror or exc}") from None
         self.started = time.monotonic()
@@ -191,11 +257,30 @@ class HandlerProcess:
         text = b"".join(self._stderr).decode("utf-8", "replace")
         return "\n".join(text.strip().splitlines()[-lines:])
 
-    def wait(self, timeout: float) -> int | None:
+    def exit_code(self) -> int | None:
+        """The handler's exit code once it ended, without reaping it: until :meth:`finish` reaps
+        it, its pid (and so its group id) cannot be given to a new process."""
+        if self.proc.returncode is not None:
+            return self.proc.returncode
         try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+            info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return self.proc.poll()
+        if info is None:
             return None
+        return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+    def running(self) -> bool:
+        return self.proc is not None and self.exit_code() is None
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit code once the handler ended within ``timeout`` seconds (not reaped), else None."""
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self.exit_code()
+            if code is not None or time.monotonic() >= deadline:
+                return code
+            time.sleep(min(0.02, max(deadline - time.monotonic(), 0)))
 
     def _signal_group(self, sig: int) -> None:
         try:
@@ -203,18 +288,27 @@ class HandlerProcess:
         except (ProcessLookupError, PermissionError):
             pass
 
+    def kill(self) -> None:
+        """SIGKILL the whole group now (from any thread: a worker that stops at once)."""
+        if self.running():
+            self._signal_group(signal.SIGKILL)
+
     def stop(self, grace: float) -> int:
         """SIGTERM to the whole group, SIGKILL after ``grace`` seconds; the exit code."""
-        if self.proc.poll() is None:
+        if self.running():
             self._signal_group(signal.SIGTERM)
             if self.wait(grace) is None:
                 self._signal_group(signal.SIGKILL)
         return self.finish()
 
     def finish(self) -> int:
-        """Wait for the process, kill what it left behind in its group, collect the readers."""
+        """Wait for the process, kill what it left behind in its group (before reaping it, so that
+        the group id is still its own), reap it, collect the readers."""
+        while self.exit_code() is None:
+            self.wait(1.0)
+        if self.proc.returncode is None:
+            self._signal_group(signal.SIGKILL)
         code = self.proc.wait()
-        self._signal_group(signal.SIGKILL)
         for t in self._readers:
             t.join(timeout=5)
         return code
@@ -230,7 +324,7 @@ class HandlerProcess:
             return Outcome(True, content=content, metadata=metadata)
         tail = self.stderr_tail()
         if code < 0:
-            reason = f"the handler was killed by signal {signal.Signals(-code).name}"
+            reason = f"the handler was killed by {signal_name(-code)}"
         else:
             reason = f"the handler exited with {code}"
         message = f"{reason}: {tail}" if tail else reason

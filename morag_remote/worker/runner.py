@@ -23,11 +23,11 @@ from typing import Any
 import structlog
 
 from ..version import __version__
-from ..client import (ApiError, Client, ClaimedJob, ConfigError, ConnectionFailed, DownloadError, Forbidden,
-                      InvalidRequest, LeaseLost, NotFound, ReleaseUnsupported, RetryPolicy, Unauthorized,
-                      result_body)
+from ..client import (ApiError, BadRequest, Client, ClaimedJob, ConfigError, ConnectionFailed, DownloadError,
+                      DownloadStopped, Forbidden, InvalidRequest, LeaseLost, NotFound, PayloadTooLarge,
+                      ReleaseUnsupported, RetryPolicy, Unauthorized, result_body)
 from .config import WorkerConfig
-from .handlers import Handler, HandlerError, HandlerProcess, Outcome
+from .handlers import HANDLER_MARK, Handler, HandlerError, HandlerProcess, Outcome
 from .metrics import WorkerMetrics
 from .state import PendingResult, StateDir
 
@@ -36,20 +36,28 @@ EX_CONFIG = 2
 HANDBACK_RETRY = RetryPolicy(attempts=5, base=0.25, cap=2.0)
 POLL_BACKOFF = RetryPolicy(attempts=None, base=0.5, cap=15.0)
 MIN_HEARTBEAT = 0.1
+MIN_LEASE = 1.0  # the least lease a heartbeat interval assumes is left (a third of it)
+MIN_POLL_INTERVAL = 1.0  # between the starts of two polls answered empty (a --poll-wait 0 short poll)
 
 
 class Fatal(Exception):
     """The server refused this worker for good (its key, its poll): one line and stop."""
 
 
-def heartbeat_interval(timeout_at: datetime | None, default: float = 60.0) -> float:
+def heartbeat_interval(timeout_at: datetime | None, default: float = 60.0,
+                       server_now: datetime | None = None) -> float:
     """A third of what is left of the lease (the server sets ``timeout_at`` on the claim and on
-    each heartbeat), so two heartbeats may be lost before it lapses. Assumes the worker's clock
-    agrees with the server's to well within a lease (NTP)."""
+    each heartbeat), so two heartbeats may be lost before it lapses. What is left is measured on
+    the server's clock: ``timeout_at`` minus the answer's ``Date`` (less a second, the header's
+    resolution), so a worker whose clock is off neither spins nor lets its leases lapse; the
+    worker's own clock only when the answer had no Date. Never less than MIN_LEASE."""
     if timeout_at is None:
         return default
-    remaining = (timeout_at - datetime.now(timezone.utc)).total_seconds()
-    return max(MIN_HEARTBEAT, min(remaining / 3, 600.0))
+    if server_now is not None:
+        remaining = (timeout_at - server_now).total_seconds() - 1.0
+    else:
+        remaining = (timeout_at - datetime.now(timezone.utc)).total_seconds()
+    return min(max(remaining, MIN_LEASE) / 3, 600.0)
 
 
 class Worker:
@@ -69,7 +77,9 @@ class Worker:
         self.forced = threading.Event()
         self.results_stop = threading.Event()
         self.changed = threading.Condition()
-        self.runs: dict[str, JobRun] = {}
+        # by (job id, lease id): a job whose lease was lost may be handed to this worker again
+        # while the old run is still winding down
+        self.runs: dict[tuple[str, str | None], JobRun] = {}
         self.fatal: str | None = None
         self.poll_wait = config.poll_wait
         self.max_jobs = 10
@@ -166,14 +176,18 @@ class Worker:
         with self.changed:
             while self.runs and time.monotonic() < end and not self.forced.is_set():
                 self.changed.wait(0.2)
-        if self.forced.is_set():
+        if self.forced.is_set():  # a second signal: the handlers die now, from this thread
             for run in list(self.runs.values()):
+                run.kill_handler()
                 run.hand_back(at_once=True)
         self.results_stop.set()
         end = time.monotonic() + 15
         with self.changed:
             while self.runs and time.monotonic() < end:
                 self.changed.wait(0.2)
+        # the process is about to exit: no handler may outlive it (their threads are daemons)
+        for run in list(self.runs.values()):
+            run.kill_handler()
         self.client.close()
         self.poll_client.close()
         if self.undelivered:
@@ -191,10 +205,16 @@ class Worker:
             return self.config.concurrency - len(self.runs)
 
     def _serve(self) -> None:
-        self._resend_pending()
+        try:
+            self._resend_pending()
+        except Exception as exc:  # noqa: BLE001 - the poll must start anyway; the files stay for the next start
+            self.log.exception("result.resend_crashed", error=f"{type(exc).__name__}: {exc}")
         self._poll_loop()
 
     def _poll_loop(self) -> None:
+        """Poll until the drain. An unexpected error (a bug, an answer that is not JSON) is
+        logged and backed off like a failed poll, and the loop goes on: a worker whose poll
+        thread died would stay up doing nothing, which systemd cannot see."""
         failures = early = 0
         while not self.draining.is_set():
             free = self._free_slots()
@@ -213,6 +233,8 @@ class Worker:
                     self.log.warning("worker.announce_unsupported", detail=exc.detail)
                     self.announce = None
                     continue
+                if self._ask_less(exc, min(free, self.max_jobs)):
+                    continue
                 self._set_fatal(f"the server refused the poll (422): {exc.detail} {json.dumps(exc.errors)}")
                 return
             except (ConnectionFailed, ApiError) as exc:
@@ -222,34 +244,63 @@ class Worker:
                 self.log.warning("poll.failed", error=str(exc), failures=failures)
                 self.draining.wait(POLL_BACKOFF.delay(failures))
                 continue
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                failures += 1
+                self.log.exception("poll.crashed", error=f"{type(exc).__name__}: {exc}", failures=failures)
+                self.draining.wait(POLL_BACKOFF.delay(failures))
+                continue
             failures = 0
             for job in claimed:
                 self._start(job, hand_back=self.draining.is_set())
             if claimed:
                 early = 0
                 continue
-            if time.monotonic() - started < self.poll_wait / 2:
+            elapsed = time.monotonic() - started
+            if self.poll_wait > 0 and elapsed < self.poll_wait / 2:
                 early += 1  # answered well before the wait was up: the server is busy or refusing waiters
                 self.draining.wait(POLL_BACKOFF.delay(early))
             else:
                 early = 0
+                if elapsed < MIN_POLL_INTERVAL:  # a short poll (--poll-wait 0) must not spin
+                    self.draining.wait(MIN_POLL_INTERVAL - elapsed)
+
+    def _ask_less(self, refused: InvalidRequest, asked_jobs: int) -> bool:
+        """A poll refused (422) for its ``wait`` or ``max_jobs``: the server's maxima are lower
+        than the worker knew (preflight could not read them). Halve what was refused and go on;
+        False when there is nothing left to halve."""
+        changed = False
+        if "wait" in refused.errors and self.poll_wait >= 1:
+            self.poll_wait = float(int(self.poll_wait / 2)) if self.poll_wait >= 2 else 0.0
+            changed = True
+        if "max_jobs" in refused.errors and asked_jobs > 1:
+            self.max_jobs = asked_jobs // 2
+            changed = True
+        if changed:
+            self.log.warning("poll.asking_less", poll_wait=self.poll_wait, max_jobs=self.max_jobs,
+                             detail=refused.detail, errors=refused.errors)
+        return changed
 
     def _set_fatal(self, message: str) -> None:
         self.fatal = message
         self.draining.set()
 
+    def track(self, run: "JobRun") -> None:
+        with self.changed:
+            self.runs[(run.job.job_id, run.job.lease_id)] = run
+            self.metrics.running.set(len(self.runs))
+
     def _start(self, job: ClaimedJob, hand_back: bool = False) -> None:
         run = JobRun(self, job)
-        with self.changed:
-            self.runs[job.job_id] = run
-            self.metrics.running.set(len(self.runs))
+        self.track(run)
         if hand_back:  # claimed by a poll that was in flight when the drain began
             run.hand_back(at_once=True)
         threading.Thread(target=run.run, name=f"job-{job.job_id}", daemon=True).start()
 
     def finished(self, run: "JobRun") -> None:
+        key = (run.job.job_id, run.job.lease_id)
         with self.changed:
-            self.runs.pop(run.job.job_id, None)
+            if self.runs.get(key) is run:
+                del self.runs[key]
             self.metrics.running.set(len(self.runs))
             self.changed.notify_all()
 
@@ -260,27 +311,59 @@ class Worker:
             if self.draining.is_set():
                 return
             log = self.log.bind(job_id=pending.job_id)
-            log.info("result.resending", path=os.path.basename(pending.path))
+            log.info("result.resending", path=os.path.basename(pending.path or ""))
             self.deliver(pending, log, stop=self.draining)
 
-    def deliver(self, pending: PendingResult, log: Any, stop: threading.Event | None = None) -> bool:
+    def deliver(self, pending: PendingResult, log: Any, stop: threading.Event | None = None,
+                replacement: bool = False) -> bool:
         """Send a saved result until the server answers; True when it is settled (accepted, or
-        refused for good: the job moved on). A result still unsent when the worker stops stays
-        in the state folder."""
+        refused for good: the job moved on). Server errors are retried (the heartbeats go on
+        meanwhile). A result the server cannot take (413 too large, 400/422 refused) is replaced
+        by a failure result that says why, so the job does not wait out its lease and run again
+        elsewhere for nothing. A result still unsent when the worker stops stays in the state
+        folder."""
+        path = os.path.basename(pending.path) if pending.path else None
         try:
             answer = self.client.send_result(pending.job_id, pending.body, stop=stop or self.results_stop)
-        except (LeaseLost, NotFound, InvalidRequest) as exc:
+        except (PayloadTooLarge, BadRequest, InvalidRequest) as exc:
+            log.warning("result.refused", status=exc.status, detail=exc.detail)
+            self.state.done(pending)
+            if replacement:
+                return True  # the failure result sent instead was refused too: nothing else to try
+            return self._replace_refused(pending, exc, log, stop)
+        except (LeaseLost, NotFound) as exc:
             log.warning("result.refused", status=exc.status, detail=exc.detail)
             self.state.done(pending)
             return True
         except (ConnectionFailed, ApiError) as exc:
             with self._lock:
                 self.undelivered += 1
-            log.error("result.undelivered", error=str(exc), kept=os.path.basename(pending.path))
+            log.error("result.undelivered", error=str(exc), kept=path)
             return False
         self.state.done(pending)
         log.info("result.sent", success=pending.body.get("success"), status=answer.status)
         return True
+
+    def _replace_refused(self, pending: PendingResult, refused: ApiError, log: Any,
+                         stop: threading.Event | None) -> bool:
+        size = len(json.dumps(pending.body, ensure_ascii=False).encode())
+        if isinstance(refused, PayloadTooLarge):
+            message = (f"the server refused the result (413): its {size} bytes are more than the server "
+                       f"accepts; make the handler's output smaller")
+        else:
+            message = f"the server refused the result ({refused.status}): {refused.detail}"[:4000]
+        body = result_body(success=False, error_message=message, retryable=not isinstance(refused, PayloadTooLarge),
+                           lease_id=pending.lease_id, processing_time=pending.body.get("processing_time"))
+        return self.deliver(self.save_result(pending.job_id, pending.lease_id, body, log), log, stop, replacement=True)
+
+    def save_result(self, job_id: str, lease_id: str | None, body: dict[str, Any], log: Any) -> PendingResult:
+        """The result written to the state folder; when that fails (a full disk), logged, and
+        kept in memory only: it is still sent."""
+        try:
+            return self.state.save(job_id, lease_id, body)
+        except OSError as exc:
+            log.error("result.not_saved", error=f"{exc.strerror or exc}", state_dir=self.state.root)
+            return PendingResult(job_id, lease_id, body, None)
 
     def release_fallback_noted(self) -> None:
         with self._lock:
@@ -300,14 +383,23 @@ class JobRun:
         self.lost = threading.Event()       # 409/404 to a heartbeat: stop, send nothing
         self.release = threading.Event()    # the drain's grace is over: stop and hand the job back
         self.at_once = threading.Event()    # a second signal: no grace for the handler either
+        self.halt = threading.Event()       # lost or release: what a download in progress watches
         self.hb_stop = threading.Event()
         self.progress: tuple[float | None, str | None] = (None, None)
+        self.proc: HandlerProcess | None = None
+        self.claimed_at = time.monotonic()
+        self.submitting = False  # a result went to deliver(): from then on it is the result that hands it on
         self.folder = os.path.join(worker.state.work, f"{_safe(job.job_id)}-{random.randrange(16**6):06x}")
+
+    def kill_handler(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
 
     def hand_back(self, at_once: bool) -> None:
         if at_once:
             self.at_once.set()
         self.release.set()
+        self.halt.set()
 
     def run(self) -> None:
         heartbeats = threading.Thread(target=self._heartbeats, name=f"hb-{self.job.job_id}", daemon=True)
@@ -319,10 +411,24 @@ class JobRun:
                 self._submit(outcome)
         except Exception:
             self.log.exception("job.crashed")
+            self._after_crash()
         finally:
             self.hb_stop.set()
+            self.w.client.forget_connection()  # one thread per job: its connection goes with it
             shutil.rmtree(self.folder, ignore_errors=True)
             self.w.finished(self)
+
+    def _after_crash(self) -> None:
+        """An unexpected error (a full disk, a bug): stop the handler if it still runs and hand
+        the job back, so that it does not wait out its lease (unless the lease is gone already,
+        or a result was on its way)."""
+        try:
+            if self.proc is not None and self.proc.running():
+                self.proc.stop(0.0 if self.at_once.is_set() else self.w.config.kill_grace)
+            if not self.lost.is_set() and not self.submitting:
+                self._hand_back()
+        except Exception:  # noqa: BLE001 - nothing more can be done here; the lease will lapse
+            self.log.exception("job.hand_back_crashed")
 
     def _stop_reason(self) -> str | None:
         if self.lost.is_set():
@@ -340,14 +446,15 @@ class JobRun:
             self._hand_back()
             return None
         try:
-            source = self.w.client.download(self.job, inputs, stop=self.lost,
+            source = self.w.client.download(self.job, inputs, stop=self.halt,
                                             on_bytes=self.w.metrics.download_bytes.inc)
         except LeaseLost as exc:
             self.log.warning("job.lease_lost", during="download", detail=exc.detail)
             return None
-        except (DownloadError, ConnectionFailed, ApiError, OSError) as exc:
-            if self.lost.is_set():
-                return None
+        except (DownloadStopped, DownloadError, ConnectionFailed, ApiError, OSError) as exc:
+            if self._stop_reason():
+                self.log.info("job.download_stopped", reason=self._stop_reason(), error=str(exc))
+                return self._after_stop()
             self.log.warning("job.download_failed", error=str(exc))
             return Outcome(False, error_message=f"the worker could not download the source: {exc}", retryable=True)
         self.log.info("job.downloaded", bytes=source.size, resumed=source.resumed, digest_checked=source.digest_checked)
@@ -355,10 +462,11 @@ class JobRun:
             return self._after_stop()
         argv = self.w.handler.command(source.path, output, self.job.job_id, self.job.content_type)
         env = dict(os.environ, MORAG_REMOTE_TASK_OPTIONS=json.dumps(self.job.task_options),
-                   MORAG_REMOTE_JOB_ID=self.job.job_id, MORAG_REMOTE_CONTENT_TYPE=self.job.content_type)
+                   MORAG_REMOTE_JOB_ID=self.job.job_id, MORAG_REMOTE_CONTENT_TYPE=self.job.content_type,
+                   **{HANDLER_MARK: self.w.state.root})
         for secret in ("MORAG_REMOTE_WORKER_KEY",):
             env.pop(secret, None)
-        proc = HandlerProcess(argv, self.folder, env, self.w.config.max_output, self._on_progress)
+        proc = self.proc = HandlerProcess(argv, self.folder, env, self.w.config.max_output, self._on_progress)
         try:
             proc.start()
         except HandlerError as exc:
@@ -397,10 +505,11 @@ class JobRun:
         return None
 
     def _submit(self, outcome: Outcome) -> None:
+        self.submitting = True
         body = result_body(success=outcome.success, content=outcome.content, metadata=outcome.metadata,
                            error_message=outcome.error_message, processing_time=outcome.processing_time,
                            retryable=None if outcome.success else outcome.retryable, lease_id=self.job.lease_id)
-        pending = self.w.state.save(self.job.job_id, self.job.lease_id, body)
+        pending = self.w.save_result(self.job.job_id, self.job.lease_id, body, self.log)
         if self.w.deliver(pending, self.log):
             self.w.metrics.finished.labels(outcome="success" if outcome.success else "failure").inc()
 
@@ -437,23 +546,36 @@ class JobRun:
         self.progress = (fraction, message)
 
     def _heartbeats(self) -> None:
-        interval = heartbeat_interval(self.job.timeout_at)
-        while not self.hb_stop.wait(interval):
+        try:
+            self._heartbeat_loop()
+        finally:
+            self.w.client.forget_connection()
+
+    def _heartbeat_loop(self) -> None:
+        # on the monotonic clock: the first from the claim, each next from when the heartbeat
+        # before it was sent, by a third of the lease the server's clock says is left
+        next_at = self.claimed_at + heartbeat_interval(self.job.timeout_at, server_now=self.job.server_date)
+        interval = next_at - self.claimed_at
+        while not self.hb_stop.wait(max(0.0, next_at - time.monotonic())):
+            sent = time.monotonic()
             fraction, message = self.progress
             try:
                 answer = self.w.client.heartbeat(self.job.job_id, lease_id=self.job.lease_id, progress=fraction,
                                                  message=message, worker=self.w.announce, stop=self.hb_stop)
-                interval = heartbeat_interval(answer.timeout_at, interval)
+                interval = heartbeat_interval(answer.timeout_at, interval, server_now=answer.server_date)
+                next_at = sent + interval
             except (LeaseLost, NotFound) as exc:
                 if not self.hb_stop.is_set():
                     self.log.warning("job.lease_lost", during="heartbeat", detail=exc.detail)
                     self.lost.set()
+                    self.halt.set()
                 return
             except (ConnectionFailed, ApiError) as exc:
                 if self.hb_stop.is_set():
                     return
                 self.log.warning("heartbeat.failed", error=str(exc))
                 interval = max(MIN_HEARTBEAT, interval / 2)
+                next_at = time.monotonic() + interval
 
 
 def _safe(text: str) -> str:

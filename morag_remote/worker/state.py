@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -27,7 +28,7 @@ class PendingResult:
     job_id: str
     lease_id: str | None
     body: dict[str, Any]
-    path: str
+    path: str | None  # None: it could not be saved (sent from memory only)
 
 
 class StateDir:
@@ -52,7 +53,23 @@ class StateDir:
             raise ConfigError(f"--state-dir {self.root} is in use by another worker process; "
                               "give each worker a folder of its own") from None
         self._lock_fd = fd
+        self._clear_work()
         return self
+
+    def _clear_work(self) -> None:
+        """What a previous worker on this folder left (it was killed): its handlers still running
+        are killed and its job folders removed; their jobs come back when their leases lapse."""
+        from .handlers import kill_leftovers  # noqa: PLC0415 - state is imported by handlers' users first
+        kill_leftovers(self.root)
+        for name in os.listdir(self.work):
+            path = os.path.join(self.work, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -64,7 +81,7 @@ class StateDir:
 
     def save(self, job_id: str, lease_id: str | None, body: dict[str, Any]) -> PendingResult:
         path = self._name(job_id, lease_id)
-        data = json.dumps({"job_id": job_id, "lease_id": lease_id, "body": body}).encode()
+        data = json.dumps({"job_id": job_id, "lease_id": lease_id, "body": body}, ensure_ascii=False).encode()
         fd, tmp = tempfile.mkstemp(dir=self.results, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -100,6 +117,8 @@ class StateDir:
 
     @staticmethod
     def done(result: PendingResult) -> None:
+        if result.path is None:
+            return
         try:
             os.unlink(result.path)
         except FileNotFoundError:

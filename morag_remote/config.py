@@ -45,6 +45,8 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_POOL_SIZE": 10,       # connections per process (PostgreSQL backend)
     "DATABASE_TIMEOUT": 5.0,        # seconds to connect / to wait for a free connection, then 503
     "LOG_JSON": None,               # None: JSON lines unless debug
+    "UI_SESSION_SECONDS": 8 * 3600,  # how long a sign-in to the dashboard (/ui) lasts
+    "UI_COOKIE_SECURE": None,       # None: Secure when the request came over HTTPS; true: always
 }
 
 

@@ -52,11 +52,12 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         raise InstanceUnusable(f"the instance folder {app.instance_path} cannot be used: {exc.strerror}"
                                + (f": {exc.filename}" if exc.filename else "")) from None
 
-    from . import api, cli
+    from . import api, cli, ui
     from .metrics import init_metrics  # here, not at the top: see gunicorn.conf.py
 
     init_metrics(app)
     api.register_blueprints(app)
+    ui.init_ui(app)
     register_error_handlers(app)
     init_request_logging(app)
     cli.register_commands(app)

@@ -78,10 +78,14 @@ def signed_in(view: Callable[..., Any]) -> Callable[..., Any]:
         if request.method == "POST":
             signin.check_csrf(user)
         g.ui_user = user
-        g.principal = user.principal
         return view(*args, **kwargs)
 
     return wrapped
+
+
+@bp.before_request
+def _nobody_yet() -> None:
+    g.ui_user = None  # set by @signed_in; an app context reused across requests keeps no one
 
 
 @bp.errorhandler(NotSignedIn)

@@ -12,6 +12,7 @@ from morag_remote.context import BACKEND, THROUGHPUT
 from morag_remote.exceptions import StoreUnavailable
 from morag_remote.models import Action, RemoteJob
 from morag_remote.throughput import RETENTION, Throughput, minute_of
+from test_ui import own_minutes  # noqa: F401 (a fixture)
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -130,10 +131,10 @@ def test_buckets_are_dense_oldest_first_and_sum_their_minutes():
     assert buckets[1].failures == 7 and sum(b.claims for b in buckets[2:]) == 0
 
 
-def test_the_service_counts_into_the_store_on_both_backends(app, producer, worker):
+def test_the_service_counts_into_the_store_on_both_backends(app, producer, worker, own_minutes):
     job_id = producer.create_id()
     assert worker.claim()["job_id"] == job_id
     assert worker.result(job_id).status_code == 200
     app.extensions[THROUGHPUT].flush()
-    stored = app.extensions[BACKEND].throughput.read(minute_of(datetime.now(timezone.utc)) - timedelta(minutes=2))
+    stored = app.extensions[BACKEND].throughput.read(minute_of(own_minutes()) - timedelta(minutes=2))
     assert tuple(map(sum, zip(*stored.values()))) == (1, 1, 0)

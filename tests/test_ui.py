@@ -4,13 +4,16 @@ with their confirmation, the 404 page. Who may call each route is in tests/test_
 a real browser drives the pages in tests/test_ui_browser.py."""
 from __future__ import annotations
 
+import random
 import re
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 
-from morag_remote.context import KEYS, SERVICE, THROUGHPUT
+from morag_remote.context import KEYS
 from morag_remote.ui.signin import COOKIE, REASONS
+from support.actions import FakeClock
 
 TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
 
@@ -137,7 +140,16 @@ def test_auth_disabled_signs_in_as_admin_without_a_key(instance_path, backend_co
 
 # -- pages --------------------------------------------------------------------------------------
 
-def test_the_overview_counts_jobs_by_status_and_type_and_draws_the_charts(app, admin_ui, producer, worker):
+@pytest.fixture
+def own_minutes(service) -> FakeClock:
+    """A clock years ahead, at a minute of this test's own: another test's app flushing its counts
+    late (its timer, into the same PostgreSQL schema) cannot land in this test's charts."""
+    clock = FakeClock(datetime.now(timezone.utc) + timedelta(days=3650 + random.randrange(10**5)))
+    service.clock = clock
+    return clock
+
+
+def test_the_overview_counts_jobs_by_status_and_type_and_draws_the_charts(app, admin_ui, producer, worker, own_minutes):
     before = text(admin_ui.get("/ui/overview.part"))
     assert 'id="total-pending">0<' in before
     job_id = producer.create_id("video")
@@ -266,3 +278,17 @@ def test_pages_are_locked_down(admin_ui):
     assert "<script>" not in text(response) and "http://" not in text(response).replace("http://www.w3.org", "")
     static = admin_ui.get("/ui/static/ui.js")
     assert static.status_code == 200 and static.mimetype == "text/javascript"
+
+
+def test_under_a_prefix_links_redirects_and_the_cookie_carry_it(client, keys):
+    prefix = {"SCRIPT_NAME": "/queue"}
+    response = client.get("/ui/jobs", environ_overrides=prefix)
+    assert response.headers["Location"].startswith("/queue/ui/sign-in?reason=required&next=/queue/ui/jobs")
+    page = client.get("/ui/sign-in", environ_overrides=prefix)
+    assert 'href="/queue/ui/static/ui.css"' in text(page) and "Path=/queue/ui" in _set_cookie(page, "morag_remote_ui_signin")
+    token = TOKEN.search(text(page)).group(1)
+    client.set_cookie("morag_remote_ui_signin", _set_cookie(page, "morag_remote_ui_signin").split(";")[0].split("=", 1)[1],
+                      path="/ui")
+    signed = client.post("/ui/sign-in", environ_overrides=prefix,
+                         data={"csrf_token": token, "api_key": keys["admin"], "next": "/queue/ui/workers"})
+    assert signed.headers["Location"] == "/queue/ui/workers" and "Path=/queue/ui" in _set_cookie(signed)

@@ -92,7 +92,7 @@ def _nobody_yet() -> None:
 def _to_sign_in(exc: NotSignedIn) -> Response:
     target = {"reason": exc.reason}
     if request.method == "GET" and exc.reason in ("required", "expired") and request.endpoint != "ui.overview_part":
-        target["next"] = request.full_path.rstrip("?")
+        target["next"] = (request.script_root or "") + request.full_path.rstrip("?")
     response = redirect(url_for("ui.sign_in", **target))
     if exc.reason in ("expired", "forged", "revoked", "role"):
         signin.clear(response)

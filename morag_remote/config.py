@@ -46,6 +46,8 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_TIMEOUT": 5.0,        # seconds to connect / to wait for a free connection, then 503
     "LOG_JSON": None,               # None: JSON lines unless debug
     "STORE_LOCK_TIMEOUT_SECONDS": 5,  # file store: wait this long for its lock, then 503 (None: for ever)
+    "UI_SESSION_SECONDS": 8 * 3600,  # how long a sign-in to the dashboard (/ui) lasts
+    "UI_COOKIE_SECURE": None,       # None: Secure when the request came over HTTPS; true: always
 }
 
 

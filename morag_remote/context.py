@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .service import JobService
     from .store.base import Backend, KeyRepository
     from .tokens import DownloadTokens
+    from .throughput import Throughput
     from .workers import Workers
 
 BACKEND = "morag_remote.backend"
@@ -28,6 +29,7 @@ IDEMPOTENCY = "morag_remote.idempotency"
 METRICS = "morag_remote.metrics"
 DOCUMENT = "morag_remote.openapi"
 WORKERS = "morag_remote.workers"
+THROUGHPUT = "morag_remote.throughput"
 
 
 def backend() -> Backend:
@@ -60,3 +62,7 @@ def metrics_exporter() -> MetricsExporter:
 
 def workers() -> Workers:
     return current_app.extensions[WORKERS]
+
+
+def throughput() -> Throughput:
+    return current_app.extensions[THROUGHPUT]

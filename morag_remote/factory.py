@@ -12,7 +12,7 @@ from flask import Flask
 
 from .auth import KeyFileUnreadable, auth_disabled
 from .config import DEFAULTS, ENV_PREFIX, Settings, instance_path_from_env, resolve_paths
-from .context import BACKEND, IDEMPOTENCY, KEYS, SERVICE, TOKENS, WORKERS
+from .context import BACKEND, IDEMPOTENCY, KEYS, SERVICE, THROUGHPUT, TOKENS, WORKERS
 from .errors import register_error_handlers
 from .events import init_events
 from .exceptions import StoreUnavailable
@@ -22,6 +22,7 @@ from .secrets_file import load_or_create_secret
 from .service import JobService
 from .sessions import NoSessions
 from .store.factory import open_backend
+from .throughput import Throughput
 from .tokens import DownloadTokens
 from .workers import Workers
 
@@ -51,11 +52,12 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         raise InstanceUnusable(f"the instance folder {app.instance_path} cannot be used: {exc.strerror}"
                                + (f": {exc.filename}" if exc.filename else "")) from None
 
-    from . import api, cli
+    from . import api, cli, ui
     from .metrics import init_metrics  # here, not at the top: see gunicorn.conf.py
 
     init_metrics(app)
     api.register_blueprints(app)
+    ui.init_ui(app)
     register_error_handlers(app)
     init_request_logging(app)
     cli.register_commands(app)
@@ -82,6 +84,9 @@ def _open_instance(app: Flask) -> None:
     app.extensions[IDEMPOTENCY] = IdempotentCreates(backend.idempotency, service,
                                                     float(app.config["IDEMPOTENCY_TTL_SECONDS"]))
     app.extensions[WORKERS] = Workers(backend.workers, backend.jobs, clock=lambda: service.clock())
+    # the dashboard's per-minute series: counted by an observer, like the metrics
+    counted = app.extensions[THROUGHPUT] = Throughput(backend.throughput, clock=lambda: service.clock())
+    service.hooks.observers.append(counted)
 
 
 def _warn_about_auth(app: Flask) -> None:

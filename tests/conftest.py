@@ -13,6 +13,7 @@ import structlog
 from morag_remote import create_app
 from morag_remote.context import KEYS, SERVICE
 from morag_remote.log import configure_logging
+from support import browser as browser_testing
 from support import postgres as pg_testing
 from support.actions import FakeClock, ProducerActions, WorkerActions, auth
 
@@ -118,6 +119,8 @@ def log_output():
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "files_only: runs on the JSON-file store only")
     config.addinivalue_line("markers", "postgres: needs PostgreSQL (MORAG_REMOTE_TEST_DATABASE_URL)")
+    config.addinivalue_line("markers", "browser: drives Chromium with Playwright (tests/support/browser.py)")
+    config.browser_unavailable = browser_testing.unavailable()
     config.pg_database, config.pg_unavailable = pg_testing.probe()
     cov = config.pluginmanager.getplugin("_cov")
     if config.pg_database is None and cov is not None and cov.cov_controller is not None:
@@ -142,7 +145,14 @@ def _needs_postgres(item) -> bool:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Without a server, leave the PostgreSQL tests out (one line in the summary says so)."""
+    """Without a server, leave the PostgreSQL tests out; without a browser, the browser tests (one
+    line each in the summary says so)."""
+    if config.browser_unavailable is not None:
+        left_out = [item for item in items if item.get_closest_marker("browser") is not None]
+        if left_out:
+            config.hook.pytest_deselected(items=left_out)
+            items[:] = [item for item in items if item.get_closest_marker("browser") is None]
+        config.browser_left_out = len(left_out)
     if config.pg_database is not None:
         return
     left_out = [item for item in items if _needs_postgres(item)]
@@ -153,6 +163,9 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 def pytest_terminal_summary(terminalreporter, config) -> None:
+    if getattr(config, "browser_left_out", 0):
+        terminalreporter.write_line(f"{config.browser_left_out} browser tests skipped: {config.browser_unavailable}; "
+                                    f"{browser_testing.HOW}", yellow=True)
     if getattr(config, "pg_left_out", 0):
         terminalreporter.write_line(f"{config.pg_left_out} PostgreSQL tests skipped: {config.pg_unavailable}; "
                                     f"{pg_testing.HOW}", yellow=True)

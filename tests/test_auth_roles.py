@@ -10,6 +10,7 @@ a real one and not turned away for another reason.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -23,6 +24,7 @@ from morag_remote.auth import current_principal
 from morag_remote.context import KEYS, SERVICE, TOKENS
 
 J = "/api/v1/remote-jobs"
+UI = "/ui"
 PUBLIC = "public"
 ANY_KEY = "any key"
 CALLERS = ("no key", "unknown key", "revoked key", "worker", "producer", "admin")
@@ -162,9 +164,17 @@ def caller_headers(app, client, keys) -> dict[str, dict[str, str]]:
     }
 
 
+def api_routes(app) -> list[tuple[str, str]]:
+    """The served routes but the dashboard's (signed in by a cookie: UI_TABLE below)."""
+    return [(m, r) for m, r in served_routes(app) if not r.startswith(UI + "/")]
+
+
 def test_every_served_route_is_in_the_role_table(app):
-    missing = [f"{method} {rule}" for method, rule in served_routes(app) if (method, rule) not in ROLE_TABLE]
+    missing = [f"{method} {rule}" for method, rule in api_routes(app) if (method, rule) not in ROLE_TABLE]
     assert missing == [], "add these routes to ROLE_TABLE with the role the contract gives them"
+    ui_missing = [f"{method} {rule}" for method, rule in served_routes(app)
+                  if rule.startswith(UI + "/") and (method, rule) not in UI_TABLE]
+    assert ui_missing == [], "add these dashboard routes to UI_TABLE with who may use them"
 
 
 def test_the_matrix_covers_the_foundation_routes(app):
@@ -176,7 +186,7 @@ def test_the_matrix_covers_the_foundation_routes(app):
 @pytest.mark.parametrize("caller", CALLERS)
 def test_auth_matrix_row(caller, app, client, instance_path, caller_headers):
     cell = Cell(app, client, instance_path)
-    routes = served_routes(app)
+    routes = api_routes(app)
     want = {f"{m} {r}": expected(caller, ROLE_TABLE[(m, r)].access) for m, r in routes}
     got = {f"{m} {r}": outcome(cell.call(m, r, ROLE_TABLE[(m, r)], caller_headers[caller])) for m, r in routes}
     assert got == want
@@ -249,3 +259,133 @@ def test_a_view_without_requires_does_not_get_an_anonymous_admin(app, client, ke
     app.add_url_rule("/who-for-test", view_func=lambda: {"role": current_principal().role})
     assert client.get("/who-for-test").status_code == 401
     assert client.get("/who-for-test", headers=auth(keys["worker"])).json == {"role": "worker"}
+
+
+# -- the dashboard (/ui): a signed cookie instead of a Bearer header ---------------------------------
+# Each route x each kind of caller. "signed in" routes need a producer or admin cookie (an action on
+# a job needs the role of the API route that does the same); every POST also needs the cookie's CSRF
+# token. A refused caller is sent to the sign-in form and nothing changes.
+
+SIGNED_IN = "signed in"
+UI_ACTION = UI + "/jobs/<job_id>/<any(cancel, retry, delete):action>"
+
+
+@dataclass(frozen=True)
+class UiRoute:
+    access: str                      # PUBLIC, SIGNED_IN (producer or admin), or "admin"
+    job: str | None = None           # a job in this state named in the path (or the form of a bulk action)
+    path: str | None = None
+    action: str | None = None        # the job action (its state afterwards tells whether it ran)
+
+
+UI_TABLE: dict[tuple[str, str], tuple[UiRoute, ...]] = {
+    ("GET", UI + "/sign-in"): (UiRoute(PUBLIC),),
+    ("POST", UI + "/sign-in"): (UiRoute(PUBLIC),),  # the sign-in itself: tests/test_ui.py
+    ("GET", UI + "/static/<any('ui.css', 'ui.js', 'favicon.svg'):filename>"): (UiRoute(PUBLIC, path=UI + "/static/ui.css"),),
+    ("POST", UI + "/sign-out"): (UiRoute(SIGNED_IN),),
+    ("GET", UI + "/"): (UiRoute(SIGNED_IN),),
+    ("GET", UI + "/overview.part"): (UiRoute(SIGNED_IN),),
+    ("GET", UI + "/jobs"): (UiRoute(SIGNED_IN),),
+    ("GET", UI + "/workers"): (UiRoute(SIGNED_IN),),
+    ("GET", UI + "/jobs/<job_id>"): (UiRoute(SIGNED_IN, job="pending"),),
+    ("GET", UI + "/jobs/<job_id>/json"): (UiRoute(SIGNED_IN, job="pending"),),
+    ("POST", UI + "/jobs/bulk"): (UiRoute(SIGNED_IN, job="pending", action="cancel"),),
+    ("POST", UI_ACTION): (UiRoute(SIGNED_IN, job="pending", action="cancel"),
+                          UiRoute(SIGNED_IN, job="cancelled", action="retry"),
+                          UiRoute("admin", job="pending", action="delete")),
+}
+UI_CALLERS = ("no cookie", "forged cookie", "expired cookie", "revoked key", "worker", "producer", "admin",
+              "producer without CSRF", "admin without CSRF")
+_AFTER = {"cancel": "cancelled", "retry": "pending", "delete": "deleted"}
+
+
+def _ui_cookie(app, key_name: str, age: float = 0.0) -> str:
+    """A session cookie as the dashboard signs it, for the key named, signed ``age`` seconds ago."""
+    import time
+
+    from itsdangerous import TimestampSigner, URLSafeTimedSerializer
+
+    class Dated(TimestampSigner):
+        def get_timestamp(self) -> int:
+            return int(time.time() - age)
+
+    key = next(k for k in app.extensions[KEYS].list() if k.name == key_name)
+    serializer = URLSafeTimedSerializer(app.config["SECRET_KEY"], salt="ui-session", signer=Dated)
+    return serializer.dumps({"k": key.key_hash, "n": key.name, "c": "tok"})
+
+
+def _ui_caller(app, caller: str) -> tuple[str | None, str | None]:
+    """(cookie, CSRF token) of a kind of caller."""
+    store = app.extensions[KEYS]
+    if caller == "no cookie":
+        return None, None
+    if caller == "forged cookie":
+        return _ui_cookie(app, "admin-key")[:-4] + "AAAA", "tok"
+    if caller == "expired cookie":
+        return _ui_cookie(app, "admin-key", age=app.config["UI_SESSION_SECONDS"] + 60), "tok"
+    if caller == "revoked key":
+        store.create("ui-revoked", "admin")
+        cookie = _ui_cookie(app, "ui-revoked")
+        store.revoke("ui-revoked")
+        return cookie, "tok"
+    role, _, csrf = caller.partition(" without ")
+    return _ui_cookie(app, f"{role}-key"), None if csrf else "tok"
+
+
+def ui_expected(caller: str, route: UiRoute, method: str) -> str:
+    if route.access == PUBLIC:
+        return "allowed"
+    if caller not in ("producer", "admin") and not (method == "GET" and caller.endswith("without CSRF")):
+        return "sign-in"
+    if route.access == "admin" and not caller.startswith("admin"):
+        return "403"
+    return "allowed"
+
+
+def ui_outcome(response) -> str:
+    status = response.status_code
+    location = response.headers.get("Location", "")
+    if status == 302 and "/ui/sign-in?reason=" in location and "reason=signed-out" not in location:
+        return "sign-in"
+    if status == 403 and response.mimetype == "text/html":
+        return "403"
+    if 200 <= status < 300 or status == 302:
+        return "allowed"
+    return f"unexpected {status}: {response.get_data(as_text=True)[:200]}"
+
+
+@pytest.mark.parametrize("caller", UI_CALLERS)
+def test_ui_auth_matrix_row(caller, app, client, instance_path, keys):
+    cell = Cell(app, client, instance_path)
+    cookie, csrf = _ui_caller(app, caller)
+    want, got = {}, {}
+    for (method, rule), routes in UI_TABLE.items():
+        for route in routes:
+            name = f"{method} {rule} {route.action or ''}".strip()
+            job_id = cell.job(route.job)[0] if route.job else None
+            path = route.path or rule
+            if job_id:
+                path = path.replace("<job_id>", job_id)
+            path = path.replace("<any(cancel, retry, delete):action>", route.action or "")
+            form: dict[str, Any] = {}
+            if method == "POST" and rule != UI + "/sign-in":
+                form = {"action": route.action, "job_id": job_id} if rule.endswith("/bulk") else {}
+                if csrf:
+                    form["csrf_token"] = csrf
+            client.delete_cookie("morag_remote_ui", path="/ui")
+            if cookie:
+                client.set_cookie("morag_remote_ui", cookie, path="/ui")
+            if rule == UI + "/sign-in" and method == "POST":  # the form's own token, and a key
+                page = client.get(path).get_data(as_text=True)
+                form = {"csrf_token": re.search(r'name="csrf_token" value="([^"]+)"', page).group(1),
+                        "api_key": keys["admin"]}
+            response = client.open(path, method=method, data=form or None)
+            want[name] = ui_expected(caller, route, method)
+            got[name] = ui_outcome(response)
+            if route.action:  # the job is changed exactly when the call was allowed
+                try:
+                    state = cell.service.get(job_id).status
+                except Exception:
+                    state = "deleted"
+                assert state == (_AFTER[route.action] if want[name] == "allowed" else route.job), name
+    assert got == want

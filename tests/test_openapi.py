@@ -72,7 +72,8 @@ def test_the_slash_variant_is_named_in_its_operation(document):
 
 
 def test_the_docs_page_assets_are_not_api_operations(app, document):
-    hidden = sorted(rule.rule for rule in app.url_map.iter_rules() if _hidden(app, rule))
+    hidden = sorted(rule.rule for rule in app.url_map.iter_rules()
+                    if _hidden(app, rule) and not rule.rule.startswith("/ui/"))
     assert hidden == sorted([ASSET_RULE, "/docs/swagger-initializer.js"])
     assert not [p for p in document["paths"] if p.startswith("/docs/")]
     assert "/docs" in document["paths"]
@@ -141,6 +142,13 @@ def test_job_id_of_get_excludes_the_literal_routes_that_shadow_it(document):
     (param,) = [p for p in document["paths"]["/api/v1/remote-jobs/{job_id}"]["get"]["parameters"]
                 if p.get("in") == "path"]
     assert param["schema"]["not"] == {"enum": ["poll", "stats", "workers"]}
+
+
+def test_the_dashboard_is_no_part_of_the_api(app, document):
+    """Every /ui route is @hidden: the dashboard's pages are not operations of the API."""
+    ui_rules = [rule for rule in app.url_map.iter_rules() if rule.rule.startswith("/ui/")]
+    assert ui_rules and all(_hidden(app, rule) for rule in ui_rules)
+    assert not [p for p in document["paths"] if p.startswith("/ui")]
 
 
 def test_every_error_is_problem_json(document):

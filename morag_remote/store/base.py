@@ -14,7 +14,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Callable, Collection, Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Collection, Iterable, Iterator, Mapping, Protocol
 
 from ..models import RemoteJob
 
@@ -227,6 +227,22 @@ class WorkerRegistry(Protocol):
         """Remove workers last seen before ``cutoff``; returns how many."""
 
 
+class ThroughputSeries(Protocol):
+    """Jobs claimed, completed and failed per UTC minute (rules in ``throughput.py``): telemetry,
+    added to by every process, bounded by pruning."""
+
+    def add(self, counts: Mapping[datetime, tuple[int, int, int]]) -> None:
+        """Add (claims, completions, failures) to each whole minute's counters, atomically against
+        other processes adding to the same minute."""
+
+    def read(self, since: datetime) -> dict[datetime, tuple[int, int, int]]:
+        """The counters of every stored minute at or after ``since``."""
+
+    def prune(self, before: datetime) -> int:
+        """Forget minutes before ``before`` (a backend may keep a few more: it prunes whole files);
+        returns how many units were removed."""
+
+
 @dataclass
 class Finding:
     """One thing ``fsck`` found: its kind, where, and whether it was repaired."""
@@ -261,5 +277,6 @@ class Backend:
     idempotency: IdempotencyRecords
     outbox: EventOutbox
     workers: WorkerRegistry
+    throughput: ThroughputSeries
     fsck: Callable[[bool], list[Finding]]
     migrations: SchemaMigrations | None = None

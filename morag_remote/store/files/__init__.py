@@ -3,8 +3,8 @@
 ``jobs.py`` (the job store: status folders, the lock, claims) is built from ``atomic.py`` (temp
 file, fsync, rename; the file lock), ``catalog.py`` (the in-memory index), ``journal.py`` (changes
 announced to the other processes), ``recycle.py`` (reused spare files) and ``stale.py`` (old copies
-removed after the lock); ``keys.py``, ``idempotency.py``, ``outbox.py`` and ``workers.py`` keep the other records;
-``fsck.py`` checks and repairs what a crash can leave.
+removed after the lock); ``keys.py``, ``idempotency.py``, ``outbox.py``, ``workers.py`` and
+``throughput.py`` keep the other records; ``fsck.py`` checks and repairs what a crash can leave.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from .idempotency import FileIdempotencyRecords
 from .jobs import FileJobStore
 from .keys import FileKeyStore
 from .outbox import FileOutbox
+from .throughput import FileThroughputSeries
 from .workers import FileWorkerRegistry
 
 
@@ -33,5 +34,6 @@ def open_backend(config: Mapping[str, Any], instance_path: str) -> Backend:
         idempotency=FileIdempotencyRecords(os.path.join(data_dir, "idempotency"), bound),
         outbox=FileOutbox(os.path.join(data_dir, "events"), bound),
         workers=FileWorkerRegistry(os.path.join(data_dir, "workers"), bound),
+        throughput=FileThroughputSeries(os.path.join(data_dir, "throughput"), bound),
         fsck=lambda repair: fsck(jobs, repair=repair),
     )

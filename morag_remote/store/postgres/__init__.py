@@ -1,8 +1,9 @@
 """The PostgreSQL backend (``MORAG_REMOTE_DATABASE_URL``), for more than one API host.
 
 ``db.py`` is the connection pool and the LISTEN thread; ``migrate.py`` applies ``migrations/*.sql``
-on a connection; ``jobs.py``, ``keys.py``, ``idempotency.py``, ``outbox.py`` and ``workers.py`` keep one table each
-(a few columns to filter on and the whole record as JSONB); ``fsck.py`` checks what can drift.
+on a connection; ``jobs.py``, ``keys.py``, ``idempotency.py``, ``outbox.py``, ``workers.py`` and
+``throughput.py`` keep one table each (a few columns to filter on and the whole record as JSONB);
+``fsck.py`` checks what can drift.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .idempotency import PostgresIdempotencyRecords
 from .jobs import PostgresJobStore
 from .keys import PostgresKeyStore
 from .outbox import PostgresOutbox
+from .throughput import PostgresThroughputSeries
 from .workers import PostgresWorkerRegistry
 
 
@@ -45,6 +47,7 @@ def open_backend(config: Mapping[str, Any], instance_path: str) -> Backend:
         idempotency=PostgresIdempotencyRecords(db),
         outbox=PostgresOutbox(db),
         workers=PostgresWorkerRegistry(db),
+        throughput=PostgresThroughputSeries(db),
         fsck=lambda repair: fsck(db, repair=repair),
         migrations=PostgresMigrations(url),
     )

@@ -78,6 +78,7 @@ def test_heartbeats_keep_a_job_three_times_longer_than_its_lease(tmp_path, worke
         assert job.status == "completed" and job.content == "long done"
         assert job.retry_count == 0 and job.raw["attempt"] == 1
         assert job_id not in second.claimed
+        worker.wait_event("result.sent", job_id=job_id)  # logged once the answer is read: just after
         assert len(worker.named("result.sent", job_id=job_id)) == 1
 
 
@@ -96,6 +97,7 @@ def test_kill_9_mid_job_is_requeued_after_the_lease_and_done_by_another_worker(t
         job = producer.get(job_id)
         assert job.status == "completed" and job.content == "second"
         assert job.retry_count == 1 and job.raw["attempt"] == 2
+        second.wait_event("result.sent", job_id=job_id)
         assert len(second.named("result.sent", job_id=job_id)) == 1
         assert not first.named("result.sent")
 
@@ -173,6 +175,7 @@ def test_server_down_for_5_s_mid_job_the_worker_retries_and_completes(tmp_path, 
         job = producer.get(job_id)
         assert job.status == "completed" and job.content == "survived" and job.retry_count == 0
         assert worker.named("heartbeat.failed", job_id=job_id)
+        worker.wait_event("result.sent", job_id=job_id)  # logged once the answer is read: just after
         assert len(worker.named("result.sent", job_id=job_id)) == 1
 
 

@@ -19,7 +19,7 @@ import pytest
 import structlog
 
 from morag_remote.client import ClaimedJob, Client, ConfigError, InvalidRequest, RetryPolicy
-from morag_remote.worker.handlers import HandlerProcess, Outcome
+from morag_remote.worker.handlers import HandlerError, HandlerProcess, Outcome
 from support.loopback import answer, loopback  # noqa: F401 - a fixture
 from morag_remote.client.download import attachment_name, expected_sha256
 from morag_remote.client.http import retry_after_seconds
@@ -465,3 +465,28 @@ def test_a_handlers_group_is_killed_before_the_handler_is_reaped(tmp_path, monke
     assert proc.wait(10) == 0
     assert proc.finish() == 0
     assert seen == ["Z"]
+
+
+def test_handlers_started_from_many_threads_at_once_all_start(tmp_path):
+    """Nothing runs between fork and exec in the worker (a preexec_fn there deadlocked)."""
+    codes: list[int] = []
+
+    def starts() -> None:
+        for _ in range(10):
+            proc = HandlerProcess(["true"], str(tmp_path), dict(os.environ), 1024, lambda f, m: None)
+            proc.start()
+            codes.append(proc.wait(20))
+            proc.finish()
+
+    threads = [threading.Thread(target=starts) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert codes == [0] * 40
+
+
+def test_a_handler_that_is_not_there_fails_to_start_with_its_name(tmp_path):
+    proc = HandlerProcess(["./no-such-handler"], str(tmp_path), dict(os.environ), 1024, lambda f, m: None)
+    with pytest.raises(HandlerError, match="no-such-handler"):
+        proc.start()

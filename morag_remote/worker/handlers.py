@@ -16,7 +16,6 @@ A stdout line ``progress 0.42 transcribing`` reports progress.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -40,36 +39,33 @@ LINE_LIMIT = 64 * 1024
 STDERR_TAIL = 64 * 1024
 MAX_ERROR_MESSAGE = 4000
 HANDLER_MARK = "MORAG_REMOTE_HANDLER_OF"  # in each handler's environment: the state folder it belongs to
-PR_SET_PDEATHSIG = 1
 _PROGRESS = re.compile(rb"^progress\s+([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)(?:\s+(.*?))?\s*$")
 
 
-def _load_prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl  # looked up once, here: the child only calls it
-    except (OSError, AttributeError):
-        return None
+# Run before the handler (Linux): the kernel SIGKILLs it when the worker thread that started it
+# dies, so that ``kill -9`` of the worker takes its handlers' leaders along (the rest of their groups
+# are killed at the worker's next start, see StateDir.open); then it becomes the handler (exec: the
+# same pid). A small interpreter rather than a preexec_fn: Python code run between fork and exec in
+# a threaded process can deadlock (it did, with four jobs starting at once). The thread that starts
+# a handler waits for it to end, so it outlives it in every other case.
+_DEATHSIG_STUB = (
+    "import ctypes, os, sys\n"
+    "ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)\n"  # PR_SET_PDEATHSIG, SIGKILL
+    "if os.getppid() != int(sys.argv[1]):\n"   # the worker died before the line above
+    "    os._exit(1)\n"
+    "try:\n"
+    "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "except OSError as exc:\n"
+    "    sys.stderr.write(f'cannot run {sys.argv[2]}: {exc.strerror}\\n')\n"
+    "    os._exit(127)\n")
+DIES_WITH_WORKER = sys.platform.startswith("linux")
 
 
-_PRCTL = _load_prctl()
-
-
-def _dies_with(parent: int) -> Callable[[], None] | None:
-    """A preexec_fn (Linux) that has the kernel SIGKILL the handler when the thread that started it
-    dies, so that ``kill -9`` of the worker takes its handlers' leaders along (the rest of their
-    groups are killed at the worker's next start, see StateDir.open). The thread that starts a
-    handler waits for it to end, so it outlives it in every other case."""
-    if _PRCTL is None:
-        return None
-    prctl = _PRCTL
-
-    def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent:  # the worker died before the line above
-            os._exit(1)
-    return preexec
+def _runnable(program: str, cwd: str, env: dict[str, str]) -> bool:
+    if "/" in program:
+        path = os.path.join(cwd, program)
+        return os.path.isfile(path) and os.access(path, os.X_OK)
+    return shutil.which(program, path=env.get("PATH", os.defpath)) is not None
 
 
 def kill_leftovers(mark: str) -> list[int]:
@@ -217,10 +213,14 @@ class HandlerProcess:
         self.started = 0.0
 
     def start(self) -> None:
+        argv = self.argv
+        if DIES_WITH_WORKER:
+            if not _runnable(argv[0], self.cwd, self.env):
+                raise HandlerError(f"the handler cannot be started: {argv[0]}: not found or not executable")
+            argv = [sys.executable, "-S", "-I", "-c", _DEATHSIG_STUB, str(os.getpid()), *argv]
         try:
-            self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                                         preexec_fn=_dies_with(os.getpid()))
+            self.proc = subprocess.Popen(argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         except OSError as exc:
             raise HandlerError(f"the handler cannot be started: {self.argv[0]}: {exc.strerror or exc}") from None
         self.started = time.monotonic()

@@ -45,6 +45,14 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_POOL_SIZE": 10,       # connections per process (PostgreSQL backend)
     "DATABASE_TIMEOUT": 5.0,        # seconds to connect / to wait for a free connection, then 503
     "LOG_JSON": None,               # None: JSON lines unless debug
+    # files: uploads, source checksums, artifacts
+    "BLOB_DIR": None,               # None: <instance>/blobs; shared by every API host of a deployment
+    "MAX_UPLOAD_BYTES": 20 * 1024 ** 3,
+    "UPLOAD_EXPIRY_SECONDS": 86400,
+    "UPLOAD_RESERVE_BYTES": 64 * 1024 ** 2,  # free space a chunk must leave on the blob store
+    "MAX_ARTIFACT_BYTES": 4 * 1024 ** 3,       # one artifact
+    "MAX_JOB_ARTIFACT_BYTES": 16 * 1024 ** 3,  # all artifacts of one attempt
+    "MAX_ARTIFACTS": 100,                       # artifacts of one attempt
 }
 
 
@@ -61,6 +69,8 @@ def resolve_paths(config: dict, instance_path: str) -> None:
         config["SOURCE_ROOTS"] = [os.path.join(instance_path, "sources")]
     if isinstance(config["SOURCE_ROOTS"], str):  # a single path given without JSON brackets
         config["SOURCE_ROOTS"] = [config["SOURCE_ROOTS"]]
+    if not config.get("BLOB_DIR"):
+        config["BLOB_DIR"] = os.path.join(instance_path, "blobs")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from .store.base import Backend, KeyRepository
     from .tokens import DownloadTokens
     from .workers import Workers
+    from .artifacts import Artifacts
+    from .uploads import Uploads
 
 BACKEND = "morag_remote.backend"
 SERVICE = "morag_remote.service"
@@ -28,6 +30,9 @@ IDEMPOTENCY = "morag_remote.idempotency"
 METRICS = "morag_remote.metrics"
 DOCUMENT = "morag_remote.openapi"
 WORKERS = "morag_remote.workers"
+BLOBS = "morag_remote.blobs"
+UPLOADS = "morag_remote.uploads"
+ARTIFACTS = "morag_remote.artifacts"
 
 
 def backend() -> Backend:
@@ -60,3 +65,11 @@ def metrics_exporter() -> MetricsExporter:
 
 def workers() -> Workers:
     return current_app.extensions[WORKERS]
+
+
+def uploads() -> Uploads:
+    return current_app.extensions[UPLOADS]
+
+
+def artifacts() -> Artifacts:
+    return current_app.extensions[ARTIFACTS]

@@ -23,7 +23,7 @@ import structlog
 
 from .errors import NO_SPACE
 from .exceptions import (ArtifactNotFound, DigestMismatch, InsufficientStorage, InvalidRequest, LeaseConflict,
-                         PayloadTooLarge)
+                         PayloadTooLarge, ServiceError)
 from .models import Action, RemoteJob, Status
 from .store.base import BlobStore, Finding, JobRepository, StoredArtifact
 
@@ -116,7 +116,8 @@ class Artifacts:
         if content_length is not None and content_length > limit:
             raise PayloadTooLarge(self._too_large(limit))
         try:
-            artifact = self.blobs.stage_artifact(job_id, attempt, name, _pieces(stream), limit, expected)
+            artifact = self.blobs.stage_artifact(job_id, attempt, name, _pieces(stream, content_length), limit,
+                                                 expected)
         except PayloadTooLarge:
             raise PayloadTooLarge(self._too_large(limit)) from None
         except FileNotFoundError:  # the attempt's folder was discarded meanwhile: the lease moved on
@@ -212,11 +213,18 @@ class Artifacts:
         return self.blobs.fsck(referenced, repair)
 
 
-def _pieces(stream: BinaryIO) -> Iterator[bytes]:
+def _pieces(stream: BinaryIO, content_length: int | None) -> Iterator[bytes]:
+    """The body in pieces; a body that ends before its Content-Length (the client went away) is
+    an error, so that the part that came is never stored as the artifact."""
+    received = 0
     while True:
         piece = stream.read(PIECE)
         if not piece:
+            if content_length is not None and received < content_length:
+                raise ServiceError(f"the body ended after {received} of its {content_length} bytes: nothing "
+                                   "was stored")
             return
+        received += len(piece)
         yield piece
 
 

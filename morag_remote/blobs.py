@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import stat
 import time
 from contextlib import contextmanager
@@ -39,6 +40,7 @@ from .store.base import Finding, StoredArtifact, UploadBusy, UploadState
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SHA = re.compile(r"[0-9a-f]{64}")
 PIECE = 1024 * 1024
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
 TRASH_PREFIX = ".trash-"
 STALE_SECONDS = 600.0          # a temp file or half-made folder this old has no writer left
 ORPHAN_SOURCE_SECONDS = 86400.0  # a source no job or upload names is removed after a day
@@ -196,7 +198,7 @@ class FileBlobStore:
         folder = self._attempt_dir(job_id, attempt)
         os.makedirs(folder, exist_ok=True)
         key = hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]
-        tmp = os.path.join(folder, f"{TEMP_PREFIX}{key}.{secrets.token_hex(4)}")
+        tmp = os.path.join(folder, f"{TEMP_PREFIX}{key}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}")
         hasher, size = hashlib.sha256(), 0
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
@@ -350,7 +352,7 @@ class FileBlobStore:
                           remove_tree(folder))
                     continue
                 for entry in sorted(os.listdir(folder)):
-                    if entry.startswith(TEMP_PREFIX) and old(os.path.join(folder, entry)):
+                    if entry.startswith(TEMP_PREFIX) and (_writer_gone(entry) or old(os.path.join(folder, entry))):
                         found("blob-temp", os.path.join(folder, entry), job_id,
                               "a partial artifact (an upload cut short); never visible",
                               lambda p=os.path.join(folder, entry): unlink_quietly(p))
@@ -364,3 +366,18 @@ class FileBlobStore:
                           lambda p=path: unlink_quietly(p))
         return findings
 
+
+
+def _writer_gone(temp_name: str) -> bool:
+    """Whether the process that writes a temp file (``.tmp-<key>.<host>.<pid>.<random>``) is gone:
+    known only for a writer on this host (another host's pids are not this one's)."""
+    parts = temp_name[len(TEMP_PREFIX):].split(".")
+    if len(parts) != 4 or parts[1] != _HOST or not parts[2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -229,16 +229,18 @@ class Uploads:
             while True:
                 try:
                     piece = stream.read(PIECE)
-                except (OSError, ValueError) as exc:  # the client went away mid-chunk
-                    log.info("upload.cut", upload_id=upload_id, received=received, error=type(exc).__name__)
-                    cut[0] = True
-                    return
-                except Exception as exc:  # werkzeug's ClientDisconnected (a BadRequest)
-                    if type(exc).__name__ != "ClientDisconnected":
+                except Exception as exc:  # the client went away mid-chunk (werkzeug's ClientDisconnected)
+                    if not isinstance(exc, (OSError, ValueError)) and type(exc).__name__ != "ClientDisconnected":
                         raise
+                    log.info("upload.cut", upload_id=upload_id, received=received, error=type(exc).__name__,
+                             kept=checksum is None)
                     cut[0] = True
                     return
                 if not piece:
+                    if content_length is not None and received < content_length:  # the stream ended early
+                        log.info("upload.cut", upload_id=upload_id, received=received, expected=content_length,
+                                 kept=checksum is None)
+                        cut[0] = True
                     return
                 received += len(piece)
                 if received > remaining:

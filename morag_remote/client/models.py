@@ -37,13 +37,16 @@ class ClaimedJob:
     timeout_at: datetime | None
     retry_count: int
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    source_size: int | None = None     # what the server knows of the source (a server with files)
+    source_sha256: str | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ClaimedJob":
         return cls(job_id=data["job_id"], source_file_url=data["source_file_url"],
                    content_type=data["content_type"], task_options=data.get("task_options") or {},
                    lease_id=data.get("lease_id"), timeout_at=parse_time(data.get("timeout_at")),
-                   retry_count=int(data.get("retry_count") or 0), raw=data)
+                   retry_count=int(data.get("retry_count") or 0), raw=data,
+                   source_size=data.get("source_size"), source_sha256=data.get("source_sha256"))
 
 
 @dataclass(frozen=True)

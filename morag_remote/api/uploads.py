@@ -25,8 +25,9 @@ UPLOADS = "uploads"
 _INT = {"type": "integer", "minimum": 0}
 _TUS = {"Tus-Resumable": {"description": "`1.0.0`", "required": True,
                           "schema": {"type": "string", "enum": [TUS_VERSION]}}}
-_EXPIRES = {"Upload-Expires": {"description": "When an unfinished upload is deleted (RFC 9110 date).",
-                               "required": True, "schema": {"type": "string"}}}
+_EXPIRES = {"Upload-Expires": {"description": "When an unfinished upload is deleted (RFC 9110 date); "
+                                              "absent once it is complete.",
+                               "required": False, "schema": {"type": "string"}}}
 _OFFSET = {"Upload-Offset": {"description": "Bytes stored so far.", "required": True, "schema": _INT}}
 _LENGTH = {"Upload-Length": {"description": "The upload's whole length.", "required": True, "schema": _INT}}
 
@@ -93,7 +94,7 @@ def create_upload() -> Response:
 @bp.get("/<upload_id>")
 @documented(
     "An upload's state (HEAD: the tus headers only)", tag=UPLOADS, response=schemas.UploadStatus,
-    errors=(410,), success_headers={**_TUS, **_OFFSET, **_LENGTH},
+    errors=(410, 412), success_headers={**_TUS, **_OFFSET, **_LENGTH},
     description="`HEAD` is tus's offset request: `Upload-Offset` says where to resume. 410 once an "
                 "unfinished upload expired.")
 @requires("producer")
@@ -127,7 +128,7 @@ def patch_upload(upload_id: str) -> Response:
 
 
 @bp.delete("/<upload_id>")
-@documented("Delete an upload (tus termination)", tag=UPLOADS, success=204, errors=(409,),
+@documented("Delete an upload (tus termination)", tag=UPLOADS, success=204, errors=(409, 412),
             headers=("Tus-Resumable",), success_headers=_TUS,
             description="An unfinished upload's bytes go at once; a finished one's record goes, its bytes "
                         "stay while a job names them.")

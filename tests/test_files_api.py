@@ -81,7 +81,7 @@ def test_an_upload_becomes_a_job_whose_download_carries_its_digest(client, keys,
     d = client.get(claimed["source_file_url"], headers=auth(keys["worker"]))
     assert d.status_code == 200 and d.data == data
     assert d.headers["Repr-Digest"] == f"sha-256=:{base64.b64encode(hashlib.sha256(data).digest()).decode()}:"
-    assert d.headers["ETag"] == f'"sha256-{hashlib.sha256(data).hexdigest()}"'
+    assert d.headers["ETag"].startswith('"')  # a strong validator, for If-Range
     assert "talk.mp3" in d.headers["Content-Disposition"]
     # If-Range with the ETag resumes; with another validator it sends the whole file
     part = client.get(claimed["source_file_url"], headers={**auth(keys["worker"]), "Range": "bytes=4000-",

@@ -163,12 +163,14 @@ def download(job_id: str) -> Response:
     body = None
     if sha256 is None and "Range" not in request.headers and job.source_stat is not None:
         body = _hashing(fh, st, job.id)  # the first full download learns the sha256 for the next ones
-    return respond_file(fh, st.st_size, st.st_mtime, name, etag=_etag(sha256, st), sha256=sha256, body=body)
+    return respond_file(fh, st.st_size, st.st_mtime, name, etag=_etag(st), sha256=sha256, body=body)
 
 
-def _etag(sha256: str | None, st) -> str:
-    """Strong when the bytes' sha256 is known; otherwise the file's identity and version."""
-    return f"sha256-{sha256}" if sha256 else f"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"
+def _etag(st) -> str:
+    """The file's identity and version: the same for as long as the bytes are the job's (a changed
+    file is a 409), and the same before and after a first download learnt the sha256, so that a
+    download resumed with If-Range across that moment still gets its 206."""
+    return f"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"
 
 
 def _hashing(fh, st, job_id: str):

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 import structlog
 
 from .errors import NO_SPACE
-from .exceptions import (ArtifactNotFound, DigestMismatch, InsufficientStorage, InvalidRequest, LeaseConflict,
+from .exceptions import (ArtifactNotFound, DigestMismatch, JobNotFound, InsufficientStorage, InvalidRequest, LeaseConflict,
                          PayloadTooLarge, ServiceError)
 from .models import Action, RemoteJob, Status
 from .store.base import BlobStore, Finding, JobRepository, StoredArtifact
@@ -194,7 +194,10 @@ class Artifacts:
 
     def sweep(self, store: JobRepository) -> int:
         """Remove the artifacts of jobs that no longer exist (after ``cleanup-old``)."""
-        existing = {job.id for job in store.iter_all()}
+        try:
+            existing = {job.id for job in store.iter_all()}
+        except (ValueError, TypeError, KeyError, JobNotFound):  # an unreadable job: fsck first
+            return 0
         removed = 0
         for job_id in self.blobs.artifact_job_ids():
             if job_id not in existing and not job_id.startswith("."):
@@ -202,12 +205,17 @@ class Artifacts:
         return removed
 
     def fsck(self, store: JobRepository, repair: bool) -> list[Finding]:
-        def referenced() -> tuple[set[str], dict[str, set[str]]]:
+        def referenced() -> tuple[set[str], dict[str, set[str]]] | None:
+            """What the jobs name; None when a job cannot be read (the backend's fsck reports it):
+            then nothing is taken for an orphan."""
             sources: set[str] = set()
             keep: dict[str, set[str]] = {}
-            for job in store.iter_all():
-                sources.add(job.source_file_path)
-                keep[job.id] = self.keep_of(job)
+            try:
+                for job in store.iter_all():
+                    sources.add(job.source_file_path)
+                    keep[job.id] = self.keep_of(job)
+            except (ValueError, TypeError, KeyError, JobNotFound):
+                return None
             return sources, keep
 
         return self.blobs.fsck(referenced, repair)

@@ -225,7 +225,10 @@ class FileBlobStore:
         return artifact
 
     def staged_artifacts(self, job_id: str, attempt: str) -> list[StoredArtifact]:
-        folder = self._attempt_dir(job_id, attempt)
+        try:
+            folder = self._attempt_dir(job_id, attempt)
+        except ValueError:  # no attempt ever has such a name (a lease id a caller made up)
+            return []
         try:
             names = os.listdir(folder)
         except FileNotFoundError:
@@ -292,7 +295,7 @@ class FileBlobStore:
 
     # -- fsck ------------------------------------------------------------------------------------
 
-    def fsck(self, referenced: Callable[[], tuple[set[str], dict[str, set[str]]]],
+    def fsck(self, referenced: Callable[[], tuple[set[str], dict[str, set[str]]] | None],
              repair: bool) -> list[Finding]:
         findings: list[Finding] = []
         now = time.time()
@@ -337,7 +340,10 @@ class FileBlobStore:
                 if os.path.exists(os.path.join(path, "data")):
                     found("upload-unmoved", path, None, "a finished upload whose bytes were not moved to sources/",
                           lambda s=state: self.finalize(s.id, s.sha256))
-        sources, keep = referenced()
+        named = referenced()
+        if named is None:  # a job could not be read: orphans cannot be told, so none are looked for
+            return findings
+        sources, keep = named
         for job_id in self.artifact_job_ids():
             job_dir = os.path.join(self.artifacts_dir, job_id)
             if job_id.startswith(TRASH_PREFIX) or job_id not in keep:

@@ -84,7 +84,7 @@ class CreateJobRequest(StrictSchema):
     def _options_size(self, value: dict, **_) -> None:
         _json_size_check(value, MAX_OPTIONS_BYTES, "task_options")
 
-    @validates_schema
+    @validates_schema(skip_on_field_errors=False)
     def _one_source(self, data: dict, **_) -> None:
         if (data.get("source_file_path") is None) == (data.get("source_upload_id") is None):
             raise ValidationError("give exactly one of source_file_path and source_upload_id",

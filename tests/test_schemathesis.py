@@ -177,8 +177,11 @@ def _steer(case, rnd, keys: dict[str, str], fixtures: Fixtures) -> None:
                 case.body["lease_id"] = job["lease_id"]
             else:
                 case.headers["X-Lease-Id"] = job["lease_id"]
-    if isinstance(case.body, dict) and "source_file_path" in case.body and rnd.random() < 0.5:
+    if isinstance(case.body, dict) and "ingestion_task_id" in case.body and rnd.random() < 0.5:
+        # a create: a real source, given one way only (a generated upload id or sha256 is not one)
         case.body["source_file_path"] = str(fixtures.source)
+        case.body.pop("source_upload_id", None)
+        case.body.pop("source_sha256", None)
     if "upload_id" in case.path_parameters and rnd.random() < 0.75:
         case.path_parameters["upload_id"] = fixtures.upload()
         if case.operation.method.upper() == "PATCH" and rnd.random() < 0.6:

@@ -325,10 +325,10 @@ class BlobStore(Protocol):
 
     def artifact_job_ids(self) -> list[str]: ...
 
-    def fsck(self, referenced: Callable[[], tuple[set[str], dict[str, set[str]]]],
+    def fsck(self, referenced: Callable[[], tuple[set[str], dict[str, set[str]]] | None],
              repair: bool) -> list[Finding]:
         """Temp files, unfinished leftovers, orphans: ``referenced()`` gives the sources jobs use and
-        each job's attempt folders to keep."""
+        each job's attempt folders to keep (None: unknown, so nothing counts as an orphan)."""
 
 
 @dataclass

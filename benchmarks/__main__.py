@@ -16,11 +16,11 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from . import floor, pg, report, scenarios, slow_clients, worker
+from . import files, floor, pg, report, scenarios, slow_clients, worker
 from .server import REPO, Instance
 
 
-SCENARIOS = ("raw", "claims", "cycles", "floor", "pickup", "idle", "restart", "worker", "slow")
+SCENARIOS = ("raw", "claims", "cycles", "floor", "pickup", "idle", "restart", "worker", "slow", "files")
 DEPTHS = [("100", {"audio": 100}), ("10000", {"audio": 10_000}), ("50000", {"audio": 50_000}),
           ("10000-other", {"video": 10_000, "audio": 100})]
 PG_DEPTHS = ("100", "50000")  # the PostgreSQL column's claim depths (its target: the ratio of the two)
@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             step("slow clients (a byte a second) until a request is not answered")
             results["slow_clients"] = slow_clients.stall_point(
                 instance, **({"step": 32, "limit": 64} if q else {}))
+        if "files" in only:
+            size = files.size_from_env(q)
+            step(f"files: upload and download of {size / 2**20:,.0f} MiB against curl's floor")
+            results["files"] = files.throughput(instance, size)
     finally:
         if schema is not None and not args.keep:
             schema.drop()

@@ -53,6 +53,9 @@ def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
              lambda v: v >= 3 * SEED_CYCLES_PER_S),
             ("double claims", cyc["double_claims"], "0", lambda v: v == 0),
         ]
+    if "files" in r:
+        rows += [("files: upload MB/s / floor", r["files"]["upload_share_of_floor"], ">= 0.7", lambda v: v >= 0.7),
+                 ("files: download MB/s / floor", r["files"]["download_share_of_floor"], ">= 0.7", lambda v: v >= 0.7)]
     rows.append(("errors (all scenarios)", total_errors(r), "0", lambda v: v == 0))
     pg = r.get("postgres", {})
     if "claims" in pg:
@@ -106,6 +109,10 @@ def table(r: dict[str, Any]) -> str:
                 lines.append(f"  {store + pending + ' pending':<42}{c['median_ms']:>10}{c['p99_ms']:>9}"
                              f"{c['server_ready_seconds']:>9}")
         lines.append("")
+    if "files" in r:
+        from .files import lines as file_lines
+
+        lines += [*file_lines(r["files"]), ""]
     if "raw_store" in r:
         raw = r["raw_store"]
         lines.append(f"raw store (in-process, fsync'd): {raw['transitions_per_s']} transitions/s = "

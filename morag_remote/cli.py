@@ -25,7 +25,7 @@ from flask import Flask
 
 from . import schemas
 from .auth import ROLES
-from .context import backend, key_store, service, workers
+from .context import artifacts, backend, key_store, service, uploads, workers
 from .events.cli import deliver_command
 from .exceptions import ServiceError
 from .fileio import fsync_dir, stage_open, unlink_quietly
@@ -84,9 +84,13 @@ def _job_line(job: dict) -> str:
 @json_option
 @with_appcontext
 def cleanup_expired(as_json: bool) -> None:
-    """Re-queue or time out jobs whose lease lapsed, and expire pending jobs past their TTL (the count)."""
+    """Re-queue or time out jobs whose lease lapsed, expire pending jobs past their TTL, and delete
+    uploads not finished within UPLOAD_EXPIRY_SECONDS (the counts)."""
     count = service().expire_due()
-    _emit(as_json, {"expired": count}, lambda v: f"{v['expired']} job(s) handled")
+    expired_uploads = uploads().expire()
+    body = {"expired": count, **({"uploads_expired": expired_uploads} if expired_uploads else {})}
+    _emit(as_json, body, lambda v: f"{v['expired']} job(s) handled" + (
+        f", {v['uploads_expired']} upload(s) expired" if "uploads_expired" in v else ""))
 
 
 MAX_CLEANUP_DAYS = 36_500  # a century: beyond it the cutoff would leave the calendar (OverflowError)
@@ -107,6 +111,7 @@ def _finite(_ctx: click.Context, _param: click.Parameter, value: float | None) -
 def cleanup_old(days: float, as_json: bool) -> None:
     """Delete finished jobs (completed, failed, timeout, cancelled) older than --days (the count)."""
     count = service().cleanup_old(days)
+    artifacts().sweep(service().store)  # the deleted jobs' artifacts go with them
     _emit(as_json, {"deleted": count}, lambda v: f"{v['deleted']} job(s) deleted")
 
 
@@ -152,6 +157,10 @@ def _describe(job: dict) -> str:
     result = job.get("result_data")
     if result:
         lines.append(f"{'result:':<18} {len(result.get('content') or '')} characters of content")
+    if job.get("source_sha256") or job.get("source_size") is not None:
+        lines.append(f"{'source:':<18} {job.get('source_size')} bytes, sha256 {job.get('source_sha256') or '-'}")
+    for artifact in job.get("artifacts") or ():
+        lines.append(f"{'artifact:':<18} {artifact['name']}  {artifact['size']} bytes  sha256 {artifact['sha256']}")
     return "\n".join(lines)
 
 
@@ -206,7 +215,7 @@ def retry(job_id: str, as_json: bool) -> None:
 def fsck_command(repair: bool, as_json: bool) -> None:
     """Check the store (files or database); exit 1 when a problem is found (with --repair: when one is left)."""
     try:
-        findings = backend().fsck(repair)
+        findings = backend().fsck(repair) + artifacts().fsck(service().store, repair)
     except OSError as exc:  # the system failed (EIO, EMFILE...): no verdict on any file, nothing moved
         raise CommandFailed(f"fsck stopped: {exc}") from None
     _emit(as_json, [f.as_dict() for f in findings], lambda fs: "\n".join(

@@ -48,6 +48,14 @@ DEFAULTS: dict[str, Any] = {
     "STORE_LOCK_TIMEOUT_SECONDS": 5,  # file store: wait this long for its lock, then 503 (None: for ever)
     "UI_SESSION_SECONDS": 8 * 3600,  # how long a sign-in to the dashboard (/ui) lasts
     "UI_COOKIE_SECURE": None,       # None: Secure when the request came over HTTPS; true: always
+    # files: uploads, source checksums, artifacts
+    "BLOB_DIR": None,               # None: <instance>/blobs; shared by every API host of a deployment
+    "MAX_UPLOAD_BYTES": 20 * 1024 ** 3,
+    "UPLOAD_EXPIRY_SECONDS": 86400,
+    "UPLOAD_RESERVE_BYTES": 64 * 1024 ** 2,  # free space a chunk must leave on the blob store
+    "MAX_ARTIFACT_BYTES": 4 * 1024 ** 3,       # one artifact
+    "MAX_JOB_ARTIFACT_BYTES": 16 * 1024 ** 3,  # all artifacts of one attempt
+    "MAX_ARTIFACTS": 100,                       # artifacts of one attempt
 }
 
 
@@ -64,6 +72,8 @@ def resolve_paths(config: dict, instance_path: str) -> None:
         config["SOURCE_ROOTS"] = [os.path.join(instance_path, "sources")]
     if isinstance(config["SOURCE_ROOTS"], str):  # a single path given without JSON brackets
         config["SOURCE_ROOTS"] = [config["SOURCE_ROOTS"]]
+    if not config.get("BLOB_DIR"):
+        config["BLOB_DIR"] = os.path.join(instance_path, "blobs")
 
 
 def store_lock_timeout(config: Mapping[str, Any]) -> float | None:

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from .tokens import DownloadTokens
     from .throughput import Throughput
     from .workers import Workers
+    from .artifacts import Artifacts
+    from .uploads import Uploads
 
 BACKEND = "morag_remote.backend"
 SERVICE = "morag_remote.service"
@@ -30,6 +32,9 @@ METRICS = "morag_remote.metrics"
 DOCUMENT = "morag_remote.openapi"
 WORKERS = "morag_remote.workers"
 THROUGHPUT = "morag_remote.throughput"
+BLOBS = "morag_remote.blobs"
+UPLOADS = "morag_remote.uploads"
+ARTIFACTS = "morag_remote.artifacts"
 
 
 def backend() -> Backend:
@@ -66,3 +71,11 @@ def workers() -> Workers:
 
 def throughput() -> Throughput:
     return current_app.extensions[THROUGHPUT]
+
+
+def uploads() -> Uploads:
+    return current_app.extensions[UPLOADS]
+
+
+def artifacts() -> Artifacts:
+    return current_app.extensions[ARTIFACTS]

@@ -91,3 +91,80 @@ class StoreBusy(StoreUnavailable):
 
     title = "Store busy"
     retry_after = 1
+
+
+# -- files: uploads (tus), source checksums, artifacts
+
+class UploadNotFound(ServiceError):
+    status_code = 404
+    title = "Upload not found"
+
+
+class UploadGone(ServiceError):
+    """The upload expired (``UPLOAD_EXPIRY_SECONDS``) before it was finished."""
+
+    status_code = 410
+    title = "Upload expired"
+
+
+class OffsetMismatch(ServiceError):
+    status_code = 409
+    title = "Upload-Offset mismatch"
+
+
+class UploadBusyError(ServiceError):
+    status_code = 409
+    title = "Upload busy"
+    retry_after = 1
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+    title = "Payload too large"
+
+
+class UnsupportedMedia(ServiceError):
+    status_code = 415
+    title = "Unsupported media type"
+
+
+class TusVersionUnsupported(ServiceError):
+    status_code = 412
+    title = "Precondition failed"
+
+
+class ChecksumMismatch(ServiceError):
+    """tus's checksum extension: the chunk's bytes do not match ``Upload-Checksum``; nothing was stored."""
+
+    status_code = 460
+    title = "Checksum mismatch"
+
+
+class ChecksumUnsupported(ServiceError):
+    status_code = 400
+    title = "Checksum algorithm not supported"
+
+
+class InsufficientStorage(ServiceError):
+    """The blob store's disk has no room for the bytes: nothing was stored (507, RFC 4918)."""
+
+    status_code = 507
+    title = "Insufficient storage"
+    retry_after = 60
+
+
+class SourceChanged(ServiceError):
+    """The source's bytes are not the ones the job was created with: never serve other bytes."""
+
+    status_code = 409
+    title = "Source changed"
+
+
+class ArtifactNotFound(ServiceError):
+    status_code = 404
+    title = "Artifact not found"
+
+
+class DigestMismatch(ServiceError):
+    status_code = 400
+    title = "Content-Digest mismatch"

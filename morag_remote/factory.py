@@ -3,6 +3,7 @@ for gunicorn, ``flask --app morag_remote`` for the CLI)."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import os
 from typing import Any, Mapping
 
@@ -12,7 +13,9 @@ from flask import Flask
 
 from .auth import KeyFileUnreadable, auth_disabled
 from .config import DEFAULTS, ENV_PREFIX, Settings, instance_path_from_env, resolve_paths
-from .context import BACKEND, IDEMPOTENCY, KEYS, SERVICE, THROUGHPUT, TOKENS, WORKERS
+from .artifacts import ArtifactSettings, Artifacts
+from .blobs import FileBlobStore
+from .context import ARTIFACTS, BACKEND, BLOBS, IDEMPOTENCY, KEYS, SERVICE, THROUGHPUT, TOKENS, UPLOADS, WORKERS
 from .errors import register_error_handlers
 from .events import init_events
 from .exceptions import StoreUnavailable
@@ -24,6 +27,7 @@ from .sessions import NoSessions
 from .store.factory import open_backend
 from .throughput import Throughput
 from .tokens import DownloadTokens
+from .uploads import Uploads, UploadSettings
 from .workers import Workers
 
 log = structlog.get_logger("morag_remote")  # the name it had in the package's __init__
@@ -77,7 +81,12 @@ def _open_instance(app: Flask) -> None:
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = load_or_create_secret(os.path.join(app.instance_path, "secret_key"))
     backend = app.extensions[BACKEND] = open_backend(app.config, app.instance_path)
-    service = app.extensions[SERVICE] = JobService(backend.jobs, Settings.from_config(app.config))
+    # the bytes outside the records: one BLOB_DIR, whichever backend holds the records; finished
+    # uploads are sources too (content-addressed, managed by the blob store)
+    blobs = app.extensions[BLOBS] = FileBlobStore(app.config["BLOB_DIR"])
+    settings = Settings.from_config(app.config)
+    settings = replace(settings, source_roots=(*settings.source_roots, blobs.sources_dir))
+    service = app.extensions[SERVICE] = JobService(backend.jobs, settings)
     app.extensions[TOKENS] = DownloadTokens(app.config["SECRET_KEY"])
     app.extensions[KEYS] = backend.keys
     init_events(app, service, backend.outbox)
@@ -87,6 +96,11 @@ def _open_instance(app: Flask) -> None:
     # the dashboard's per-minute series: counted by an observer, like the metrics
     counted = app.extensions[THROUGHPUT] = Throughput(backend.throughput, clock=lambda: service.clock())
     service.hooks.observers.append(counted)
+    uploads = app.extensions[UPLOADS] = Uploads(blobs, UploadSettings.from_config(app.config),
+                                                clock=lambda: service.clock())
+    service.upload_sources = uploads.source_of
+    artifacts = app.extensions[ARTIFACTS] = Artifacts(blobs, service, ArtifactSettings.from_config(app.config))
+    service.hooks.observers.append(artifacts)  # discards the artifacts of attempts that ended without them
 
 
 def _warn_about_auth(app: Flask) -> None:

@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, exposition,
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from .context import METRICS, SERVICE, service
+from .context import ARTIFACTS, METRICS, SERVICE, UPLOADS, service
 from .exceptions import StoreUnavailable
 from .models import STATUSES, Action, RemoteJob
 
@@ -118,6 +118,10 @@ class JobCounters:
                                       "Leases that lapsed (the worker went silent); outcome is requeued "
                                       "or timeout (no retry left).",
                                       ["content_type", "outcome"], registry=registry)
+        self.upload_bytes = Counter(f"{PREFIX}_upload_bytes", "Bytes of upload chunks stored (tus PATCH).",
+                                    registry=registry)
+        self.artifact_bytes = Counter(f"{PREFIX}_artifact_bytes", "Bytes of result artifacts stored.",
+                                      registry=registry)
         self.duration = Histogram(f"{PREFIX}_job_duration_seconds",
                                   "Time from the claim to the success result of an attempt.",
                                   ["content_type"], buckets=DURATION_BUCKETS, registry=registry)
@@ -258,6 +262,9 @@ def init_metrics(app: Flask) -> MetricsExporter:
     """Build this app's exporter and register its counters on the service as an observer."""
     exporter = MetricsExporter(tuple(app.config["CONTENT_TYPES"]), multiprocess_dir())
     app.extensions[SERVICE].hooks.observers.append(JobMetrics(exporter.counters))
+    if UPLOADS in app.extensions:
+        app.extensions[UPLOADS].count_bytes = exporter.counters.upload_bytes.inc
+        app.extensions[ARTIFACTS].count_bytes = exporter.counters.artifact_bytes.inc
     app.extensions[METRICS] = exporter
     return exporter
 

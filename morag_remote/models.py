@@ -241,6 +241,15 @@ class RemoteJob:
     version: int = 0
     result_digest: str | None = None
     releases: int = 0  # times a holder handed the job back (``release``): not failed attempts
+    # files: where the source came from and what it holds (size, sha256, and the inode, size and
+    # mtime the sha256 was taken at), and the artifacts of the successful attempt (name, size,
+    # sha256, file inside the blob store, attempt)
+    source_upload_id: str | None = None
+    source_name: str | None = None
+    source_size: int | None = None
+    source_sha256: str | None = None
+    source_stat: dict[str, Any] | None = None
+    artifacts: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -70,6 +70,23 @@ HEADER_PARAMETERS: dict[str, dict] = {
               "description": "Resume a download: `bytes=first-[last]` (RFC 9110); answered with 206, or "
                              "416 when no byte of it exists.",
               "schema": {"type": "string"}},
+    "Upload-Length": {"in": "header", "name": "Upload-Length", "required": False,
+                      "description": "tus: the upload's whole length in bytes.",
+                      "schema": {"type": "string", "pattern": r"^\d{1,20}$"}},
+    "Upload-Metadata": {"in": "header", "name": "Upload-Metadata", "required": False,
+                        "description": "tus: comma-separated `key base64value` pairs (`filename`, `sha256`).",
+                        "schema": {"type": "string"}},
+    "Upload-Offset": {"in": "header", "name": "Upload-Offset", "required": False,
+                      "description": "tus: where this chunk starts (the upload's current offset).",
+                      "schema": {"type": "string", "pattern": r"^\d{1,20}$"}},
+    "Upload-Checksum": {"in": "header", "name": "Upload-Checksum", "required": False,
+                        "description": "tus checksum: `<sha256|sha1|md5> <base64 digest>` of this chunk.",
+                        "schema": {"type": "string"}},
+    "Tus-Resumable": {"in": "header", "name": "Tus-Resumable", "required": False,
+                      "description": "tus: the protocol version, `1.0.0`.", "schema": {"type": "string"}},
+    "Content-Digest": {"in": "header", "name": "Content-Digest", "required": False,
+                       "description": "`sha-256=:<base64>:` of the body (RFC 9530), checked.",
+                       "schema": {"type": "string"}},
 }
 
 _ERROR_TITLES = {
@@ -77,12 +94,18 @@ _ERROR_TITLES = {
     401: ("Unauthorized", "No valid API key (`Authorization: Bearer <key>`)."),
     403: ("Forbidden", "The key may not do this."),
     404: ("NotFound", "No such job (or source file)."),
-    409: ("Conflict", "The job's state does not allow this, or the caller does not hold its lease."),
+    409: ("Conflict", "The job's state does not allow this, the caller does not hold its lease, the "
+                      "source changed since the job was created, or (uploads) the offset is not the upload's."),
+    410: ("Gone", "The upload expired before it was finished."),
+    412: ("PreconditionFailed", "A tus version this server does not speak."),
     413: ("PayloadTooLarge", "The request body is larger than the configured maximum."),
+    415: ("UnsupportedMediaType", "A tus PATCH must be `application/offset+octet-stream`."),
     416: ("RangeNotSatisfiable", "No byte of the requested range exists."),
     422: ("UnprocessableContent", "The request is well-formed but invalid; `errors` names the fields."),
     500: ("InternalServerError", "The job's record is damaged on disk (an operator runs `remote-jobs fsck`)."),
+    460: ("ChecksumMismatch", "tus checksum: the chunk does not match `Upload-Checksum`; nothing was appended."),
     503: ("ServiceUnavailable", "The job store is not writable, or the API key file cannot be read."),
+    507: ("InsufficientStorage", "The blob store's disk is too full for the bytes; nothing was stored."),
 }
 
 
@@ -257,6 +280,8 @@ def _operation(route: _Route, op: Operation, roles: tuple[str, ...] | None,
     if has_body:
         out["requestBody"] = {"required": op.body_required,
                               "content": {"application/json": {"schema": resolve(op.body)}}}
+    elif op.request_content:
+        out["requestBody"] = {"required": False, "content": dict(op.request_content)}
     return out
 
 

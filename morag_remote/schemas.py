@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 
-from marshmallow import EXCLUDE, INCLUDE, RAISE, Schema, ValidationError, fields, validate, validates
+from marshmallow import (EXCLUDE, INCLUDE, RAISE, Schema, ValidationError, fields, validate, validates,
+                         validates_schema)
 
 from . import jsonrules
 from .events.destinations import webhook_problem
@@ -52,8 +53,18 @@ class StrictBoolean(fields.Boolean):
         return value
 
 
+SHA256_HEX = validate.Regexp(r"^[0-9a-fA-F]{64}$", error="must be a sha256 as 64 hex digits")
+
+
 class CreateJobRequest(StrictSchema):
-    source_file_path = fields.String(required=True, validate=PATH_LENGTH)
+    source_file_path = fields.String(load_default=None, validate=PATH_LENGTH,
+                                     metadata={"description": "A file inside the source roots; or give "
+                                               "`source_upload_id`."})
+    source_upload_id = fields.String(load_default=None, validate=validate.Length(min=1, max=2048),
+                                     metadata={"description": "A finished upload's id (or its URL) "
+                                               "instead of `source_file_path`."})
+    source_sha256 = fields.String(load_default=None, validate=SHA256_HEX,
+                                  metadata={"description": "The source's sha256, verified by the server."})
     content_type = fields.String(required=True, validate=CONTENT_TYPE_LENGTH)
     task_options = fields.Dict(keys=fields.String(), load_default=dict)
     ingestion_task_id = fields.String(required=True, validate=ID_LENGTH)
@@ -72,6 +83,12 @@ class CreateJobRequest(StrictSchema):
     @validates("task_options")
     def _options_size(self, value: dict, **_) -> None:
         _json_size_check(value, MAX_OPTIONS_BYTES, "task_options")
+
+    @validates_schema(skip_on_field_errors=False)
+    def _one_source(self, data: dict, **_) -> None:
+        if (data.get("source_file_path") is None) == (data.get("source_upload_id") is None):
+            raise ValidationError("give exactly one of source_file_path and source_upload_id",
+                                  "source_file_path")
 
     @validates("task_options")
     def _webhook_allowed(self, value: dict, **_) -> None:
@@ -152,6 +169,8 @@ class ClaimedJob(Schema):
     lease_id = fields.String()
     timeout_at = fields.AwareDateTime()
     retry_count = fields.Integer()
+    source_size = fields.Integer(allow_none=True)
+    source_sha256 = fields.String(allow_none=True)
 
 
 class PollResponse(Schema):
@@ -213,6 +232,11 @@ class SubmitResultRequest(LeaseMixin):
     error_message = fields.String(load_default=None, allow_none=True, validate=TEXT_LENGTH)
     processing_time = fields.Float(load_default=None, allow_none=True, validate=validate.Range(min=0))
     retryable = StrictBoolean(load_default=None, allow_none=True)
+    artifacts = fields.List(fields.String(validate=validate.Length(min=1, max=255)), load_default=None,
+                            allow_none=True, validate=validate.Length(max=1000),
+                            metadata={"description": "The artifact names this result expects "
+                                      "(422 when one was not uploaded); without it, every artifact "
+                                      "uploaded for the attempt."})
 
     @validates("metadata")
     def _metadata_size(self, value: dict | None, **_) -> None:
@@ -281,8 +305,19 @@ class JobSummary(Schema):
     releases = fields.Integer()
 
 
+class ArtifactEntry(Schema):
+    name = fields.String()
+    size = fields.Integer()
+    sha256 = fields.String()
+    url = fields.String()
+
+
 class JobDetail(JobSummary):
     result_data = fields.Dict(allow_none=True)
+    source_upload_id = fields.String(allow_none=True)
+    source_size = fields.Integer(allow_none=True)
+    source_sha256 = fields.String(allow_none=True)
+    artifacts = fields.List(fields.Nested(ArtifactEntry))
     event_delivery = fields.Nested(EventDeliveryState, allow_none=True)
 
 
@@ -353,3 +388,23 @@ class WorkerEntry(Schema):
 
 class WorkersResponse(Schema):
     workers = fields.List(fields.Nested(WorkerEntry))
+
+
+class UploadStatus(Schema):
+    """A tus upload, as ``GET /uploads/<id>`` shows it (``HEAD`` gives the same in tus headers)."""
+
+    upload_id = fields.String(attribute="id")
+    length = fields.Integer()
+    offset = fields.Integer()
+    complete = fields.Boolean()
+    sha256 = fields.String(allow_none=True)
+    metadata = fields.Dict(keys=fields.String(), values=fields.String())
+    created_at = fields.AwareDateTime()
+    expires_at = fields.AwareDateTime()
+    completed_at = fields.AwareDateTime(allow_none=True)
+
+
+class ArtifactStored(Schema):
+    name = fields.String()
+    size = fields.Integer()
+    sha256 = fields.String()

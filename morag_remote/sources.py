@@ -12,6 +12,7 @@ check and the open cannot leak a byte from outside the roots.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -146,3 +147,37 @@ def _kind(mode: int) -> str:
 
 def download_name(source_file_path: str) -> str:
     return Path(source_file_path).name or "source"
+
+
+PIECE = 1024 * 1024
+
+
+def sha256_file(fh: BinaryIO) -> tuple[str, int]:
+    """The sha256 (hex) and size of an open file, read from its start (left at its start)."""
+    hasher, size = hashlib.sha256(), 0
+    fh.seek(0)
+    while piece := fh.read(PIECE):
+        hasher.update(piece)
+        size += len(piece)
+    fh.seek(0)
+    return hasher.hexdigest(), size
+
+
+def stat_key(st: os.stat_result) -> dict[str, int]:
+    """What says a file is still the one whose sha256 was taken: its inode, size and modification
+    time (not the device: hosts that share a BLOB_DIR see one file under different device numbers)."""
+    return {"ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def describe(source_file_path: str, roots: Iterable[str], declared_sha256: str | None) -> dict:
+    """A path source's size and stat, and its sha256 when the producer declared one (verified: 422
+    when the file's bytes differ)."""
+    fh, st = open_source(source_file_path, roots)
+    with fh:
+        sha = None
+        if declared_sha256 is not None:
+            sha, _ = sha256_file(fh)
+            if sha != declared_sha256.lower():
+                raise InvalidRequest(f"source_sha256 does not match the file: its sha256 is {sha}",
+                                     {"source_sha256": ["does not match the file's sha256"]})
+        return {"source_size": st.st_size, "source_sha256": sha, "source_stat": stat_key(st)}

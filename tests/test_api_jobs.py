@@ -87,7 +87,7 @@ def test_poll_claimed_job_carries_lease_timeout_and_retry_count(producer, worker
     producer.create_id("audio")
     job = worker.poll().json["jobs"][0]
     assert set(job) == {"job_id", "source_file_url", "content_type", "task_options", "lease_id",
-                        "timeout_at", "retry_count"}
+                        "timeout_at", "retry_count", "source_size", "source_sha256"}
     assert job["lease_id"]
     assert job["retry_count"] == 0
     assert datetime.fromisoformat(job["timeout_at"]) == clock.now + timedelta(seconds=1800)

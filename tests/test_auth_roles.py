@@ -21,7 +21,8 @@ from support.actions import auth
 from morag_remote import create_app
 from morag_remote.api.docs import ASSET_RULE
 from morag_remote.auth import current_principal
-from morag_remote.context import KEYS, SERVICE, TOKENS
+from morag_remote.context import BLOBS, KEYS, SERVICE, TOKENS, UPLOADS
+from morag_remote.service import Caller
 
 J = "/api/v1/remote-jobs"
 UI = "/ui"
@@ -40,6 +41,9 @@ class Route:
     query: dict[str, Any] = field(default_factory=dict)
     token: bool = False           # a download URL from the poll response (token of the claim)
     path: str | None = None       # the URL to request, for a rule with other variables than <job_id>
+    headers: dict[str, str] = field(default_factory=dict)
+    data: bytes | None = None     # a raw body (uploads, artifacts)
+    upload: str | None = None     # state of the upload named by <upload_id>: fresh
 
 
 def _create_body(cell: "Cell") -> dict[str, Any]:
@@ -75,6 +79,15 @@ ROLE_TABLE: dict[tuple[str, str], Route] = {
                                           body=lambda cell: {"success": True, "content": "text"}),
     ("POST", J + "/<job_id>/release"): Route("worker", job="claimed", body=lambda cell: {}),
     ("GET", J + "/workers"): Route("producer"),
+    ("POST", J + "/uploads"): Route("producer", headers={"Upload-Length": "10"}),
+    ("POST", J + "/uploads/"): Route("producer", headers={"Upload-Length": "10"}),
+    ("GET", J + "/uploads/<upload_id>"): Route("producer", upload="fresh"),
+    ("PATCH", J + "/uploads/<upload_id>"): Route("producer", upload="fresh", data=b"0123456789",
+                                                 headers={"Upload-Offset": "0",
+                                                          "Content-Type": "application/offset+octet-stream"}),
+    ("DELETE", J + "/uploads/<upload_id>"): Route("producer", upload="fresh"),
+    ("PUT", J + "/<job_id>/artifacts/<path:name>"): Route("worker", job="claimed", data=b"subtitles"),
+    ("GET", J + "/<job_id>/artifacts/<path:name>"): Route("producer", job="with_artifact"),
 }
 
 
@@ -109,8 +122,8 @@ class Cell:
     def job(self, state: str) -> tuple[str, str | None]:
         # claimed first, the newest before any older one: leftovers (a released job is pending
         # again) never get in the way
-        self.claims += state == "claimed"
-        priority = 1000 + self.claims if state == "claimed" else 0
+        self.claims += state in ("claimed", "with_artifact")
+        priority = 1000 + self.claims if state in ("claimed", "with_artifact") else 0
         job = self.service.create(source_file_path=str(self.source), content_type="audio",
                                   ingestion_task_id="matrix", priority=priority)
         if state == "claimed":
@@ -119,18 +132,32 @@ class Cell:
             return job.id, claimed[0].lease_id
         if state == "cancelled":
             self.service.cancel(job.id)
+        if state == "with_artifact":
+            (claimed,) = self.service.poll("w1", ["audio"], 1)
+            blobs = self.app.extensions[BLOBS]
+            stored = blobs.stage_artifact(job.id, claimed.lease_id, "talk.srt", [b"subtitles"], 100)
+            self.service.submit_result(job.id, Caller(lease_id=claimed.lease_id), success=True, content="x",
+                                       artifacts=[{**vars(stored), "attempt": claimed.lease_id}],
+                                       artifacts_attempt=claimed.lease_id)
         return job.id, None
+
+    def upload(self) -> str:
+        return self.app.extensions[UPLOADS].create("10", None, "matrix").id
 
     def call(self, method: str, rule: str, route: Route, headers: dict[str, str]):
         path, query = route.path or rule, dict(route.query)
         if route.job:
             job_id, lease_id = self.job(route.job)
-            path = rule.replace("<job_id>", job_id)
+            path = rule.replace("<job_id>", job_id).replace("<path:name>", "talk.srt")
             if route.token:
                 query["token"] = self.app.extensions[TOKENS].issue(job_id, lease_id)
-        kwargs: dict[str, Any] = {"headers": headers, "query_string": query}
+        if route.upload:
+            path = rule.replace("<upload_id>", self.upload())
+        kwargs: dict[str, Any] = {"headers": {**headers, **route.headers}, "query_string": query}
         if route.body is not None:
             kwargs["json"] = route.body(self)
+        if route.data is not None:
+            kwargs["data"] = route.data
         return self.client.open(path, method=method, **kwargs)
 
 

@@ -103,7 +103,9 @@ def test_jobs_data_dir_and_source_roots_from_the_environment(folder, tmp_path, m
     monkeypatch.setenv("MORAG_REMOTE_SOURCE_ROOTS", json.dumps([str(tmp_path / "a"), str(tmp_path / "b")]))
     app = _app(folder)
     assert (data / "pending").is_dir()
-    assert app.extensions[SERVICE].settings.source_roots == (str(tmp_path / "a"), str(tmp_path / "b"))
+    # finished uploads (the blob store's sources) are served as sources too
+    assert app.extensions[SERVICE].settings.source_roots == (str(tmp_path / "a"), str(tmp_path / "b"),
+                                                             str(folder / "blobs" / "sources"))
 
 
 def test_a_single_source_root_without_json_brackets_is_a_list_of_one(folder, tmp_path, monkeypatch):

@@ -17,7 +17,8 @@ import marshmallow
 import pytest
 
 from morag_remote.api.http import Operation, documented, operation_of, resolve, respond
-from morag_remote.context import SERVICE, TOKENS
+from morag_remote.context import BLOBS, SERVICE, TOKENS, UPLOADS
+from morag_remote.service import Caller
 
 CALLBACK_PREFIX = "http://receiver.example/"
 
@@ -37,6 +38,10 @@ class Call:
     body: dict[str, Any] | None = None
     token: bool = False                     # the claim's download token in the query
     lease_in_body: bool = False             # the claim's lease id in the body
+    lease_in_header: bool = False           # the claim's lease id as X-Lease-Id
+    headers: dict[str, str] = field(default_factory=dict)
+    data: bytes | None = None               # a raw body (uploads, artifacts)
+    upload: bool = False                    # a fresh upload in the path
 
 
 POLL = {"worker_id": "w1", "content_types": "audio", "max_jobs": 1}
@@ -65,6 +70,13 @@ CALLS: dict[str, Call] = {
     "remote_jobs_delete_job": Call("admin", job="pending"),
     "remote_jobs_release": Call("worker", job="claimed", body={}, lease_in_body=True),
     "workers_list_workers": Call("producer"),
+    "uploads_create_upload": Call("producer", headers={"Upload-Length": "10"}),
+    "uploads_upload_status": Call("producer", upload=True),
+    "uploads_patch_upload": Call("producer", upload=True, data=b"0123456789",
+                                 headers={"Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"}),
+    "uploads_delete_upload": Call("producer", upload=True),
+    "remote_jobs_put_artifact": Call("worker", job="claimed", data=b"subtitles", lease_in_header=True),
+    "remote_jobs_get_artifact": Call("producer", job="with_artifact"),
 }
 
 
@@ -115,6 +127,12 @@ def _job(app, source, state: str) -> tuple[str, str | None]:
         return job.id, claimed.lease_id
     if state == "cancelled":
         service.cancel(job.id)
+    if state == "with_artifact":
+        (claimed,) = service.poll("w1", ["audio"], 1)
+        stored = app.extensions[BLOBS].stage_artifact(job.id, claimed.lease_id, "talk.srt", [b"subs"], 100)
+        service.submit_result(job.id, Caller(lease_id=claimed.lease_id), success=True, content="x",
+                              artifacts=[{**vars(stored), "attempt": claimed.lease_id}],
+                              artifacts_attempt=claimed.lease_id)
     return job.id, None
 
 
@@ -134,18 +152,24 @@ def test_the_view_loads_and_dumps_the_schemas_the_document_names(
         body["source_file_path"] = str(source)
     if call.job:
         job_id, lease_id = _job(app, source, call.job)
-        path = path.replace("{job_id}", job_id)
+        path = path.replace("{job_id}", job_id).replace("{name}", "talk.srt")
         if call.token:
             query["token"] = app.extensions[TOKENS].issue(job_id, lease_id)
         if call.lease_in_body:
             body["lease_id"] = lease_id
+    if call.upload:
+        path = path.replace("{upload_id}", app.extensions[UPLOADS].create("10", None, "documented").id)
     headers = {"Authorization": f"Bearer {keys[call.role]}"} if call.role else {}
+    headers.update(call.headers)
+    if call.lease_in_header:
+        headers["X-Lease-Id"] = lease_id
 
     recorder = Recorder()
     with monkeypatch.context() as patch:
         patch.setattr(marshmallow.Schema, "load", recorder.wrap(marshmallow.Schema.load, recorder.loaded))
         patch.setattr(marshmallow.Schema, "dump", recorder.wrap(marshmallow.Schema.dump, recorder.dumped))
-        response = client.open(path, method=method.upper(), query_string=query, json=body, headers=headers)
+        extra = {"data": call.data} if call.data is not None else {"json": body}
+        response = client.open(path, method=method.upper(), query_string=query, headers=headers, **extra)
     assert 200 <= response.status_code < 300, response.get_data(as_text=True)[:300]
 
     endpoint, _ = app.url_map.bind("localhost").match(path, method=method.upper())

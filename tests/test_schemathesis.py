@@ -33,13 +33,15 @@ from schemathesis.specs.openapi.checks import (
 from werkzeug.exceptions import HTTPException, NotFound
 
 from morag_remote import create_app
-from morag_remote.context import KEYS, SERVICE, TOKENS
+from morag_remote.context import BLOBS, KEYS, SERVICE, TOKENS, UPLOADS
 from morag_remote.api.http import Operation, operation_of
 from morag_remote.service import Caller
 
 pytestmark = pytest.mark.slow
 
 EXAMPLES = 100
+# tus chunks are raw bytes under their own media type
+schemathesis.serializer.alias("application/offset+octet-stream", "application/octet-stream")
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance, response_headers_conformance]
 ROLES = ("worker", "worker_bound", "producer", "admin", None, "not-a-key")
@@ -53,9 +55,22 @@ class Fixtures:
     def __init__(self, app, sources: Path) -> None:
         self.service = app.extensions[SERVICE]
         self.tokens = app.extensions[TOKENS]
+        self.uploads = app.extensions[UPLOADS]
+        self.blobs = app.extensions[BLOBS]
         self.source = sources / "fixture.bin"
         self.source.write_bytes(SOURCE)
         self.count = 0
+
+    def upload(self) -> str:
+        return self.uploads.create(str(1024 * 1024), None, "fixture").id
+
+    def job_with_artifact(self) -> str:
+        out = self.job("processing")
+        lease = out["lease_id"]
+        stored = self.blobs.stage_artifact(out["job_id"], lease, "talk.srt", [b"subtitles"], 100)
+        self.service.submit_result(out["job_id"], Caller(lease_id=lease), success=True, content="x",
+                                   artifacts=[{**vars(stored), "attempt": lease}], artifacts_attempt=lease)
+        return out["job_id"]
 
     def job(self, state: str) -> dict[str, Any]:
         """A new job in ``state``; its own content type, so no poll under test takes it by chance."""
@@ -162,8 +177,29 @@ def _steer(case, rnd, keys: dict[str, str], fixtures: Fixtures) -> None:
                 case.body["lease_id"] = job["lease_id"]
             else:
                 case.headers["X-Lease-Id"] = job["lease_id"]
-    if isinstance(case.body, dict) and "source_file_path" in case.body and rnd.random() < 0.5:
+    if isinstance(case.body, dict) and "ingestion_task_id" in case.body and rnd.random() < 0.5:
+        # a create: a real source, given one way only (a generated upload id or sha256 is not one)
         case.body["source_file_path"] = str(fixtures.source)
+        case.body.pop("source_upload_id", None)
+        case.body.pop("source_sha256", None)
+    if "upload_id" in case.path_parameters and rnd.random() < 0.75:
+        case.path_parameters["upload_id"] = fixtures.upload()
+        if case.operation.method.upper() == "PATCH" and rnd.random() < 0.6:
+            case.headers.update({"Upload-Offset": "0", "Content-Type": "application/offset+octet-stream",
+                                 "Tus-Resumable": "1.0.0"})
+            case.headers.pop("Upload-Checksum", None)
+            if not isinstance(case.body, (bytes, str)):
+                case.body = b"tus chunk"
+    if "name" in case.path_parameters and "job_id" in case.path_parameters and rnd.random() < 0.6:
+        if case.operation.method.upper() == "GET":
+            case.path_parameters["job_id"] = fixtures.job_with_artifact()
+            case.path_parameters["name"] = "talk.srt"
+        else:
+            case.path_parameters["name"] = "talk.srt"
+            case.headers.pop("Content-Digest", None)
+    if case.operation.method.upper() == "POST" and case.operation.path.endswith("/uploads") and rnd.random() < 0.5:
+        case.headers.update({"Upload-Length": str(rnd.randrange(0, 1000)), "Tus-Resumable": "1.0.0"})
+        case.headers.pop("Upload-Metadata", None)
 
 
 def _addresses(case, app, endpoint: str) -> bool:

@@ -30,6 +30,7 @@ from werkzeug.exceptions import BadRequest
 from werkzeug.wsgi import wrap_file
 
 from .. import jsonrules
+from ..artifacts import repr_digest
 from ..jsonrules import MAX_DOCUMENT_DEPTH
 
 SchemaSource = type[Schema] | Callable[[], Schema]
@@ -49,6 +50,7 @@ class Operation:
     success: int = 200                      # respond()'s status unless the view names another
     response: SchemaSource | None = None    # JSON success body, dumped by respond()
     content: Mapping[str, dict] | None = None  # non-JSON success bodies: media type -> schema
+    request_content: Mapping[str, dict] | None = None  # non-JSON request bodies: media type -> schema
     success_headers: Mapping[str, dict] = field(default_factory=dict)
     errors: tuple[int, ...] = ()            # beyond the implied ones
     headers: tuple[str, ...] = ()           # request headers, by name in openapi.HEADER_PARAMETERS
@@ -179,14 +181,22 @@ def client_gone() -> Callable[[], bool] | None:
     return gone
 
 
-def respond_file(fh: BinaryIO, size: int, mtime: float, name: str) -> Response:
-    """A streamed attachment with Content-Length, Last-Modified and Range (206) support."""
-    response = current_app.response_class(wrap_file(request.environ, fh),
+def respond_file(fh: BinaryIO, size: int, mtime: float, name: str, *, etag: str | None = None,
+                 sha256: str | None = None, body: Any = None) -> Response:
+    """A streamed attachment with Content-Length, Last-Modified and Range (206) support; with
+    ``etag`` an ETag (so ``If-Range`` can compare it), with ``sha256`` a ``Repr-Digest`` (RFC 9530,
+    the whole file's digest, on a 206 too). ``body`` replaces the file wrapper (one that hashes what
+    it sends), for a request without Range only."""
+    response = current_app.response_class(body if body is not None else wrap_file(request.environ, fh),
                                           mimetype="application/octet-stream", direct_passthrough=True)
     response.content_length = size
     response.last_modified = mtime
     response.headers.set("Content-Disposition", "attachment", **attachment_names(name))
     response.cache_control.no_store = True
+    if etag is not None:
+        response.set_etag(etag)
+    if sha256 is not None:
+        response.headers["Repr-Digest"] = repr_digest(sha256)
     try:
         return response.make_conditional(request.environ, accept_ranges=True, complete_length=size)
     except BaseException:  # an unsatisfiable Range (416): the file is not sent, so close it now

@@ -1,6 +1,8 @@
 """The remote-jobs resource: ``/api/v1/remote-jobs``. Views parse, call the service, serialize."""
 from __future__ import annotations
 
+import hashlib
+import os
 from types import SimpleNamespace
 from typing import Any
 
@@ -10,13 +12,14 @@ from werkzeug.exceptions import MethodNotAllowed
 
 from .. import schemas
 from ..auth import ANY, Forbidden, current_principal, requires
-from ..context import events, idempotent_creates, service, tokens, workers
+from ..artifacts import entries
+from ..context import artifacts, events, idempotent_creates, service, tokens, workers
 from ..exceptions import InvalidRequest
 from ..idempotency import HEADER as IDEMPOTENCY_HEADER
 from ..idempotency import parse_key
 from ..models import RemoteJob
 from ..service import Caller
-from ..sources import download_name
+from ..sources import download_name, stat_key
 from ..store.base import JobFilter
 from .http import client_gone, documented, json_body, query_args, respond, respond_file, schema
 
@@ -92,7 +95,8 @@ def _claimed(job: RemoteJob) -> dict[str, Any]:
     url = url_for("remote_jobs.download", job_id=job.id, token=token)
     return {"id": job.id, "source_file_url": url, "content_type": job.content_type,
             "task_options": job.task_options, "lease_id": job.lease_id,
-            "timeout_at": job.timeout_at, "retry_count": job.retry_count}
+            "timeout_at": job.timeout_at, "retry_count": job.retry_count,
+            "source_size": job.source_size, "source_sha256": job.source_sha256}
 
 
 @bp.before_request
@@ -150,7 +154,43 @@ def download(job_id: str) -> Response:
             raise Forbidden("the download token is not valid for this job")
     principal = current_principal()
     job, fh, st = service().open_source(job_id, _caller(lease_id), privileged=principal.role == "admin")
-    return respond_file(fh, st.st_size, st.st_mtime, download_name(job.source_file_path))
+    try:
+        sha256 = service().check_source(job, fh, st)  # 409 when the bytes are not the job's any more
+    except BaseException:
+        fh.close()
+        raise
+    name = job.source_name or download_name(job.source_file_path)
+    body = None
+    if sha256 is None and "Range" not in request.headers and job.source_stat is not None:
+        body = _hashing(fh, st, job.id)  # the first full download learns the sha256 for the next ones
+    return respond_file(fh, st.st_size, st.st_mtime, name, etag=_etag(st), sha256=sha256, body=body)
+
+
+def _etag(st) -> str:
+    """The file's identity and version: the same for as long as the bytes are the job's (a changed
+    file is a 409), and the same before and after a first download learnt the sha256, so that a
+    download resumed with If-Range across that moment still gets its 206."""
+    return f"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"
+
+
+def _hashing(fh, st, job_id: str):
+    """The file in pieces, hashed as they are sent; a download that sent every byte records the
+    sha256 on the job (with the stat it was taken at), so later downloads carry ``Repr-Digest``."""
+    jobs = service()
+
+    def pieces():
+        hasher, sent = hashlib.sha256(), 0
+        try:
+            while piece := fh.read(1024 * 1024):
+                hasher.update(piece)
+                sent += len(piece)
+                yield piece
+            if sent == st.st_size:
+                jobs.record_source_digest(job_id, hasher.hexdigest(), stat_key(os.fstat(fh.fileno())))
+        finally:
+            fh.close()
+
+    return pieces()
 
 
 @bp.post("/<job_id>/heartbeat")
@@ -193,7 +233,11 @@ def submit_result(job_id: str) -> Response:
     g.job_id = job_id
     data = json_body()
     caller = _caller(data.pop("lease_id"))
-    outcome = service().submit_result(job_id, caller, **data)
+    expected = data.pop("artifacts")
+    staged, attempt = None, None
+    if data["success"]:
+        staged, attempt = artifacts().for_result(job_id, caller.lease_id, expected)
+    outcome = service().submit_result(job_id, caller, **data, artifacts=staged, artifacts_attempt=attempt)
     return respond({"status": outcome.job.status, "ingestion_continued": outcome.ingestion_continued})
 
 
@@ -212,7 +256,12 @@ def job_status(job_id: str) -> Response:
 @requires("producer")
 def get_job(job_id: str) -> Response:
     job = service().get(job_id)
-    return respond(SimpleNamespace(**vars(job), event_delivery=events().delivery_state(job)))
+    values = {**vars(job), "artifacts": _artifact_entries(job)}
+    return respond(SimpleNamespace(**values, event_delivery=events().delivery_state(job)))
+
+
+def _artifact_entries(job: RemoteJob) -> list[dict[str, Any]]:
+    return entries(job, lambda name: url_for("remote_jobs.get_artifact", job_id=job.id, name=name))
 
 
 @bp.get("")
@@ -249,4 +298,54 @@ def retry_job(job_id: str) -> Response:
 @requires("admin")
 def delete_job(job_id: str) -> Response:
     service().delete(job_id)
+    artifacts().remove_job(job_id)
     return Response(status=204)
+
+
+_ARTIFACT_HEADERS = {
+    **_FILE_HEADERS,
+    "ETag": {"description": "The artifact's sha256, as a strong validator for `If-Range`.", "required": True,
+             "schema": {"type": "string"}},
+    "Repr-Digest": {"description": "`sha-256=:<base64>:` of the whole artifact (RFC 9530).", "required": True,
+                    "schema": {"type": "string"}},
+}
+
+
+@bp.put("/<job_id>/artifacts/<path:name>")
+@documented(
+    "Upload a result artifact for the attempt the caller holds", tag=WORKERS, response=schemas.ArtifactStored,
+    success=201, headers=("X-Lease-Id", "Content-Digest"), errors=(400, 409, 413, 422, 507),
+    request_content={"application/octet-stream": _BINARY},
+    description="The body is the file, streamed. It is staged for the current attempt and becomes part "
+                "of the job with its successful result; an attempt that ends otherwise loses it. The "
+                "name: no path separators, no dot files, at most 255 bytes of UTF-8 (422). 409 when "
+                "the caller does not hold the job's lease (before or after the bytes came); "
+                "`Content-Digest: sha-256=:<base64>:` is checked (400, nothing stored). 200 when it "
+                "replaced an artifact of the same name.",
+    extra_responses={200: {"description": "An artifact of the same name was replaced.",
+                           "content": {"application/json": {"schema": "ArtifactStored"}}}})
+@requires("worker")
+def put_artifact(job_id: str, name: str) -> Response:
+    g.job_id = job_id
+    request.max_content_length = artifacts().settings.max_bytes
+    artifact, new = artifacts().put(job_id, name, _caller(), request.stream, request.content_length,
+                                    request.headers.get("Content-Digest"))
+    return respond(artifact, 201 if new else 200)
+
+
+@bp.get("/<job_id>/artifacts/<path:name>")
+@documented(
+    "Download a result artifact of a completed job", tag=JOBS,
+    content={"application/octet-stream": _BINARY}, success_headers=_ARTIFACT_HEADERS,
+    headers=("Range",), errors=(416,),
+    description="Artifacts are listed in `GET /<id>` (`artifacts`); `Range` resumes (206), `If-Range` "
+                "with the ETag keeps a resume from splicing other bytes.",
+    extra_responses={206: {"description": "The requested byte range.",
+                           "headers": {**_ARTIFACT_HEADERS, "Content-Range": _CONTENT_RANGE},
+                           "content": {"application/octet-stream": _BINARY}}})
+@requires("producer")
+def get_artifact(job_id: str, name: str) -> Response:
+    job = service().get(job_id)
+    entry, fh, st = artifacts().open(job, name)
+    return respond_file(fh, st.st_size, st.st_mtime, entry["name"], etag=f"sha256-{entry['sha256']}",
+                        sha256=entry["sha256"])

@@ -1,13 +1,14 @@
 """``Client``: one typed method per endpoint a producer or a worker uses."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .download import download as _download
-from .errors import ApiError, LeaseLost, ReleaseUnsupported, WaitTimeout
+from .errors import ApiError, DownloadError, LeaseLost, ReleaseUnsupported, WaitTimeout
 from .http import RESULT_RETRY_STATUSES, RetryPolicy, Transport
 from .models import (TERMINAL_STATUSES, ClaimedJob, CreatedJob, Download, Heartbeat, Job, JobPage, JobStatus, ResultAnswer,
                      parse_http_date, parse_time)
@@ -173,7 +174,11 @@ class Client:
         url = job.source_file_url if isinstance(job, ClaimedJob) else job
         if isinstance(job, ClaimedJob) and lease_id is None:
             lease_id = job.lease_id
-        return _download(self.transport, url, dest, lease_id=lease_id, stop=stop, on_bytes=on_bytes)
+        got = _download(self.transport, url, dest, lease_id=lease_id, stop=stop, on_bytes=on_bytes)
+        if isinstance(job, ClaimedJob) and job.source_sha256 and got.sha256 != job.source_sha256:
+            os.unlink(got.path)  # the poll said which bytes the job has: these are not them
+            raise DownloadError(f"the downloaded bytes' sha-256 is {got.sha256}, the poll announced {job.source_sha256}")
+        return got
 
     def heartbeat(self, job_id: str, *, lease_id: str | None = None, progress: float | None = None,
                   message: str | None = None, worker: Mapping[str, Any] | None = None,

@@ -49,13 +49,16 @@ class ClaimedJob:
     retry_count: int
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
     server_date: datetime | None = None  # the poll answer's Date: the lease is timeout_at minus it
+    source_size: int | None = None     # what the server knows of the source (a server with files)
+    source_sha256: str | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any], server_date: datetime | None = None) -> "ClaimedJob":
         return cls(job_id=data["job_id"], source_file_url=data["source_file_url"],
                    content_type=data["content_type"], task_options=data.get("task_options") or {},
                    lease_id=data.get("lease_id"), timeout_at=parse_time(data.get("timeout_at")),
-                   retry_count=int(data.get("retry_count") or 0), raw=data, server_date=server_date)
+                   retry_count=int(data.get("retry_count") or 0), raw=data, server_date=server_date,
+                   source_size=data.get("source_size"), source_sha256=data.get("source_sha256"))
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,10 @@ from typing import Any, BinaryIO, Callable, Iterable
 import structlog
 
 from ..config import Settings
-from ..exceptions import InvalidTransition, JobNotFound, LeaseConflict, SourceForbidden
+from ..exceptions import (InvalidRequest, InvalidTransition, JobNotFound, LeaseConflict, SourceChanged,
+                          SourceForbidden)
 from ..models import Action, Clock, RemoteJob, Status, new_job_id, next_status, utcnow
-from ..sources import confine, open_source
+from ..sources import confine, describe, open_source, sha256_file, stat_key
 from ..store.base import JobFilter, JobRepository, NoChange, StoreStats, pure
 from .estimates import Estimates
 from .hooks import Hooks
@@ -62,13 +63,17 @@ class JobService:
         self.hooks = Hooks()
         self.polls = LongPolls(store, settings.poll_max_waiters, clock=lambda: self.clock())
         self.estimates = Estimates(store, settings, clock=lambda: self.clock())
+        # a finished upload's id -> what a job made from it records (``uploads.Uploads.source_of``)
+        self.upload_sources: Callable[[str], dict[str, Any]] | None = None
 
     # -- producers -------------------------------------------------------------------------------
 
-    def create(self, *, source_file_path: str, content_type: str, ingestion_task_id: str,
+    def create(self, *, source_file_path: str | None = None, content_type: str, ingestion_task_id: str,
                task_options: dict[str, Any] | None = None, priority: int = 0,
-               max_retries: int | None = None, job_id: str | None = None) -> RemoteJob:
-        confine(source_file_path, self.settings.source_roots)
+               max_retries: int | None = None, job_id: str | None = None,
+               source_upload_id: str | None = None, source_sha256: str | None = None) -> RemoteJob:
+        source = self._source(source_file_path, source_upload_id, source_sha256)
+        source_file_path = source.pop("source_file_path", source_file_path)
         now = self.clock()
         job = RemoteJob(
             id=job_id or new_job_id(),
@@ -81,11 +86,69 @@ class JobService:
             available_at=now,
             priority=priority,
             max_retries=self.settings.max_retries if max_retries is None else max_retries,
+            **source,
         )
         self.store.create(job)
         log.info("job.created", job_id=job.id, content_type=content_type, priority=priority,
                  ingestion_task_id=ingestion_task_id)
         return job
+
+    def _source(self, path: str | None, upload_id: str | None, sha256: str | None) -> dict[str, Any]:
+        """What the job records of its source: a finished upload's (``upload_sources``, set by the
+        factory) or a path's, confined to the roots, with its size and stat, and its sha256 verified
+        when the producer sent one."""
+        if upload_id is not None:
+            if self.upload_sources is None:
+                raise InvalidRequest("uploads are not enabled", {"source_upload_id": ["not enabled"]})
+            source = self.upload_sources(upload_id)
+            if sha256 is not None and sha256.lower() != source["source_sha256"]:
+                raise InvalidRequest("source_sha256 does not match the upload's sha256",
+                                     {"source_sha256": ["does not match the upload"]})
+            fh, st = open_source(source["source_file_path"], self.settings.source_roots)
+            fh.close()
+            return {**source, "source_stat": stat_key(st)}
+        if path is None:
+            raise InvalidRequest("name the source: source_file_path or source_upload_id",
+                                 {"source_file_path": ["give source_file_path or source_upload_id"]})
+        confine(path, self.settings.source_roots)
+        return describe(path, self.settings.source_roots, sha256)
+
+    def check_source(self, job: RemoteJob, fh: BinaryIO, st: os.stat_result) -> str | None:
+        """The sha256 of the source bytes about to be served (None while it is not known), or
+        SourceChanged (409) when they are not the bytes the job was created with: the file's inode,
+        size or mtime moved and either no sha256 was known or the bytes hash to another one."""
+        if job.source_stat is None:  # a job from before sizes were recorded
+            return job.source_sha256
+        now = stat_key(st)
+        if now == job.source_stat:
+            return job.source_sha256
+        if job.source_sha256 is None or st.st_size != job.source_size:
+            raise SourceChanged(f"the source file of job {job.id} changed since the job was created "
+                                f"(size {job.source_size} -> {st.st_size}, or modified): its bytes are not served; "
+                                "create a new job for the new file", job_status=job.status)
+        digest, _ = sha256_file(fh)
+        if digest != job.source_sha256:
+            raise SourceChanged(f"the source file of job {job.id} changed since the job was created "
+                                f"(sha256 {job.source_sha256} -> {digest}): its bytes are not served",
+                                job_status=job.status)
+        self.record_source_digest(job.id, digest, now)
+        return digest
+
+    def record_source_digest(self, job_id: str, sha256: str, stat: dict[str, int]) -> None:
+        """Cache the sha256 of a job's source (taken by a full download or a re-check) with the stat
+        it was taken at; a job whose source is known to be other bytes is left alone."""
+        @pure
+        def mutate(job: RemoteJob) -> RemoteJob:
+            if job.source_sha256 not in (None, sha256) or job.source_size not in (None, stat["size"]):
+                raise NoChange(job)
+            job.source_sha256, job.source_size, job.source_stat = sha256, stat["size"], stat
+            return job
+
+        try:
+            self.store.update(job_id, mutate)
+        except (NoChange, JobNotFound):
+            return
+        log.info("job.source_digest", job_id=job_id, sha256=sha256)
 
     def get(self, job_id: str) -> RemoteJob:
         return self.store.get(job_id)
@@ -268,7 +331,9 @@ class JobService:
 
     def submit_result(self, job_id: str, caller: Caller, *, success: bool, content: str | None = None,
                       metadata: dict[str, Any] | None = None, error_message: str | None = None,
-                      processing_time: float | None = None, retryable: bool | None = None) -> ResultOutcome:
+                      processing_time: float | None = None, retryable: bool | None = None,
+                      artifacts: list[dict[str, Any]] | None = None,
+                      artifacts_attempt: str | None = None) -> ResultOutcome:
         """Record a worker's result for the job's current attempt.
 
         Fencing: a caller that sends a lease id must hold the current one, and a key bound to a
@@ -283,7 +348,7 @@ class JobService:
         job cleared its worker id, and the worker's retried request must still get its first answer.
         """
         digest = _digest(success, content, metadata, error_message, processing_time, retryable,
-                         caller.bound_worker_id)
+                         caller.bound_worker_id, *([artifacts] if artifacts else []))
 
         @pure
         def mutate(job: RemoteJob) -> RemoteJob:
@@ -299,6 +364,11 @@ class JobService:
                 job.progress = 1.0
                 job.result_data = {"content": content or "", "metadata": metadata or {},
                                    "processing_time": processing_time or 0.0}
+                if artifacts:  # staged for this very attempt: they become the job's with its result
+                    if job.lease_id != artifacts_attempt:
+                        raise LeaseConflict(f"the artifacts were staged for another attempt of job {job.id}",
+                                            job_status=job.status)
+                    job.artifacts = artifacts
                 job.error_message = None
                 return job
             job.error_message = error_message or "the worker reported a failure"

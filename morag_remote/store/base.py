@@ -11,10 +11,11 @@ on the job in between.
 """
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Callable, Collection, Iterable, Iterator, Mapping, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Callable, Collection, Iterable, Iterator, Mapping, Protocol
 
 from ..models import RemoteJob
 
@@ -241,6 +242,109 @@ class ThroughputSeries(Protocol):
     def prune(self, before: datetime) -> int:
         """Forget minutes before ``before`` (a backend may keep a few more: it prunes whole files);
         returns how many units were removed."""
+
+
+@dataclass
+class UploadState:
+    """A tus upload as the blob store keeps it (next to its bytes): how long it will be, how much
+    is durably stored, and once complete the sha256 of the whole file."""
+
+    id: str
+    length: int
+    offset: int
+    created_at: datetime
+    expires_at: datetime
+    metadata: dict[str, str] = field(default_factory=dict)
+    owner: str | None = None              # the API key's name that created it
+    declared_sha256: str | None = None    # from Upload-Metadata ``sha256`` (hex)
+    sha256: str | None = None             # set when the upload is complete and verified
+    completed_at: datetime | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.sha256 is not None
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    """One file a worker uploaded for an attempt: ``file`` is its path inside the blob store."""
+
+    name: str
+    size: int
+    sha256: str
+    file: str
+
+
+class UploadBusy(Exception):
+    """Another request holds the upload (a concurrent PATCH)."""
+
+
+class BlobStore(Protocol):
+    """The bytes that live outside the job records: unfinished uploads (with their state), the
+    content-addressed sources finished uploads become, and result artifacts staged per attempt.
+
+    Not a backend's: one ``BLOB_DIR`` may be shared by every API host of either backend, so the
+    filesystem implementation (``morag_remote/blobs.py``) serves both. Every write is a temp file,
+    fsync and rename (or an append fsynced before it is acknowledged), so a crash leaves at most
+    temp files, which :meth:`fsck` removes."""
+
+    sources_dir: str
+
+    def free_bytes(self) -> int:
+        """Bytes free for unprivileged writers on the blob store's file system."""
+
+    # -- uploads
+    def create_upload(self, state: UploadState) -> None: ...
+
+    def read_upload(self, upload_id: str) -> UploadState | None:
+        """The upload's state, or None when there is none (never made, deleted or expired and removed)."""
+
+    def write_upload(self, state: UploadState) -> None:
+        """Replace the upload's state durably."""
+
+    def upload_lock(self, upload_id: str) -> AbstractContextManager:
+        """Hold the upload exclusively across processes and hosts; UploadBusy when another holds it."""
+
+    def append(self, upload_id: str, offset: int, chunks: Iterable[bytes],
+               commit: Callable[[int], bool]) -> int:
+        """Write ``chunks`` at ``offset`` (anything past it from an earlier cut is dropped first),
+        then ask ``commit(bytes_written)`` whether to keep them: kept bytes are fsynced, and the
+        new end is returned; refused bytes (or any exception) truncate back to ``offset``."""
+
+    def read_data(self, upload_id: str) -> Iterator[bytes]:
+        """The upload's bytes so far, in pieces."""
+
+    def finalize(self, upload_id: str, sha256: str) -> str:
+        """Move the upload's bytes to the content-addressed source (kept once per sha256); the path.
+        Idempotent: a finished upload whose bytes were moved already just answers the path."""
+
+    def delete_upload(self, upload_id: str) -> None: ...
+
+    def upload_ids(self) -> list[str]: ...
+
+    def source_path(self, sha256: str) -> str: ...
+
+    # -- artifacts
+    def stage_artifact(self, job_id: str, attempt: str, name: str, chunks: Iterable[bytes],
+                       max_bytes: int, expect_sha256: bytes | None = None) -> StoredArtifact:
+        """Store one artifact of an attempt (it replaces one of the same name, but never the bytes a
+        committed result points at); PayloadTooLarge past ``max_bytes``, DigestMismatch when the
+        bytes' sha256 is not ``expect_sha256``, nothing left behind either way."""
+
+    def staged_artifacts(self, job_id: str, attempt: str) -> list[StoredArtifact]: ...
+
+    def open_blob(self, path: str) -> tuple[BinaryIO, os.stat_result]:
+        """A stored file (relative path) opened for reading; FileNotFoundError when gone."""
+
+    def remove_artifacts(self, job_id: str, keep: Collection[str] = ()) -> int:
+        """Remove the job's attempt folders except those named in ``keep``; how many were removed."""
+
+    def artifact_job_ids(self) -> list[str]: ...
+
+    def fsck(self, referenced: Callable[[], tuple[set[str], dict[str, set[str]]] | None],
+             repair: bool) -> list[Finding]:
+        """Temp files, unfinished leftovers, orphans: ``referenced()`` gives the sources jobs use and
+        each job's attempt folders to keep (None: unknown, so nothing counts as an orphan)."""
 
 
 @dataclass

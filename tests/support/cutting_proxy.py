@@ -8,11 +8,13 @@ import threading
 
 class CuttingProxy:
     """Forwards 127.0.0.1:<port> to ``upstream``; the first ``cuts`` connections are closed after
-    ``cut_after`` bytes of the server's answer. ``requests`` keeps the bytes clients sent."""
+    ``cut_after`` bytes of the server's answer (with ``upstream=True``: of what the client sends,
+    for uploads). ``requests`` keeps the bytes clients sent (not kept for uploads: they are big)."""
 
-    def __init__(self, upstream_port: int, cut_after: int, cuts: int) -> None:
+    def __init__(self, upstream_port: int, cut_after: int, cuts: int, upstream: bool = False) -> None:
         self.upstream_port = upstream_port
         self.cut_after = cut_after
+        self.upstream = upstream
         self.cuts_left = cuts
         self.requests: list[bytes] = []
         self._lock = threading.Lock()
@@ -37,7 +39,7 @@ class CuttingProxy:
             except OSError:
                 return
             with self._lock:
-                cut = self.cut_after if self.cuts_left > 0 else None
+                cut = self.cut_after if self.cuts_left > 0 and not self.upstream else None
                 self.cuts_left -= 1 if cut is not None else 0
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
             with self._lock:
@@ -47,15 +49,28 @@ class CuttingProxy:
             threading.Thread(target=self._pump_down, args=(upstream, client, cut), daemon=True).start()
 
     def _pump_up(self, src: socket.socket, dst: socket.socket, index: int) -> None:
+        sent, cut, first = 0, None, True
         try:
             while data := src.recv(65536):
-                with self._lock:
-                    self.requests[index] += data
+                if first and self.upstream:  # uploads: only requests with a body (PATCH, PUT) are cut
+                    first = False
+                    with self._lock:
+                        if self.cuts_left > 0 and data.startswith((b"PATCH", b"PUT")):
+                            cut, self.cuts_left = self.cut_after, self.cuts_left - 1
+                if not self.upstream:
+                    with self._lock:
+                        self.requests[index] += data
+                if cut is not None and sent + len(data) >= cut:
+                    dst.sendall(data[:cut - sent])
+                    break
                 dst.sendall(data)
+                sent += len(data)
         except OSError:
             pass
         finally:
             _close(dst)
+            if cut is not None:
+                _close(src)
 
     def _pump_down(self, src: socket.socket, dst: socket.socket, cut: int | None) -> None:
         sent = 0

@@ -73,6 +73,10 @@ ROLE_TABLE: dict[tuple[str, str], Route] = {
                                           body=lambda cell: {"success": True, "content": "text"}),
     ("POST", J + "/<job_id>/release"): Route("worker", job="claimed", body=lambda cell: {}),
     ("GET", J + "/workers"): Route("producer"),
+    ("POST", J + "/types/<content_type>/pause"): Route("admin", path=J + "/types/video/pause"),
+    ("POST", J + "/types/<content_type>/resume"): Route("admin", path=J + "/types/video/resume"),
+    ("POST", J + "/types/<content_type>/limit"): Route("admin", path=J + "/types/video/limit",
+                                                        body=lambda cell: {"max_processing": 4}),
 }
 
 

@@ -131,8 +131,16 @@ def test_an_argument_that_is_not_utf8_is_one_line_on_either_backend(app, backend
         assert out.exit_code == 1 and out.output.startswith("Error: ") and "UTF-8" in out.output
 
 
+# 0006 is issue 17's (uploads), made in another branch at the same time as 0007_routing: until both
+# are merged the number is free here. Drop it from this set once 0006_uploads.sql is in.
+RESERVED_ELSEWHERE = {6}
+
+
 def test_migrations_are_numbered_without_gaps():
-    assert [m.version for m in migrate.available()] == list(range(1, len(migrate.available()) + 1))
+    versions = [m.version for m in migrate.available()]
+    present = sorted(set(versions) | (RESERVED_ELSEWHERE & set(range(1, max(versions)))))
+    assert present == list(range(1, len(present) + 1))
+    assert len(set(versions)) == len(versions)
 
 
 # -- operator commands: ``app`` runs on both backends ---------------------------------------------

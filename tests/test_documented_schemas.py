@@ -65,6 +65,9 @@ CALLS: dict[str, Call] = {
     "remote_jobs_delete_job": Call("admin", job="pending"),
     "remote_jobs_release": Call("worker", job="claimed", body={}, lease_in_body=True),
     "workers_list_workers": Call("producer"),
+    "types_pause": Call("admin"),
+    "types_resume": Call("admin"),
+    "types_limit": Call("admin", body={"max_processing": 3}),
 }
 
 
@@ -139,6 +142,7 @@ def test_the_view_loads_and_dumps_the_schemas_the_document_names(
             query["token"] = app.extensions[TOKENS].issue(job_id, lease_id)
         if call.lease_in_body:
             body["lease_id"] = lease_id
+    path = path.replace("{content_type}", "video")
     headers = {"Authorization": f"Bearer {keys[call.role]}"} if call.role else {}
 
     recorder = Recorder()

@@ -135,6 +135,7 @@ class PostgresJobStore:
     def __init__(self, db: Database, batch_size: int = 1000) -> None:
         self.db = db
         self.batch_size = batch_size
+        self._limited: frozenset[str] = frozenset()  # types that had a limit at this process's last claim
 
     # -- writes ----------------------------------------------------------------------------------
 
@@ -190,6 +191,8 @@ class PostgresJobStore:
             new.version = current.version + 1
             conn.execute(_UPDATE, row_params(new))
             self._announce(conn, new)
+            if (current.status == Status.PROCESSING.value != new.status and new.content_type in self._limited):
+                self.db.notify(conn, new.content_type)  # a slot of a limited type is free: pollers look again
         self._changed(new)
         return new
 
@@ -210,6 +213,8 @@ class PostgresJobStore:
                         conn.execute(_CONTROLS + " WHERE content_type = ANY(%s)", (types,)).fetchall()}
             types = [t for t in types if not (t in controls and controls[t].paused)]
             limits = {t: most for t in types if (most := route.limit_for(t, controls.get(t))) is not None}
+            if not set(limits) <= self._limited:
+                self._limited = self._limited | frozenset(limits)
             room = {t: limit for t in types}
             if limits:
                 for t in sorted(limits):  # one order for every claim: no deadlock between them

@@ -470,3 +470,28 @@ def test_caller_of_a_held_job_gets_409(service, clock):
     with pytest.raises(Exception) as caught:
         service.release(job.id, Caller(lease_id=job.lease_id))
     assert getattr(caught.value, "status_code", None) == 409
+
+
+@pytest.mark.files_only
+def test_a_damaged_controls_file_pauses_nothing_and_the_next_change_rewrites_it(service, log_output):
+    job = new_job(service, "video")
+    service.pause("video")
+    path = service.store.root / "types.json"
+    path.write_text('{"video": {"paused": true, "max_processing": "four"}}')
+    assert [j.id for j in service.poll("w", ["video"])] == [job.id]
+    assert "store.controls_unreadable" in log_output.getvalue()
+    service.pause("audio")
+    assert json.loads(path.read_text())["audio"]["paused"] is True
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("MAX_PROCESSING", {"video": -1}, "MAX_PROCESSING['video'] must be a whole number"),
+    ("MAX_PROCESSING", {"video": 2.5}, "MAX_PROCESSING['video'] must be a whole number"),
+    ("MAX_PROCESSING", [4], "MAX_PROCESSING must be an object"),
+    ("ON_LAPSE", {"web": "retry"}, "ON_LAPSE['web'] must be requeue, fail or hold"),
+])
+def test_a_bad_routing_setting_refuses_to_start_naming_it(name, value, message, instance_path):
+    from morag_remote import create_app
+
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        create_app({"TESTING": True, "INSTANCE_PATH": str(instance_path), "LOG_JSON": True, name: value})

@@ -33,6 +33,7 @@ from schemathesis.specs.openapi.checks import (
 from werkzeug.exceptions import HTTPException, NotFound
 
 from morag_remote import create_app
+from morag_remote.config import DEFAULT_CONTENT_TYPES
 from morag_remote.context import KEYS, SERVICE, TOKENS
 from morag_remote.api.http import Operation, operation_of
 from morag_remote.service import Caller
@@ -162,6 +163,9 @@ def _steer(case, rnd, keys: dict[str, str], fixtures: Fixtures) -> None:
                 case.body["lease_id"] = job["lease_id"]
             else:
                 case.headers["X-Lease-Id"] = job["lease_id"]
+    if "content_type" in case.path_parameters and rnd.random() < 0.75:
+        # the types routes (pause, resume, limit) succeed only for a configured content type
+        case.path_parameters["content_type"] = rnd.choice(DEFAULT_CONTENT_TYPES)
     if isinstance(case.body, dict) and "source_file_path" in case.body and rnd.random() < 0.5:
         case.body["source_file_path"] = str(fixtures.source)
 

@@ -18,7 +18,7 @@ _UNKNOWN = " An unknown content type is 422 naming `content_type`."
 
 
 @bp.post("/<content_type>/pause")
-@documented("Pause a content type: no worker claims its jobs", tag=TYPES, response=schemas.TypeState,
+@documented("Pause a content type: no worker claims its jobs", tag=TYPES, response=schemas.TypeState, errors=(422,),
             description="On every process and host at once, and across restarts; jobs already "
                         "processing continue and creates are still accepted." + _UNKNOWN)
 @requires("admin")
@@ -28,7 +28,7 @@ def pause(content_type: str) -> Response:
 
 
 @bp.post("/<content_type>/resume")
-@documented("Resume a paused content type", tag=TYPES, response=schemas.TypeState,
+@documented("Resume a paused content type", tag=TYPES, response=schemas.TypeState, errors=(422,),
             description="Its pending jobs are claimable again (waiting long polls look at once)." + _UNKNOWN)
 @requires("admin")
 def resume(content_type: str) -> Response:

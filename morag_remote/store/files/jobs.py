@@ -490,9 +490,13 @@ class FileJobStore:
         if self._controls[0] != signature:
             try:
                 raw = json.loads(read_bytes(self._controls_file))
-                parsed = {ct: TypeControl(ct, paused=bool(v.get("paused")), max_processing=v.get("max_processing"),
-                                          updated_at=from_iso(v.get("updated_at")))
-                          for ct, v in raw.items()}
+                parsed = {}
+                for ct, v in raw.items():
+                    most = v.get("max_processing")
+                    if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 0):
+                        raise ValueError(f"{ct}: max_processing {most!r} is not a whole number, 0 or more")
+                    parsed[ct] = TypeControl(ct, paused=v.get("paused") is True, max_processing=most,
+                                             updated_at=from_iso(v.get("updated_at")))
             except (ValueError, TypeError, AttributeError) as exc:
                 # an unreadable file pauses nothing and limits nothing beyond the configuration;
                 # the next change writes it whole again

@@ -5,6 +5,7 @@ naming the field. The real-process tests (several pollers, hosts, a killed worke
 ``test_routing_processes.py``."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import timedelta
 from typing import Any
@@ -18,6 +19,7 @@ from test_events import SECRET, Receiver
 from morag_remote.models import to_iso
 from morag_remote.routing import Capabilities, Requirements
 from morag_remote.service import Caller
+from morag_remote.store.base import JobFilter
 
 J = "/api/v1/remote-jobs"
 
@@ -192,7 +194,7 @@ def test_bad_routing_input_at_create_is_422_naming_the_field(producer, client, c
         assert response.status_code == 422, (what, response.json)
         assert response.mimetype == "application/problem+json"
         assert field in response.json["errors"], (what, response.json["errors"])
-    assert service.list(__import__("morag_remote.store.base", fromlist=["JobFilter"]).JobFilter(), None, 10)[0] == []
+    assert service.list(JobFilter(), None, 10)[0] == []  # nothing was made
 
 
 @pytest.mark.parametrize("params, field", [
@@ -417,8 +419,8 @@ def receiver():
 @pytest.mark.parametrize("app_config", [{}], indirect=True)
 def test_job_held_event_is_sent_then_retry_and_the_next_outcome_send_their_own(app, receiver, producer, worker,
                                                                                 clock, service):
-    app.extensions["morag_remote.events"].settings = __import__("dataclasses").replace(
-        app.extensions["morag_remote.events"].settings, callback_url=f"{receiver.url}/morag/events", secret=SECRET)
+    events = app.extensions["morag_remote.events"]
+    events.settings = dataclasses.replace(events.settings, callback_url=f"{receiver.url}/morag/events", secret=SECRET)
     job_id = producer.create_id("audio", on_lapse="hold")
     worker.claim("audio")
     clock.advance(lease_of(service) + 1)
@@ -439,7 +441,7 @@ def test_job_held_event_is_sent_then_retry_and_the_next_outcome_send_their_own(a
 def test_held_event_is_reconciled_when_its_recording_was_lost(app, producer, worker, clock, service, runner,
                                                               monkeypatch):
     events = app.extensions["morag_remote.events"]
-    events.settings = __import__("dataclasses").replace(events.settings, callback_url="http://127.0.0.1:9/none")
+    events.settings = dataclasses.replace(events.settings, callback_url="http://127.0.0.1:9/none")
     monkeypatch.setattr(events, "job_finished", lambda job: False)  # as if the process died right after the write
     job_id = producer.create_id("audio", on_lapse="hold")
     worker.claim("audio")

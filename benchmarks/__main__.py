@@ -22,8 +22,14 @@ from .server import REPO, Instance
 
 SCENARIOS = ("raw", "claims", "cycles", "floor", "pickup", "idle", "restart", "worker", "slow", "files")
 DEPTHS = [("100", {"audio": 100}), ("10000", {"audio": 10_000}), ("50000", {"audio": 50_000}),
-          ("10000-other", {"video": 10_000, "audio": 100})]
-PG_DEPTHS = ("100", "50000")  # the PostgreSQL column's claim depths (its target: the ratio of the two)
+          ("10000-other", {"video": 10_000, "audio": 100}),
+          # routing: a worker with 24 GB, 10,000 pending jobs it cannot take (they need 80 GB) in front
+          # of the 100 it can, against the same worker and the 100 alone
+          ("100-capable", {"audio": 100}),
+          ("10000-unclaimable", {"audio needing 80 GB": 10_000, "audio": 100})]
+ROUTED_DEPTHS = {"100-capable", "10000-unclaimable"}
+WORKER_RESOURCES = "gpu_memory_gb:24"
+PG_DEPTHS = ("100", "50000", "100-capable", "10000-unclaimable")  # the PostgreSQL column's claim depths
 
 
 def machine() -> dict:
@@ -76,13 +82,15 @@ def main(argv: list[str] | None = None) -> int:
             results["claims"] = []
             for label, seeded in DEPTHS:
                 step(f"claim latency, {label}")
-                results["claims"].append(scenarios.claim_latency(instance, label, sized(seeded), **claims))
+                results["claims"].append(scenarios.claim_latency(instance, label, sized(seeded), **claims,
+                                                                 resources=_resources(label)))
             if schema is not None:
                 results["postgres"]["claims"] = []
                 for label in PG_DEPTHS:
                     step(f"PostgreSQL claim latency, {label}")
                     results["postgres"]["claims"].append(
-                        scenarios.claim_latency(instance, label, sized(dict(DEPTHS)[label]), **claims, pg=schema))
+                        scenarios.claim_latency(instance, label, sized(dict(DEPTHS)[label]), **claims, pg=schema,
+                                                resources=_resources(label)))
         if "cycles" in only:
             step("full cycles")
             results["cycles"] = scenarios.full_cycles(instance, **cycles)
@@ -126,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(results))
     print(f"\nwritten to {args.out} in {results['total_seconds']} s")
     return 0
+
+
+def _resources(label: str) -> str:
+    return WORKER_RESOURCES if label in ROUTED_DEPTHS else ""
 
 
 def _postgres(instance: Instance, results: dict) -> pg.BenchSchema | None:

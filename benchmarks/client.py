@@ -154,10 +154,12 @@ class Api:
         body = {"source_file_path": source, "content_type": content_type, "ingestion_task_id": "bench"}
         return self.json("POST", "/api/v1/remote-jobs/", body, expect=201)["job_id"]
 
-    def poll(self, worker_id: str, content_types: str = "audio", wait: float = 0) -> dict:
+    def poll(self, worker_id: str, content_types: str = "audio", wait: float = 0, resources: str = "") -> dict:
         query = f"worker_id={worker_id}&content_types={content_types}&max_jobs=1"
         if wait:
             query += f"&wait={wait:g}"
+        if resources:  # the worker's capabilities, e.g. gpu_memory_gb:24
+            query += f"&resources={resources}"
         return self.json("GET", f"/api/v1/remote-jobs/poll?{query}")
 
     def download(self, url: str) -> bytes:

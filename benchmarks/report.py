@@ -20,6 +20,13 @@ def _claim_ratio(claims: list[dict[str, Any]]) -> float | None:
     return _ratio(by_label.get("50000"), by_label.get("100"))
 
 
+def _routing_ratio(claims: list[dict[str, Any]]) -> float | None:
+    """A 24 GB worker's median claim with 10,000 pending jobs it cannot take (80 GB) in front of
+    100 it can, over the same worker's with only the 100."""
+    by_label = {c["label"]: c["median_ms"] for c in claims}
+    return _ratio(by_label.get("10000-unclaimable"), by_label.get("100-capable"))
+
+
 def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target of issues #8 and #9 whose figures this run has: value, goal, met or not."""
     rows: list[tuple[str, Any, str, Callable[[Any], bool]]] = []
@@ -32,6 +39,9 @@ def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
             ("claim median at 10,000 other type / at 100", _ratio(claims["10000-other"]["median_ms"], base),
              "<= 2", lambda v: v is not None and v <= 2),
         ]
+        if "10000-unclaimable" in claims:
+            rows.append(("claim median, 10,000 unclaimable (80 GB) + 100 / 100 only", _routing_ratio(r["claims"]),
+                         "<= 2", lambda v: v is not None and v <= 2))
     if "pickup" in r:
         rows.append(("long-poll pick-up median (ms)", r["pickup"]["median_ms"], "<= 100",
                      lambda v: v is not None and v <= 100))
@@ -61,6 +71,9 @@ def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
     if "claims" in pg:
         rows.append(("PG claim median at 50,000 / at 100", _claim_ratio(pg["claims"]), "<= 1.5",
                      lambda v: v is not None and v <= 1.5))
+        if any(c["label"] == "10000-unclaimable" for c in pg["claims"]):
+            rows.append(("PG claim median, 10,000 unclaimable (80 GB) + 100 / 100 only", _routing_ratio(pg["claims"]),
+                         "<= 2", lambda v: v is not None and v <= 2))
     if "cycles" in pg:
         rows.append(("PG double claims", pg["cycles"]["double_claims"], "0", lambda v: v == 0))
     if "claims" in pg or "cycles" in pg:
@@ -106,6 +119,8 @@ def table(r: dict[str, Any]) -> str:
         for store, claims in (("", r["claims"]), ("PostgreSQL, ", pg.get("claims", []))):
             for c in claims:
                 pending = ", ".join(f"{n:,} {t}" for t, n in c["pending"].items())
+                if c.get("resources"):
+                    pending += f" (poller {c['resources']})"
                 lines.append(f"  {store + pending + ' pending':<42}{c['median_ms']:>10}{c['p99_ms']:>9}"
                              f"{c['server_ready_seconds']:>9}")
         lines.append("")

@@ -104,8 +104,10 @@ def raw_store(instance: Instance, seconds: float = 5.0, max_cycles: int = 5000) 
 # -- (1) claim latency at a queue depth ------------------------------------------------------------
 
 def claim_latency(instance: Instance, label: str, seeded: dict[str, int], claim_type: str = "audio",
-                  samples: int = 500, warmup: int = 20, pg: BenchSchema | None = None) -> dict[str, Any]:
+                  samples: int = 500, warmup: int = 20, pg: BenchSchema | None = None,
+                  resources: str = "") -> dict[str, Any]:
     """One poll claiming one job, ``samples`` times, while the queue holds what ``seeded`` says.
+    ``resources``: the poller's capabilities (``gpu_memory_gb:24``), for the routing scenarios.
 
     Before each timed poll an untimed create adds a job of ``claim_type``, so the depth stays put
     and every claim also pays for catching up with the other worker process's change. ``pg``: the
@@ -126,14 +128,15 @@ def claim_latency(instance: Instance, label: str, seeded: dict[str, int], claim_
             for i in range(warmup + samples):
                 producer.create(str(instance.source), claim_type)
                 started = time.perf_counter()
-                body = worker.poll("bench-claimer", claim_type)
+                body = worker.poll("bench-claimer", claim_type, resources=resources)
                 elapsed = time.perf_counter() - started
                 if body["job_id"] is None or body["content_type"] != claim_type:
                     errors += 1
                 if i >= warmup:
                     latencies.append(elapsed)
         ready = server.ready_seconds
-    return {"label": label, "pending": seeded, **summary_ms(latencies), "errors": errors,
+    return {"label": label, "pending": seeded, **({"resources": resources} if resources else {}),
+            **summary_ms(latencies), "errors": errors,
             "seed_seconds": round(seed_seconds, 2), "server_ready_seconds": round(ready or 0, 2)}
 
 

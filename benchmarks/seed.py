@@ -14,20 +14,32 @@ from typing import Iterator
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from morag_remote.models import RemoteJob, new_job_id, utcnow
+from morag_remote.routing import Requirements
 from morag_remote.store.files.jobs import FileJobStore, encode_job
 from morag_remote.store.postgres.jobs import WRITE_COLUMNS, row_params
 
+# Seed keys that stand for jobs with requirements: key -> (content type, requires). Any other key
+# is a content type whose jobs require nothing.
+ROUTED = {"audio needing 80 GB": ("audio", {"min": {"gpu_memory_gb": 80}})}
+
+
+def kind(key: str) -> tuple[str, dict | None]:
+    return ROUTED.get(key, (key, None))
+
 
 def _pending_jobs(source: Path, counts: dict[str, int]) -> Iterator[RemoteJob]:
-    """``counts[content_type]`` new pending jobs of each type, claimable now, in creation order."""
+    """``counts[key]`` new pending jobs of each key (a content type, or one of ``ROUTED``),
+    claimable now, in creation order."""
     now = utcnow()
-    for content_type, n in counts.items():
+    for key, n in counts.items():
+        content_type, requires = kind(key)
         for _ in range(n):
             yield RemoteJob(id=new_job_id(), ingestion_task_id="bench-seed", source_file_path=str(source),
                             content_type=content_type, task_options={}, created_at=now, updated_at=now,
-                            available_at=now, version=1)
+                            available_at=now, version=1, requires=requires)
 
 
 def seed_pending(data_dir: Path, source: Path, counts: dict[str, int]) -> int:
@@ -48,6 +60,11 @@ def seed_pending(data_dir: Path, source: Path, counts: dict[str, int]) -> int:
 def copy_pending(conn: psycopg.Connection, source: Path, counts: dict[str, int]) -> int:
     """Load the jobs of ``counts`` into ``remote_jobs`` (``conn``'s search path) with COPY; returns
     how many. The caller commits."""
+    for key in counts:
+        rule = Requirements.of(kind(key)[1])
+        if rule is not None:  # what PostgresJobStore.create registers for a job with requirements
+            conn.execute("INSERT INTO remote_job_requirements (key, labels, minimums) VALUES (%s, %s, %s) "
+                         "ON CONFLICT (key) DO NOTHING", (rule.key, sorted(rule.labels), Jsonb(dict(rule.minimums))))
     columns = ("id", *WRITE_COLUMNS)
     statement = sql.SQL("COPY remote_jobs ({}) FROM STDIN").format(sql.SQL(", ").join(map(sql.Identifier, columns)))
     written = 0

@@ -152,7 +152,8 @@ def show(job_id: str, as_json: bool) -> None:
 def _describe(job: dict) -> str:
     fields = ("id", "status", "content_type", "ingestion_task_id", "source_file_path", "priority",
               "worker_id", "attempt", "retry_count", "max_retries", "releases", "created_at", "started_at",
-              "timeout_at", "completed_at", "progress", "error_message")
+              "timeout_at", "completed_at", "progress", "error_message", "requires", "available_at",
+              "expires_at", "on_lapse")
     lines = [f"{name + ':':<18} {job[name] if job[name] is not None else '-'}" for name in fields]
     result = job.get("result_data")
     if result:
@@ -170,10 +171,80 @@ def _describe(job: dict) -> str:
 def stats(as_json: bool) -> None:
     """Counts by status and content type, the oldest pending job's age, workers seen."""
     body = service().estimates.queue_summary()
-    _emit(as_json, body, lambda b: "\n".join(
+    _emit(as_json, schemas.StatsResponse().dump(body), lambda b: "\n".join(
         [f"{status:<10} {ct:<9} {n}" for status, per in sorted(b["counts"].items())
          for ct, n in sorted(per.items())]
+        + [f"paused: {', '.join(ct for ct, t in sorted(b['types'].items()) if t['paused']) or 'none'}"]
         + [f"oldest pending: {b['oldest_pending_age_seconds']} s", f"active workers: {len(b['active_workers'])}"]))
+
+
+def _type_line(t: dict) -> str:
+    limit = "-" if t["max_processing"] is None else f"{t['max_processing']} ({t['limit_source']})"
+    return (f"{t['content_type']:<9} {'paused' if t['paused'] else 'active':<7} "
+            f"processing={t['processing']} limit={limit}")
+
+
+def _known_type(content_type: str) -> str:
+    known = service().settings.content_types
+    if content_type not in known:
+        raise click.BadParameter(f"{content_type!r} is not one of {', '.join(map(repr, known))}.",
+                                 param_hint="'TYPE'")
+    return content_type
+
+
+@jobs_cli.command("types")
+@json_option
+@with_appcontext
+def types_command(as_json: bool) -> None:
+    """Each content type: paused or active, jobs processing, the limit in force and where it comes from."""
+    body = schemas.TypeState(many=True).dump(list(service().type_states().values()))
+    _emit(as_json, body, lambda rows: "\n".join(map(_type_line, rows)))
+
+
+@jobs_cli.command("pause")
+@click.argument("content_type", metavar="TYPE")
+@json_option
+@with_appcontext
+def pause_command(content_type: str, as_json: bool) -> None:
+    """Stop claims of TYPE on every host (running jobs go on, creates are accepted); durable."""
+    svc = service()
+    state = schemas.TypeState().dump(svc.type_state(svc.pause(_known_type(content_type))))
+    _emit(as_json, state, _type_line)
+
+
+@jobs_cli.command("resume")
+@click.argument("content_type", metavar="TYPE")
+@json_option
+@with_appcontext
+def resume_command(content_type: str, as_json: bool) -> None:
+    """Let workers claim TYPE again."""
+    svc = service()
+    state = schemas.TypeState().dump(svc.type_state(svc.resume(_known_type(content_type))))
+    _emit(as_json, state, _type_line)
+
+
+def _limit_value(_ctx: click.Context, _param: click.Parameter, value: str) -> int | None:
+    if value.strip().lower() in ("none", "null", "config"):
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise click.BadParameter("a whole number, 0 or more, or 'none' (back to MAX_PROCESSING)") from None
+    if number < 0:
+        raise click.BadParameter("a whole number, 0 or more, or 'none' (back to MAX_PROCESSING)")
+    return number
+
+
+@jobs_cli.command("limit")
+@click.argument("content_type", metavar="TYPE")
+@click.argument("max_processing", metavar="N|none", callback=_limit_value)
+@json_option
+@with_appcontext
+def limit_command(content_type: str, max_processing: int | None, as_json: bool) -> None:
+    """At most N jobs of TYPE processing at once across the fleet ('none': MAX_PROCESSING again)."""
+    svc = service()
+    state = schemas.TypeState().dump(svc.type_state(svc.set_limit(_known_type(content_type), max_processing)))
+    _emit(as_json, state, _type_line)
 
 
 @jobs_cli.command("workers")
@@ -193,7 +264,7 @@ def workers_command(as_json: bool) -> None:
 @json_option
 @with_appcontext
 def cancel(job_id: str, as_json: bool) -> None:
-    """Cancel a pending or processing job (exit 4 when it has finished)."""
+    """Cancel a pending, processing or held job (exit 4 when it has finished)."""
     job = service().cancel(job_id)
     _emit(as_json, schemas.JobSummary().dump(job), lambda j: f"{j['id']} {j['status']}")
 
@@ -203,7 +274,7 @@ def cancel(job_id: str, as_json: bool) -> None:
 @json_option
 @with_appcontext
 def retry(job_id: str, as_json: bool) -> None:
-    """Put a failed, timed-out or cancelled job back in the queue (exit 4 for any other state)."""
+    """Put a failed, timed-out, cancelled or held job back in the queue (exit 4 for any other state)."""
     job = service().retry(job_id)
     _emit(as_json, schemas.JobSummary().dump(job), lambda j: f"{j['id']} {j['status']}")
 

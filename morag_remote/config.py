@@ -56,6 +56,8 @@ DEFAULTS: dict[str, Any] = {
     "MAX_ARTIFACT_BYTES": 4 * 1024 ** 3,       # one artifact
     "MAX_JOB_ARTIFACT_BYTES": 16 * 1024 ** 3,  # all artifacts of one attempt
     "MAX_ARTIFACTS": 100,                       # artifacts of one attempt
+    "MAX_PROCESSING": {},           # content type -> most jobs processing at once, fleet-wide
+    "ON_LAPSE": {"default": "requeue"},  # content type -> requeue | fail | hold (a vanished worker)
 }
 
 
@@ -96,6 +98,8 @@ class Settings:
     lapsed_per_poll: int = 20
     source_roots: tuple[str, ...] = ()
     store_lock_timeout_seconds: float | None = 5
+    max_processing: Mapping[str, int] = field(default_factory=dict)
+    on_lapse: Mapping[str, str] = field(default_factory=lambda: {"default": "requeue"})
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "Settings":
@@ -113,8 +117,46 @@ class Settings:
             lapsed_per_poll=int(config["LAPSED_PER_POLL"]),
             source_roots=tuple(config["SOURCE_ROOTS"]),
             store_lock_timeout_seconds=store_lock_timeout(config),
+            max_processing=_limits(config.get("MAX_PROCESSING")),
+            on_lapse=_policies(config.get("ON_LAPSE")),
         )
 
     def lease_for(self, content_type: str) -> float:
         leases = self.lease_seconds
         return float(leases.get(content_type, leases.get("default", 3600)))
+
+    def on_lapse_for(self, content_type: str) -> str:
+        policies = self.on_lapse
+        return policies.get(content_type, policies.get("default", "requeue"))
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the app refuses to start with the setting named."""
+
+
+def _limits(value: Any) -> dict[str, int]:
+    """``MAX_PROCESSING``: content type -> a whole number of jobs, 0 or more."""
+    if not value:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError("MAX_PROCESSING must be an object of content types and numbers, e.g. {\"video\": 4}")
+    out = {}
+    for name, limit in value.items():
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ConfigError(f"MAX_PROCESSING[{name!r}] must be a whole number, 0 or more")
+        out[str(name)] = limit
+    return out
+
+
+def _policies(value: Any) -> dict[str, str]:
+    """``ON_LAPSE``: content type (or ``default``) -> requeue, fail or hold."""
+    out = {"default": "requeue"}
+    if not value:
+        return out
+    if not isinstance(value, Mapping):
+        raise ConfigError("ON_LAPSE must be an object, e.g. {\"default\": \"requeue\", \"web\": \"hold\"}")
+    for name, policy in value.items():
+        if policy not in ("requeue", "fail", "hold"):
+            raise ConfigError(f"ON_LAPSE[{name!r}] must be requeue, fail or hold")
+        out[str(name)] = policy
+    return out

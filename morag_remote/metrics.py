@@ -115,8 +115,8 @@ class JobCounters:
                                 "handed it back).",
                                 ["content_type", "reason"], registry=registry)
         self.lease_expiries = Counter(f"{PREFIX}_lease_expiries",
-                                      "Leases that lapsed (the worker went silent); outcome is requeued "
-                                      "or timeout (no retry left).",
+                                      "Leases that lapsed (the worker went silent); outcome is requeued, "
+                                      "timeout (no retry left, or on_lapse fail) or held (on_lapse hold).",
                                       ["content_type", "outcome"], registry=registry)
         self.upload_bytes = Counter(f"{PREFIX}_upload_bytes", "Bytes of upload chunks stored (tus PATCH).",
                                     registry=registry)
@@ -173,6 +173,8 @@ class JobMetrics:
             c.requeues.labels(ct, "lease_expired").inc()
         elif action is Action.LAPSE:
             c.lease_expiries.labels(ct, "timeout").inc()
+        elif action is Action.LAPSE_HOLD:
+            c.lease_expiries.labels(ct, "held").inc()
         elif action is Action.RETRY:
             c.requeues.labels(ct, "retry").inc()
         elif action is Action.RELEASE:
@@ -195,6 +197,18 @@ class QueueCollector:
             for ct in types:
                 depth.add_metric([status, ct], per.get(ct, 0))
         yield depth
+        paused = GaugeMetricFamily(f"{PREFIX}_type_paused",
+                                   "1 while the content type is paused (not claimed on any host), else 0.",
+                                   labels=["content_type"])
+        limits = GaugeMetricFamily(f"{PREFIX}_type_max_processing",
+                                   "The fleet-wide limit of the type's jobs processing at once (types with one).",
+                                   labels=["content_type"])
+        for ct, state in body["types"].items():
+            paused.add_metric([ct], 1.0 if state["paused"] else 0.0)
+            if state["max_processing"] is not None:
+                limits.add_metric([ct], state["max_processing"])
+        yield paused
+        yield limits
         yield GaugeMetricFamily(f"{PREFIX}_oldest_pending_job_age_seconds",
                                 "Age of the oldest pending job (0 when none is pending).",
                                 value=body["oldest_pending_age_seconds"] or 0.0)

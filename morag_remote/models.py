@@ -71,13 +71,21 @@ class Status(str, enum.Enum):
     FAILED = "failed"
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
+    HELD = "held"  # a lease lapsed on a job whose on_lapse is hold: no worker claims it
 
     @property
     def is_terminal(self) -> bool:
         return self in TERMINAL
 
+    @property
+    def is_announced(self) -> bool:
+        """Whether entering this status sends an event to the ingestion side: every terminal
+        status, and ``held`` (someone must decide: ``retry`` or ``cancel``)."""
+        return self in ANNOUNCED
+
 
 TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.TIMEOUT, Status.CANCELLED})
+ANNOUNCED = TERMINAL | {Status.HELD}
 STATUSES = tuple(s.value for s in Status)
 
 
@@ -89,10 +97,11 @@ class Action(str, enum.Enum):
     FAIL = "fail"                # failure result, no retry left (or retryable: false)
     LAPSE_RETRY = "lapse_retry"  # lease ran out, retries remain
     LAPSE = "lapse"              # lease ran out, no retry left
-    EXPIRE = "expire"            # pending longer than the optional pending TTL
+    EXPIRE = "expire"            # pending longer than the optional pending TTL, or past its expires_at
     CANCEL = "cancel"            # producer gives up on the job
     RETRY = "retry"              # producer/admin re-opens a finished job
     RELEASE = "release"          # the lease holder hands the job back unfinished (e.g. it shuts down)
+    LAPSE_HOLD = "lapse_hold"    # lease ran out on a job whose on_lapse is hold: kept for an operator
 
 
 TRANSITIONS: dict[tuple[Status, Action], Status] = {
@@ -110,6 +119,9 @@ TRANSITIONS: dict[tuple[Status, Action], Status] = {
     (Status.FAILED, Action.RETRY): Status.PENDING,
     (Status.TIMEOUT, Action.RETRY): Status.PENDING,
     (Status.CANCELLED, Action.RETRY): Status.PENDING,
+    (Status.PROCESSING, Action.LAPSE_HOLD): Status.HELD,
+    (Status.HELD, Action.RETRY): Status.PENDING,
+    (Status.HELD, Action.CANCEL): Status.CANCELLED,
 }
 
 
@@ -127,7 +139,7 @@ def next_status(current: Status | str, action: Action) -> Status:
 
 
 _TIME_FIELDS = ("created_at", "started_at", "completed_at", "timeout_at", "available_at",
-                "updated_at", "heartbeat_at")
+                "updated_at", "heartbeat_at", "expires_at")
 
 
 def to_iso(value: datetime | None) -> str | None:
@@ -151,7 +163,8 @@ def from_iso(value: str | None) -> datetime | None:
 # (a string priority, a number for a timestamp) would otherwise break sorting and arithmetic for
 # every job a process indexes, not just this one.
 _STR_FIELDS = ("id", "ingestion_task_id", "source_file_path", "content_type", "status")
-_OPTIONAL_STR_FIELDS = ("worker_id", "error_message", "lease_id", "progress_message", "result_digest")
+_OPTIONAL_STR_FIELDS = ("worker_id", "error_message", "lease_id", "progress_message", "result_digest",
+                        "on_lapse")
 _INT_FIELDS = ("retry_count", "max_retries", "priority", "attempt", "version", "releases")
 _DICT_FIELDS = ("task_options", "extra")
 
@@ -206,6 +219,8 @@ def _check_types(values: dict[str, Any]) -> None:
             raise bad(name, "an object")
     if values.get("result_data") is not None and not isinstance(values["result_data"], dict):
         raise bad("result_data", "an object or null")
+    if values.get("requires") is not None and not isinstance(values["requires"], dict):
+        raise bad("requires", "an object or null")
     progress = values.get("progress")
     if progress is not None and (not isinstance(progress, (int, float)) or isinstance(progress, bool)):
         raise bad("progress", "a number or null")
@@ -250,6 +265,10 @@ class RemoteJob:
     source_sha256: str | None = None
     source_stat: dict[str, Any] | None = None
     artifacts: list[dict[str, Any]] | None = None
+    # routing (routing.py): what the worker must offer, when a pending job expires, what a lapse does
+    requires: dict[str, Any] | None = None
+    expires_at: datetime | None = None
+    on_lapse: str | None = None  # None: the content type's ON_LAPSE
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 
-from marshmallow import (EXCLUDE, INCLUDE, RAISE, Schema, ValidationError, fields, validate, validates,
-                         validates_schema)
+from marshmallow import (EXCLUDE, INCLUDE, RAISE, Schema, ValidationError, fields, post_load, validate,
+                         validates, validates_schema)
 
 from . import jsonrules
 from .events.destinations import webhook_problem
-from .models import STATUSES
+from .models import STATUSES, to_iso
+from .routing import MAX_LABELS, MAX_MINIMUMS, MAX_NAME_LENGTH, ON_LAPSE, Capabilities, RoutingError, parse_resources
 
 ID_LENGTH = validate.Length(min=1, max=128)
 CONTENT_TYPE_LENGTH = validate.Length(min=1, max=64)
@@ -56,6 +57,45 @@ class StrictBoolean(fields.Boolean):
 SHA256_HEX = validate.Regexp(r"^[0-9a-fA-F]{64}$", error="must be a sha256 as 64 hex digits")
 
 
+class Number(fields.Float):
+    """A JSON number (not a string of one, not true/false), finite."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValidationError("must be a number")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class Timestamp(fields.AwareDateTime):
+    """An ISO 8601 time with an offset, loaded as its normalized text (``...Z``): a create's body is
+    kept as JSON by ``Idempotency-Key`` records, and the service parses it."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        return to_iso(super()._deserialize(value, attr, data, **kwargs))
+
+
+LABEL = fields.String(validate=validate.Length(min=1, max=MAX_NAME_LENGTH))
+LABELS = validate.Length(max=MAX_LABELS, error=f"at most {MAX_LABELS} labels")
+
+
+class RequirementsSchema(StrictSchema):
+    """``requires`` of a create: labels the worker must all have, minimums its resources must meet."""
+
+    labels = fields.List(LABEL, load_default=list, validate=LABELS)
+    min = fields.Dict(keys=fields.String(validate=validate.Length(min=1, max=MAX_NAME_LENGTH)),
+                      values=Number(allow_nan=False), load_default=dict,
+                      validate=validate.Length(max=MAX_MINIMUMS, error=f"at most {MAX_MINIMUMS} names"))
+
+
+class CapabilitiesSchema(StrictSchema):
+    """``capabilities`` of a poll (JSON form): what the worker has."""
+
+    labels = fields.List(LABEL, load_default=list, validate=LABELS)
+    resources = fields.Dict(keys=fields.String(validate=validate.Length(min=1, max=MAX_NAME_LENGTH)),
+                            values=Number(allow_nan=False), load_default=dict,
+                            validate=validate.Length(max=MAX_MINIMUMS, error=f"at most {MAX_MINIMUMS} names"))
+
+
 class CreateJobRequest(StrictSchema):
     source_file_path = fields.String(load_default=None, validate=PATH_LENGTH,
                                      metadata={"description": "A file inside the source roots; or give "
@@ -70,6 +110,10 @@ class CreateJobRequest(StrictSchema):
     ingestion_task_id = fields.String(required=True, validate=ID_LENGTH)
     priority = fields.Integer(load_default=0, validate=validate.Range(min=-1000, max=1000))
     max_retries = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(min=0, max=100))
+    requires = fields.Nested(RequirementsSchema, load_default=None, allow_none=True)
+    available_at = Timestamp(load_default=None, allow_none=True)
+    expires_at = Timestamp(load_default=None, allow_none=True)
+    on_lapse = fields.String(load_default=None, allow_none=True, validate=validate.OneOf(ON_LAPSE))
 
     def __init__(self, *args, content_types: tuple[str, ...] = (), webhook_prefixes: tuple[str, ...] = (),
                  **kwargs) -> None:
@@ -144,12 +188,54 @@ class WorkerInfo(StrictSchema):
                          validate=validate.Length(max=32))
 
 
+class LabelList(fields.Field):
+    """Labels as ``a,b`` (query string) or a JSON list."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValidationError("must be a comma-separated string or a list of strings")
+        if len(value) > MAX_LABELS or any(not v or len(v) > MAX_NAME_LENGTH for v in value):
+            raise ValidationError(f"at most {MAX_LABELS} labels of 1 to {MAX_NAME_LENGTH} characters")
+        return value
+
+
+class ResourceList(fields.Field):
+    """Resources as ``gpu_memory_gb:48,cpus:8`` (query string) or a JSON object of numbers."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        try:
+            if isinstance(value, str):
+                return parse_resources(value)
+            return Capabilities.parse(resources=value).resources
+        except RoutingError as exc:
+            raise ValidationError(exc.message) from None
+
+
 class PollRequest(StrictSchema):
     worker_id = fields.String(required=True, validate=ID_LENGTH)
     content_types = CommaList(required=True)
     max_jobs = fields.Integer(load_default=1)
     wait = fields.Float(load_default=0.0)
     worker = fields.Nested(WorkerInfo, load_default=None, allow_none=True)
+    # what the worker offers (routing.py): the JSON form, or labels/resources (the query-string form)
+    capabilities = fields.Nested(CapabilitiesSchema, load_default=None, allow_none=True)
+    labels = LabelList(load_default=None, metadata={"type": "string", "example": "cuda12,whisper-large-v3"})
+    resources = ResourceList(load_default=None, metadata={"type": "string", "example": "gpu_memory_gb:48"})
+
+    @post_load
+    def _capabilities(self, data: dict, **_) -> dict:
+        """One ``capabilities`` value (routing.Capabilities, or None when the poll names none)."""
+        given = data.pop("capabilities")
+        labels, resources = data.pop("labels"), data.pop("resources")
+        if given is not None and (labels is not None or resources is not None):
+            raise ValidationError("give capabilities, or labels and resources, not both", "capabilities")
+        if given is not None:
+            labels, resources = given["labels"], given["resources"]
+        data["capabilities"] = (None if labels is None and resources is None
+                                else Capabilities(frozenset(labels or ()), dict(resources or {})))
+        return data
 
     def __init__(self, *args, max_jobs: int = 10, max_wait: float = 20.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -303,6 +389,9 @@ class JobSummary(Schema):
     progress = fields.Float(allow_none=True)
     progress_message = fields.String(allow_none=True)
     releases = fields.Integer()
+    requires = fields.Nested(RequirementsSchema, allow_none=True)
+    expires_at = fields.AwareDateTime(allow_none=True)
+    on_lapse = fields.String(allow_none=True, metadata={"enum": list(ON_LAPSE)})
 
 
 class ArtifactEntry(Schema):
@@ -358,11 +447,30 @@ class ProblemSchema(Schema):
 
 
 
+class TypeState(Schema):
+    """One content type's operator controls, as in force now across the fleet."""
+
+    content_type = fields.String()
+    paused = fields.Boolean()
+    max_processing = fields.Integer(allow_none=True)
+    limit_source = fields.String(allow_none=True, metadata={"enum": ["runtime", "config"]})
+    processing = fields.Integer()
+    updated_at = fields.AwareDateTime(allow_none=True)
+
+
+class LimitRequest(StrictSchema):
+    """A run-time limit: the most jobs of the type processing at once (null: back to MAX_PROCESSING)."""
+
+    max_processing = fields.Integer(required=True, allow_none=True, strict=True,
+                                    validate=validate.Range(min=0, max=1_000_000))
+
+
 class StatsResponse(Schema):
     counts = fields.Dict(keys=fields.String(), values=fields.Dict(keys=fields.String(), values=fields.Integer()))
     totals = fields.Dict(keys=fields.String(), values=fields.Integer())
     oldest_pending_age_seconds = fields.Float(allow_none=True)
     active_workers = fields.List(fields.String())
+    types = fields.Dict(keys=fields.String(), values=fields.Nested(TypeState))
 
 
 class HeldJob(Schema):

@@ -88,6 +88,10 @@ ROLE_TABLE: dict[tuple[str, str], Route] = {
     ("DELETE", J + "/uploads/<upload_id>"): Route("producer", upload="fresh"),
     ("PUT", J + "/<job_id>/artifacts/<path:name>"): Route("worker", job="claimed", data=b"subtitles"),
     ("GET", J + "/<job_id>/artifacts/<path:name>"): Route("producer", job="with_artifact"),
+    ("POST", J + "/types/<content_type>/pause"): Route("admin", path=J + "/types/video/pause"),
+    ("POST", J + "/types/<content_type>/resume"): Route("admin", path=J + "/types/video/resume"),
+    ("POST", J + "/types/<content_type>/limit"): Route("admin", path=J + "/types/video/limit",
+                                                        body=lambda cell: {"max_processing": 4}),
 }
 
 

@@ -35,7 +35,10 @@ def run_quick(tmp_path: Path, database_url: str, *args: str) -> tuple[str, dict]
 def test_quick_run_measures_both_stores(pg_database, tmp_path: Path) -> None:
     stdout, results = run_quick(tmp_path, pg_database.base_url)
 
-    assert [c["label"] for c in results["claims"]] == ["100", "10000", "50000", "10000-other"]
+    assert [c["label"] for c in results["claims"]] == ["100", "10000", "50000", "10000-other", "100-capable",
+                                                        "10000-unclaimable"]
+    routed = results["claims"][-1]
+    assert routed["pending"] == {"audio needing 80 GB": 100, "audio": 5} and routed["errors"] == 0
     for section in ("raw_store", "cycles", "floor", "pickup", "idle", "restart"):
         assert section in results
     floor = results["floor"]  # trivial views under the same gunicorn settings
@@ -44,8 +47,10 @@ def test_quick_run_measures_both_stores(pg_database, tmp_path: Path) -> None:
     assert results["cycles"]["clients_cpu_percent_of_one_core"] < 200  # the clients only, not the server
     pg = results["postgres"]
     assert pg["server"]["synchronous_commit"] == "on"  # as the server has it: not turned off for the run
-    assert [(c["label"], c["pending"]) for c in pg["claims"]] == [("100", {"audio": 5}), ("50000", {"audio": 500})]
-    assert [(c["n"], c["errors"]) for c in pg["claims"]] == [(30, 0), (30, 0)]
+    assert [(c["label"], c["pending"]) for c in pg["claims"]] == [
+        ("100", {"audio": 5}), ("50000", {"audio": 500}), ("100-capable", {"audio": 5}),
+        ("10000-unclaimable", {"audio needing 80 GB": 100, "audio": 5})]
+    assert [(c["n"], c["errors"]) for c in pg["claims"]] == [(30, 0)] * 4
     cycles = pg["cycles"]
     assert cycles["cycles"] > 0 and cycles["errors"] == 0 and cycles["double_claims"] == 0
     assert cycles["store_after"]["by_status"]["completed"] == cycles["cycles"]
@@ -53,6 +58,8 @@ def test_quick_run_measures_both_stores(pg_database, tmp_path: Path) -> None:
 
     checks = {c["check"]: c for c in results["checks"]}
     assert checks["PG claim median at 50,000 / at 100"]["value"] > 0
+    assert checks["PG claim median, 10,000 unclaimable (80 GB) + 100 / 100 only"]["value"] > 0
+    assert checks["claim median, 10,000 unclaimable (80 GB) + 100 / 100 only"]["value"] > 0
     assert checks["PG double claims"]["ok"] and checks["PG errors (claims, cycles)"]["ok"]
     header = next(line for line in stdout.splitlines() if line.startswith("same run"))
     assert "files" in header and "PostgreSQL" in header and "synchronous_commit=on" in header

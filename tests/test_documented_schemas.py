@@ -77,6 +77,9 @@ CALLS: dict[str, Call] = {
     "uploads_delete_upload": Call("producer", upload=True),
     "remote_jobs_put_artifact": Call("worker", job="claimed", data=b"subtitles", lease_in_header=True),
     "remote_jobs_get_artifact": Call("producer", job="with_artifact"),
+    "types_pause": Call("admin"),
+    "types_resume": Call("admin"),
+    "types_limit": Call("admin", body={"max_processing": 3}),
 }
 
 
@@ -159,6 +162,7 @@ def test_the_view_loads_and_dumps_the_schemas_the_document_names(
             body["lease_id"] = lease_id
     if call.upload:
         path = path.replace("{upload_id}", app.extensions[UPLOADS].create("10", None, "documented").id)
+    path = path.replace("{content_type}", "video")
     headers = {"Authorization": f"Bearer {keys[call.role]}"} if call.role else {}
     headers.update(call.headers)
     if call.lease_in_header:

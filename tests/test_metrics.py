@@ -10,7 +10,7 @@ from support.metrics_text import parse_samples, value, values_of
 from morag_remote import create_app
 from morag_remote.context import SERVICE
 from morag_remote.metrics import is_public
-from morag_remote.models import Action
+from morag_remote.models import STATUSES, Action
 
 AUDIO_LEASE = 1800
 
@@ -103,7 +103,7 @@ def test_queue_depth_by_status_and_content_type(scrape, producer, worker):
 def test_queue_depth_has_a_zero_series_for_every_status_and_configured_type(scrape):
     samples = scrape()
     depth = {labels for (name, labels) in samples if name == "morag_remote_jobs"}
-    assert len(depth) == 6 * 6
+    assert len(depth) == len(STATUSES) * 6  # held included
     assert value(samples, "morag_remote_jobs", status="timeout", content_type="youtube") == 0
 
 

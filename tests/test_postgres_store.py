@@ -8,6 +8,7 @@ import threading
 from datetime import timedelta
 
 import pytest
+from psycopg.types.json import Jsonb
 
 from morag_remote import create_app
 from morag_remote.exceptions import StoreUnavailable
@@ -77,8 +78,10 @@ def test_claim_walks_the_claim_index(store):
         from morag_remote.store.postgres.jobs import _CLAIM
 
         plan = "\n".join(r[0] for r in conn.execute(
-            "EXPLAIN " + _CLAIM, {"types": ["audio", "video"], "now": NOW, "limit": 1}).fetchall())
-    assert "Index Scan using remote_jobs_claim" in plan  # per type, in claim order
+            "EXPLAIN " + _CLAIM, {"types": ["audio", "video"], "room": [1, 1], "now": NOW, "limit": 1,
+                                  "capable": True, "labels": ["cuda12"],
+                                  "resources": Jsonb({"gpu_memory_gb": 24})}).fetchall())
+    assert "Index Scan using remote_jobs_claim" in plan  # per type and requirement set, in claim order
     assert "LockRows" in plan
 
 

@@ -135,7 +135,7 @@ def test_stats_count_jobs_by_status_and_content_type(client, keys, service):
     assert body["counts"]["cancelled"] == {"video": 1}
     assert body["counts"]["completed"] == {}
     assert body["totals"] == {"pending": 3, "processing": 1, "completed": 0, "failed": 0,
-                              "timeout": 0, "cancelled": 1}
+                              "timeout": 0, "cancelled": 1, "held": 0}
 
 
 def test_stats_age_of_the_oldest_pending_job(client, keys, service, clock):

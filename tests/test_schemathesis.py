@@ -33,6 +33,7 @@ from schemathesis.specs.openapi.checks import (
 from werkzeug.exceptions import HTTPException, NotFound
 
 from morag_remote import create_app
+from morag_remote.config import DEFAULT_CONTENT_TYPES
 from morag_remote.context import BLOBS, KEYS, SERVICE, TOKENS, UPLOADS
 from morag_remote.api.http import Operation, operation_of
 from morag_remote.service import Caller
@@ -177,6 +178,9 @@ def _steer(case, rnd, keys: dict[str, str], fixtures: Fixtures) -> None:
                 case.body["lease_id"] = job["lease_id"]
             else:
                 case.headers["X-Lease-Id"] = job["lease_id"]
+    if "content_type" in case.path_parameters and rnd.random() < 0.75:
+        # the types routes (pause, resume, limit) succeed only for a configured content type
+        case.path_parameters["content_type"] = rnd.choice(DEFAULT_CONTENT_TYPES)
     if isinstance(case.body, dict) and "ingestion_task_id" in case.body and rnd.random() < 0.5:
         # a create: a real source, given one way only (a generated upload id or sha256 is not one)
         case.body["source_file_path"] = str(fixtures.source)

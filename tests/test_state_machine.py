@@ -1,6 +1,8 @@
 """Property-based test of the queue: random sequences of create, claim (by several workers, through
 two store instances on one directory, as two gunicorn processes would), heartbeat, result, lease
-lapse, release, cancel, retry and delete, checked after every step against a simple model.
+lapse, release, cancel, retry and delete, checked after every step against a simple model. Jobs
+may require GPU memory that a poll may offer (routing), and carry an ``on_lapse`` policy
+(requeue, fail, hold: a held job waits for a retry or a cancel).
 
 After every step: no job is lost or invented, each job is in exactly one status directory on disk,
 its stored status, retry count, worker and lease agree with the model, and both "processes" see the
@@ -26,6 +28,7 @@ from support.actions import FakeClock
 from morag_remote.config import Settings
 from morag_remote.exceptions import InvalidTransition, JobNotFound, LeaseConflict
 from morag_remote.models import STATUSES
+from morag_remote.routing import Capabilities
 from morag_remote.service import Caller, JobService
 from morag_remote.store.files.jobs import FileJobStore
 
@@ -55,6 +58,8 @@ class Model:
     timeout_at: datetime | None = None
     result: tuple | None = None  # the last accepted result body (for idempotent re-submission)
     leases: list[str] = field(default_factory=list)  # every lease ever granted, oldest first
+    needs_gb: int | None = None   # requires: {"min": {"gpu_memory_gb": needs_gb}}
+    on_lapse: str | None = None   # None: requeue (the configured default)
 
 
 def backoff(n: int) -> timedelta:
@@ -97,7 +102,11 @@ class QueueMachine(RuleBasedStateMachine):
         now = self.clock()
         for m in self.model.values():
             if m.status == "processing" and m.timeout_at <= now:
-                if m.retry_count < m.max_retries:
+                if m.on_lapse == "hold":
+                    m.status = "held"
+                elif m.on_lapse == "fail":
+                    m.status = "timeout"
+                elif m.retry_count < m.max_retries:
                     m.status, m.retry_count, m.available_at, m.worker_id = "pending", m.retry_count + 1, now, None
                 else:
                     m.status = "timeout"
@@ -132,7 +141,8 @@ class QueueMachine(RuleBasedStateMachine):
 
     # -- producers -------------------------------------------------------------------------------
 
-    JOB = st.tuples(st.sampled_from(TYPES), st.integers(-1, 1), st.integers(0, 2), st.integers(0, 1))
+    JOB = st.tuples(st.sampled_from(TYPES), st.integers(-1, 1), st.integers(0, 2), st.integers(0, 1),
+                    st.sampled_from((None, None, 24, 80)), st.sampled_from((None, None, "fail", "hold")))
 
     @initialize(target=jobs, specs=st.lists(JOB, min_size=1, max_size=4))
     def queue(self, specs):
@@ -143,11 +153,15 @@ class QueueMachine(RuleBasedStateMachine):
     def create(self, spec):
         return self._create(*spec)
 
-    def _create(self, content_type: str, priority: int, max_retries: int, via: int) -> str:
+    def _create(self, content_type: str, priority: int, max_retries: int, via: int, needs_gb: int | None = None,
+                on_lapse: str | None = None) -> str:
+        requires = None if needs_gb is None else {"min": {"gpu_memory_gb": needs_gb}}
         job = self.services[via].create(source_file_path=str(self.source), content_type=content_type,
-                                        ingestion_task_id="ingest", priority=priority, max_retries=max_retries)
+                                        ingestion_task_id="ingest", priority=priority, max_retries=max_retries,
+                                        requires=requires, on_lapse=on_lapse)
         now = self.clock()
-        self.model[job.id] = Model("pending", content_type, priority, now, max_retries, available_at=now)
+        self.model[job.id] = Model("pending", content_type, priority, now, max_retries, available_at=now,
+                                   needs_gb=needs_gb, on_lapse=on_lapse)
         return job.id
 
     @rule(job_id=jobs, via=st.integers(0, 1))
@@ -155,7 +169,7 @@ class QueueMachine(RuleBasedStateMachine):
         m = self.model.get(job_id)
         if m is None:
             return self._refused(job_id, lambda: self.services[via].cancel(job_id), JobNotFound)
-        if m.status not in ("pending", "processing"):
+        if m.status not in ("pending", "processing", "held"):
             return self._refused(job_id, lambda: self.services[via].cancel(job_id), InvalidTransition)
         assert self.services[via].cancel(job_id).status == "cancelled"
         m.status, m.lease_id, m.timeout_at = "cancelled", None, None
@@ -165,7 +179,7 @@ class QueueMachine(RuleBasedStateMachine):
         m = self.model.get(job_id)
         if m is None:
             return self._refused(job_id, lambda: self.services[via].retry(job_id), JobNotFound)
-        if m.status not in ("failed", "timeout", "cancelled"):
+        if m.status not in ("failed", "timeout", "cancelled", "held"):
             return self._refused(job_id, lambda: self.services[via].retry(job_id), InvalidTransition)
         assert self.services[via].retry(job_id).status == "pending"
         m.status, m.available_at = "pending", self.clock()
@@ -182,15 +196,17 @@ class QueueMachine(RuleBasedStateMachine):
     # -- workers ---------------------------------------------------------------------------------
 
     @rule(worker=st.sampled_from(WORKERS), types=st.sampled_from([("audio",), ("video",), TYPES]),
-          max_jobs=st.integers(1, 3), via=st.integers(0, 1))
-    def poll(self, worker, types, max_jobs, via):
+          max_jobs=st.integers(1, 3), via=st.integers(0, 1), gb=st.sampled_from((None, 24, 80)))
+    def poll(self, worker, types, max_jobs, via, gb):
         self._lapse_due()
         now = self.clock()
         available = sorted(
             (job_id for job_id, m in self.model.items()
-             if m.status == "pending" and m.content_type in types and m.available_at <= now),
+             if m.status == "pending" and m.content_type in types and m.available_at <= now
+             and (m.needs_gb is None or (gb is not None and gb >= m.needs_gb))),
             key=lambda j: (-self.model[j].priority, self.model[j].created_at, j))
-        claimed = self.services[via].poll(worker, list(types), max_jobs)
+        caps = None if gb is None else Capabilities(resources={"gpu_memory_gb": gb})
+        claimed = self.services[via].poll(worker, list(types), max_jobs, capabilities=caps)
         assert [j.id for j in claimed] == available[:max_jobs], "claimed other jobs than the best available"
         event(f"poll claimed {len(claimed)}")
         for job in claimed:

@@ -52,9 +52,16 @@ def test_table_every_status_is_reachable():
     assert set(TRANSITIONS.values()) == set(Status)
 
 
-def test_table_retry_reopens_exactly_failed_timeout_and_cancelled_into_pending():
+def test_table_retry_reopens_exactly_failed_timeout_cancelled_and_held_into_pending():
     reopened = {s for (s, a), target in TRANSITIONS.items() if a is Action.RETRY and target is Status.PENDING}
-    assert reopened == {Status.FAILED, Status.TIMEOUT, Status.CANCELLED}
+    assert reopened == {Status.FAILED, Status.TIMEOUT, Status.CANCELLED, Status.HELD}
+
+
+def test_table_held_is_not_terminal_and_leaves_only_by_retry_or_cancel():
+    assert not Status.HELD.is_terminal and Status.HELD.is_announced
+    assert {a for (s, a) in TRANSITIONS if s is Status.HELD} == {Action.RETRY, Action.CANCEL}
+    assert {s for (s, a), target in TRANSITIONS.items() if target is Status.HELD} == {Status.PROCESSING}
+    assert next_status(Status.PROCESSING, Action.LAPSE_HOLD) is Status.HELD
 
 
 # -- the service: each pair acted out on a real store -------------------------------------------
@@ -74,7 +81,7 @@ def _act(service: JobService, clock, job: RemoteJob, action: Action) -> RemoteJo
     if action is Action.FAIL:
         return service.submit_result(job.id, caller, success=False, error_message="corrupt media",
                                      retryable=False).job
-    if action in (Action.LAPSE_RETRY, Action.LAPSE):
+    if action in (Action.LAPSE_RETRY, Action.LAPSE, Action.LAPSE_HOLD):
         clock.advance(lease_of(service) + 1)
         return service.get(job.id) if service.expire_due() else None
     if action is Action.EXPIRE:
@@ -90,8 +97,9 @@ def _act(service: JobService, clock, job: RemoteJob, action: Action) -> RemoteJo
 
 
 def _setup(service: JobService, clock, status: Status, action: Action) -> RemoteJob:
-    # A lease that lapses goes to timeout only when no retry is left.
-    return job_in(service, clock, status, max_retries=0 if action is Action.LAPSE else 3)
+    # A lease that lapses goes to timeout only when no retry is left, to held only when on_lapse is hold.
+    extra = {"on_lapse": "hold"} if action is Action.LAPSE_HOLD else {}
+    return job_in(service, clock, status, max_retries=0 if action is Action.LAPSE else 3, **extra)
 
 
 @pytest.mark.files_only

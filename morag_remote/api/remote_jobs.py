@@ -71,6 +71,9 @@ def _caller(body_lease_id: str | None = None) -> Caller:
     "Create a job", tag=JOBS, body=create_request, success=201, response=schemas.CreateJobResponse,
     headers=("Idempotency-Key",), errors=(409,), success_headers={"Location": _LOCATION},
     description="`source_file_path` must name a regular file inside the configured source roots. "
+                "`requires` routes the job to workers that offer its labels and resources; "
+                "`available_at` delays it, `expires_at` times it out if still pending then; "
+                "`on_lapse` says what a lapsed lease does (requeue, fail, or hold for an operator). "
                 "With an `Idempotency-Key`, a repeated request with the same body answers 200 with the "
                 "job it created (422 with another body, 409 when that job was deleted or, on the "
                 "PostgreSQL backend, when another request with the key has been in progress too long).",
@@ -113,7 +116,12 @@ def _no_head_poll() -> None:
     response=schemas.PollResponse,
     description="The single-job fields are null when nothing was claimed; `jobs` lists every job "
                 "claimed. `wait` long-polls up to that many seconds. GET takes a query string, "
-                "POST a JSON body; a key bound to a worker id may poll only as that id (403).")
+                "POST a JSON body; a key bound to a worker id may poll only as that id (403). "
+                "`capabilities` (POST: `{labels, resources}`; GET: `labels=a,b&resources=name:number`) "
+                "say what the worker offers: a job with `requires` is claimed only by a poll whose "
+                "labels include all of its labels and whose resources meet every minimum; a poll "
+                "without capabilities takes only jobs without requirements. Paused types and types "
+                "at their limit of processing jobs are not claimed.")
 @requires("worker")
 def poll() -> Response:
     data = query_args() if request.method == "GET" else json_body()
@@ -123,7 +131,8 @@ def poll() -> Response:
     g.worker_id = data["worker_id"]
     workers().seen(data["worker_id"], data["content_types"], data["worker"])
     jobs = [_claimed(j) for j in service().poll(data["worker_id"], data["content_types"],
-                                                data["max_jobs"], data["wait"], client_gone())]
+                                                data["max_jobs"], data["wait"], client_gone(),
+                                                capabilities=data["capabilities"])]
     first = jobs[0] if jobs else {}
     body = {"job_id": first.get("id"), "source_file_url": first.get("source_file_url"),
             "content_type": first.get("content_type"), "task_options": first.get("task_options"),
@@ -279,14 +288,14 @@ def list_jobs() -> Response:
 
 
 @bp.post("/<job_id>/cancel")
-@documented("Cancel a pending or processing job", tag=JOBS, response=schemas.JobSummary, errors=(409,))
+@documented("Cancel a pending, processing or held job", tag=JOBS, response=schemas.JobSummary, errors=(409,))
 @requires("producer")
 def cancel_job(job_id: str) -> Response:
     return respond(service().cancel(job_id))
 
 
 @bp.post("/<job_id>/retry")
-@documented("Put a failed, timed-out or cancelled job back in the queue", tag=JOBS,
+@documented("Put a failed, timed-out, cancelled or held job back in the queue", tag=JOBS,
             response=schemas.JobSummary, errors=(409,))
 @requires("producer")
 def retry_job(job_id: str) -> Response:

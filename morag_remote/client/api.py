@@ -76,15 +76,24 @@ class Client:
 
     def create(self, source_file_path: str, content_type: str, ingestion_task_id: str, *,
                task_options: Mapping[str, Any] | None = None, priority: int | None = None,
-               max_retries: int | None = None, idempotency_key: str | None = None) -> CreatedJob:
+               max_retries: int | None = None, idempotency_key: str | None = None,
+               requires: Mapping[str, Any] | None = None, available_at: str | None = None,
+               expires_at: str | None = None, on_lapse: str | None = None) -> CreatedJob:
         """Create a job. Every create carries an ``Idempotency-Key`` (a new one unless given), so a
-        create retried after a lost answer gets the first job back instead of making a second."""
+        create retried after a lost answer gets the first job back instead of making a second.
+        ``requires`` (``{"labels": [...], "min": {name: number}}``), ``available_at`` and
+        ``expires_at`` (ISO 8601 with an offset) and ``on_lapse`` (requeue, fail, hold) route and
+        schedule it."""
         body: dict[str, Any] = {"source_file_path": source_file_path, "content_type": content_type,
                                 "ingestion_task_id": ingestion_task_id, "task_options": dict(task_options or {})}
         if priority is not None:
             body["priority"] = priority
         if max_retries is not None:
             body["max_retries"] = max_retries
+        for name, value in (("requires", requires), ("available_at", available_at),
+                            ("expires_at", expires_at), ("on_lapse", on_lapse)):
+            if value is not None:
+                body[name] = dict(value) if isinstance(value, Mapping) else value
         key = idempotency_key or uuid.uuid4().hex
         response = self.transport.request("POST", f"{API}/", json_body=body, headers={"Idempotency-Key": key})
         data = response.json()
@@ -117,7 +126,7 @@ class Client:
         return Job.from_json(self._json("POST", f"{API}/{job_id}/cancel", resend=False))
 
     def retry(self, job_id: str) -> Job:
-        """Re-open a failed, timed-out or cancelled job."""
+        """Re-open a failed, timed-out, cancelled or held job."""
         return Job.from_json(self._json("POST", f"{API}/{job_id}/retry", resend=False))
 
     def delete(self, job_id: str) -> None:
@@ -148,7 +157,8 @@ class Client:
     # -- workers --------------------------------------------------------------------------------
 
     def poll(self, worker_id: str, content_types: Iterable[str], *, max_jobs: int = 1, wait: float = 0.0,
-             worker: Mapping[str, Any] | None = None, stop: threading.Event | None = None) -> list[ClaimedJob]:
+             worker: Mapping[str, Any] | None = None, stop: threading.Event | None = None,
+             capabilities: Mapping[str, Any] | None = None) -> list[ClaimedJob]:
         """Claim up to ``max_jobs`` jobs, waiting up to ``wait`` seconds for one (a long poll).
 
         ``worker`` is the optional metadata (hostname, version, concurrency, labels) a server with the
@@ -160,6 +170,8 @@ class Client:
                                 "max_jobs": max_jobs, "wait": wait}
         if worker:
             body["worker"] = dict(worker)
+        if capabilities is not None:  # {"labels": [...], "resources": {name: number}}
+            body["capabilities"] = dict(capabilities)
         response = self.transport.request("POST", f"{API}/poll", json_body=body, timeout=self.transport.timeout + wait,
                                           resend=False, stop=stop)
         data = response.json()

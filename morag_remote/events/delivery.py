@@ -160,7 +160,7 @@ class EventDelivery:
 
     def delivery_state(self, job: RemoteJob) -> dict[str, Any] | None:
         """``event_delivery`` of a job: the state of its current terminal state's event, if any."""
-        if not self.settings.enabled or not Status(job.status).is_terminal:
+        if not self.settings.enabled or not Status(job.status).is_announced:
             return None
         event = self.outbox.get(event_id_for(job))
         return event.public_state() if event is not None else None
@@ -230,7 +230,7 @@ class EventDelivery:
                 job = self.store.get(job_id)
             except JobNotFound:
                 continue
-            if not Status(job.status).is_terminal:
+            if not Status(job.status).is_announced:
                 continue
             finished = occurred_at(job)
             if finished is not None:
@@ -253,7 +253,7 @@ class EventDelivery:
     # -- one attempt -----------------------------------------------------------------------------
 
     def _event_for(self, job: RemoteJob) -> Event | None:
-        if not self.settings.enabled or not Status(job.status).is_terminal:
+        if not self.settings.enabled or not Status(job.status).is_announced:
             return None
         webhook = job_webhook(job.task_options, self.settings.allowed_prefixes)
         if webhook is None and not self.settings.callback_url:

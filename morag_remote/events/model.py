@@ -1,4 +1,5 @@
-"""A completion event: what the ingestion side is told when a job reaches a terminal state.
+"""A completion event: what the ingestion side is told when a job reaches a terminal state, or
+``held`` (``job.held``: its worker vanished and its ``on_lapse`` is hold, so someone must decide).
 
 The event id is derived from the job id, the terminal status and the moment the job entered it, so
 every process (the request that finished the job, a later reconciliation, a retry of the job) names

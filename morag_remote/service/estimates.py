@@ -69,4 +69,24 @@ class Estimates:
             "totals": {status: sum(per.values()) for status, per in counts.items()},
             "oldest_pending_age_seconds": round((now - oldest).total_seconds(), 3) if oldest else None,
             "active_workers": active,
+            "types": self.type_states(stats.counts),
         }
+
+    def type_states(self, counts: dict[tuple[str, str], int] | None = None) -> dict[str, dict[str, Any]]:
+        """Every configured type's pause, the limit in force (and where it comes from: ``runtime``,
+        set through the API or CLI, or ``config``, MAX_PROCESSING) and its jobs processing now."""
+        controls = self.store.controls()
+        if counts is None:
+            counts = self.store.stats().counts
+        out = {}
+        for ct in sorted(set(self.settings.content_types) | set(controls)):
+            control = controls.get(ct)
+            override = control.max_processing if control else None
+            configured = self.settings.max_processing.get(ct)
+            source = "runtime" if override is not None else ("config" if configured is not None else None)
+            out[ct] = {"content_type": ct, "paused": bool(control and control.paused),
+                       "max_processing": override if override is not None else configured,
+                       "limit_source": source,
+                       "processing": counts.get((Status.PROCESSING.value, ct), 0),
+                       "updated_at": control.updated_at if control else None}
+        return out

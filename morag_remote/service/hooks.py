@@ -48,8 +48,9 @@ class Hooks:
                               job_id=job.id)
 
     def finished(self, job: RemoteJob) -> bool:
-        """Tell the listeners a job reached a terminal state; True when one says it was accepted."""
-        if not Status(job.status).is_terminal:
+        """Tell the listeners a job reached a terminal state (or ``held``, which is announced the
+        same way); True when one says it was accepted."""
+        if not Status(job.status).is_announced:
             return False
         accepted = False
         for listener in self.listeners:
@@ -72,9 +73,9 @@ class Hooks:
             return False
 
     def leaving_terminal(self, job: RemoteJob) -> None:
-        """Before a job leaves a terminal state or is deleted. Not guarded: a listener that cannot
-        record what the state meant must stop the change (it runs before the write)."""
-        if not Status(job.status).is_terminal:
+        """Before a job leaves a terminal (or held) state or is deleted. Not guarded: a listener
+        that cannot record what the state meant must stop the change (it runs before the write)."""
+        if not Status(job.status).is_announced:
             return
         for listener in self.listeners:
             listener.job_leaving_terminal(job)

@@ -22,9 +22,10 @@ import structlog
 from ..config import Settings
 from ..exceptions import (InvalidRequest, InvalidTransition, JobNotFound, LeaseConflict, SourceChanged,
                           SourceForbidden)
-from ..models import Action, Clock, RemoteJob, Status, new_job_id, next_status, utcnow
+from ..models import Action, Clock, RemoteJob, Status, from_iso, new_job_id, next_status, to_iso, utcnow
+from ..routing import FAIL, HOLD, ON_LAPSE, Capabilities, Requirements, RoutingError
 from ..sources import confine, describe, open_source, sha256_file, stat_key
-from ..store.base import JobFilter, JobRepository, NoChange, StoreStats, pure
+from ..store.base import ClaimRoute, JobFilter, JobRepository, NoChange, StoreStats, TypeControl, pure
 from .estimates import Estimates
 from .hooks import Hooks
 from .polling import LongPolls
@@ -42,7 +43,8 @@ class Caller:
 # The action a result or a lapse took, read off the status it led to.
 _RESULT_ACTIONS = {Status.COMPLETED.value: Action.COMPLETE, Status.FAILED.value: Action.FAIL,
                    Status.PENDING.value: Action.FAIL_RETRY}
-_LAPSE_ACTIONS = {Status.PENDING.value: Action.LAPSE_RETRY, Status.TIMEOUT.value: Action.LAPSE}
+_LAPSE_ACTIONS = {Status.PENDING.value: Action.LAPSE_RETRY, Status.TIMEOUT.value: Action.LAPSE,
+                  Status.HELD.value: Action.LAPSE_HOLD}
 _EXPIRE_ACTIONS = {Status.TIMEOUT.value: Action.EXPIRE}
 
 
@@ -71,10 +73,17 @@ class JobService:
     def create(self, *, source_file_path: str | None = None, content_type: str, ingestion_task_id: str,
                task_options: dict[str, Any] | None = None, priority: int = 0,
                max_retries: int | None = None, job_id: str | None = None,
-               source_upload_id: str | None = None, source_sha256: str | None = None) -> RemoteJob:
+               source_upload_id: str | None = None, source_sha256: str | None = None,
+               requires: dict[str, Any] | None = None, available_at: Any = None, expires_at: Any = None,
+               on_lapse: str | None = None) -> RemoteJob:
+        """A new pending job from a path or a finished upload. ``requires`` (routing.Requirements),
+        ``available_at`` (not claimed before; a time in the past is now), ``expires_at`` (a job still
+        pending then times out instead of being claimed) and ``on_lapse`` (requeue, fail or hold;
+        None: the type's ON_LAPSE) are refused with a 422 naming the field."""
         source = self._source(source_file_path, source_upload_id, source_sha256)
         source_file_path = source.pop("source_file_path", source_file_path)
         now = self.clock()
+        routing = self._routing_fields(now, requires, available_at, expires_at, on_lapse)
         job = RemoteJob(
             id=job_id or new_job_id(),
             ingestion_task_id=ingestion_task_id,
@@ -83,10 +92,10 @@ class JobService:
             task_options=task_options or {},
             created_at=now,
             updated_at=now,
-            available_at=now,
             priority=priority,
             max_retries=self.settings.max_retries if max_retries is None else max_retries,
             **source,
+            **{"available_at": now, **routing},
         )
         self.store.create(job)
         log.info("job.created", job_id=job.id, content_type=content_type, priority=priority,
@@ -150,6 +159,38 @@ class JobService:
             return
         log.info("job.source_digest", job_id=job_id, sha256=sha256)
 
+    @staticmethod
+    def _routing_fields(now, requires: Any, available_at: Any, expires_at: Any,
+                        on_lapse: str | None) -> dict[str, Any]:
+        def refuse(name: str, message: str) -> InvalidRequest:
+            return InvalidRequest(f"{name}: {message}", {name: [message]})
+
+        try:
+            rule = Requirements.parse(requires)
+        except RoutingError as exc:
+            raise refuse(exc.field, exc.message) from None
+        times = {}
+        for name, value in (("available_at", available_at), ("expires_at", expires_at)):
+            try:
+                times[name] = from_iso(value) if isinstance(value, str) else value
+            except ValueError:
+                raise refuse(name, "must be an ISO 8601 timestamp with an offset") from None
+        start, end = times["available_at"], times["expires_at"]
+        if start is not None and start < now:
+            start = None  # "not before" a moment that has passed: now
+        if end is not None:
+            if end <= now:
+                raise refuse("expires_at", f"is in the past ({to_iso(end)}; now is {to_iso(now)})")
+            if start is not None and end <= start:
+                raise refuse("expires_at", "must be later than available_at")
+        if on_lapse is not None and on_lapse not in ON_LAPSE:
+            raise refuse("on_lapse", f"must be one of: {', '.join(ON_LAPSE)}")
+        out: dict[str, Any] = {"requires": rule.to_dict() if rule else None, "expires_at": end,
+                               "on_lapse": on_lapse}
+        if start is not None:
+            out["available_at"] = start
+        return out
+
     def get(self, job_id: str) -> RemoteJob:
         return self.store.get(job_id)
 
@@ -159,7 +200,9 @@ class JobService:
     def cancel(self, job_id: str) -> RemoteJob:
         def mutate(job: RemoteJob) -> RemoteJob:
             now = self.clock()
-            job.status = next_status(job.status, Action.CANCEL).value
+            cancelled = next_status(job.status, Action.CANCEL)
+            self.hooks.leaving_terminal(job)  # a held job's event first (inside the critical section)
+            job.status = cancelled.value
             job.completed_at = now
             job.lease_id = None
             job.timeout_at = None
@@ -174,7 +217,7 @@ class JobService:
         return job
 
     def retry(self, job_id: str) -> RemoteJob:
-        """Re-open a failed, timed-out or cancelled job: it gets one more attempt at least."""
+        """Re-open a failed, timed-out, cancelled or held job: it gets one more attempt at least."""
 
         def mutate(job: RemoteJob) -> RemoteJob:
             now = self.clock()
@@ -206,20 +249,23 @@ class JobService:
     # -- workers ---------------------------------------------------------------------------------
 
     def poll(self, worker_id: str, content_types: Iterable[str], max_jobs: int = 1,
-             wait: float = 0.0, client_gone: Callable[[], bool] | None = None) -> list[RemoteJob]:
+             wait: float = 0.0, client_gone: Callable[[], bool] | None = None,
+             capabilities: Capabilities | None = None) -> list[RemoteJob]:
         """Claim up to ``max_jobs`` jobs; with ``wait``, block until one can be claimed or time is up.
 
         Lapsed leases are handled first (a bounded number per poll), so no cron job is needed for
         a dead worker's job to come back. With ``client_gone`` (is the caller still connected?) a
         long poll whose caller hung up stops waiting, and jobs claimed for a caller that is gone by
         the time they are claimed are handed back at once (:meth:`release`, no attempt counted).
+        ``capabilities``: what the worker offers (routing.py); without them it takes only jobs
+        that require nothing.
         """
         types = list(dict.fromkeys(content_types))
         marker = self.polls.marker()
-        jobs = self._claim(worker_id, types, max_jobs)
+        jobs = self._claim(worker_id, types, max_jobs, capabilities)
         if not jobs and wait > 0:
-            jobs = self.polls.wait_for(lambda: self._claim(worker_id, types, max_jobs), types, wait, marker,
-                                       worker_id, client_gone)
+            jobs = self.polls.wait_for(lambda: self._claim(worker_id, types, max_jobs, capabilities), types,
+                                       wait, marker, worker_id, client_gone)
         if jobs and client_gone is not None and client_gone():
             log.warning("poll.undeliverable", worker_id=worker_id, jobs=len(jobs),
                         detail="the caller hung up before the answer: the jobs are handed back")
@@ -228,7 +274,8 @@ class JobService:
             return []
         return jobs
 
-    def _claim(self, worker_id: str, types: list[str], max_jobs: int) -> list[RemoteJob]:
+    def _claim(self, worker_id: str, types: list[str], max_jobs: int,
+               capabilities: Capabilities | None = None) -> list[RemoteJob]:
         self.expire_due(self.settings.lapsed_per_poll)
         now = self.clock()
 
@@ -244,7 +291,8 @@ class JobService:
             job.result_digest = None
             return job
 
-        jobs = self.store.claim(types, max_jobs, now, mutate)
+        route = ClaimRoute(capabilities, self.settings.max_processing)
+        jobs = self.store.claim(types, max_jobs, now, mutate, route)
         for job in jobs:
             log.info("job.claimed", job_id=job.id, worker_id=worker_id, attempt=job.attempt,
                      lease_s=self.settings.lease_for(job.content_type))
@@ -408,6 +456,8 @@ class JobService:
         count = 0
         for job_id in self.store.lapsed(now, limit):
             count += self._apply_if(job_id, self._lapse, _LAPSE_ACTIONS)
+        for job_id in self.store.expired_pending(now, limit):
+            count += self._apply_if(job_id, self._expire_at, _EXPIRE_ACTIONS)
         ttl = self.settings.pending_ttl_seconds
         if ttl:
             cutoff = now - timedelta(seconds=ttl)
@@ -430,7 +480,17 @@ class JobService:
         if job.status != Status.PROCESSING.value or job.timeout_at is None or job.timeout_at > now:
             raise NoChange(job)
         lost_worker = job.worker_id
-        if job.retry_count < job.max_retries:
+        policy = job.on_lapse or self.settings.on_lapse_for(job.content_type)
+        if policy == HOLD:
+            job.status = next_status(job.status, Action.LAPSE_HOLD).value
+            job.error_message = (f"lease expired while worker {lost_worker} held the job (attempt "
+                                 f"{job.attempt}); on_lapse is hold: retry or cancel it")
+        elif policy == FAIL:
+            job.status = next_status(job.status, Action.LAPSE).value
+            job.completed_at = now
+            job.error_message = (f"lease expired while worker {lost_worker} held the job; on_lapse is "
+                                 "fail: not retried")
+        elif job.retry_count < job.max_retries:
             job.status = next_status(job.status, Action.LAPSE_RETRY).value
             job.retry_count += 1
             job.available_at = now
@@ -442,7 +502,18 @@ class JobService:
         job.lease_id = job.timeout_at = None
         job.updated_at = now
         log.warning("job.lease_expired", job_id=job.id, worker_id=lost_worker, job_status=job.status,
-                    retry_count=job.retry_count)
+                    retry_count=job.retry_count, on_lapse=policy)
+        return job
+
+    def _expire_at(self, job: RemoteJob) -> RemoteJob:
+        """Time out a pending job whose ``expires_at`` has come: it is never handed to a worker."""
+        now = self.clock()
+        if job.status != Status.PENDING.value or job.expires_at is None or job.expires_at > now:
+            raise NoChange(job)
+        job.status = next_status(job.status, Action.EXPIRE).value
+        job.completed_at = job.updated_at = now
+        job.error_message = f"expired at {to_iso(job.expires_at)} before a worker took it"
+        log.warning("job.expired", job_id=job.id, expires_at=to_iso(job.expires_at))
         return job
 
     def _expire_pending(self, job: RemoteJob) -> RemoteJob:
@@ -479,6 +550,46 @@ class JobService:
                 continue
         log.info("jobs.cleaned", count=count, days=days)
         return count
+
+    # -- operators: pause, resume, limits per content type ----------------------------------------
+
+    def _known_type(self, content_type: str) -> None:
+        if content_type not in self.settings.content_types:
+            message = f"must be one of: {', '.join(self.settings.content_types)}"
+            raise InvalidRequest(f"unknown content type {content_type!r}", {"content_type": [message]})
+
+    def pause(self, content_type: str) -> TypeControl:
+        """Stop claims of the type on every process and host (running jobs go on; creates are taken)."""
+        self._known_type(content_type)
+        control = self.store.set_control(content_type, lambda c: TypeControl(content_type, True, c.max_processing),
+                                         self.clock())
+        log.warning("type.paused", content_type=content_type)
+        return control
+
+    def resume(self, content_type: str) -> TypeControl:
+        self._known_type(content_type)
+        control = self.store.set_control(content_type, lambda c: TypeControl(content_type, False, c.max_processing),
+                                         self.clock())
+        log.warning("type.resumed", content_type=content_type)
+        return control
+
+    def set_limit(self, content_type: str, max_processing: int | None) -> TypeControl:
+        """The most jobs of the type processing at once across the fleet; None: back to MAX_PROCESSING."""
+        self._known_type(content_type)
+        if max_processing is not None and (isinstance(max_processing, bool) or not isinstance(max_processing, int)
+                                           or max_processing < 0):
+            raise InvalidRequest("max_processing must be a whole number, 0 or more",
+                                 {"max_processing": ["must be a whole number, 0 or more, or null"]})
+        control = self.store.set_control(content_type, lambda c: TypeControl(content_type, c.paused, max_processing),
+                                         self.clock())
+        log.warning("type.limit_set", content_type=content_type, max_processing=max_processing)
+        return control
+
+    def type_states(self) -> dict[str, dict[str, Any]]:
+        return self.estimates.type_states()
+
+    def type_state(self, control: TypeControl) -> dict[str, Any]:
+        return self.type_states()[control.content_type]
 
     # -- reading ---------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, BinaryIO, Callable, Collection, Iterable, Iterator, Mapping, Protocol
 
 from ..models import RemoteJob
+from ..routing import Capabilities
 
 if TYPE_CHECKING:
     from ..auth import ApiKey
@@ -73,6 +74,35 @@ class StoreStats:
     worker_last_seen: dict[str, datetime] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TypeControl:
+    """An operator's run-time setting of one content type, durable and shared by every process
+    and host: paused (not claimed; running jobs go on, creates are accepted) and a fleet-wide limit
+    of jobs processing at once that replaces the configured ``MAX_PROCESSING`` (None: the
+    configured one, if any)."""
+
+    content_type: str
+    paused: bool = False
+    max_processing: int | None = None
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ClaimRoute:
+    """What a claim may take besides the content types: ``capabilities`` of the poller (None: only
+    jobs without requirements) and the configured limits per type (``MAX_PROCESSING``), which a
+    stored :class:`TypeControl` overrides. The store applies the controls and counts the jobs
+    processing under the same lock (files) or in the same transaction (SQL) as the claim."""
+
+    capabilities: Capabilities | None = None
+    limits: Mapping[str, int] = field(default_factory=dict)
+
+    def limit_for(self, content_type: str, control: TypeControl | None) -> int | None:
+        if control is not None and control.max_processing is not None:
+            return control.max_processing
+        return self.limits.get(content_type)
+
+
 class JobRepository(Protocol):
     def create(self, job: RemoteJob) -> RemoteJob:
         """Store a new job; its id must be new."""
@@ -84,8 +114,22 @@ class JobRepository(Protocol):
         """Apply ``mutate`` to the job atomically and return what was stored."""
 
     def claim(self, content_types: Iterable[str], limit: int, now: datetime,
-              mutate: Mutator) -> list[RemoteJob]:
-        """Take up to ``limit`` pending jobs available at ``now``, best first, applying ``mutate``."""
+              mutate: Mutator, route: ClaimRoute | None = None) -> list[RemoteJob]:
+        """Take up to ``limit`` pending jobs available at ``now``, best first, applying ``mutate``:
+        never one past its ``expires_at``, none of a paused type, none whose requirements the
+        route's capabilities do not meet, and no more of a type than its limit allows (counted
+        exactly, against every process and host)."""
+
+    def controls(self) -> dict[str, TypeControl]:
+        """Every stored :class:`TypeControl`, by content type."""
+
+    def set_control(self, content_type: str, change: Callable[[TypeControl], TypeControl],
+                    now: datetime) -> TypeControl:
+        """Apply ``change`` to the type's control (a default one when none is stored) atomically
+        and store the result durably; returns it."""
+
+    def expired_pending(self, now: datetime, limit: int) -> list[str]:
+        """Ids of pending jobs whose ``expires_at`` is at or before ``now``, soonest first."""
 
     def delete(self, job_id: str, only_if: Callable[[RemoteJob], bool] | None = None) -> bool:
         """Remove the job, or JobNotFound. With ``only_if``, it is called with the job as stored

@@ -41,18 +41,24 @@ def lease_of(service: JobService, content_type: str = "audio") -> float:
     return service.settings.lease_for(content_type)
 
 
-def job_in(service: JobService, clock, status: Status, max_retries: int = 3) -> RemoteJob:
-    """A job brought into ``status`` the way the API would (``clock`` moves time for a timeout)."""
+def job_in(service: JobService, clock, status: Status, max_retries: int = 3, **extra) -> RemoteJob:
+    """A job brought into ``status`` the way the API would (``clock`` moves time for a timeout or a
+    hold); ``extra`` goes to the create (``on_lapse``, ``requires``...)."""
     if status is Status.PENDING:
-        return new_job(service, max_retries=max_retries)
+        return new_job(service, max_retries=max_retries, **extra)
     if status is Status.CANCELLED:
-        return service.cancel(new_job(service, max_retries=max_retries).id)
-    if status is Status.TIMEOUT:
-        job = claimed_job(service, max_retries=0)
+        return service.cancel(new_job(service, max_retries=max_retries, **extra).id)
+    if status is Status.HELD:
+        job = claimed_job(service, max_retries=max_retries, **dict(extra, on_lapse="hold"))
         clock.advance(lease_of(service) + 1)
         assert service.expire_due() == 1
         return service.get(job.id)
-    job = claimed_job(service, max_retries=max_retries)
+    if status is Status.TIMEOUT:
+        job = claimed_job(service, max_retries=0, **dict(extra, on_lapse="fail"))
+        clock.advance(lease_of(service) + 1)
+        assert service.expire_due() == 1
+        return service.get(job.id)
+    job = claimed_job(service, max_retries=max_retries, **extra)
     if status is Status.COMPLETED:
         return service.submit_result(job.id, Caller(job.lease_id), success=True, content="text").job
     if status is Status.FAILED:

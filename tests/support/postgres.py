@@ -46,7 +46,8 @@ class TestDatabase:
 
     def truncate(self) -> None:
         with self.connect() as conn:
-            conn.execute("TRUNCATE remote_jobs, api_keys, idempotency_keys, event_outbox, event_checkpoint, workers, throughput")
+            conn.execute("TRUNCATE remote_jobs, api_keys, idempotency_keys, event_outbox, event_checkpoint, workers, "
+                         "throughput, remote_job_requirements, remote_job_types")
 
     def drop(self) -> None:
         with psycopg.connect(self.base_url, autocommit=True, connect_timeout=3) as conn:

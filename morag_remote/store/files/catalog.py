@@ -13,7 +13,8 @@ from typing import Iterable, Iterator
 
 from sortedcontainers import SortedList
 
-from ...models import TERMINAL, RemoteJob, Status
+from ...models import ANNOUNCED, RemoteJob, Status
+from ...routing import Requirements, requirement_key
 
 
 @dataclass(slots=True)
@@ -29,6 +30,8 @@ class Entry:
     worker_id: str | None
     seen: float | None
     version: int
+    req: str | None = None        # the requirement set's key (routing.requirement_key); None: none
+    expires: float | None = None  # expires_at of a pending job
 
     @classmethod
     def of(cls, job: RemoteJob) -> "Entry":
@@ -45,6 +48,8 @@ class Entry:
             worker_id=job.worker_id,
             seen=_ts(job.heartbeat_at) or _ts(job.started_at),
             version=job.version,
+            req=requirement_key(job.requires),
+            expires=_ts(job.expires_at),
         )
 
 
@@ -60,13 +65,17 @@ class Catalog:
         self._all = SortedList()
         self._by_status: dict[str, SortedList] = {s.value: SortedList() for s in Status}
         self._counts: dict[tuple[str, str], int] = {}
-        self._ready: dict[str, SortedList] = {}      # content type -> (-priority, created, id)
+        # content type -> requirement key (None: no requirement) -> (-priority, created, id): a claim
+        # tests each distinct requirement set once and walks only the lists its poller can take
+        self._ready: dict[str, dict[str | None, SortedList]] = {}
+        self.requirements: dict[str, Requirements] = {}  # every requirement key seen -> its rule
+        self._expiring = SortedList()                # (expires, id) of pending jobs with expires_at
         self._delayed: dict[str, SortedList] = {}    # content type -> (available, id)
         self._pending_age = SortedList()             # (created, id)
         self._pending_since = SortedList()           # (available, id): claimable since, for the TTL
         self._completed: dict[str, SortedList] = {}  # content type -> (finished, id) of completed jobs
         self._leases = SortedList()                  # (timeout, id) of processing jobs
-        self._finished = SortedList()                # (finished, id) of terminal jobs
+        self._finished = SortedList()                # (finished, id) of terminal and held jobs
         self.worker_seen: dict[str, float] = {}
 
     def clear(self) -> None:
@@ -79,6 +88,8 @@ class Catalog:
             self._index(job_id, old, add=False)
         if job is not None:
             entry = Entry.of(job)
+            if entry.req is not None and entry.req not in self.requirements:
+                self.requirements[entry.req] = Requirements.of(job.requires)
             self.entries[job_id] = entry
             self._index(job_id, entry, add=True)
             if entry.worker_id and entry.seen is not None:
@@ -97,18 +108,24 @@ class Catalog:
         count_key = (e.status, e.content_type)
         self._counts[count_key] = self._counts.get(count_key, 0) + (1 if add else -1)
         if e.status == Status.PENDING.value:
-            ready = self._ready.setdefault(e.content_type, SortedList())
             delayed = self._delayed.setdefault(e.content_type, SortedList())
             if add:  # every pending job enters as delayed; candidates() promotes it when due
                 delayed.add((e.available, job_id))
             else:
-                ready.discard((-e.priority, e.created, job_id))
+                groups = self._ready.get(e.content_type)
+                ready = groups.get(e.req) if groups else None
+                if ready is not None:
+                    ready.discard((-e.priority, e.created, job_id))
+                    if not ready:  # no empty lists: a claim walks only the sets that have jobs
+                        del groups[e.req]
                 delayed.discard((e.available, job_id))
             op(self._pending_age, (e.created, job_id))
             op(self._pending_since, (e.available, job_id))
+            if e.expires is not None:
+                op(self._expiring, (e.expires, job_id))
         elif e.status == Status.PROCESSING.value and e.timeout is not None:
             op(self._leases, (e.timeout, job_id))
-        elif Status(e.status) in TERMINAL and e.finished is not None:
+        elif Status(e.status) in ANNOUNCED and e.finished is not None:
             op(self._finished, (e.finished, job_id))
             if e.status == Status.COMPLETED.value:
                 op(self._completed.setdefault(e.content_type, SortedList()), (e.finished, job_id))
@@ -120,13 +137,29 @@ class Catalog:
             while delayed and delayed[0][0] <= now:
                 _, job_id = delayed.pop(0)
                 e = self.entries[job_id]
-                self._ready[ct].add((-e.priority, e.created, job_id))
+                groups = self._ready.setdefault(ct, {})
+                ready = groups.get(e.req)
+                if ready is None:
+                    ready = groups[e.req] = SortedList()
+                ready.add((-e.priority, e.created, job_id))
 
-    def candidates(self, content_types: Iterable[str], now: float) -> Iterator[str]:
-        """Pending ids available at ``now`` in claim order (priority, then age), across the types."""
+    def requirement_keys(self, content_types: Iterable[str], now: float) -> set[str]:
+        """The distinct requirement sets of the jobs of these types available at ``now``."""
         wanted = set(content_types)
         self._promote(wanted, now)
-        lists = [self._ready[ct] for ct in wanted if self._ready.get(ct)]
+        return {key for ct in wanted for key in self._ready.get(ct, ()) if key is not None}
+
+    def candidates(self, content_types: Iterable[str], now: float,
+                   keys: Iterable[str | None] | None = None) -> Iterator[str]:
+        """Pending ids available at ``now`` in claim order (priority, then age), across the types;
+        with ``keys``, only jobs of those requirement sets (None in it: jobs without any)."""
+        wanted = set(content_types)
+        self._promote(wanted, now)
+        if keys is None:
+            lists = [sl for ct in wanted for sl in self._ready.get(ct, {}).values() if sl]
+        else:
+            keys = set(keys)
+            lists = [sl for ct in wanted for key, sl in self._ready.get(ct, {}).items() if key in keys and sl]
         positions = [0] * len(lists)
         while True:
             best = None
@@ -158,6 +191,21 @@ class Catalog:
         """When the first lease ends (infinity when no job is processing)."""
         return self._leases[0][0] if self._leases else float("inf")
 
+    def expired_pending(self, now: float, limit: int) -> list[str]:
+        out = []
+        for expires, job_id in self._expiring:
+            if expires > now or len(out) >= limit:
+                break
+            out.append(job_id)
+        return out
+
+    def next_expiry(self) -> float:
+        """When the first pending job expires (infinity when none has an expires_at)."""
+        return self._expiring[0][0] if self._expiring else float("inf")
+
+    def count(self, status: str, content_type: str) -> int:
+        return self._counts.get((status, content_type), 0)
+
     def pending_available_before(self, cutoff: float, limit: int) -> list[str]:
         out = []
         for available, job_id in self._pending_since:
@@ -174,11 +222,13 @@ class Catalog:
         return [job_id for _, job_id in done.islice(max(len(done) - limit, 0), reverse=True)]
 
     def finished_before(self, cutoff: float, limit: int) -> list[str]:
+        """Terminal jobs only: a held job is in the view (for reconciliation) but is not finished."""
         out = []
         for finished, job_id in self._finished:
             if finished >= cutoff or len(out) >= limit:
                 break
-            out.append(job_id)
+            if self.entries[job_id].status != Status.HELD.value:
+                out.append(job_id)
         return out
 
     def finished_since(self, cutoff: float, limit: int, after_id: str | None = None) -> list[str]:

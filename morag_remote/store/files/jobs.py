@@ -41,10 +41,10 @@ from typing import Callable, Iterable, Iterator
 import structlog
 
 from ...exceptions import JobNotFound, JobUnreadable, StoreUnavailable
-from ...models import STATUSES, RemoteJob, valid_job_id
+from ...models import STATUSES, RemoteJob, from_iso, to_iso, valid_job_id
 from ...fileio import (TEMP_PREFIX, fsync_dir, read_bytes, read_committed, stage, stage_open,
                      unlink_quietly, write_all, write_atomic)
-from ..base import JobFilter, Mutator, StoreStats, is_pure
+from ..base import ClaimRoute, JobFilter, Mutator, StoreStats, TypeControl, is_pure
 from .catalog import Catalog
 from .journal import Journal, JournalDamaged, JournalGap, Position
 from .locks import bounded_lock
@@ -60,6 +60,8 @@ CORRUPT_DIR = "corrupt"
 # left out of a catalog.
 _UNREADABLE_ERRNOS = frozenset({errno.EISDIR, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENXIO})
 INCOMING_DIR = ".incoming"  # temp files of new records, renamed into place (never a job)
+CONTROLS_FILE = "types.json"  # the operators' pause and limit per content type (TypeControl)
+CONTROLS_JOURNAL_ID = ".types"  # the journal line a control change writes (no job has this id)
 
 
 class CorruptJobFile(Exception):
@@ -128,6 +130,9 @@ class FileJobStore:
         self._watcher: threading.Thread | None = None
         self._stale: StaleCopies | None = None
         self._first_lease_end = float("-inf")  # unknown until the catalog is first synced
+        self._first_expiry = float("-inf")     # likewise, the first expires_at of a pending job
+        self._controls_file = f"{self.root}/{CONTROLS_FILE}"
+        self._controls: tuple[tuple | None, dict[str, TypeControl]] = (None, {})  # (signature, parsed)
         self._pending_types: frozenset[str] = frozenset()  # as of the last turn of the lock
         self._stale_pid: int | None = None
         self._prebuilt: tuple[int, Position, Catalog] | None = None  # (pid, journal end, catalog)
@@ -218,11 +223,13 @@ class FileJobStore:
                     self.catalog.apply(job_id, self._read_announced(job_id, where))
                 self._position = position  # only now: a read that failed is done again next time
                 self._first_lease_end = self.catalog.next_lease_end()
+                self._first_expiry = self.catalog.next_expiry()
                 return True
         if not rebuild:
             return False
         self._rebuild()
         self._first_lease_end = self.catalog.next_lease_end()
+        self._first_expiry = self.catalog.next_expiry()
         return True
 
     def _build_outside_lock(self) -> None:
@@ -454,14 +461,21 @@ class FileJobStore:
         return new
 
     def claim(self, content_types: Iterable[str], limit: int, now: datetime,
-              mutate: Mutator) -> list[RemoteJob]:
+              mutate: Mutator, route: ClaimRoute | None = None) -> list[RemoteJob]:
         """Take the best ``limit`` pending jobs. The catalog names them in claim order; each is
         read again under the lock (the files are the truth) before it is taken, and a catalog entry
         the file contradicts is corrected, so the loop ends: every turn claims or drops the head.
 
         When this process last saw pending jobs of these types, an empty temp file for the first
         claim's record is made before the lock is taken (creating a file costs more than writing
-        it); it is removed if nothing is claimed."""
+        it); it is removed if nothing is claimed.
+
+        Routing, under the same lock: paused types are left out; the requirement sets of the
+        available jobs are each tested once against the route's capabilities and only the lists of
+        the sets it meets are walked (so pending jobs this poller cannot take cost nothing); a type
+        with a limit is claimed only while fewer than that many of its jobs are processing, which
+        the catalog counts exactly once synced under the exclusive lock."""
+        route = route or ClaimRoute()
         claimed: list[RemoteJob] = []
         commits: list[_Commit] = []
         types = list(content_types)
@@ -471,12 +485,29 @@ class FileJobStore:
             spare = stage_open(self._incoming, "claim.json", b"", sync=False)
         try:
             with self._locked():
+                controls = self._read_controls()
+                room: dict[str, int] = {}
+                for ct in list(types):
+                    control = controls.get(ct)
+                    most = route.limit_for(ct, control)
+                    if control is not None and control.paused:
+                        types.remove(ct)
+                    elif most is not None:
+                        room[ct] = most - self.catalog.count("processing", ct)
+                types = [ct for ct in types if room.get(ct, 1) > 0]
+                keys: set[str | None] = {None}
+                if route.capabilities is not None and types:
+                    keys |= {k for k in self.catalog.requirement_keys(types, ts)
+                             if self.catalog.requirements[k].met_by(route.capabilities)}
                 seen: set[str] = set()
-                while len(claimed) < limit:
-                    job_id = next((j for j in self.catalog.candidates(types, ts) if j not in seen), None)
+                while len(claimed) < limit and types:
+                    job_id = next((j for j in self.catalog.candidates(types, ts, keys) if j not in seen), None)
                     if job_id is None:
                         break
                     seen.add(job_id)
+                    entry = self.catalog.entries[job_id]
+                    if entry.expires is not None and entry.expires <= ts:
+                        continue  # expired: expire_due times it out; never handed to a worker
                     try:
                         copies = self._copies(job_id)
                         if not copies or copies[0][0].status != "pending":
@@ -495,6 +526,10 @@ class FileJobStore:
                         log.error("store.claim_stopped", claimed=len(claimed), error=str(exc))
                         break
                     claimed.append(new)
+                    if new.content_type in room:
+                        room[new.content_type] -= 1
+                        if room[new.content_type] <= 0:
+                            types.remove(new.content_type)
         finally:
             if spare is not None:  # nothing claimed, or made before a claim that failed
                 os.close(spare[1])
@@ -502,6 +537,61 @@ class FileJobStore:
         if commits:
             self._settle(commits)
         return claimed
+
+    # -- type controls (pause, limit) ----------------------------------------------------------
+
+    def _read_controls(self) -> dict[str, TypeControl]:
+        """The stored controls, read again only when the file changed (a stat per call)."""
+        try:
+            st = os.stat(self._controls_file)
+        except FileNotFoundError:
+            self._controls = (None, {})
+            return {}
+        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._controls[0] != signature:
+            try:
+                raw = json.loads(read_bytes(self._controls_file))
+                parsed = {}
+                for ct, v in raw.items():
+                    most = v.get("max_processing")
+                    if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 0):
+                        raise ValueError(f"{ct}: max_processing {most!r} is not a whole number, 0 or more")
+                    parsed[ct] = TypeControl(ct, paused=v.get("paused") is True, max_processing=most,
+                                             updated_at=from_iso(v.get("updated_at")))
+            except (ValueError, TypeError, AttributeError) as exc:
+                # an unreadable file pauses nothing and limits nothing beyond the configuration;
+                # the next change writes it whole again
+                log.error("store.controls_unreadable", file=CONTROLS_FILE, reason=str(exc))
+                parsed = {}
+            self._controls = (signature, parsed)
+        return self._controls[1]
+
+    def controls(self) -> dict[str, TypeControl]:
+        with self.lock.hold(exclusive=False):
+            return dict(self._read_controls())
+
+    def set_control(self, content_type: str, change: Callable[[TypeControl], TypeControl],
+                    now: datetime) -> TypeControl:
+        with self._locked():
+            current = dict(self._read_controls())
+            new = change(current.get(content_type) or TypeControl(content_type))
+            new = TypeControl(content_type, new.paused, new.max_processing, now)
+            current[content_type] = new
+            body = {ct: {"paused": c.paused, "max_processing": c.max_processing, "updated_at": to_iso(c.updated_at)}
+                    for ct, c in sorted(current.items())}
+            write_atomic(self._controls_file, json.dumps(body, sort_keys=True).encode())
+            # a journal line, so that every process's long polls look again (a resume frees jobs)
+            self._position = self.journal.append([CONTROLS_JOURNAL_ID])
+            self.notify_local()
+        return new
+
+    def expired_pending(self, now: datetime, limit: int) -> list[str]:
+        """Asked by every poll, so without a lock when nothing can have expired (see lapsed)."""
+        if (now.timestamp() < self._first_expiry and self._pid == os.getpid()
+                and self.journal.end() == self._position):
+            return []
+        with self._locked(exclusive=False):
+            return self.catalog.expired_pending(now.timestamp(), limit)
 
     def delete(self, job_id: str, only_if: Callable[[RemoteJob], bool] | None = None) -> bool:
         if not valid_job_id(job_id):
@@ -717,6 +807,7 @@ class _Locked:
 
     def __exit__(self, *exc) -> None:
         self.store._first_lease_end = self.store.catalog.next_lease_end()
+        self.store._first_expiry = self.store.catalog.next_expiry()
         self.store._pending_types = self.store.catalog.pending_types()
         self.cm.__exit__(*exc)
 

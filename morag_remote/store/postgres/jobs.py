@@ -15,6 +15,7 @@ One row per job: the columns that queries filter and order on, plus the whole re
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime
 from typing import Any, Callable, Iterable, Iterator
@@ -22,35 +23,61 @@ from typing import Any, Callable, Iterable, Iterator
 from psycopg.types.json import Jsonb
 
 from ...exceptions import InvalidRequest, JobNotFound, StoreUnavailable
-from ...models import TERMINAL, RemoteJob, Status, valid_job_id
-from ..base import JobFilter, Mutator, StoreStats
+from ...models import ANNOUNCED, RemoteJob, Status, valid_job_id
+from ...routing import Requirements, requirement_key
+from ..base import ClaimRoute, JobFilter, Mutator, StoreStats, TypeControl
 from .db import Database
 
 _PENDING = Status.PENDING.value
 
 WRITE_COLUMNS = ("status", "content_type", "priority", "created_at", "available_at", "timeout_at",
-                  "completed_at", "finished_at", "seen_at", "worker_id", "ingestion_task_id", "version", "doc")
+                  "completed_at", "finished_at", "seen_at", "worker_id", "ingestion_task_id", "version", "doc",
+                  "requires_key", "expires_at")
 _INSERT = (f"INSERT INTO remote_jobs (id, {', '.join(WRITE_COLUMNS)}) "
            f"VALUES (%(id)s, {', '.join(f'%({c})s' for c in WRITE_COLUMNS)})")
 _UPDATE = (f"UPDATE remote_jobs SET {', '.join(f'{c} = %({c})s' for c in WRITE_COLUMNS)} "
            "WHERE id = %(id)s")
 
-# Up to ``limit`` jobs per content type, each branch an ordered walk of the claim index that skips
-# rows another transaction holds; the caller keeps the best ``limit`` overall (Python's sort, same
-# key as the index) and the surplus locks end with the transaction.
+# Per wanted content type and requirement set the poller meets, up to that type's room of jobs: each
+# branch an ordered walk of the claim index (content_type, requires_key, priority, created_at, id)
+# that skips rows another transaction holds; the caller keeps the best ``limit`` overall (Python's
+# sort, same key as the index) within each type's room, and the surplus locks end with the
+# transaction. The sets are the rows of remote_job_requirements the capabilities meet (labels a
+# subset, every minimum met), each tested once, plus '' (no requirement) for every poller.
 _CLAIM = """
-SELECT j.version, j.doc
-  FROM unnest(%(types)s::text[]) AS t(content_type)
+WITH sets AS (
+    SELECT ''::text COLLATE "C" AS key
+    UNION ALL
+    SELECT r.key FROM remote_job_requirements r
+     WHERE %(capable)s AND r.labels <@ %(labels)s::text[]
+       AND NOT EXISTS (SELECT 1 FROM jsonb_each(r.minimums) AS m(name, need)
+                        WHERE NOT (%(resources)s::jsonb ? m.name)
+                           OR (%(resources)s::jsonb ->> m.name)::numeric < (m.need #>> '{}')::numeric))
+SELECT j.version, j.doc, j.content_type
+  FROM unnest(%(types)s::text[], %(room)s::int[]) AS t(content_type, room)
+  CROSS JOIN sets s
   CROSS JOIN LATERAL (
-        SELECT version, doc, priority, created_at, id
+        SELECT version, doc, priority, created_at, id, content_type
           FROM remote_jobs
-         WHERE status = 'pending' AND content_type = t.content_type AND available_at <= %(now)s
+         WHERE status = 'pending' AND content_type = t.content_type AND requires_key = s.key
+           AND available_at <= %(now)s AND (expires_at IS NULL OR expires_at > %(now)s)
          ORDER BY priority DESC, created_at, id
-         LIMIT %(limit)s
+         LIMIT t.room
            FOR UPDATE SKIP LOCKED) AS j
  ORDER BY j.priority DESC, j.created_at, j.id
  LIMIT %(limit)s
 """
+_CONTROLS = "SELECT content_type, paused, max_processing, updated_at FROM remote_job_types"
+_SET_CONTROL = ("INSERT INTO remote_job_types (content_type, paused, max_processing, updated_at) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (content_type) DO UPDATE SET paused = EXCLUDED.paused, "
+                "max_processing = EXCLUDED.max_processing, updated_at = EXCLUDED.updated_at")
+
+
+def type_lock_key(content_type: str) -> int:
+    """The advisory lock (a signed 64-bit key) a claim of a type with a limit holds until it commits:
+    claims of that type take turns between counting and committing, so the count is exact."""
+    digest = hashlib.sha256(f"morag_remote.max_processing:{content_type}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def job_from_row(version: int, doc: dict[str, Any]) -> RemoteJob:
@@ -83,7 +110,7 @@ def row_params(job: RemoteJob) -> dict[str, Any]:
     created = job.created_at
     if created is None:
         raise ValueError(f"job {job.id} has no created_at")
-    terminal = Status(job.status) in TERMINAL
+    announced = Status(job.status) in ANNOUNCED  # held jobs too: reconciliation sends job.held
     return {
         "id": job.id,
         "status": job.status,
@@ -93,12 +120,14 @@ def row_params(job: RemoteJob) -> dict[str, Any]:
         "available_at": job.available_at or created,
         "timeout_at": job.timeout_at,
         "completed_at": job.completed_at,
-        "finished_at": (job.completed_at or job.updated_at) if terminal else None,
+        "finished_at": (job.completed_at or job.updated_at) if announced else None,
         "seen_at": job.heartbeat_at or job.started_at,
         "worker_id": job.worker_id,
         "ingestion_task_id": job.ingestion_task_id,
         "version": job.version,
         "doc": Jsonb(utf8_document(job.to_dict())),
+        "requires_key": requirement_key(job.requires) or "",
+        "expires_at": job.expires_at,
     }
 
 
@@ -106,6 +135,7 @@ class PostgresJobStore:
     def __init__(self, db: Database, batch_size: int = 1000) -> None:
         self.db = db
         self.batch_size = batch_size
+        self._limited: frozenset[str] = frozenset()  # types that had a limit at this process's last claim
 
     # -- writes ----------------------------------------------------------------------------------
 
@@ -113,10 +143,20 @@ class PostgresJobStore:
         if job.status == _PENDING:
             self.db.notify(conn, job.content_type)
 
+    @staticmethod
+    def _register_requirements(conn, job: RemoteJob) -> None:
+        """Make the job's requirement set one of those claims test (once per distinct set)."""
+        requirements = Requirements.of(job.requires)
+        if requirements is not None:
+            conn.execute("INSERT INTO remote_job_requirements (key, labels, minimums) VALUES (%s, %s, %s) "
+                         "ON CONFLICT (key) DO NOTHING",
+                         (requirements.key, sorted(requirements.labels), Jsonb(dict(requirements.minimums))))
+
     def create(self, job: RemoteJob) -> RemoteJob:
         job.version = 1
         params = row_params(job)
         with self.db.transaction() as conn:
+            self._register_requirements(conn, job)
             inserted = conn.execute(_INSERT + " ON CONFLICT (id) DO NOTHING", params).rowcount
             if not inserted:
                 raise ValueError(f"job {job.id} exists")
@@ -128,6 +168,7 @@ class PostgresJobStore:
         with self.db.transaction() as conn:
             row = conn.execute("SELECT version FROM remote_jobs WHERE id = %s FOR UPDATE", (job.id,)).fetchone()
             job.version = row[0] + 1 if row else max(job.version, 1)
+            self._register_requirements(conn, job)
             conn.execute(_UPDATE if row else _INSERT, row_params(job))
             self._announce(conn, job)
         self._changed(job)
@@ -150,25 +191,76 @@ class PostgresJobStore:
             new.version = current.version + 1
             conn.execute(_UPDATE, row_params(new))
             self._announce(conn, new)
+            if (current.status == Status.PROCESSING.value != new.status and new.content_type in self._limited):
+                self.db.notify(conn, new.content_type)  # a slot of a limited type is free: pollers look again
         self._changed(new)
         return new
 
     def claim(self, content_types: Iterable[str], limit: int, now: datetime,
-              mutate: Mutator) -> list[RemoteJob]:
+              mutate: Mutator, route: ClaimRoute | None = None) -> list[RemoteJob]:
+        """See the module docstring. Paused types are left out and each limited type's room is its
+        limit less the jobs processing, counted after taking the type's advisory lock in this
+        transaction (READ COMMITTED: the count sees every claim committed before the lock was
+        granted, and no other claim of the type can commit until this one does)."""
+        route = route or ClaimRoute()
         types = sorted(set(content_types))
         self.db.mark_seen()
         if not types or limit <= 0:
             return []
         claimed: list[RemoteJob] = []
         with self.db.transaction() as conn:
-            rows = conn.execute(_CLAIM, {"types": types, "now": now, "limit": limit}).fetchall()
-            for version, doc in rows:
+            controls = {row[0]: TypeControl(*row) for row in
+                        conn.execute(_CONTROLS + " WHERE content_type = ANY(%s)", (types,)).fetchall()}
+            types = [t for t in types if not (t in controls and controls[t].paused)]
+            limits = {t: most for t in types if (most := route.limit_for(t, controls.get(t))) is not None}
+            if not set(limits) <= self._limited:
+                self._limited = self._limited | frozenset(limits)
+            room = {t: limit for t in types}
+            if limits:
+                for t in sorted(limits):  # one order for every claim: no deadlock between them
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (type_lock_key(t),))
+                busy = dict(conn.execute("SELECT content_type, count(*) FROM remote_jobs WHERE status = 'processing' "
+                                         "AND content_type = ANY(%s) GROUP BY content_type",
+                                         (sorted(limits),)).fetchall())
+                for t, most in limits.items():
+                    room[t] = min(limit, max(most - busy.get(t, 0), 0))
+                types = [t for t in types if room[t] > 0]
+            if not types:
+                return []
+            caps = route.capabilities
+            rows = conn.execute(_CLAIM, {
+                "types": types, "room": [room[t] for t in types], "now": now, "limit": limit,
+                "capable": caps is not None, "labels": sorted(caps.labels) if caps else [],
+                "resources": Jsonb(dict(caps.resources) if caps else {})}).fetchall()
+            for version, doc, content_type in rows:
+                if room[content_type] <= 0:
+                    continue  # a type's room is shared by its requirement sets
+                room[content_type] -= 1
                 current = job_from_row(version, doc)
                 new = mutate(current.copy())
                 new.version = current.version + 1
                 conn.execute(_UPDATE, row_params(new))
                 claimed.append(new)
         return claimed
+
+    def controls(self) -> dict[str, TypeControl]:
+        with self.db.transaction() as conn:
+            return {row[0]: TypeControl(*row) for row in conn.execute(_CONTROLS).fetchall()}
+
+    def set_control(self, content_type: str, change: Callable[[TypeControl], TypeControl],
+                    now: datetime) -> TypeControl:
+        with self.db.transaction() as conn:
+            row = conn.execute(_CONTROLS + " WHERE content_type = %s FOR UPDATE", (content_type,)).fetchone()
+            new = change(TypeControl(*row) if row else TypeControl(content_type))
+            new = TypeControl(content_type, new.paused, new.max_processing, now)
+            conn.execute(_SET_CONTROL, (content_type, new.paused, new.max_processing, now))
+            self.db.notify(conn, content_type)  # a resumed type or a raised limit frees jobs: look again
+        self.db.wake_local()
+        return new
+
+    def expired_pending(self, now: datetime, limit: int) -> list[str]:
+        return self._ids("SELECT id FROM remote_jobs WHERE status = 'pending' AND expires_at <= %s "
+                         "ORDER BY expires_at, id LIMIT %s", now, limit)
 
     def delete(self, job_id: str, only_if: Callable[[RemoteJob], bool] | None = None) -> bool:
         """Delete the job; with ``only_if``, only when the predicate holds for the locked row."""
@@ -241,7 +333,7 @@ class PostgresJobStore:
                          cutoff, after_id.replace("\x00", ""), limit)
 
     def finished_before(self, cutoff: datetime, limit: int) -> list[str]:
-        return self._ids("SELECT id FROM remote_jobs WHERE finished_at < %s "
+        return self._ids("SELECT id FROM remote_jobs WHERE finished_at < %s AND status <> 'held' "
                          "ORDER BY finished_at, id LIMIT %s", cutoff, limit)
 
     def stats(self) -> StoreStats:

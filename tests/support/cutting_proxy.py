@@ -60,11 +60,9 @@ class CuttingProxy:
                 if not self.upstream:
                     with self._lock:
                         self.requests[index] += data
-                if cut is not None and sent + len(data) >= cut:
-                    dst.sendall(data[:cut - sent])
+                sent = _forward(dst, data, sent, cut)
+                if sent is None:
                     break
-                dst.sendall(data)
-                sent += len(data)
         except OSError:
             pass
         finally:
@@ -76,16 +74,23 @@ class CuttingProxy:
         sent = 0
         try:
             while data := src.recv(65536):
-                if cut is not None and sent + len(data) >= cut:
-                    dst.sendall(data[:cut - sent])
+                sent = _forward(dst, data, sent, cut)
+                if sent is None:
                     break
-                dst.sendall(data)
-                sent += len(data)
         except OSError:
             pass
         finally:
             _close(dst)
             _close(src)
+
+
+def _forward(dst: socket.socket, data: bytes, sent: int, cut: int | None) -> int | None:
+    """Send ``data`` on, up to the cut: the bytes sent so far, or None once the cut is reached."""
+    if cut is not None and sent + len(data) >= cut:
+        dst.sendall(data[:cut - sent])
+        return None
+    dst.sendall(data)
+    return sent + len(data)
 
 
 def _close(sock: socket.socket) -> None:

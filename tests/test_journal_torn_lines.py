@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from morag_remote.store.files.fsck import fsck
 from morag_remote.store.files.jobs import FileJobStore
 from morag_remote.store.files.journal import Journal, JournalDamaged, encode_line
 
+from support import small_fs
 from support.agents import Agent
 from support.jobs import file_service, source_file
 
@@ -215,16 +215,9 @@ def test_two_processes_agree_after_a_writer_is_killed_in_the_middle_of_its_line(
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+    """A 2 MiB tmpfs at ``tmp_path/disk`` (support.small_fs), unmounted at the end."""
+    with small_fs.mounted(tmp_path / "disk", size="2m") as disk:
+        yield disk
 
 
 def test_polls_on_a_full_disk_leave_only_whole_lines_for_the_other_process(small_disk, agents):
@@ -235,15 +228,7 @@ def test_polls_on_a_full_disk_leave_only_whole_lines_for_the_other_process(small
     first, second = agents(data), agents(data)
     older = [first.call("create", "video") for _ in range(3)]
     assert second.call("pending") == sorted(older)
-    filler = small_disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:  # fill the disk to the last block
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
+    filler = small_fs.fill_space(small_disk)  # to the last byte
     journal = next((data / "journal").glob("*.log"))
     sizes = set()
     for _ in range(200):  # until a line no longer fits in the journal's last page

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from support import small_fs
 from support.gunicorn import Gunicorn, make_keys
 from support.metrics_text import parse_samples, values_of
 from morag_remote import metrics_location
@@ -33,18 +34,9 @@ API = "/api/v1/remote-jobs"
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 2 MiB tmpfs at ``tmp_path/disk``, unmounted at the end."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(disk)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip() or mounted.returncode}")
-    try:
+    """A 2 MiB tmpfs at ``tmp_path/disk`` (support.small_fs), unmounted at the end."""
+    with small_fs.mounted(tmp_path / "disk", size="2m") as disk:
         yield disk
-    finally:
-        if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def fill(disk: Path) -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
@@ -169,14 +171,49 @@ def stat_key(st: os.stat_result) -> dict[str, int]:
     return {"ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def describe(source_file_path: str, roots: Iterable[str], declared_sha256: str | None) -> dict:
+class SourceDigests:
+    """The sha256 of files this process has read whole, by the file's identity and version (device,
+    inode, size, modification and change time): a job created from a file already hashed knows its
+    sha256 at once, and a producer's declared sha256 of such a file is checked without reading it
+    again. Bounded (least recently used go first); a file written since has another key."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._known: OrderedDict[tuple[int, ...], str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(st: os.stat_result) -> tuple[int, ...]:
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def get(self, st: os.stat_result) -> str | None:
+        key = self._key(st)
+        with self._lock:
+            sha = self._known.get(key)
+            if sha is not None:
+                self._known.move_to_end(key)
+            return sha
+
+    def put(self, st: os.stat_result, sha256: str) -> None:
+        with self._lock:
+            self._known[self._key(st)] = sha256
+            self._known.move_to_end(self._key(st))
+            while len(self._known) > self.capacity:
+                self._known.popitem(last=False)
+
+
+def describe(source_file_path: str, roots: Iterable[str], declared_sha256: str | None,
+             digests: SourceDigests | None = None) -> dict:
     """A path source's size and stat, and its sha256 when the producer declared one (verified: 422
-    when the file's bytes differ)."""
+    when the file's bytes differ) or when ``digests`` knows this version of the file."""
     fh, st = open_source(source_file_path, roots)
     with fh:
-        sha = None
-        if declared_sha256 is not None:
+        sha = digests.get(st) if digests is not None else None
+        if declared_sha256 is not None and sha is None:
             sha, _ = sha256_file(fh)
+            if digests is not None:
+                digests.put(st, sha)
+        if declared_sha256 is not None:
             if sha != declared_sha256.lower():
                 raise InvalidRequest(f"source_sha256 does not match the file: its sha256 is {sha}",
                                      {"source_sha256": ["does not match the file's sha256"]})

@@ -199,6 +199,31 @@ def test_a_path_source_changed_after_create_is_409_never_the_new_bytes(producer,
     assert b"other" not in changed.data
 
 
+def test_a_second_job_of_a_file_already_hashed_knows_its_sha256_at_create(producer, worker, client):
+    data = b"the same recording" * 500
+    path = producer.source("twice.wav", data)
+    body = {"source_file_path": str(path), "content_type": "audio", "ingestion_task_id": "x"}
+    assert client.post(J + "/", json=body, headers=producer.headers).status_code == 201
+    first = worker.claim("audio")
+    assert first["source_sha256"] is None
+    assert worker.download(first["source_file_url"]).data == data  # read whole: hashed once
+    assert client.post(J + "/", json=body, headers=producer.headers).status_code == 201
+    second = worker.claim("audio")
+    assert second["source_sha256"] == hashlib.sha256(data).hexdigest()
+    got = worker.download(second["source_file_url"])
+    assert got.headers["Repr-Digest"] == f"sha-256=:{base64.b64encode(hashlib.sha256(data).digest()).decode()}:"
+    # a wrong declared sha256 of a known file is still refused, and a right one accepted
+    assert client.post(J + "/", json={**body, "source_sha256": "0" * 64}, headers=producer.headers).status_code == 422
+    good = {**body, "source_sha256": hashlib.sha256(data).hexdigest()}
+    assert client.post(J + "/", json=good, headers=producer.headers).status_code == 201
+    # once the file is written again, its old sha256 is not trusted
+    path.write_bytes(b"new take" * 100)
+    assert client.post(J + "/", json=body, headers=producer.headers).status_code == 201
+    declared, rewritten = worker.claim("audio"), worker.claim("audio")
+    assert declared["source_sha256"] == good["source_sha256"]
+    assert rewritten["source_sha256"] is None and rewritten["source_size"] == 800
+
+
 def test_a_declared_sha256_is_verified_at_create(producer, client):
     path = producer.source("doc.pdf", b"pdf bytes")
     good = hashlib.sha256(b"pdf bytes").hexdigest()

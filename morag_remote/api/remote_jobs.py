@@ -19,7 +19,7 @@ from ..idempotency import HEADER as IDEMPOTENCY_HEADER
 from ..idempotency import parse_key
 from ..models import RemoteJob
 from ..service import Caller
-from ..sources import download_name, stat_key
+from ..sources import download_name
 from ..store.base import JobFilter
 from .http import client_gone, documented, json_body, query_args, respond, respond_file, schema
 
@@ -195,7 +195,7 @@ def _hashing(fh, st, job_id: str):
                 sent += len(piece)
                 yield piece
             if sent == st.st_size:
-                jobs.record_source_digest(job_id, hasher.hexdigest(), stat_key(os.fstat(fh.fileno())))
+                jobs.record_source_digest(job_id, hasher.hexdigest(), os.fstat(fh.fileno()))
         finally:
             fh.close()
 

@@ -24,7 +24,7 @@ from ..exceptions import (InvalidRequest, InvalidTransition, JobNotFound, LeaseC
                           SourceForbidden)
 from ..models import Action, Clock, RemoteJob, Status, from_iso, new_job_id, next_status, to_iso, utcnow
 from ..routing import FAIL, HOLD, ON_LAPSE, Capabilities, Requirements, RoutingError
-from ..sources import confine, describe, open_source, sha256_file, stat_key
+from ..sources import SourceDigests, confine, describe, open_source, sha256_file, stat_key
 from ..store.base import ClaimRoute, JobFilter, JobRepository, NoChange, StoreStats, TypeControl, pure
 from .estimates import Estimates
 from .hooks import Hooks
@@ -67,6 +67,7 @@ class JobService:
         self.estimates = Estimates(store, settings, clock=lambda: self.clock())
         # a finished upload's id -> what a job made from it records (``uploads.Uploads.source_of``)
         self.upload_sources: Callable[[str], dict[str, Any]] | None = None
+        self.digests = SourceDigests()  # path sources this process has hashed whole
 
     # -- producers -------------------------------------------------------------------------------
 
@@ -120,7 +121,7 @@ class JobService:
             raise InvalidRequest("name the source: source_file_path or source_upload_id",
                                  {"source_file_path": ["give source_file_path or source_upload_id"]})
         confine(path, self.settings.source_roots)
-        return describe(path, self.settings.source_roots, sha256)
+        return describe(path, self.settings.source_roots, sha256, self.digests)
 
     def check_source(self, job: RemoteJob, fh: BinaryIO, st: os.stat_result) -> str | None:
         """The sha256 of the source bytes about to be served (None while it is not known), or
@@ -130,22 +131,26 @@ class JobService:
             return job.source_sha256
         now = stat_key(st)
         if now == job.source_stat:
-            return job.source_sha256
+            return job.source_sha256 or self.digests.get(st)
         if job.source_sha256 is None or st.st_size != job.source_size:
             raise SourceChanged(f"the source file of job {job.id} changed since the job was created "
                                 f"(size {job.source_size} -> {st.st_size}, or modified): its bytes are not served; "
                                 "create a new job for the new file", job_status=job.status)
-        digest, _ = sha256_file(fh)
+        digest = self.digests.get(st) or sha256_file(fh)[0]
         if digest != job.source_sha256:
             raise SourceChanged(f"the source file of job {job.id} changed since the job was created "
                                 f"(sha256 {job.source_sha256} -> {digest}): its bytes are not served",
                                 job_status=job.status)
-        self.record_source_digest(job.id, digest, now)
+        self.record_source_digest(job.id, digest, st)
         return digest
 
-    def record_source_digest(self, job_id: str, sha256: str, stat: dict[str, int]) -> None:
+    def record_source_digest(self, job_id: str, sha256: str, st: os.stat_result) -> None:
         """Cache the sha256 of a job's source (taken by a full download or a re-check) with the stat
-        it was taken at; a job whose source is known to be other bytes is left alone."""
+        it was taken at, in this process (for the next jobs of the same file) and on the job; a job
+        whose source is known to be other bytes is left alone."""
+        self.digests.put(st, sha256)
+        stat = stat_key(st)
+
         @pure
         def mutate(job: RemoteJob) -> RemoteJob:
             if job.source_sha256 not in (None, sha256) or job.source_size not in (None, stat["size"]):

@@ -13,7 +13,7 @@ import pytest
 from morag_remote.exceptions import JobNotFound, StoreUnavailable
 from morag_remote.models import RemoteJob, new_job_id
 from morag_remote.fileio import TEMP_PREFIX, write_atomic
-from morag_remote.store.base import JobFilter
+from morag_remote.store.base import JobFilter, pure
 from morag_remote.store.files.jobs import FileJobStore
 from morag_remote.store.files.fsck import fsck
 
@@ -286,6 +286,33 @@ def test_a_job_left_in_two_directories_reads_as_its_newest_copy(store, data_dir)
     assert store.get(job.id).status == "processing"
     store.update(job.id, set_status("completed"))
     assert files_of(data_dir, job.id) == ["completed"]
+
+
+@pytest.mark.parametrize("write", ["locked", "staged"])
+def test_an_old_copy_left_by_a_writer_of_another_process_goes_with_the_next_write(data_dir, write):
+    mover, other = FileJobStore(data_dir), FileJobStore(data_dir)
+    job = mover.create(make_job())
+    assert other.get(job.id).status == "pending"
+    other.stats()  # this one's catalog knows the job as pending
+    mover.update(job.id, claim_as("w1"))
+    plant(data_dir, "pending", job, version=1)  # the mover died before removing its old copy
+    # the other learns the move from the journal, so it looks for the copy the move left behind
+    mutate = set_status("completed") if write == "locked" else pure(set_status("completed"))
+    assert other.update(job.id, mutate).status == "completed"
+    assert files_of(data_dir, job.id) == ["completed"]
+
+
+def test_a_catalog_built_over_a_job_in_two_directories_removes_the_old_copy_on_the_next_write(data_dir):
+    store = FileJobStore(data_dir)
+    job = store.create(make_job())
+    store.update(job.id, claim_as("w1"))
+    plant(data_dir, "pending", job, version=1)
+    fresh = FileJobStore(data_dir)  # a process started after the crash: it scans both folders
+    assert fresh.get(job.id).status == "processing"
+    fresh.update(job.id, pure(set_status("completed")))
+    assert files_of(data_dir, job.id) == ["completed"]
+    assert fresh.update(job.id, pure(set_status("failed"))).status == "failed"  # nothing left to look for
+    assert files_of(data_dir, job.id) == ["failed"]
 
 
 @pytest.mark.parametrize("content", [b"{trunc", b"[1, 2]", b'{"id": "someone-else"}', b"\xff\xfe"])

@@ -77,6 +77,9 @@ class Catalog:
         self._leases = SortedList()                  # (timeout, id) of processing jobs
         self._finished = SortedList()                # (finished, id) of terminal and held jobs
         self.worker_seen: dict[str, float] = {}
+        # job id -> statuses other than its entry's whose folder may still hold an older copy of it
+        # (a move whose writer has not removed the old file yet, or died before it could)
+        self.elsewhere: dict[str, set[str]] = {}
 
     def clear(self) -> None:
         self.__init__()
@@ -86,6 +89,10 @@ class Catalog:
         old = self.entries.pop(job_id, None)
         if old is not None:
             self._index(job_id, old, add=False)
+        if job is None:
+            self.elsewhere.pop(job_id, None)
+        elif old is not None and old.status != job.status:
+            self.elsewhere.setdefault(job_id, set()).add(old.status)
         if job is not None:
             entry = Entry.of(job)
             if entry.req is not None and entry.req not in self.requirements:

@@ -171,6 +171,42 @@ class FileJobStore:
         copies = self._copies(job_id)
         return copies[0][0] if copies else None
 
+    def _known_copies(self, job_id: str,
+                      current: tuple[RemoteJob, str] | None = None) -> list[tuple[RemoteJob, str]]:
+        """:meth:`_copies` from what the catalog knows (caller holds the lock, so the catalog is in
+        sync): the file of the entry's status, which holds the newest version, and the folders the
+        job moved out of where an older copy may still be (a folder found without one is not looked
+        in again). Every directory when the catalog does not know the job or that file is not the
+        entry's version. ``current``: that file, already read at the entry's version."""
+        entry = self.catalog.entries.get(job_id)
+        if entry is None:
+            return self._copies(job_id)
+        if current is None:
+            current = self._load_at(entry.status, job_id)
+        if current is None or current[0].version != entry.version:
+            return self._copies(job_id)
+        found = [current]
+        moved_from = self.catalog.elsewhere.get(job_id)
+        for status in sorted(moved_from or ()):
+            older = self._load_at(status, job_id)
+            if older is None:
+                moved_from.discard(status)
+            else:
+                found.append(older)
+        if moved_from is not None and not moved_from:
+            del self.catalog.elsewhere[job_id]
+        found.sort(key=lambda item: item[0].version, reverse=True)
+        return found
+
+    def _load_at(self, status: str, job_id: str) -> tuple[RemoteJob, str] | None:
+        """The job's file in ``status``'s folder and where it is; None when there is none or it
+        cannot be read (:meth:`_copies` says why)."""
+        name = self._file(status, job_id)
+        try:
+            return load_job_file(name, job_id, locked=self.lock.held()), name
+        except (FileNotFoundError, CorruptJobFile):
+            return None
+
     def _read_announced(self, job_id: str, where: tuple[str, int] | None) -> RemoteJob | None:
         """The job as the journal's last line about it announced it (status and version), read from
         that one file; :meth:`_read` (every directory) when the line announced nothing or the file
@@ -260,8 +296,7 @@ class FileJobStore:
             try:
                 catalog = Catalog()
                 for job_id, folders in self._scan_folders().items():
-                    catalog.apply(job_id, self._read_in(folders[0], job_id) if len(folders) == 1
-                                  else self._read(job_id))
+                    self._index_found(catalog, job_id, folders)
             finally:
                 self._scanning = False
             self._prebuilt = (os.getpid(), start, catalog)
@@ -277,11 +312,20 @@ class FileJobStore:
         self.catalog.clear()
         for job_id, folders in self._scan_folders().items():
             # the lock is held, so nothing moves: a job found in one directory is read there only
-            self.catalog.apply(job_id, self._read_in(folders[0], job_id) if len(folders) == 1
-                               else self._read(job_id))
+            self._index_found(self.catalog, job_id, folders)
         self._position = head
         log.info("store.catalog_rebuilt", jobs=len(self.catalog.entries),
                  duration_ms=round((time.monotonic() - started) * 1000, 1))
+
+    def _index_found(self, catalog: Catalog, job_id: str, folders: list[str]) -> None:
+        """Index a job found on disk in ``folders``: the newest copy, and where the older ones are."""
+        if len(folders) == 1:
+            catalog.apply(job_id, self._read_in(folders[0], job_id))
+            return
+        catalog.apply(job_id, self._read(job_id))
+        entry = catalog.entries.get(job_id)
+        if entry is not None:
+            catalog.elsewhere[job_id] = {os.path.basename(f) for f in folders} - {entry.status}
 
     def _scan_folders(self) -> dict[str, list[str]]:
         """Every job id on disk and the status directories that hold a file of it."""
@@ -397,7 +441,7 @@ class FileJobStore:
 
     def put(self, job: RemoteJob) -> RemoteJob:
         with self._locked():
-            copies = self._copies(job.id)
+            copies = self._known_copies(job.id)
             job.version = (copies[0][0].version + 1) if copies else max(job.version, 1)
             commit = self._place(job, copies)
         self._settle([commit])
@@ -422,7 +466,7 @@ class FileJobStore:
             if done is not None:
                 return done
         with self._locked():
-            copies = self._copies(job_id)
+            copies = self._known_copies(job_id)
             if not copies:
                 raise self._absent(job_id)
             current = copies[0][0]
@@ -437,10 +481,14 @@ class FileJobStore:
         under the lock only check that the job is still that version and rename. None when the job
         changed meanwhile or the mutator refused: the caller then decides again under the lock, on
         the current version (so a refusal is never based on an old one)."""
-        copies = self._copies(job_id)
-        if not copies:
-            return None
-        current = copies[0][0]
+        hint = self.catalog.entries.get(job_id)  # read without the lock: checked under it below
+        read = self._load_at(hint.status, job_id) if hint is not None else None
+        if read is None:
+            copies = self._copies(job_id)
+            if not copies:
+                return None
+            read = copies[0]
+        current = read[0]
         try:
             new = mutate(current.copy())
         except Exception:
@@ -450,9 +498,9 @@ class FileJobStore:
         try:
             with self._locked():
                 entry = self.catalog.entries.get(job_id)
-                if entry is None or entry.version != current.version:
+                if entry is None or entry.version != current.version or entry.status != current.status:
                     return None
-                commit = self._place(new, copies, staged)
+                commit = self._place(new, self._known_copies(job_id, read), staged)
                 staged = None
         finally:
             if staged is not None:
@@ -509,7 +557,7 @@ class FileJobStore:
                     if entry.expires is not None and entry.expires <= ts:
                         continue  # expired: expire_due times it out; never handed to a worker
                     try:
-                        copies = self._copies(job_id)
+                        copies = self._known_copies(job_id)
                         if not copies or copies[0][0].status != "pending":
                             self.catalog.apply(job_id, copies[0][0] if copies else None)
                             continue

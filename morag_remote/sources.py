@@ -16,6 +16,7 @@ import hashlib
 import os
 import stat
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import BinaryIO, Iterable
@@ -25,8 +26,24 @@ from .exceptions import InvalidRequest, SourceForbidden, SourceMissing
 FIELD = "source_file_path"
 
 
+ROOTS_RECHECK_SECONDS = 5.0
+_resolved_roots: dict[tuple[str, ...], tuple[float, list[str]]] = {}
+
+
 def _real_roots(roots: Iterable[str]) -> list[str]:
-    return [os.path.realpath(root) for root in roots]
+    """The roots' real paths, resolved again at most every ``ROOTS_RECHECK_SECONDS`` (each is a
+    stat per path component, twice per create). A root repointed meanwhile can only refuse: the
+    file opened is checked against the real paths the roots had, never against the new ones."""
+    key = tuple(roots)
+    now = time.monotonic()
+    known = _resolved_roots.get(key)
+    if known is not None and known[0] > now:
+        return known[1]
+    real = [os.path.realpath(root) for root in key]
+    if len(_resolved_roots) > 64:  # settings change in tests, not in a server: keep it bounded
+        _resolved_roots.clear()
+    _resolved_roots[key] = (now + ROOTS_RECHECK_SECONDS, real)
+    return real
 
 
 def _inside(path: str, real_roots: Iterable[str]) -> bool:

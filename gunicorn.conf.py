@@ -137,15 +137,16 @@ def on_exit(server):
 
 
 def post_worker_init(worker):
-    """Build the job store's catalog before the worker takes its first request: with a large
-    backlog that takes seconds, which the first poll after a (re)start would otherwise wait for.
+    """Build the job store's catalog, its pending jobs ready to claim, before the worker takes its
+    first request: with a large backlog that takes seconds, which the first poll after a (re)start
+    would otherwise wait for.
     The build holds no lock that writers need (the folders are scanned without it, then the catalog
     catches up from the journal under a short hold), so the other workers' writes go on meanwhile,
     even when this one is stopped half-way (README, "Performance")."""
     from morag_remote.context import SERVICE
 
     try:
-        worker.wsgi.extensions[SERVICE].stats()
+        worker.wsgi.extensions[SERVICE].warm_up()
     except Exception as exc:  # the app reports a broken store itself (/health answers 503)
         # with where it failed: the traceback is a field of this one JSON line (gunicorn_log.py)
         worker.log.warning("store warm-up failed: %s", exc, exc_info=True)

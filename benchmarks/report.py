@@ -42,6 +42,10 @@ def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
         if "10000-unclaimable" in claims:
             rows.append(("claim median, 10,000 unclaimable (80 GB) + 100 / 100 only", _routing_ratio(r["claims"]),
                          "<= 2", lambda v: v is not None and v <= 2))
+        if "first_polls" in claims.get("50000", {}):
+            rows.append(("first 10 polls after a start at 50,000 / steady (median)",
+                         _ratio(claims["50000"]["first_polls"]["median_ms"], claims["50000"]["median_ms"]),
+                         "<= 2", lambda v: v is not None and v <= 2))
     if "pickup" in r:
         rows.append(("long-poll pick-up median (ms)", r["pickup"]["median_ms"], "<= 100",
                      lambda v: v is not None and v <= 100))
@@ -58,6 +62,11 @@ def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
         if "raw_store" in r:
             rows.append(("full cycles/s / raw store cycles/s", _ratio(cyc["cycles_per_s"], r["raw_store"]["cycles_per_s"]),
                          ">= 0.4", lambda v: v is not None and v >= 0.4))
+        rows.append(("server CPU per full cycle (ms, user + system)", cpu_per_cycle(cyc), "<= 2.5",
+                     lambda v: v <= 2.5))
+        if "floor" in r:
+            rows.append(("full cycles/s / HTTP floor cycles/s", _ratio(cyc["cycles_per_s"], r["floor"]["cycles_per_s"]),
+                         ">= 0.5", lambda v: v is not None and v >= 0.5))
         rows += [
             ("full cycles/s vs the original (60/s)", cyc["cycles_per_s"], f">= {3 * SEED_CYCLES_PER_S:g}",
              lambda v: v >= 3 * SEED_CYCLES_PER_S),
@@ -121,8 +130,11 @@ def table(r: dict[str, Any]) -> str:
                 pending = ", ".join(f"{n:,} {t}" for t, n in c["pending"].items())
                 if c.get("resources"):
                     pending += f" (poller {c['resources']})"
+                first = c.get("first_polls")
                 lines.append(f"  {store + pending + ' pending':<42}{c['median_ms']:>10}{c['p99_ms']:>9}"
-                             f"{c['server_ready_seconds']:>9}")
+                             f"{c['server_ready_seconds']:>9}"
+                             + (f"   first {first['n']} polls after the start: median {first['median_ms']}, "
+                                f"longest {first['max_ms']} ms" if first else ""))
         lines.append("")
     if "files" in r:
         from .files import lines as file_lines
@@ -141,7 +153,7 @@ def table(r: dict[str, Any]) -> str:
             f"{cyc['double_claims']} double claims, fsck findings {cyc['store_after']['findings']}; "
             f"CPU: server {cyc['server_cpu_percent_of_one_core']}% of a core "
             f"({cyc['server_cpu_ms_per_cycle']['user']} ms user + {cyc['server_cpu_ms_per_cycle']['system']} ms "
-            f"system per cycle), clients "
+            f"system per cycle = {cycles_per_cpu_second(cyc)} full cycles per second of server CPU), clients "
             f"{cyc['clients_cpu_percent_of_one_core']}%, whole machine {cyc['machine_busy_percent']}% busy)")
     if "floor" in r:
         fl = r["floor"]
@@ -222,9 +234,22 @@ def _columns(r: dict[str, Any]) -> list[str]:
         lambda section: _claim_ratio(section["claims"]))
     clients = pg.get("cycles", r.get("cycles", {})).get("clients", "")
     row(f"full cycles/s, {clients} clients", lambda section: section["cycles"]["cycles_per_s"])
+    row("full cycles per second of server CPU", lambda section: cycles_per_cpu_second(section["cycles"]))
     row("double claims", lambda section: section["cycles"]["double_claims"])
     row("errors (claims, cycles, store check)", column_errors)
     return lines
+
+
+def cpu_per_cycle(cycles: dict[str, Any]) -> float:
+    """The server's CPU (user + system, master and workers) per full cycle, in ms."""
+    cpu = cycles["server_cpu_ms_per_cycle"]
+    return round(cpu["user"] + cpu["system"], 2)
+
+
+def cycles_per_cpu_second(cycles: dict[str, Any]) -> float | None:
+    """Full cycles per second of server CPU: what machines of different speed can compare."""
+    ms = cpu_per_cycle(cycles)
+    return round(1000 / ms, 1) if ms else None
 
 
 def _shown(value: Callable[[dict[str, Any]], Any], section: dict[str, Any]) -> str:

@@ -103,6 +103,9 @@ def raw_store(instance: Instance, seconds: float = 5.0, max_cycles: int = 5000) 
 
 # -- (1) claim latency at a queue depth ------------------------------------------------------------
 
+FIRST_POLLS = 10  # issue 20: the median of the first ten polls after a start, against the steady one
+
+
 def claim_latency(instance: Instance, label: str, seeded: dict[str, int], claim_type: str = "audio",
                   samples: int = 500, warmup: int = 20, pg: BenchSchema | None = None,
                   resources: str = "") -> dict[str, Any]:
@@ -121,6 +124,7 @@ def claim_latency(instance: Instance, label: str, seeded: dict[str, int], claim_
         pg.seed(instance.source, seeded)
     seed_seconds = time.perf_counter() - seed_started
     latencies: list[float] = []
+    firsts: list[float] = []  # the first polls after the start (untimed warm-up otherwise)
     errors = 0
     with Server(instance, data_dir, pg.server_env() if pg else None) as server:
         with Api(server.port, instance.keys["producer"]) as producer, \
@@ -134,9 +138,14 @@ def claim_latency(instance: Instance, label: str, seeded: dict[str, int], claim_
                     errors += 1
                 if i >= warmup:
                     latencies.append(elapsed)
+                elif i < FIRST_POLLS:
+                    firsts.append(elapsed)
         ready = server.ready_seconds
+    first = summary_ms(firsts)
     return {"label": label, "pending": seeded, **({"resources": resources} if resources else {}),
             **summary_ms(latencies), "errors": errors,
+            "first_polls": {"n": first["n"], "median_ms": first["median_ms"], "max_ms": first["max_ms"],
+                            "each_ms": [round(t * 1000, 2) for t in firsts]},
             "seed_seconds": round(seed_seconds, 2), "server_ready_seconds": round(ready or 0, 2)}
 
 

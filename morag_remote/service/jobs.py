@@ -601,6 +601,12 @@ class JobService:
     def stats(self) -> StoreStats:
         return self.store.stats()
 
+    def warm_up(self) -> None:
+        """Do before the first request what it would otherwise wait for: the store's index built
+        (the file store reads every job once) and its pending jobs ready to be claimed."""
+        self.store.stats()
+        self.store.has_available(self.settings.content_types, self.clock())
+
 
 def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

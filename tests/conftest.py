@@ -3,7 +3,9 @@ and ``producer`` / ``worker`` helpers that speak the API the way real callers do
 from __future__ import annotations
 
 import io
+import random
 import logging
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from morag_remote.log import configure_logging
 from support import browser as browser_testing
 from support import postgres as pg_testing
 from support.actions import FakeClock, ProducerActions, WorkerActions, auth
+from support.loopback import Loopback
 
 
 @pytest.fixture
@@ -55,6 +58,29 @@ def clock(service) -> FakeClock:
     fake = FakeClock()
     service.clock = fake
     return fake
+
+
+@pytest.fixture
+def own_minutes(service) -> FakeClock:
+    """A clock years ahead, at a minute of this test's own: another test's app flushing its counts
+    late (its timer, into the same PostgreSQL schema) cannot land in this test's charts."""
+    clock = FakeClock(datetime.now(timezone.utc) + timedelta(days=3650 + random.randrange(10**5)))
+    service.clock = clock
+    return clock
+
+
+@pytest.fixture
+def loopback():
+    """Start loopback HTTP servers that answer with ``respond(handler)``; closed after the test."""
+    servers: list[Loopback] = []
+
+    def start(respond) -> Loopback:
+        servers.append(Loopback(respond))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 
 from morag_remote.client import (Client, ConnectionFailed, DownloadError, DownloadStopped, RetryPolicy,
                                  ServiceUnavailable)
-from support.loopback import answer, loopback  # noqa: F401 - a fixture
+from support.loopback import answer
 
 
 def open_fds() -> int:

@@ -84,7 +84,7 @@ def test_lease_id_header_of_attempt_1_is_409_after_the_job_was_claimed_again(pro
     job_id = producer.create_id("audio")
     first = worker.claim("audio")
     clock.advance(LEASE + 1)
-    worker2.claim("audio")
+    assert worker2.claim("audio")["job_id"] == job_id
     path = urlsplit(first["source_file_url"]).path
     assert worker.download(path, **{"X-Lease-Id": first["lease_id"]}).status_code == 409
 

@@ -185,6 +185,7 @@ def test_a_path_source_changed_after_create_is_409_never_the_new_bytes(producer,
     path = producer.source("talk.mp3", b"original bytes" * 100)
     r = client.post(J + "/", json={"source_file_path": str(path), "content_type": "audio",
                                    "ingestion_task_id": "x"}, headers=producer.headers)
+    assert r.status_code == 201
     job = worker.claim("audio")
     assert job["source_size"] == 1400 and job["source_sha256"] is None
     first = worker.download(job["source_file_url"])

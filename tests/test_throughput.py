@@ -12,7 +12,6 @@ from morag_remote.context import BACKEND, THROUGHPUT
 from morag_remote.exceptions import StoreUnavailable
 from morag_remote.models import Action, RemoteJob
 from morag_remote.throughput import RETENTION, Throughput, minute_of
-from test_ui import own_minutes  # noqa: F401 (a fixture)
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
 

@@ -4,24 +4,14 @@ with their confirmation, the 404 page. Who may call each route is in tests/test_
 a real browser drives the pages in tests/test_ui_browser.py."""
 from __future__ import annotations
 
-import random
 import re
-from datetime import datetime, timedelta, timezone
-from typing import Any
 
 import pytest
 
 from morag_remote.context import KEYS
 from morag_remote.ui.signin import COOKIE, REASONS
-from support.actions import FakeClock
+from support.ui import TOKEN, sign_in
 
-TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
-
-
-def sign_in(client, key: str, **extra: Any):
-    page = client.get("/ui/sign-in")
-    token = TOKEN.search(page.get_data(as_text=True)).group(1)
-    return client.post("/ui/sign-in", data={"csrf_token": token, "api_key": key, **extra})
 
 
 def csrf(client, path: str = "/ui/jobs") -> str:
@@ -139,15 +129,6 @@ def test_auth_disabled_signs_in_as_admin_without_a_key(instance_path, backend_co
 
 
 # -- pages --------------------------------------------------------------------------------------
-
-@pytest.fixture
-def own_minutes(service) -> FakeClock:
-    """A clock years ahead, at a minute of this test's own: another test's app flushing its counts
-    late (its timer, into the same PostgreSQL schema) cannot land in this test's charts."""
-    clock = FakeClock(datetime.now(timezone.utc) + timedelta(days=3650 + random.randrange(10**5)))
-    service.clock = clock
-    return clock
-
 
 def test_the_overview_counts_jobs_by_status_and_type_and_draws_the_charts(app, admin_ui, producer, worker, own_minutes):
     before = text(admin_ui.get("/ui/overview.part"))

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from test_ui import sign_in
+from support.ui import sign_in
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ import structlog
 
 from morag_remote.client import ClaimedJob, Client, ConfigError, InvalidRequest, RetryPolicy
 from morag_remote.worker.handlers import HandlerError, HandlerProcess, Outcome
-from support.loopback import answer, loopback  # noqa: F401 - a fixture
+from support.loopback import answer
 from morag_remote.client.download import attachment_name, expected_sha256
 from morag_remote.client.http import retry_after_seconds
 from morag_remote.worker.config import load

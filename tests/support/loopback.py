@@ -7,7 +7,6 @@ import json
 import threading
 from typing import Any, Callable
 
-import pytest
 
 
 class Loopback:
@@ -58,18 +57,3 @@ def answer(handler: http.server.BaseHTTPRequestHandler, status: int, body: Any =
         handler.send_header(name, value)
     handler.end_headers()
     handler.wfile.write(data)
-
-
-@pytest.fixture
-def loopback():
-    servers: list[Loopback] = []
-
-    def start(respond) -> Loopback:
-        servers.append(Loopback(respond))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
-
-

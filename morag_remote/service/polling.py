@@ -1,83 +1,346 @@
 """Long polls: a poll that found nothing waits, in its request's thread, until a job it could take
-may have appeared, then tries again; at most ``POLL_MAX_WAITERS`` wait per process at once."""
+is there, then tries again; at most ``max_waiters`` wait per process at once.
+
+A waiter sleeps on an event of its own. One *dispatcher* thread per process decides whom to wake:
+whenever the store changes (a *listener* thread waits for that, :meth:`JobRepository.wait_for_change`,
+so a thousand waiters cost one wait), a delayed job becomes available or a lease ends (one timer,
+``Availability.next_at``), it reads what is claimable per content type and requirement set
+(:meth:`JobRepository.availability`) and wakes at most that many waiters that can take it, oldest
+first, counting those already woken and still claiming. A woken waiter that claims nothing (another
+process was quicker, or the count was higher than a claim finds) waits again in its place, and is
+not woken again until something changes (a store change, a timer, the sweep): the job it could not
+take goes to the next waiter that can, so a job is never left while a waiter that could take it
+sleeps, and a waiter that cannot is not woken over and over. Every ``SWEEP_SECONDS`` the dispatcher
+looks again as if the store had changed, the safety net of whatever a notification missed.
+
+The same thread watches the waiters' client sockets (``select.poll``, for a hang-up): a caller who
+went away is noticed at once, its waiter woken to leave without claiming. A check without a socket
+(``client_gone`` without ``fileno``) is asked every ``CLIENT_CHECK_SECONDS``.
+"""
 from __future__ import annotations
 
+import itertools
+import os
+import select
 import threading
 import time
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol, Sequence
 
 import structlog
 
 from ..models import Clock, RemoteJob
-from ..store.base import JobRepository
+from ..routing import Capabilities
+from ..store.base import Availability, ClaimRoute, Claimable, JobRepository
 
 log = structlog.get_logger(__name__)
 
-MAX_SLEEP_SECONDS = 2.0  # a waiter looks again at least this often (delayed jobs, lapsed leases)
-CLIENT_CHECK_SECONDS = 1.0  # and asks whether its caller is still there at least this often
+SWEEP_SECONDS = 2.0  # the dispatcher looks again at least this often while anyone waits
+CLIENT_CHECK_SECONDS = 1.0  # how often a check without a socket is asked whether its caller is there
+LISTEN_SECONDS = 5.0  # the listener's wait for a store change is renewed this often
+_HANGUP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR  # POLLIN would fire on pipelined bytes
+
+
+class ClientCheck(Protocol):
+    """Has the caller hung up? ``fileno`` (optional): the socket whose hang-up says so."""
+
+    def __call__(self) -> bool: ...
+
+
+class Claimed(list):
+    """The jobs a long poll claimed; ``host_full``: none, because the process had its most waiters."""
+
+    host_full: bool = False
+
+
+@dataclass(eq=False)
+class _Waiter:
+    seq: int
+    types: frozenset[str]
+    capabilities: Capabilities | None
+    max_jobs: int
+    client_gone: ClientCheck | None
+    fd: int | None
+    event: threading.Event = field(default_factory=threading.Event)
+    woken: bool = False   # the dispatcher woke it, and it has not waited again since
+    epoch: int = -1       # the dispatcher's epoch of its last wake-up (not woken again before the next)
+    gone: bool = False    # its caller hung up
+
+    def can_take(self, item: Claimable) -> bool:
+        return item.content_type in self.types and (
+            item.requirements is None or item.requirements.met_by(self.capabilities))
 
 
 class LongPolls:
-    def __init__(self, store: JobRepository, max_waiters: int, clock: Clock) -> None:
+    def __init__(self, store: JobRepository, max_waiters: int, clock: Clock,
+                 route: Callable[[], ClaimRoute] = ClaimRoute) -> None:
+        """``route``: the configured limits (no capabilities), as claims apply them."""
         self.store = store
         self.clock = clock
-        self._waiters = threading.BoundedSemaphore(max(max_waiters, 1))
-        self._waiting = 0
-        self._waiting_lock = threading.Lock()
+        self.max_waiters = max(max_waiters, 1)
+        self._route = route
+        # metrics (metrics.py sets them): how many waiters each look woke; a poll turned away
+        self.on_wake: Callable[[int], None] | None = None
+        self.on_full: Callable[[], None] | None = None
+        self._lock = threading.Lock()
+        self._waiters: dict[int, _Waiter] = {}  # in arrival order: the oldest is woken first
+        self._seq = itertools.count()
+        self._epoch = 0        # moves with every store change, timer or sweep the dispatcher sees
+        self._dirty = True     # the dispatcher must look (again)
+        self._pid: int | None = None
+        self._pipe: tuple[int, int] | None = None
+        self._has_waiters = threading.Event()
+        self.wakeups = 0       # waiters woken to claim, so far (this process)
+        self.looks = 0         # times the dispatcher read the store's availability
 
     @property
     def waiting(self) -> int:
         """How many long polls of this process are waiting right now."""
-        return self._waiting
-
-    def marker(self) -> int | None:
-        """Taken before looking for work, so that a job created between the look and the wait wakes
-        the waiter (see :meth:`JobRepository.change_marker`)."""
-        return self.store.change_marker()
+        return len(self._waiters)
 
     def wait_for(self, claim: Callable[[], list[RemoteJob]], types: Sequence[str], wait: float,
-                 marker: int | None, worker_id: str,
-                 client_gone: Callable[[], bool] | None = None) -> list[RemoteJob]:
-        """Call ``claim`` again whenever the store changed and a job of ``types`` may be there,
-        until it returns jobs or ``wait`` seconds have passed. Turned away at once (no jobs) when
-        the process already has its most waiters. With ``client_gone``, the wait ends (claiming
-        nothing) as soon as it says the caller has hung up: checked before every claim and at
-        least every ``CLIENT_CHECK_SECONDS``."""
-        if not self._waiters.acquire(blocking=False):
-            log.warning("poll.waiters_full", worker_id=worker_id)
-            return []
-        self._count(+1)
-        jobs: list[RemoteJob] = []
+                 worker_id: str, client_gone: ClientCheck | None = None,
+                 capabilities: Capabilities | None = None, max_jobs: int = 1) -> Claimed:
+        """Call ``claim`` whenever the dispatcher says a job of ``types`` that ``capabilities`` meet
+        is there, until it returns jobs or ``wait`` seconds have passed. Turned away at once
+        (``host_full``) when the process already has its most waiters. With ``client_gone``, the
+        wait ends (claiming nothing) as soon as the caller hangs up; it is asked before every claim."""
+        result = Claimed()
+        waiter = self._register(types, capabilities, max_jobs, client_gone)
+        if waiter is None:
+            log.warning("poll.waiters_full", worker_id=worker_id, max_waiters=self.max_waiters)
+            if self.on_full is not None:
+                self.on_full()
+            result.host_full = True
+            return result
         try:
             deadline = time.monotonic() + wait
-            while not jobs:
+            while True:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or not waiter.event.wait(remaining):
                     break
-                sleep = min(remaining, self._next_wake(types))
-                if client_gone is not None:
-                    sleep = min(sleep, CLIENT_CHECK_SECONDS)
-                self.store.wait_for_change(sleep, since=marker)
-                if client_gone is not None and client_gone():
+                waiter.event.clear()
+                if waiter.gone or (client_gone is not None and client_gone()):
                     log.info("poll.client_gone", worker_id=worker_id, detail="the caller hung up while waiting")
                     break
-                marker = self.marker()
-                now = self.clock()
-                if self.store.has_available(types, now) or self.store.lapsed(now, 1):
-                    jobs = claim()
+                if not waiter.woken:
+                    continue
+                jobs = claim()
+                if jobs:
+                    result.extend(jobs)
+                    break
+                with self._lock:  # nothing after all: wait again in this place, and let another look
+                    waiter.woken = False
+                    self._dirty = True
+                self._poke()
         finally:
-            self._count(-1)
-            self._waiters.release()
-        return jobs
+            self._unregister(waiter)
+        return result
 
-    def _count(self, delta: int) -> None:
-        with self._waiting_lock:
-            self._waiting += delta
+    # -- the registry ----------------------------------------------------------------------------
 
-    def _next_wake(self, types: Sequence[str]) -> float:
-        """How long a waiter may sleep before a delayed job or a lease could need it."""
-        wake = MAX_SLEEP_SECONDS
-        next_at = self.store.next_available_at(types)
-        if next_at is not None:
-            wake = min(wake, max((next_at - self.clock()).total_seconds(), 0.01))
-        return wake
+    def _register(self, types: Iterable[str], capabilities: Capabilities | None, max_jobs: int,
+                  client_gone: ClientCheck | None) -> _Waiter | None:
+        fileno = getattr(client_gone, "fileno", None)
+        with self._lock:
+            if len(self._waiters) >= self.max_waiters:
+                return None
+            self._start()
+            waiter = _Waiter(next(self._seq), frozenset(types), capabilities, max(max_jobs, 1), client_gone,
+                             fileno() if fileno is not None else None)
+            self._waiters[waiter.seq] = waiter
+            self._dirty = True  # a job may have come between its claim and now: look
+            self._has_waiters.set()
+        self._poke()
+        return waiter
+
+    def _unregister(self, waiter: _Waiter) -> None:
+        with self._lock:
+            del self._waiters[waiter.seq]
+            if not self._waiters:
+                self._has_waiters.clear()
+            if waiter.woken:  # woken, then left (claimed, or its caller went): what it did not take is free
+                self._dirty = True
+            else:
+                return
+        self._poke()
+
+    def _start(self) -> None:
+        """The dispatcher and the listener of this process (again after a fork; caller holds the lock)."""
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._waiters.clear()
+        self._has_waiters = threading.Event()
+        for target, name in ((self._dispatch, "poll-dispatcher"), (self._listen, "poll-listener")):
+            threading.Thread(target=target, args=(self._pipe,), name=name, daemon=True).start()
+
+    def _poke(self) -> None:
+        """Make the dispatcher look now (from any thread)."""
+        try:
+            os.write(self._pipe[1], b"!")
+        except BlockingIOError:  # the pipe is full of pokes already: it will look
+            pass
+
+    # -- the listener: one wait on the store for every waiter ------------------------------------
+
+    def _listen(self, pipe: tuple[int, int]) -> None:
+        marker = self.store.change_marker()
+        while self._pipe is pipe:
+            if not self._has_waiters.wait(LISTEN_SECONDS):
+                continue
+            changed = self.store.wait_for_change(LISTEN_SECONDS, since=marker)
+            current = self.store.change_marker()
+            if changed or current != marker:
+                marker = current
+                with self._lock:
+                    self._epoch += 1
+                    self._dirty = True
+                self._poke()
+
+    # -- the dispatcher --------------------------------------------------------------------------
+
+    def _dispatch(self, pipe: tuple[int, int]) -> None:
+        poller = select.poll()
+        poller.register(pipe[0], select.POLLIN)
+        watched: dict[int, _Waiter] = {}
+        next_at: float | None = None       # monotonic: when availability changes by itself
+        next_sweep = time.monotonic() + SWEEP_SECONDS
+        next_check = time.monotonic() + CLIENT_CHECK_SECONDS
+        while self._pipe is pipe:
+            self._watch(poller, watched)
+            now = time.monotonic()
+            if self._waiters:
+                due = min(t for t in (next_at, next_sweep, next_check if self._unwatched() else None)
+                          if t is not None)
+                timeout_ms = max(int((due - now) * 1000) + 1, 0)
+            else:
+                timeout_ms = -1  # nobody waits: sleep until a poke
+            for fd, events in poller.poll(timeout_ms):
+                if fd == pipe[0]:
+                    _drain(fd)
+                else:
+                    self._hung_up(fd, watched, poller)
+            now = time.monotonic()
+            if not self._waiters:
+                next_at = None
+                continue
+            if now >= next_check:
+                next_check = now + CLIENT_CHECK_SECONDS
+                self._ask_unwatched()
+            with self._lock:
+                if (next_at is not None and now >= next_at) or now >= next_sweep:
+                    self._epoch += 1
+                    self._dirty = True
+                    next_at = None
+                if not self._dirty:
+                    continue
+                self._dirty = False
+                next_sweep = now + SWEEP_SECONDS
+                epoch = self._epoch
+                types = set().union(*(w.types for w in self._waiters.values()))
+            try:
+                available = self.store.availability(types, self.clock(), self._route())
+            except Exception as exc:  # noqa: BLE001 - the store is down: the waiters time out; look again later
+                log.warning("poll.look_failed", error=f"{type(exc).__name__}: {exc}")
+                continue
+            self.looks += 1
+            woken = self._wake(available, epoch)
+            if available.next_at is not None:
+                next_at = now + max((available.next_at - self.clock()).total_seconds(), 0.0)
+            if woken and self.on_wake is not None:
+                self.on_wake(woken)
+
+    def _wake(self, available: Availability, epoch: int) -> int:
+        """Wake, oldest first, as many waiters as there are jobs they can take (those woken and
+        not back yet count first); with a lapsed lease and nobody woken, the oldest waiter (its
+        claim hands the lapsed jobs back first). How many were woken."""
+        left = {item: item.count for item in available.ready}
+        woken = 0
+        with self._lock:
+            waiters = list(self._waiters.values())
+            busy = False
+            for w in waiters:
+                if w.woken:
+                    busy = True
+                    _take(w, left)
+            for w in waiters:
+                if not any(left.values()):
+                    break
+                if w.woken or w.gone or w.epoch >= epoch:
+                    continue
+                if _take(w, left):
+                    woken += self._wake_one(w, epoch)
+            if available.lapsed and not busy and not woken:
+                oldest = next((w for w in waiters if not w.woken and not w.gone and w.epoch < epoch), None)
+                if oldest is not None:
+                    woken += self._wake_one(oldest, epoch)
+            self.wakeups += woken
+        return woken
+
+    @staticmethod
+    def _wake_one(waiter: _Waiter, epoch: int) -> int:
+        waiter.woken, waiter.epoch = True, epoch
+        waiter.event.set()
+        return 1
+
+    # -- the callers' sockets --------------------------------------------------------------------
+
+    def _watch(self, poller: "select.poll", watched: dict[int, _Waiter]) -> None:
+        """Make the poll set the sockets of the waiters there are now."""
+        with self._lock:
+            current = {w.fd: w for w in self._waiters.values() if w.fd is not None and not w.gone}
+        for fd in [fd for fd, w in watched.items() if current.get(fd) is not w]:
+            poller.unregister(fd)
+            del watched[fd]
+        for fd, w in current.items():
+            if fd not in watched:
+                poller.register(fd, _HANGUP)
+                watched[fd] = w
+
+    def _hung_up(self, fd: int, watched: dict[int, _Waiter], poller: "select.poll") -> None:
+        """A watched socket's peer shut down: wake its waiter to leave if its check agrees (bytes
+        still to read mean a pipelined request: it is there, and the socket is watched no more)."""
+        waiter = watched.pop(fd, None)
+        if waiter is None:
+            return
+        poller.unregister(fd)
+        with self._lock:
+            registered = self._waiters.get(waiter.seq) is waiter
+        if registered and waiter.client_gone is not None and waiter.client_gone():
+            waiter.gone = True
+            waiter.fd = None
+            waiter.event.set()
+        else:
+            waiter.fd = None
+
+    def _unwatched(self) -> list[_Waiter]:
+        """The waiters whose caller can be asked, but has no socket to watch."""
+        with self._lock:
+            return [w for w in self._waiters.values() if w.fd is None and w.client_gone is not None and not w.gone]
+
+    def _ask_unwatched(self) -> None:
+        for w in self._unwatched():
+            if w.client_gone():
+                w.gone = True
+                w.event.set()
+
+
+def _take(waiter: _Waiter, left: dict[Claimable, int]) -> bool:
+    """Count up to ``waiter.max_jobs`` of the jobs left as the waiter's; whether it took any."""
+    want = waiter.max_jobs
+    for item, n in left.items():
+        if want and n and waiter.can_take(item):
+            got = min(n, want)
+            left[item] = n - got
+            want -= got
+    return want < waiter.max_jobs
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass

@@ -37,6 +37,7 @@ log = structlog.get_logger(__name__)
 
 SWEEP_SECONDS = 2.0  # the dispatcher looks again at least this often while anyone waits
 CLIENT_CHECK_SECONDS = 1.0  # how often a check without a socket is asked whether its caller is there
+RETRY_SECONDS = 0.5  # after a look that failed (the store is down), before the next
 LISTEN_SECONDS = 5.0  # the listener's wait for a store change is renewed this often
 _HANGUP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR  # POLLIN would fire on pipelined bytes
 
@@ -190,8 +191,13 @@ class LongPolls:
         while self._pipe is pipe:
             if not self._has_waiters.wait(LISTEN_SECONDS):
                 continue
-            changed = self.store.wait_for_change(LISTEN_SECONDS, since=marker)
-            current = self.store.change_marker()
+            try:
+                changed = self.store.wait_for_change(LISTEN_SECONDS, since=marker)
+                current = self.store.change_marker()
+            except Exception as exc:  # noqa: BLE001 - the store is down: the sweep looks meanwhile
+                log.warning("poll.listen_failed", error=f"{type(exc).__name__}: {exc}")
+                time.sleep(RETRY_SECONDS)
+                continue
             if changed or current != marker:
                 marker = current
                 with self._lock:
@@ -204,53 +210,60 @@ class LongPolls:
     def _dispatch(self, pipe: tuple[int, int]) -> None:
         poller = select.poll()
         poller.register(pipe[0], select.POLLIN)
+        state = _Timers(time.monotonic())
         watched: dict[int, _Waiter] = {}
-        next_at: float | None = None       # monotonic: when availability changes by itself
-        next_sweep = time.monotonic() + SWEEP_SECONDS
-        next_check = time.monotonic() + CLIENT_CHECK_SECONDS
         while self._pipe is pipe:
-            self._watch(poller, watched)
-            now = time.monotonic()
-            if self._waiters:
-                due = min(t for t in (next_at, next_sweep, next_check if self._unwatched() else None)
-                          if t is not None)
-                timeout_ms = max(int((due - now) * 1000) + 1, 0)
-            else:
-                timeout_ms = -1  # nobody waits: sleep until a poke
-            for fd, events in poller.poll(timeout_ms):
-                if fd == pipe[0]:
-                    _drain(fd)
-                else:
-                    self._hung_up(fd, watched, poller)
-            now = time.monotonic()
-            if not self._waiters:
-                next_at = None
-                continue
-            if now >= next_check:
-                next_check = now + CLIENT_CHECK_SECONDS
-                self._ask_unwatched()
-            with self._lock:
-                if (next_at is not None and now >= next_at) or now >= next_sweep:
-                    self._epoch += 1
-                    self._dirty = True
-                    next_at = None
-                if not self._dirty:
-                    continue
-                self._dirty = False
-                next_sweep = now + SWEEP_SECONDS
-                epoch = self._epoch
-                types = set().union(*(w.types for w in self._waiters.values()))
             try:
-                available = self.store.availability(types, self.clock(), self._route())
-            except Exception as exc:  # noqa: BLE001 - the store is down: the waiters time out; look again later
-                log.warning("poll.look_failed", error=f"{type(exc).__name__}: {exc}")
-                continue
-            self.looks += 1
-            woken = self._wake(available, epoch)
-            if available.next_at is not None:
-                next_at = now + max((available.next_at - self.clock()).total_seconds(), 0.0)
-            if woken and self.on_wake is not None:
-                self.on_wake(woken)
+                self._turn(pipe, poller, watched, state)
+            except Exception as exc:  # noqa: BLE001 - the store is down, a metric cannot be written...
+                log.warning("poll.look_failed", error=f"{type(exc).__name__}: {exc}",
+                            detail="the waiters are looked at again in a moment; they time out meanwhile")
+                state.next_at = None
+                with self._lock:
+                    self._dirty = True
+                time.sleep(RETRY_SECONDS)
+
+    def _turn(self, pipe: tuple[int, int], poller: "select.poll", watched: dict[int, "_Waiter"],
+              timers: "_Timers") -> None:
+        """One turn of the dispatcher: sleep until a poke, a hang-up or a timer, then look if needed."""
+        self._watch(poller, watched)
+        now = time.monotonic()
+        if self._waiters:
+            asking = timers.next_check if self._unwatched() else None
+            due = min(t for t in (timers.next_at, timers.next_sweep, asking) if t is not None)
+            timeout_ms = max(int((due - now) * 1000) + 1, 0)
+        else:
+            timeout_ms = -1  # nobody waits: sleep until a poke
+        for fd, _ in poller.poll(timeout_ms):
+            if fd == pipe[0]:
+                _drain(fd)
+            else:
+                self._hung_up(fd, watched, poller)
+        now = time.monotonic()
+        if not self._waiters:
+            timers.next_at = None
+            return
+        if now >= timers.next_check:
+            timers.next_check = now + CLIENT_CHECK_SECONDS
+            self._ask_unwatched()
+        with self._lock:
+            if (timers.next_at is not None and now >= timers.next_at) or now >= timers.next_sweep:
+                self._epoch += 1
+                self._dirty = True
+                timers.next_at = None
+            if not self._dirty:
+                return
+            self._dirty = False
+            timers.next_sweep = now + SWEEP_SECONDS
+            epoch = self._epoch
+            types = set().union(*(w.types for w in self._waiters.values()))
+        available = self.store.availability(types, self.clock(), self._route())
+        self.looks += 1
+        if available.next_at is not None:
+            timers.next_at = now + max((available.next_at - self.clock()).total_seconds(), 0.0)
+        woken = self._wake(available, epoch)
+        if woken and self.on_wake is not None:
+            self.on_wake(woken)
 
     def _wake(self, available: Availability, epoch: int) -> int:
         """Wake, oldest first, as many waiters as there are jobs they can take (those woken and
@@ -325,6 +338,21 @@ class LongPolls:
             if w.client_gone():
                 w.gone = True
                 w.event.set()
+
+
+@dataclass
+class _Timers:
+    """The dispatcher's clock (monotonic seconds): when availability changes by itself (a delayed
+    job, a lease end), the next sweep, the next ask of the checks without a socket."""
+
+    now: float
+    next_at: float | None = None
+    next_sweep: float = 0.0
+    next_check: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.next_sweep = self.now + SWEEP_SECONDS
+        self.next_check = self.now + CLIENT_CHECK_SECONDS
 
 
 def _take(waiter: _Waiter, left: dict[Claimable, int]) -> bool:

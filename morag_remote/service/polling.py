@@ -19,6 +19,7 @@ went away is noticed at once, its waiter woken to leave without claiming. A chec
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import select
@@ -81,8 +82,8 @@ class LongPolls:
         self.max_waiters = max(max_waiters, 1)
         self._route = route
         # metrics (metrics.py sets them): how many waiters each look woke; a poll turned away
-        self.on_wake: Callable[[int], None] | None = None
-        self.on_full: Callable[[], None] | None = None
+        self.on_wake: Callable[[int], None] = lambda woken: None
+        self.on_full: Callable[[], None] = lambda: None
         self._lock = threading.Lock()
         self._waiters: dict[int, _Waiter] = {}  # in arrival order: the oldest is woken first
         self._seq = itertools.count()
@@ -91,6 +92,7 @@ class LongPolls:
         self._pid: int | None = None
         self._pipe: tuple[int, int] | None = None
         self._has_waiters = threading.Event()
+        self._poked = False    # a poke is in the pipe: no need for another (the pipe never fills)
         self.wakeups = 0       # waiters woken to claim, so far (this process)
         self.looks = 0         # times the dispatcher read the store's availability
 
@@ -110,8 +112,7 @@ class LongPolls:
         waiter = self._register(types, capabilities, max_jobs, client_gone)
         if waiter is None:
             log.warning("poll.waiters_full", worker_id=worker_id, max_waiters=self.max_waiters)
-            if self.on_full is not None:
-                self.on_full()
+            self.on_full()
             result.host_full = True
             return result
         try:
@@ -124,9 +125,7 @@ class LongPolls:
                 if waiter.gone or (client_gone is not None and client_gone()):
                     log.info("poll.client_gone", worker_id=worker_id, detail="the caller hung up while waiting")
                     break
-                if not waiter.woken:
-                    continue
-                jobs = claim()
+                jobs = claim()  # woken: the event is set only to wake it or to say its caller is gone
                 if jobs:
                     result.extend(jobs)
                     break
@@ -172,56 +171,50 @@ class LongPolls:
             return
         self._pid = os.getpid()
         self._pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._marker = self.store.change_marker()
+        self._poked = False
         self._waiters.clear()
         self._has_waiters = threading.Event()
-        for target, name in ((self._dispatch, "poll-dispatcher"), (self._listen, "poll-listener")):
-            threading.Thread(target=target, args=(self._pipe,), name=name, daemon=True).start()
+        poller = select.poll()
+        poller.register(self._pipe[0], select.POLLIN)
+        turn = functools.partial(self._turn, self._pipe, poller, {}, _Timers(time.monotonic()))
+        for step, name in ((turn, "poll-dispatcher"), (self._listen, "poll-listener")):
+            threading.Thread(target=self._forever, args=(step,), name=name, daemon=True).start()
+
+    def _forever(self, step: Callable[[], None]) -> None:
+        """A thread of the long polls: ``step`` again and again, and again a moment after it failed."""
+        while True:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - the store is down, a metric cannot be written...
+                log.warning("poll.look_failed", error=f"{type(exc).__name__}: {exc}",
+                            detail="looked at again in a moment; the waiters time out meanwhile")
+                with self._lock:
+                    self._dirty = True
+                time.sleep(RETRY_SECONDS)
 
     def _poke(self) -> None:
-        """Make the dispatcher look now (from any thread)."""
-        try:
+        """Make the dispatcher turn now (from any thread; what it must do is in its state already)."""
+        if not self._poked:
+            self._poked = True
             os.write(self._pipe[1], b"!")
-        except BlockingIOError:  # the pipe is full of pokes already: it will look
-            pass
 
     # -- the listener: one wait on the store for every waiter ------------------------------------
 
-    def _listen(self, pipe: tuple[int, int]) -> None:
-        marker = self.store.change_marker()
-        while self._pipe is pipe:
-            if not self._has_waiters.wait(LISTEN_SECONDS):
-                continue
-            try:
-                changed = self.store.wait_for_change(LISTEN_SECONDS, since=marker)
-                current = self.store.change_marker()
-            except Exception as exc:  # noqa: BLE001 - the store is down: the sweep looks meanwhile
-                log.warning("poll.listen_failed", error=f"{type(exc).__name__}: {exc}")
-                time.sleep(RETRY_SECONDS)
-                continue
-            if changed or current != marker:
-                marker = current
-                with self._lock:
-                    self._epoch += 1
-                    self._dirty = True
-                self._poke()
+    def _listen(self) -> None:
+        """One wait for a store change, for every waiter of the process (none while nobody waits)."""
+        if not self._has_waiters.wait(LISTEN_SECONDS):
+            return
+        marker = self._marker
+        changed = self.store.wait_for_change(LISTEN_SECONDS, since=marker)
+        self._marker = self.store.change_marker()
+        if changed or self._marker != marker:
+            with self._lock:
+                self._epoch += 1
+                self._dirty = True
+            self._poke()
 
     # -- the dispatcher --------------------------------------------------------------------------
-
-    def _dispatch(self, pipe: tuple[int, int]) -> None:
-        poller = select.poll()
-        poller.register(pipe[0], select.POLLIN)
-        state = _Timers(time.monotonic())
-        watched: dict[int, _Waiter] = {}
-        while self._pipe is pipe:
-            try:
-                self._turn(pipe, poller, watched, state)
-            except Exception as exc:  # noqa: BLE001 - the store is down, a metric cannot be written...
-                log.warning("poll.look_failed", error=f"{type(exc).__name__}: {exc}",
-                            detail="the waiters are looked at again in a moment; they time out meanwhile")
-                state.next_at = None
-                with self._lock:
-                    self._dirty = True
-                time.sleep(RETRY_SECONDS)
 
     def _turn(self, pipe: tuple[int, int], poller: "select.poll", watched: dict[int, "_Waiter"],
               timers: "_Timers") -> None:
@@ -236,7 +229,8 @@ class LongPolls:
             timeout_ms = -1  # nobody waits: sleep until a poke
         for fd, _ in poller.poll(timeout_ms):
             if fd == pipe[0]:
-                _drain(fd)
+                self._poked = False
+                os.read(fd, 4096)  # the pokes: a few bytes at most (written only when none is there)
             else:
                 self._hung_up(fd, watched, poller)
         now = time.monotonic()
@@ -262,33 +256,31 @@ class LongPolls:
         if available.next_at is not None:
             timers.next_at = now + max((available.next_at - self.clock()).total_seconds(), 0.0)
         woken = self._wake(available, epoch)
-        if woken and self.on_wake is not None:
+        if woken:
             self.on_wake(woken)
 
     def _wake(self, available: Availability, epoch: int) -> int:
         """Wake, oldest first, as many waiters as there are jobs they can take (those woken and
-        not back yet count first); with a lapsed lease and nobody woken, the oldest waiter (its
-        claim hands the lapsed jobs back first). How many were woken."""
+        not back yet count first); with a lapsed lease and nobody busy, one more (its claim hands
+        the lapsed jobs back first). How many were woken."""
         left = {item: item.count for item in available.ready}
         woken = 0
         with self._lock:
             waiters = list(self._waiters.values())
-            busy = False
+            busy = [w for w in waiters if w.woken]
+            for w in busy:
+                _take(w, left)
+            spare = available.lapsed and not busy
             for w in waiters:
-                if w.woken:
-                    busy = True
-                    _take(w, left)
-            for w in waiters:
-                if not any(left.values()):
+                if not spare and not any(left.values()):
                     break
                 if w.woken or w.gone or w.epoch >= epoch:
                     continue
                 if _take(w, left):
                     woken += self._wake_one(w, epoch)
-            if available.lapsed and not busy and not woken:
-                oldest = next((w for w in waiters if not w.woken and not w.gone and w.epoch < epoch), None)
-                if oldest is not None:
-                    woken += self._wake_one(oldest, epoch)
+                elif spare:
+                    spare = False
+                    woken += self._wake_one(w, epoch)
             self.wakeups += woken
         return woken
 
@@ -315,9 +307,7 @@ class LongPolls:
     def _hung_up(self, fd: int, watched: dict[int, _Waiter], poller: "select.poll") -> None:
         """A watched socket's peer shut down: wake its waiter to leave if its check agrees (bytes
         still to read mean a pipelined request: it is there, and the socket is watched no more)."""
-        waiter = watched.pop(fd, None)
-        if waiter is None:
-            return
+        waiter = watched.pop(fd)  # the poll set holds only the watched sockets (and the pipe)
         poller.unregister(fd)
         with self._lock:
             registered = self._waiters.get(waiter.seq) is waiter
@@ -365,10 +355,3 @@ def _take(waiter: _Waiter, left: dict[Claimable, int]) -> bool:
             want -= got
     return want < waiter.max_jobs
 
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass

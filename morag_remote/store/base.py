@@ -187,12 +187,6 @@ class JobRepository(Protocol):
     def stats(self) -> StoreStats:
         """Counts by (status, content type), the oldest pending job and when each worker was last seen."""
 
-    def has_available(self, content_types: Iterable[str], now: datetime) -> bool:
-        """Whether a claim for these content types would find a job now (cheap, no lock held long)."""
-
-    def next_available_at(self, content_types: Iterable[str]) -> datetime | None:
-        """When the earliest delayed pending job of these types becomes available."""
-
     def availability(self, content_types: Iterable[str], now: datetime,
                      route: ClaimRoute | None = None) -> Availability:
         """What a claim for these types could take at ``now`` (``route``'s limits applied; its

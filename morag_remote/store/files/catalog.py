@@ -181,9 +181,6 @@ class Catalog:
         self._promote({content_type}, now)
         return {key: len(sl) for key, sl in self._ready.get(content_type, {}).items() if sl}
 
-    def has_available(self, content_types: Iterable[str], now: float) -> bool:
-        return next(self.candidates(content_types, now), None) is not None
-
     def lapsed(self, now: float, limit: int) -> list[str]:
         out = []
         for timeout, job_id in self._leases:

@@ -662,14 +662,6 @@ class FileJobStore:
                 worker_last_seen={w: _dt(t) for w, t in self.catalog.worker_seen.items()},
             )
 
-    def has_available(self, content_types: Iterable[str], now: datetime) -> bool:
-        with self._locked(exclusive=False):
-            return self.catalog.has_available(content_types, now.timestamp())
-
-    def next_available_at(self, content_types: Iterable[str]) -> datetime | None:
-        with self._locked(exclusive=False):
-            return _dt(self.catalog.next_available(content_types))
-
     def availability(self, content_types: Iterable[str], now: datetime,
                      route: ClaimRoute | None = None) -> Availability:
         """From the catalog, under a shared hold: the counts per type and requirement set, the

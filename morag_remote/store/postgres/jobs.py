@@ -370,19 +370,6 @@ class PostgresJobStore:
                           oldest_pending_created_at=oldest,
                           worker_last_seen=dict(seen))
 
-    def has_available(self, content_types: Iterable[str], now: datetime) -> bool:
-        self.db.mark_seen()
-        types = sorted(set(content_types))
-        with self.db.transaction() as conn:
-            return conn.execute("SELECT EXISTS (SELECT 1 FROM remote_jobs WHERE status = 'pending' "
-                                "AND content_type = ANY(%s) AND available_at <= %s)", (types, now)).fetchone()[0]
-
-    def next_available_at(self, content_types: Iterable[str]) -> datetime | None:
-        types = sorted(set(content_types))
-        with self.db.transaction() as conn:
-            return conn.execute("SELECT min(available_at) FROM remote_jobs WHERE status = 'pending' "
-                                "AND content_type = ANY(%s)", (types,)).fetchone()[0]
-
     def availability(self, content_types: Iterable[str], now: datetime,
                      route: ClaimRoute | None = None, cap: int = 10_000) -> Availability:
         """See :class:`~..base.Availability`; each count stops at ``cap``. Marks this thread's

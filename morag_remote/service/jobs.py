@@ -263,10 +263,11 @@ class JobService:
         wait because the process has its most waiters (polling.py).
         """
         types = list(dict.fromkeys(content_types))
+        marker = self.polls.marker()
         jobs = Claimed(self._claim(worker_id, types, max_jobs, capabilities))
         if not jobs and wait > 0:
             jobs = self.polls.wait_for(lambda: self._claim(worker_id, types, max_jobs, capabilities), types,
-                                       wait, worker_id, client_gone, capabilities, max_jobs)
+                                       wait, worker_id, client_gone, capabilities, max_jobs, marker)
         if jobs and client_gone is not None and client_gone():
             log.warning("poll.undeliverable", worker_id=worker_id, jobs=len(jobs),
                         detail="the caller hung up before the answer: the jobs are handed back")

@@ -92,6 +92,7 @@ class LongPolls:
         self._pid: int | None = None
         self._pipe: tuple[int, int] | None = None
         self._has_waiters = threading.Event()
+        self._looked: frozenset[str] = frozenset()  # the types of the dispatcher's last look
         self._poked = False    # a poke is in the pipe: no need for another (the pipe never fills)
         self.wakeups = 0       # waiters woken to claim, so far (this process)
         self.looks = 0         # times the dispatcher read the store's availability
@@ -101,15 +102,21 @@ class LongPolls:
         """How many long polls of this process are waiting right now."""
         return len(self._waiters)
 
+    def marker(self) -> int | None:
+        """Taken before a poll's first claim (:meth:`JobRepository.change_marker`): when it has not
+        moved by the time the poll waits, the dispatcher need not look for it."""
+        return self.store.change_marker()
+
     def wait_for(self, claim: Callable[[], list[RemoteJob]], types: Sequence[str], wait: float,
                  worker_id: str, client_gone: ClientCheck | None = None,
-                 capabilities: Capabilities | None = None, max_jobs: int = 1) -> Claimed:
+                 capabilities: Capabilities | None = None, max_jobs: int = 1,
+                 marker: int | None = None) -> Claimed:
         """Call ``claim`` whenever the dispatcher says a job of ``types`` that ``capabilities`` meet
         is there, until it returns jobs or ``wait`` seconds have passed. Turned away at once
         (``host_full``) when the process already has its most waiters. With ``client_gone``, the
         wait ends (claiming nothing) as soon as the caller hangs up; it is asked before every claim."""
         result = Claimed()
-        waiter = self._register(types, capabilities, max_jobs, client_gone)
+        waiter = self._register(types, capabilities, max_jobs, client_gone, marker)
         if waiter is None:
             log.warning("poll.waiters_full", worker_id=worker_id, max_waiters=self.max_waiters)
             self.on_full()
@@ -140,7 +147,10 @@ class LongPolls:
     # -- the registry ----------------------------------------------------------------------------
 
     def _register(self, types: Iterable[str], capabilities: Capabilities | None, max_jobs: int,
-                  client_gone: ClientCheck | None) -> _Waiter | None:
+                  client_gone: ClientCheck | None, marker: int | None) -> _Waiter | None:
+        """The new waiter, in the registry (None: the process has its most). The dispatcher looks
+        for it unless nothing changed since its claim (``marker``) and it waits only for types
+        the dispatcher's last look covered (whose timer then holds for it too)."""
         fileno = getattr(client_gone, "fileno", None)
         with self._lock:
             if len(self._waiters) >= self.max_waiters:
@@ -149,8 +159,10 @@ class LongPolls:
             waiter = _Waiter(next(self._seq), frozenset(types), capabilities, max(max_jobs, 1), client_gone,
                              fileno() if fileno is not None else None)
             self._waiters[waiter.seq] = waiter
-            self._dirty = True  # a job may have come between its claim and now: look
             self._has_waiters.set()
+            if marker is not None and marker == self.store.change_marker() and waiter.types <= self._looked:
+                return waiter
+            self._dirty = True  # a job may have come between its claim and now: look
         self._poke()
         return waiter
 
@@ -159,6 +171,7 @@ class LongPolls:
             del self._waiters[waiter.seq]
             if not self._waiters:
                 self._has_waiters.clear()
+                self._looked = frozenset()  # no look covers what changes while nobody waits
             if waiter.woken:  # woken, then left (claimed, or its caller went): what it did not take is free
                 self._dirty = True
             else:
@@ -250,8 +263,10 @@ class LongPolls:
             self._dirty = False
             timers.next_sweep = now + SWEEP_SECONDS
             epoch = self._epoch
-            types = set().union(*(w.types for w in self._waiters.values()))
+            types = frozenset().union(*(w.types for w in self._waiters.values()))
         available = self.store.availability(types, self.clock(), self._route())
+        with self._lock:
+            self._looked = types if self._waiters else frozenset()
         self.looks += 1
         if available.next_at is not None:
             timers.next_at = now + max((available.next_at - self.clock()).total_seconds(), 0.0)

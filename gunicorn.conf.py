@@ -28,8 +28,8 @@ thousand workers long-polling one host:
 - an idle waiting poll costs a sleeping thread (about 45 KiB of RSS: 2 processes with 1,000 waiting
   used 165 MiB in all, 121 MiB before) and no wake-ups of its own: one dispatcher thread per process
   watches every waiter's socket for a hang-up (select.poll) and wakes only as many waiters as there
-  are jobs they can take (service/polling.py). 1,000 idle waiters cost the host about 2% of a core
-  (README, "Performance"); the rate of short requests is bounded by the job store (its lock and
+  are jobs they can take (service/polling.py). 1,000 idle waiters cost the host about 10% of a core,
+  most of it their re-polls every 20 s (README, "Performance"); the rate of short requests is bounded by the job store (its lock and
   fsyncs) and by CPU, not by the thread count.
 Raise GUNICORN_THREADS (and with it the waiter cap) with the number of workers that long-poll.
 

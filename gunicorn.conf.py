@@ -10,19 +10,27 @@ THREADS threads; the app lets at most POLL_MAX_WAITERS of them wait in long poll
 requests and downloads always find one. gthread answers gunicorn's liveness check from its main
 loop, so a long request never looks like a hung worker.
 
-Capacity (defaults: WEB_CONCURRENCY processes x GUNICORN_THREADS=128 threads):
+Capacity (defaults: WEB_CONCURRENCY processes x GUNICORN_THREADS=1056 threads), sized for a
+thousand workers long-polling one host:
 - each process runs at most GUNICORN_THREADS requests at once; of these, at most
-  MORAG_REMOTE_POLL_MAX_WAITERS (default here: threads - POLL_RESERVED_THREADS = 96) may be long
+  MORAG_REMOTE_POLL_MAX_WAITERS (default here: threads - POLL_RESERVED_THREADS = 1024) may be long
   polls that wait, so at least 32 threads per process are always free for everything else (creates,
   results, heartbeats, downloads, status); a long poll beyond the cap does not wait: it answers at
-  once, empty (logged as ``poll.waiters_full``), and the worker polls again after its interval;
-- so 2 processes hold up to 192 waiting long polls (100 idle workers with room to spare: the kernel
-  does not spread connections evenly between processes) and serve 64 short requests at once; more
-  connections than threads queue in the process that accepted them (gthread accepts up to
-  worker_connections, 1000) and are served as threads come free;
-- an idle waiting poll costs a sleeping thread (its stack is reserved, little of it touched) and a
-  short check every 2 s; the rate of short requests is bounded by the job store (its lock and
-  fsyncs) and by CPU, not by the thread count (README, "Performance").
+  once, empty, with ``X-Poll-Host-Full: true`` (logged as ``poll.waiters_full``, counted in
+  ``morag_remote_poll_host_full_total``), and the project's worker backs off before it polls again;
+- one process alone holds 1,024 waiting polls because the kernel does not spread connections
+  between processes: they share one listening socket and whichever process is awake first accepts
+  (measured: 1,000 long-polling connections on 2 processes landed 1,000 / 0). So 1,000 workers all
+  wait however they land, and short requests still find a thread in each process;
+- worker_connections (connections a process keeps open, idle keep-alive ones included) is the
+  thread count plus 128, and the open-file limit is raised to fit it (the soft limit up to the
+  hard one: a common default of 1,024 files would refuse connections first);
+- an idle waiting poll costs a sleeping thread (about 45 KiB of RSS: 2 processes with 1,000 waiting
+  used 165 MiB in all, 121 MiB before) and no wake-ups of its own: one dispatcher thread per process
+  watches every waiter's socket for a hang-up (select.poll) and wakes only as many waiters as there
+  are jobs they can take (service/polling.py). 1,000 idle waiters cost the host about 10% of a core,
+  most of it their re-polls every 20 s (README, "Performance"); the rate of short requests is bounded by the job store (its lock and
+  fsyncs) and by CPU, not by the thread count.
 Raise GUNICORN_THREADS (and with it the waiter cap) with the number of workers that long-poll.
 
 Worker count: WEB_CONCURRENCY, else one process per core (at least 2, so one process rebuilding
@@ -55,6 +63,7 @@ reads it once, on import); the directory is made (0700) and emptied when gunicor
 again when it exits, and a dead worker's files are marked in ``child_exit``.
 """
 import os
+import resource
 
 from morag_remote import metrics_location
 from morag_remote.cpu_placement import post_fork, pre_fork  # noqa: F401 (gunicorn hooks)
@@ -78,10 +87,23 @@ os.environ.setdefault("MORAG_REMOTE_REQUEST_LOG", "false")
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY") or max(os.cpu_count() or 1, 2))
 worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "128"))
+threads = int(os.environ.get("GUNICORN_THREADS", "1056"))
 POLL_RESERVED_THREADS = 32  # threads per process that long polls may never take
 # The app reads its waiter cap from the environment; derive it from the thread count unless set.
 os.environ.setdefault("MORAG_REMOTE_POLL_MAX_WAITERS", str(max(threads - POLL_RESERVED_THREADS, 1)))
+worker_connections = threads + 128  # every thread busy, and idle keep-alive connections still accepted
+
+
+def _raise_open_files(needed: int) -> None:
+    """The soft open-file limit up to ``needed`` (connections and every worker's files), within the
+    hard limit; the workers inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+_raise_open_files(worker_connections + 1024)
 timeout = 60            # a worker whose main loop is silent this long is restarted
 # On SIGTERM/HUP, requests in flight get this long: more than the longest long poll (20 s); a
 # download still running after it is cut, and the worker resumes it with a Range request.

@@ -16,11 +16,11 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from . import files, floor, pg, report, scenarios, slow_clients, worker
+from . import files, floor, pg, report, scenarios, slow_clients, waiters, worker
 from .server import REPO, Instance
 
 
-SCENARIOS = ("raw", "claims", "cycles", "floor", "pickup", "idle", "restart", "worker", "slow", "files")
+SCENARIOS = ("raw", "claims", "cycles", "floor", "pickup", "idle", "waiters", "restart", "worker", "slow", "files")
 DEPTHS = [("100", {"audio": 100}), ("10000", {"audio": 10_000}), ("50000", {"audio": 50_000}),
           ("10000-other", {"video": 10_000, "audio": 100}),
           # routing: a worker with 24 GB, 10,000 pending jobs it cannot take (they need 80 GB) in front
@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             step("idle long polls")
             results["idle"] = scenarios.idle_cpu(instance, pollers=10 if q else 100, seconds=2 if q else 20,
                                                  wait=3 if q else 20)
+        if "waiters" in only:
+            step("1,000 long-polling workers on one host")
+            results["waiters"] = waiters.thousand_waiters(
+                instance, **({"pollers": 50, "jobs": 5, "idle_seconds": 2} if q else {}))
         if "restart" in only:
             step("write stall while a worker restarts")
             results["restart"] = scenarios.restart_stall(instance, jobs=500 if q else 50_000)

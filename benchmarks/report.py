@@ -57,6 +57,17 @@ def checks(r: dict[str, Any]) -> list[dict[str, Any]]:
                      r["worker"]["create_to_handler_start"]["median_ms"], "<= 50", lambda v: v is not None and v <= 50))
     if "idle" in r:
         rows.append(("100 idle long polls, % of one core", r["idle"]["percent_of_one_core"], "< 5", lambda v: v < 5))
+    if "waiters" in r:
+        wt = r["waiters"]
+        n = f"{wt['pollers']:,}"
+        rows += [
+            (f"{n} waiting polls: turned away", wt["turned_away"], "0", lambda v: v == 0),
+            (f"{n} idle waiting polls, % of one core", wt["idle_percent_of_one_core"], "<= 10", lambda v: v <= 10),
+            (f"pick-up among {n} waiting, median (ms)", wt["pickup"]["median_ms"], "<= 50",
+             lambda v: v is not None and v <= 50),
+            (f"pick-up among {n} waiting, p99 (ms)", wt["pickup"]["p99_ms"], "<= 200",
+             lambda v: v is not None and v <= 200),
+        ]
     if "cycles" in r:
         cyc = r["cycles"]
         if "raw_store" in r:
@@ -110,6 +121,8 @@ def total_errors(r: dict[str, Any]) -> int:
         n += r["idle"]["errors"] + r["idle"]["returned_early"]
     if "restart" in r:
         n += r["restart"]["errors"]
+    if "waiters" in r:
+        n += r["waiters"]["errors"] + r["waiters"]["missed"]
     if "floor" in r:
         n += r["floor"]["errors"]
     if "worker" in r:
@@ -185,6 +198,14 @@ def table(r: dict[str, Any]) -> str:
         lines.append(f"{idle['pollers']} idle long polls for {idle['seconds']} s: {idle['cpu_seconds']} CPU s = "
                      f"{idle['percent_of_one_core']}% of one core ({idle['returned_early']} returned early; "
                      f"all released in {idle['release_all_seconds']} s)")
+    if "waiters" in r:
+        wt = r["waiters"]
+        lines.append(f"{wt['pollers']:,} waiting long polls ({wt['server']['workers']} processes, threads per process "
+                     f"{wt['worker_threads']}): idle {wt['idle_percent_of_one_core']}% of one core over "
+                     f"{wt['idle_seconds']} s, turned away {wt['turned_away']}, RSS {wt['rss_mib']['started']} -> "
+                     f"{wt['rss_mib']['waiting']} MiB; pick-up over {wt['pickup']['n']} jobs median "
+                     f"{wt['pickup']['median_ms']} ms, p99 {wt['pickup']['p99_ms']} ms; "
+                     f"{wt['wakeups_per_job']} waiters woken per job ({wt['missed']} missed, {wt['errors']} errors)")
     if "restart" in r:
         rs = r["restart"]
         lines.append(f"a worker restart at {rs['jobs']:,} jobs ({rs['restart_seconds']} s until it had built its "

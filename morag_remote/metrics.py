@@ -122,6 +122,11 @@ class JobCounters:
                                     registry=registry)
         self.artifact_bytes = Counter(f"{PREFIX}_artifact_bytes", "Bytes of result artifacts stored.",
                                       registry=registry)
+        self.poll_wakeups = Counter(f"{PREFIX}_poll_wakeups", "Waiting long polls woken to claim (about one "
+                                    "per claimable job and process that has a waiter for it).", registry=registry)
+        self.poll_host_full = Counter(f"{PREFIX}_poll_host_full", "Long polls answered at once, empty, because "
+                                      "their process already had its most waiters (X-Poll-Host-Full).",
+                                      registry=registry)
         self.duration = Histogram(f"{PREFIX}_job_duration_seconds",
                                   "Time from the claim to the success result of an attempt.",
                                   ["content_type"], buckets=DURATION_BUCKETS, registry=registry)
@@ -275,7 +280,10 @@ def multiprocess_dir() -> str | None:
 def init_metrics(app: Flask) -> MetricsExporter:
     """Build this app's exporter and register its counters on the service as an observer."""
     exporter = MetricsExporter(tuple(app.config["CONTENT_TYPES"]), multiprocess_dir())
-    app.extensions[SERVICE].hooks.observers.append(JobMetrics(exporter.counters))
+    service = app.extensions[SERVICE]
+    service.hooks.observers.append(JobMetrics(exporter.counters))
+    service.polls.on_wake = exporter.counters.poll_wakeups.inc
+    service.polls.on_full = exporter.counters.poll_host_full.inc
     if UPLOADS in app.extensions:
         app.extensions[UPLOADS].count_bytes = exporter.counters.upload_bytes.inc
         app.extensions[ARTIFACTS].count_bytes = exporter.counters.artifact_bytes.inc

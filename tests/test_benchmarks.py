@@ -95,6 +95,17 @@ def test_the_worker_scenario_runs_the_command_and_times_its_pickups(tmp_path: Pa
     assert any(c["check"].startswith("worker: create to handler start") for c in results["checks"])
 
 
+def test_the_waiters_scenario_keeps_every_poll_waiting_and_counts_the_wake_ups(tmp_path: Path) -> None:
+    stdout, results = run_quick(tmp_path, "", "--only", "waiters")
+
+    figures = results["waiters"]
+    assert figures["pollers"] == 50 and figures["turned_away"] == 0 and figures["errors"] == 0
+    assert figures["missed"] == 0 and figures["pickup"]["n"] == 5
+    assert figures["wakeups"] >= 5 and figures["rss_mib"]["waiting"] > 0
+    assert "50 waiting long polls" in stdout
+    assert any(c["check"] == "50 waiting polls: turned away" and c["ok"] for c in results["checks"])
+
+
 def test_the_slow_client_scenario_counts_connections_and_closes_them(tmp_path: Path) -> None:
     stdout, results = run_quick(tmp_path, "", "--only", "slow")
     figures = results["slow_clients"]

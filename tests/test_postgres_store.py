@@ -90,7 +90,7 @@ def _wakes_on_a_create_elsewhere(store, other_host) -> list[bool]:
     ready, woke = threading.Event(), []
 
     def waiter() -> None:
-        store.has_available(["audio"], NOW)
+        store.availability(["audio"], NOW)
         ready.set()
         woke.append(store.wait_for_change(60))
 

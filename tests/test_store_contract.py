@@ -11,7 +11,8 @@ import pytest
 
 from morag_remote.exceptions import JobNotFound, LeaseConflict
 from morag_remote.models import RemoteJob, new_job_id
-from morag_remote.store.base import JobFilter
+from morag_remote.routing import Requirements
+from morag_remote.store.base import Availability, Claimable, ClaimRoute, JobFilter, TypeControl
 from morag_remote.store.files.jobs import FileJobStore
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
@@ -293,15 +294,36 @@ def test_stats_counts_by_status_and_type_with_oldest_pending_and_workers(repo):
     assert stats.worker_last_seen == {"w7": NOW}
 
 
-def test_has_available_and_next_available_at_follow_backoff(repo):
-    assert not repo.has_available(["audio"], NOW)
-    assert repo.next_available_at(["audio"]) is None
+def test_availability_counts_what_a_claim_could_take_per_type_and_requirement_set(repo):
+    assert repo.availability(["audio"], NOW) == Availability()
     delayed = repo.create(job(available_at=NOW + timedelta(seconds=30)))
     repo.create(job("video", available_at=NOW + timedelta(seconds=5)))
-    assert not repo.has_available(["audio"], NOW)
-    assert repo.next_available_at(["audio"]) == delayed.available_at
-    assert repo.has_available(["audio"], NOW + timedelta(seconds=30))
-    assert repo.next_available_at(["audio", "video"]) == NOW + timedelta(seconds=5)
+    assert repo.availability(["audio"], NOW) == Availability((), delayed.available_at)
+    assert repo.availability(["audio", "video"], NOW).next_at == NOW + timedelta(seconds=5)
+    gpu = Requirements.parse({"labels": ["gpu"]})
+    for _ in range(2):
+        repo.create(job(requires=gpu.to_dict()))
+    repo.create(job("document"))
+    later = repo.availability(["audio", "video", "document"], NOW + timedelta(seconds=30))
+    assert sorted(later.ready, key=lambda c: (c.content_type, c.requirements is not None)) == [
+        Claimable("audio", None, 1), Claimable("audio", gpu, 2), Claimable("document", None, 1),
+        Claimable("video", None, 1)]
+    assert later.next_at is None and not later.lapsed
+
+
+def test_availability_leaves_paused_types_out_and_caps_limited_ones_by_their_room(repo):
+    for _ in range(3):
+        repo.create(job("audio"))
+        repo.create(job("video"))
+    repo.claim(["audio"], 1, NOW, claim_as("w", lease=10))
+    repo.set_control("video", lambda c: TypeControl(c.content_type, paused=True), NOW)
+    route = ClaimRoute(limits={"audio": 2})
+    available = repo.availability(["audio", "video"], NOW, route)
+    assert available.ready == (Claimable("audio", None, 1),)  # 2 pending, room for one more processing
+    assert available.next_at == NOW + timedelta(seconds=10) and not available.lapsed  # the lease's end
+    assert repo.availability(["audio"], NOW, ClaimRoute(limits={"audio": 1})).ready == ()
+    lapsed = repo.availability(["audio"], NOW + timedelta(seconds=11))
+    assert lapsed.lapsed and lapsed.next_at is None
 
 
 def test_put_stores_a_new_job_at_its_version_and_replaces_an_old_one(repo):
@@ -336,7 +358,7 @@ def test_wait_for_change_wakes_when_another_thread_creates_a_job(repo):
     woke = []
 
     def waiter() -> None:
-        repo.has_available(["audio"], NOW)
+        repo.availability(["audio"], NOW)
         ready.set()
         woke.append(repo.wait_for_change(60))
 

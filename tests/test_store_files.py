@@ -193,9 +193,9 @@ def test_claim_never_takes_more_than_the_limit(store, data_dir):
 def test_claim_skips_jobs_not_yet_available(store):
     later = store.create(make_job(available_at=T0 + timedelta(seconds=30)))
     assert store.claim(["audio"], 1, T0, claim_as("w")) == []
-    assert store.next_available_at(["audio"]) == T0 + timedelta(seconds=30)
-    assert not store.has_available(["audio"], T0)
-    assert store.has_available(["audio"], T0 + timedelta(seconds=30))
+    assert store.availability(["audio"], T0).next_at == T0 + timedelta(seconds=30)
+    assert store.availability(["audio"], T0).ready == ()
+    assert store.availability(["audio"], T0 + timedelta(seconds=30)).ready[0].count == 1
     assert [j.id for j in store.claim(["audio"], 1, T0 + timedelta(seconds=31), claim_as("w"))] == [later.id]
 
 

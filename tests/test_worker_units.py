@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import structlog
 
-from morag_remote.client import ClaimedJob, Client, ConfigError, InvalidRequest, RetryPolicy
+from morag_remote.client import ClaimedJob, ClaimedJobs, Client, ConfigError, InvalidRequest, RetryPolicy
 from morag_remote.worker.handlers import HandlerError, HandlerProcess, Outcome
 from support.loopback import answer
 from morag_remote.client.download import attachment_name, expected_sha256
@@ -183,7 +183,7 @@ def test_backoff_survives_any_number_of_retries():
 
 def test_an_unexpected_error_in_a_poll_is_logged_and_the_loop_goes_on(tmp_path, fast_backoff):
     worker = make_worker(tmp_path)
-    answers: list[Any] = [OverflowError("int too large"), ValueError("not JSON"), []]
+    answers: list[Any] = [OverflowError("int too large"), ValueError("not JSON"), ClaimedJobs()]
 
     def poll(*args, **kwargs):
         answer = answers.pop(0)
@@ -375,7 +375,7 @@ def refusing(worker: Worker, field: str, then: int = 1):
             raise InvalidRequest("POST", "/api/v1/remote-jobs/poll", 422,
                                  {"detail": "invalid", "errors": {field: ["Must be less than or equal to 5."]}})
         worker.draining.set()
-        return []
+        return ClaimedJobs()
     worker.poll_client.poll = poll
     return calls
 
@@ -404,7 +404,7 @@ def test_short_polls_do_not_spin(tmp_path, fast_backoff):
 
     def poll(*args, **kwargs):
         calls.append(kwargs)
-        return []
+        return ClaimedJobs()
     worker.poll_client.poll = poll
     threading.Timer(0.5, worker.draining.set).start()
     worker._poll_loop()

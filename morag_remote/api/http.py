@@ -160,25 +160,33 @@ def respond(obj: Any, status: int | None = None) -> Response:
                                       mimetype="application/json")
 
 
-def client_gone() -> Callable[[], bool] | None:
+def client_gone() -> "ClientConnection | None":
     """A check of whether the caller of this request has hung up, or None where the server does not
-    give the connection to the app (gunicorn does: ``gunicorn.socket``). A peek that reads end of
-    file (or a reset) means gone; pending bytes (a pipelined request) or none yet mean still there."""
+    give the connection to the app (gunicorn does: ``gunicorn.socket``)."""
     sock = request.environ.get("gunicorn.socket")
-    if sock is None:
-        return None
+    return None if sock is None else ClientConnection(sock)
 
-    def gone() -> bool:
+
+class ClientConnection:
+    """Called: whether the caller hung up. A peek that reads end of file (or a reset) means gone;
+    pending bytes (a pipelined request) or none yet mean still there. ``fileno``: the socket, for
+    the long polls to watch for a hang-up (``service/polling.py``) instead of asking."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def __call__(self) -> bool:
         try:
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except (BlockingIOError, InterruptedError):
             return False
         except ValueError:  # a TLS socket takes no flags: cannot tell, so assume it is there
             return False
         except OSError:
             return True
-
-    return gone
 
 
 def respond_file(fh: BinaryIO, size: int, mtime: float, name: str, *, etag: str | None = None,

@@ -40,6 +40,13 @@ _FILE_HEADERS = {
     "Last-Modified": {"description": "When the source file last changed.", "required": True,
                       "schema": {"type": "string"}},
 }
+HOST_FULL_HEADER = "X-Poll-Host-Full"
+_POLL_HEADERS = {
+    HOST_FULL_HEADER: {"description": "`true` when nothing was claimed and the poll could not wait: the "
+                                      "server process that took it already has its most waiting long "
+                                      "polls. Back off (a few seconds, with jitter) before polling again.",
+                       "required": False, "schema": {"type": "string", "enum": ["true"]}},
+}
 _CONTENT_RANGE = {"description": "The bytes sent, as `bytes first-last/length`.", "required": True,
                   "schema": {"type": "string", "pattern": r"^bytes \d+-\d+/\d+$"}}
 
@@ -113,9 +120,11 @@ def _no_head_poll() -> None:
 @bp.route("/poll", methods=["GET", "POST"])
 @documented(
     "Claim jobs (a worker's poll)", tag=WORKERS, query=poll_request, body=poll_request,
-    response=schemas.PollResponse,
+    response=schemas.PollResponse, success_headers=_POLL_HEADERS,
     description="The single-job fields are null when nothing was claimed; `jobs` lists every job "
-                "claimed. `wait` long-polls up to that many seconds. GET takes a query string, "
+                "claimed. `wait` long-polls up to that many seconds; a poll that cannot wait because "
+                f"the server process has its most waiters answers at once with `{HOST_FULL_HEADER}: true`. "
+                "GET takes a query string, "
                 "POST a JSON body; a key bound to a worker id may poll only as that id (403). "
                 "`capabilities` (POST: `{labels, resources}`; GET: `labels=a,b&resources=name:number`) "
                 "say what the worker offers: a job with `requires` is claimed only by a poll whose "
@@ -130,14 +139,17 @@ def poll() -> Response:
         raise Forbidden(f"this key may only poll as worker {bound!r}")
     g.worker_id = data["worker_id"]
     workers().seen(data["worker_id"], data["content_types"], data["worker"])
-    jobs = [_claimed(j) for j in service().poll(data["worker_id"], data["content_types"],
-                                                data["max_jobs"], data["wait"], client_gone(),
-                                                capabilities=data["capabilities"])]
+    claimed = service().poll(data["worker_id"], data["content_types"], data["max_jobs"], data["wait"],
+                             client_gone(), capabilities=data["capabilities"])
+    jobs = [_claimed(j) for j in claimed]
     first = jobs[0] if jobs else {}
     body = {"job_id": first.get("id"), "source_file_url": first.get("source_file_url"),
             "content_type": first.get("content_type"), "task_options": first.get("task_options"),
             "jobs": jobs}
-    return respond(body)
+    response = respond(body)
+    if claimed.host_full:
+        response.headers[HOST_FULL_HEADER] = "true"
+    return response
 
 
 @bp.get("/<job_id>/download")

@@ -13,10 +13,10 @@ from .errors import (ApiError, BadRequest, ClientError, ConfigError, Conflict, C
                      DownloadStopped, Forbidden, InvalidRequest, LeaseLost, NotFound, PayloadTooLarge,
                      ReleaseUnsupported, ServerError, ServiceUnavailable, Unauthorized, WaitTimeout)
 from .http import RetryPolicy
-from .models import TERMINAL_STATUSES, ClaimedJob, CreatedJob, Download, Heartbeat, Job, JobPage, JobStatus, ResultAnswer
+from .models import TERMINAL_STATUSES, ClaimedJob, ClaimedJobs, CreatedJob, Download, Heartbeat, Job, JobPage, JobStatus, ResultAnswer
 
 __all__ = ["Client", "RetryPolicy", "RESULT_RETRY", "result_body", "TERMINAL_STATUSES",
-           "ClaimedJob", "CreatedJob", "Download", "Heartbeat", "Job", "JobPage", "JobStatus", "ResultAnswer",
+           "ClaimedJob", "ClaimedJobs", "CreatedJob", "Download", "Heartbeat", "Job", "JobPage", "JobStatus", "ResultAnswer",
            "ApiError", "BadRequest", "ClientError", "ConfigError", "Conflict", "ConnectionFailed", "DownloadError",
            "DownloadStopped", "Forbidden", "InvalidRequest", "LeaseLost", "NotFound", "PayloadTooLarge",
            "ReleaseUnsupported", "ServerError", "ServiceUnavailable", "Unauthorized", "WaitTimeout"]

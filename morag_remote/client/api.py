@@ -9,8 +9,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .download import download as _download
 from .errors import ApiError, DownloadError, LeaseLost, ReleaseUnsupported, WaitTimeout
-from .http import RESULT_RETRY_STATUSES, RetryPolicy, Transport
-from .models import (TERMINAL_STATUSES, ClaimedJob, CreatedJob, Download, Heartbeat, Job, JobPage, JobStatus, ResultAnswer,
+from .http import HOST_FULL_HEADER, RESULT_RETRY_STATUSES, RetryPolicy, Transport
+from .models import (TERMINAL_STATUSES, ClaimedJob, ClaimedJobs, CreatedJob, Download, Heartbeat, Job, JobPage, JobStatus, ResultAnswer,
                      parse_http_date, parse_time)
 
 API = "/api/v1/remote-jobs"
@@ -158,13 +158,14 @@ class Client:
 
     def poll(self, worker_id: str, content_types: Iterable[str], *, max_jobs: int = 1, wait: float = 0.0,
              worker: Mapping[str, Any] | None = None, stop: threading.Event | None = None,
-             capabilities: Mapping[str, Any] | None = None) -> list[ClaimedJob]:
+             capabilities: Mapping[str, Any] | None = None) -> ClaimedJobs:
         """Claim up to ``max_jobs`` jobs, waiting up to ``wait`` seconds for one (a long poll).
 
         ``worker`` is the optional metadata (hostname, version, concurrency, labels) a server with the
         workers registry keeps; a server without it answers 422 naming the field. Only failures
         before the request was sent are retried: a poll resent after a lost answer would claim
-        again, and the jobs of the lost answer come back when their leases lapse.
+        again, and the jobs of the lost answer come back when their leases lapse. ``host_full``
+        on the answer: the server could not let this poll wait (see :class:`ClaimedJobs`).
         """
         body: dict[str, Any] = {"worker_id": worker_id, "content_types": list(content_types),
                                 "max_jobs": max_jobs, "wait": wait}
@@ -176,7 +177,9 @@ class Client:
                                           resend=False, stop=stop)
         data = response.json()
         date = parse_http_date(response.headers.get("date"))
-        return [ClaimedJob.from_json(j, server_date=date) for j in data.get("jobs") or []]
+        jobs = ClaimedJobs(ClaimedJob.from_json(j, server_date=date) for j in data.get("jobs") or [])
+        jobs.host_full = response.headers.get(HOST_FULL_HEADER.lower()) == "true"
+        return jobs
 
     def download(self, job: ClaimedJob | str, dest: str, *, lease_id: str | None = None,
                  stop: threading.Event | None = None, on_bytes: Callable[[int], None] | None = None) -> Download:

@@ -37,6 +37,9 @@ RESULT_RETRY_STATUSES = frozenset({429, *range(500, 600)}) - {501, 505}
 MAX_ERROR_BODY = 64 * 1024
 
 
+HOST_FULL_HEADER = "X-Poll-Host-Full"  # a poll the server could not let wait (its process had its most waiters)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How often and how long to retry a transient failure.

@@ -61,6 +61,14 @@ class ClaimedJob:
                    source_size=data.get("source_size"), source_sha256=data.get("source_sha256"))
 
 
+
+class ClaimedJobs(list):
+    """A poll's jobs (a list of :class:`ClaimedJob`). ``host_full``: none, and the poll could not wait
+    because the server process that took it already had its most waiting polls (the answer's
+    ``X-Poll-Host-Full: true``): back off before polling again instead of polling at once."""
+
+    host_full: bool = False
+
 @dataclass(frozen=True)
 class Job:
     """A job as ``GET /<id>`` (with ``result_data``), the list, cancel and retry describe it."""

@@ -28,7 +28,7 @@ from ..sources import SourceDigests, confine, describe, open_source, sha256_file
 from ..store.base import ClaimRoute, JobFilter, JobRepository, NoChange, StoreStats, TypeControl, pure
 from .estimates import Estimates
 from .hooks import Hooks
-from .polling import LongPolls
+from .polling import Claimed, ClientCheck, LongPolls
 
 log = structlog.get_logger(__name__)
 
@@ -63,7 +63,8 @@ class JobService:
         self.clock = clock
         self.rng = rng
         self.hooks = Hooks()
-        self.polls = LongPolls(store, settings.poll_max_waiters, clock=lambda: self.clock())
+        self.polls = LongPolls(store, settings.poll_max_waiters, clock=lambda: self.clock(),
+                               route=lambda: ClaimRoute(None, self.settings.max_processing))
         self.estimates = Estimates(store, settings, clock=lambda: self.clock())
         # a finished upload's id -> what a job made from it records (``uploads.Uploads.source_of``)
         self.upload_sources: Callable[[str], dict[str, Any]] | None = None
@@ -254,8 +255,8 @@ class JobService:
     # -- workers ---------------------------------------------------------------------------------
 
     def poll(self, worker_id: str, content_types: Iterable[str], max_jobs: int = 1,
-             wait: float = 0.0, client_gone: Callable[[], bool] | None = None,
-             capabilities: Capabilities | None = None) -> list[RemoteJob]:
+             wait: float = 0.0, client_gone: ClientCheck | None = None,
+             capabilities: Capabilities | None = None) -> Claimed:
         """Claim up to ``max_jobs`` jobs; with ``wait``, block until one can be claimed or time is up.
 
         Lapsed leases are handled first (a bounded number per poll), so no cron job is needed for
@@ -263,20 +264,21 @@ class JobService:
         long poll whose caller hung up stops waiting, and jobs claimed for a caller that is gone by
         the time they are claimed are handed back at once (:meth:`release`, no attempt counted).
         ``capabilities``: what the worker offers (routing.py); without them it takes only jobs
-        that require nothing.
+        that require nothing. ``host_full`` on the answer: nothing claimed, and the poll could not
+        wait because the process has its most waiters (polling.py).
         """
         types = list(dict.fromkeys(content_types))
         marker = self.polls.marker()
-        jobs = self._claim(worker_id, types, max_jobs, capabilities)
+        jobs = Claimed(self._claim(worker_id, types, max_jobs, capabilities))
         if not jobs and wait > 0:
             jobs = self.polls.wait_for(lambda: self._claim(worker_id, types, max_jobs, capabilities), types,
-                                       wait, marker, worker_id, client_gone)
+                                       wait, worker_id, client_gone, capabilities, max_jobs, marker)
         if jobs and client_gone is not None and client_gone():
             log.warning("poll.undeliverable", worker_id=worker_id, jobs=len(jobs),
                         detail="the caller hung up before the answer: the jobs are handed back")
             for job in jobs:
                 self.release(job.id, Caller(lease_id=job.lease_id))
-            return []
+            return Claimed()
         return jobs
 
     def _claim(self, worker_id: str, types: list[str], max_jobs: int,

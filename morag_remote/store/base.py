@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, BinaryIO, Callable, Collection, Iterable, Iterator, Mapping, Protocol
 
 from ..models import RemoteJob
-from ..routing import Capabilities
+from ..routing import Capabilities, Requirements
 
 if TYPE_CHECKING:
     from ..auth import ApiKey
@@ -103,6 +103,31 @@ class ClaimRoute:
         return self.limits.get(content_type)
 
 
+@dataclass(frozen=True)
+class Claimable:
+    """``count`` pending jobs of ``content_type`` needing ``requirements`` (None: nothing) that a
+    claim could take now: the type is not paused and below its limit (the count is capped by the
+    room left), the jobs are available. ``count`` may be higher than a claim would find (jobs past
+    their ``expires_at``, one type's room shared by its requirement sets): it says how many long
+    polls are worth waking, and waking one too many costs a claim, one too few a lost wake-up."""
+
+    content_type: str
+    requirements: Requirements | None
+    count: int
+
+
+@dataclass(frozen=True)
+class Availability:
+    """What waiting long polls of some content types could claim now (:meth:`JobRepository.availability`):
+    the claimable jobs per type and requirement set, when that may next change without a write
+    (``next_at``: the first delayed job of those types becomes available, or the first lease ends),
+    and whether a lease has already lapsed (a claim hands such jobs back before it claims)."""
+
+    ready: tuple[Claimable, ...] = ()
+    next_at: datetime | None = None
+    lapsed: bool = False
+
+
 class JobRepository(Protocol):
     def create(self, job: RemoteJob) -> RemoteJob:
         """Store a new job; its id must be new."""
@@ -162,11 +187,11 @@ class JobRepository(Protocol):
     def stats(self) -> StoreStats:
         """Counts by (status, content type), the oldest pending job and when each worker was last seen."""
 
-    def has_available(self, content_types: Iterable[str], now: datetime) -> bool:
-        """Whether a claim for these content types would find a job now (cheap, no lock held long)."""
-
-    def next_available_at(self, content_types: Iterable[str]) -> datetime | None:
-        """When the earliest delayed pending job of these types becomes available."""
+    def availability(self, content_types: Iterable[str], now: datetime,
+                     route: ClaimRoute | None = None) -> Availability:
+        """What a claim for these types could take at ``now`` (``route``'s limits applied; its
+        capabilities are not: each :class:`Claimable` names its requirements), for the long polls
+        to wake as many waiters per type as there are jobs (one read, no lock held long)."""
 
     def change_marker(self) -> int | None:
         """A value that moves whenever this process learns of a change, for

@@ -35,6 +35,9 @@ EX_TEMPFAIL = 75  # sysexits.h: results are left in the state folder for the nex
 EX_CONFIG = 2
 HANDBACK_RETRY = RetryPolicy(attempts=5, base=0.25, cap=2.0)
 POLL_BACKOFF = RetryPolicy(attempts=None, base=0.5, cap=15.0)
+# a poll answered X-Poll-Host-Full: the server had no room to let it wait; a random 1-30 s (doubling
+# while it stays full) so that the workers it turned away together do not come back together
+HOST_FULL_BACKOFF = RetryPolicy(attempts=None, base=2.0, cap=30.0)
 MIN_HEARTBEAT = 0.1
 MIN_LEASE = 1.0  # the least lease a heartbeat interval assumes is left (a third of it)
 MIN_POLL_INTERVAL = 1.0  # between the starts of two polls answered empty (a --poll-wait 0 short poll)
@@ -215,7 +218,7 @@ class Worker:
         """Poll until the drain. An unexpected error (a bug, an answer that is not JSON) is
         logged and backed off like a failed poll, and the loop goes on: a worker whose poll
         thread died would stay up doing nothing, which systemd cannot see."""
-        failures = early = 0
+        failures = early = full = 0
         while not self.draining.is_set():
             free = self._free_slots()
             if self.draining.is_set() or free <= 0:
@@ -253,8 +256,16 @@ class Worker:
             for job in claimed:
                 self._start(job, hand_back=self.draining.is_set())
             if claimed:
-                early = 0
+                early = full = 0
                 continue
+            if claimed.host_full:
+                full += 1
+                delay = HOST_FULL_BACKOFF.delay(full)
+                self.log.info("poll.host_full", times=full, retry_in_s=round(delay, 2),
+                              detail="the server has its most waiting polls: polling again later")
+                self.draining.wait(delay)
+                continue
+            full = 0
             elapsed = time.monotonic() - started
             if self.poll_wait > 0 and elapsed < self.poll_wait / 2:
                 early += 1  # answered well before the wait was up: the server is busy or refusing waiters

@@ -192,8 +192,10 @@ class Catalog:
         times = [self._delayed[ct][0][0] for ct in set(content_types) if self._delayed.get(ct)]
         return min(times) if times else None
 
-    def has_available(self, content_types: Iterable[str], now: float) -> bool:
-        return next(self.candidates(content_types, now), None) is not None
+    def ready_counts(self, content_type: str, now: float) -> dict[str | None, int]:
+        """How many jobs of the type are available at ``now``, per requirement key (None: none)."""
+        self._promote({content_type}, now)
+        return {key: len(sl) for key, sl in self._ready.get(content_type, {}).items() if sl}
 
     def lapsed(self, now: float, limit: int) -> list[str]:
         out = []

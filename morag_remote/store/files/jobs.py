@@ -44,7 +44,8 @@ from ...exceptions import JobNotFound, JobUnreadable, StoreUnavailable
 from ...models import STATUSES, RemoteJob, from_iso, to_iso, valid_job_id
 from ...fileio import (TEMP_PREFIX, fsync_dir, read_bytes, read_committed, stage, stage_open,
                      unlink_quietly, write_all, write_atomic)
-from ..base import ClaimRoute, JobFilter, Mutator, StoreStats, TypeControl, is_pure
+from ..base import (Availability, Claimable, ClaimRoute, JobFilter, Mutator, StoreStats, TypeControl,
+                    is_pure)
 from .catalog import Catalog
 from .journal import Journal, JournalDamaged, JournalGap, Position
 from .locks import bounded_lock
@@ -709,13 +710,31 @@ class FileJobStore:
                 worker_last_seen={w: _dt(t) for w, t in self.catalog.worker_seen.items()},
             )
 
-    def has_available(self, content_types: Iterable[str], now: datetime) -> bool:
+    def availability(self, content_types: Iterable[str], now: datetime,
+                     route: ClaimRoute | None = None) -> Availability:
+        """From the catalog, under a shared hold: the counts per type and requirement set, the
+        controls (paused types left out, limited ones capped by their room) as a claim reads them."""
+        route = route or ClaimRoute()
+        ts = now.timestamp()
+        types = set(content_types)
+        ready: list[Claimable] = []
         with self._locked(exclusive=False):
-            return self.catalog.has_available(content_types, now.timestamp())
-
-    def next_available_at(self, content_types: Iterable[str]) -> datetime | None:
-        with self._locked(exclusive=False):
-            return _dt(self.catalog.next_available(content_types))
+            controls = self._read_controls()
+            for ct in sorted(types):
+                control = controls.get(ct)
+                if control is not None and control.paused:
+                    continue
+                most = route.limit_for(ct, control)
+                room = None if most is None else most - self.catalog.count("processing", ct)
+                if room is not None and room <= 0:
+                    continue
+                for key, n in self.catalog.ready_counts(ct, ts).items():
+                    ready.append(Claimable(ct, None if key is None else self.catalog.requirements[key],
+                                           n if room is None else min(n, room)))
+            lease_end = self.catalog.next_lease_end()
+            times = [t for t in (self.catalog.next_available(types), lease_end)
+                     if t is not None and ts < t < float("inf")]
+        return Availability(tuple(ready), _dt(min(times)) if times else None, lapsed=lease_end <= ts)
 
     def iter_all(self) -> Iterator[RemoteJob]:
         for job_id in sorted(self._scan_ids()):

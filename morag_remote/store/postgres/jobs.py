@@ -25,7 +25,7 @@ from psycopg.types.json import Jsonb
 from ...exceptions import InvalidRequest, JobNotFound, StoreUnavailable
 from ...models import ANNOUNCED, RemoteJob, Status, valid_job_id
 from ...routing import Requirements, requirement_key
-from ..base import ClaimRoute, JobFilter, Mutator, StoreStats, TypeControl
+from ..base import Availability, Claimable, ClaimRoute, JobFilter, Mutator, StoreStats, TypeControl
 from .db import Database
 
 _PENDING = Status.PENDING.value
@@ -66,6 +66,28 @@ SELECT j.version, j.doc, j.content_type
            FOR UPDATE SKIP LOCKED) AS j
  ORDER BY j.priority DESC, j.created_at, j.id
  LIMIT %(limit)s
+"""
+# What waiting long polls could claim: per wanted type and requirement set (every row of
+# remote_job_requirements, and '' for none), how many jobs are available now, counted up to %(cap)s
+# (no more waiters than that could be woken) along the claim index; then when the next delayed job
+# becomes available and when the first lease ends.
+_AVAILABLE = """
+SELECT t.content_type, s.key, s.labels, s.minimums, c.n
+  FROM unnest(%(types)s::text[]) AS t(content_type)
+  CROSS JOIN (SELECT ''::text COLLATE "C" AS key, NULL::text[] AS labels, NULL::jsonb AS minimums
+              UNION ALL SELECT key, labels, minimums FROM remote_job_requirements) AS s
+  CROSS JOIN LATERAL (
+        SELECT count(*) AS n FROM (
+            SELECT 1 FROM remote_jobs
+             WHERE status = 'pending' AND content_type = t.content_type AND requires_key = s.key
+               AND available_at <= %(now)s AND (expires_at IS NULL OR expires_at > %(now)s)
+             LIMIT %(cap)s) AS up_to_cap) AS c
+ WHERE c.n > 0
+"""
+_NEXT_AT = """
+SELECT (SELECT min(available_at) FROM remote_jobs
+         WHERE status = 'pending' AND content_type = ANY(%(types)s) AND available_at > %(now)s),
+       (SELECT min(timeout_at) FROM remote_jobs WHERE status = 'processing')
 """
 _CONTROLS = "SELECT content_type, paused, max_processing, updated_at FROM remote_job_types"
 _SET_CONTROL = ("INSERT INTO remote_job_types (content_type, paused, max_processing, updated_at) "
@@ -348,18 +370,38 @@ class PostgresJobStore:
                           oldest_pending_created_at=oldest,
                           worker_last_seen=dict(seen))
 
-    def has_available(self, content_types: Iterable[str], now: datetime) -> bool:
+    def availability(self, content_types: Iterable[str], now: datetime,
+                     route: ClaimRoute | None = None, cap: int = 10_000) -> Availability:
+        """See :class:`~..base.Availability`; each count stops at ``cap``. Marks this thread's
+        changes seen first (:meth:`Database.wait`): a NOTIFY after this read wakes it again."""
+        route = route or ClaimRoute()
+        types = sorted(set(content_types))
         self.db.mark_seen()
-        types = sorted(set(content_types))
         with self.db.transaction() as conn:
-            return conn.execute("SELECT EXISTS (SELECT 1 FROM remote_jobs WHERE status = 'pending' "
-                                "AND content_type = ANY(%s) AND available_at <= %s)", (types, now)).fetchone()[0]
-
-    def next_available_at(self, content_types: Iterable[str]) -> datetime | None:
-        types = sorted(set(content_types))
-        with self.db.transaction() as conn:
-            return conn.execute("SELECT min(available_at) FROM remote_jobs WHERE status = 'pending' "
-                                "AND content_type = ANY(%s)", (types,)).fetchone()[0]
+            controls = {row[0]: TypeControl(*row) for row in
+                        conn.execute(_CONTROLS + " WHERE content_type = ANY(%s)", (types,)).fetchall()}
+            room: dict[str, int | None] = {}
+            for t in types:
+                control = controls.get(t)
+                if not (control is not None and control.paused):
+                    room[t] = route.limit_for(t, control)
+            limited = sorted(t for t, most in room.items() if most is not None)
+            if limited:
+                busy = dict(conn.execute("SELECT content_type, count(*) FROM remote_jobs WHERE status = 'processing' "
+                                         "AND content_type = ANY(%s) GROUP BY content_type", (limited,)).fetchall())
+                for t in limited:
+                    room[t] = room[t] - busy.get(t, 0)
+            wanted = sorted(t for t, left in room.items() if left is None or left > 0)
+            rows = conn.execute(_AVAILABLE, {"types": wanted, "now": now, "cap": cap}).fetchall() if wanted else []
+            next_available, lease_end = conn.execute(_NEXT_AT, {"types": types, "now": now}).fetchone()
+        ready = []
+        for content_type, key, labels, minimums, n in rows:
+            requirements = Requirements.of({"labels": labels, "min": minimums}) if key else None
+            left = room[content_type]
+            ready.append(Claimable(content_type, requirements, n if left is None else min(n, left)))
+        times = [t for t in (next_available, lease_end) if t is not None and t > now]
+        return Availability(tuple(ready), min(times) if times else None,
+                            lapsed=lease_end is not None and lease_end <= now)
 
     def iter_all(self) -> Iterator[RemoteJob]:
         """Every job in id order, read in batches (no transaction is held between batches)."""

@@ -43,5 +43,5 @@ def test_a_backlog_becomes_claimable_at_once_and_a_job_not_yet_due_stays_back():
     first = catalog.candidates(["audio"], at(6000))
     assert [next(first) for _ in range(3)] == ["j00000", "j00001", "j00002"]
     assert "tomorrow" not in set(catalog.candidates(["audio"], at(6000)))
-    assert catalog.has_available(["audio"], at(6000))
+    assert catalog.ready_counts("audio", at(6000)) == {None: 5000}
     assert catalog.next_available(["audio"]) == at(86400)

@@ -607,7 +607,7 @@ class JobService:
         """Do before the first request what it would otherwise wait for: the store's index built
         (the file store reads every job once) and its pending jobs ready to be claimed."""
         self.store.stats()
-        self.store.has_available(self.settings.content_types, self.clock())
+        self.store.availability(self.settings.content_types, self.clock())
 
 
 def _digest(*parts: Any) -> str:

@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-SEEN_RESOLUTION = 15.0  # seconds: how often one process writes the same worker's last-seen time
+# seconds: how often one process writes the same worker's last-seen time; longer than a long poll
+# (POLL_MAX_WAIT_SECONDS, 20 by default), so a worker polling back to back costs a write a minute,
+# not one per poll (with 1,000 waiting workers that was 50 writes a second on an idle host)
+SEEN_RESOLUTION = 60.0
 FORGET_AFTER = timedelta(days=1)
 PURGE_INTERVAL_SECONDS = 600.0
 HELD_JOBS_LIMIT = 10_000  # processing jobs read when listing (a page of 500 at a time)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -61,6 +62,8 @@ def one_line_error(done: subprocess.CompletedProcess, *words: str) -> None:
     (["--url", "http://127.0.0.1:9", "--handler", "no_such_module_x:convert"], ["no_such_module_x"]),
     (["--url", "http://127.0.0.1:9"], ["--exec", "--handler"]),
     (["--url", "http://127.0.0.1:9", "--exec", "true", "--concurrency", "0"], ["--concurrency"]),
+    (["--url", "http://127.0.0.1:9", "--exec", "true", "--resources", "gpu_memory_gb"], ["--resources"]),
+    (["--url", "http://127.0.0.1:9", "--exec", "true", "--resources", "gpu_memory_gb=lots"], ["--resources"]),
 ])
 def test_bad_settings_are_one_line_and_exit_2(tmp_path, args, words):
     one_line_error(run_worker("--key", "k", "--content-types", "audio", "--state-dir", str(tmp_path), *args), *words)
@@ -78,6 +81,45 @@ def test_settings_come_from_flags_then_environment_then_file(tmp_path):
     assert shown["max_runtime"] == {"audio": 3600.0}
     assert "mrk_secret_value" not in done.stdout and shown["key"].startswith("***")
     assert shown["worker_id"].count("-") >= 1
+
+
+def test_capabilities_come_from_flags_and_the_file(tmp_path):
+    config = tmp_path / "worker.toml"
+    config.write_text('url = "http://file.example"\nexec = "true"\ncontent_types = "audio"\n'
+                      '[resources]\ncpus = 8\n')
+    done = run_worker("--config", str(config), "--key", "k", "--capability-labels", "gpu, cuda12,gpu",
+                      "--resources", "gpu_memory_gb=24", "--resources", "nvme=1", "--print-config")
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    assert shown["capability_labels"] == ["gpu", "cuda12"]
+    assert shown["resources"] == {"gpu_memory_gb": 24.0, "nvme": 1.0}  # the flags win over the file
+
+
+def test_a_worker_takes_a_job_that_requires_what_it_offers_and_one_offering_less_does_not(tmp_path, workers):
+    with served(tmp_path) as srv:
+        producer = srv.client()
+        job_id = producer.create(srv.source("talk.wav", b"speech"), "audio", "ingest-1",
+                                 requires={"labels": ["gpu"], "min": {"gpu_memory_gb": 16}}).job_id
+        small = WorkerProcess(srv.url, srv.keys["worker"], tmp_path / "small", "--exec", "true",
+                              "--worker-id", "small-gpu", "--capability-labels", "gpu",
+                              "--resources", "gpu_memory_gb=8", "--poll-wait", "1").start()
+        workers.append(small)
+        small.wait_event("worker.started")
+
+        def seen(worker_id: str) -> bool:
+            listed = producer.transport.request("GET", "/api/v1/remote-jobs/workers").json()["workers"]
+            return any(w["worker_id"] == worker_id for w in listed)
+
+        wait_for(lambda: seen("small-gpu"), 30, "the small worker to poll")
+        time.sleep(2.5)  # two more of its one-second long polls
+        assert producer.status(job_id).status == "pending" and not small.named("job.claimed")
+        big = WorkerProcess(srv.url, srv.keys["worker"], tmp_path / "big", "--exec", "true",
+                            "--worker-id", "big-gpu", "--capability-labels", "gpu,cuda12",
+                            "--resources", "gpu_memory_gb=24").start()
+        workers.append(big)
+        wait_for(lambda: producer.status(job_id).is_terminal, 60, "the job to finish")
+        assert producer.get(job_id).status == "completed"
+        assert [e["job_id"] for e in big.named("job.claimed")] == [job_id]
 
 
 def test_a_refused_key_or_content_type_stops_before_any_claim(tmp_path):

@@ -53,6 +53,16 @@ class WorkerConfig:
     metrics_host: str = "127.0.0.1"
     log_level: str = "info"
     labels: dict[str, str] = field(default_factory=dict)
+    # what this worker offers to jobs' ``requires`` (routing): labels it has, resources and amounts
+    capability_labels: list[str] = field(default_factory=list)
+    resources: dict[str, float] = field(default_factory=dict)
+
+    def capabilities(self) -> dict[str, Any] | None:
+        """The poll's ``capabilities``; None when the worker offers nothing (it then takes only
+        jobs that require nothing, as before routing existed)."""
+        if not self.capability_labels and not self.resources:
+            return None
+        return {"labels": list(self.capability_labels), "resources": dict(self.resources)}
 
     def runtime_limit(self, content_type: str) -> float | None:
         return self.max_runtime.get(content_type, self.max_runtime.get("default"))
@@ -94,6 +104,26 @@ def _types(value: Any) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _names(value: Any) -> list[str]:
+    items = value if isinstance(value, list) else str(value).split(",")
+    return list(dict.fromkeys(str(v).strip() for v in items if str(v).strip()))
+
+
+def _resources(value: Any) -> dict[str, float]:
+    """``gpu_memory_gb=24,cpus=8`` (or a list of such, or a TOML table) as names and finite numbers."""
+    pairs = value.items() if isinstance(value, Mapping) else [
+        part.strip().partition("=")[::2] for item in (value if isinstance(value, list) else [value])
+        for part in str(item).split(",") if part.strip()]
+    out: dict[str, float] = {}
+    for name, text in pairs:
+        name = str(name).strip()
+        amount = float(str(text).strip())  # ValueError for a bare name or a word
+        if not name or amount != amount or amount in (float("inf"), float("-inf")):
+            raise ValueError("give NAME=NUMBER, a finite number")
+        out[name] = amount
+    return out
+
+
 def _pairs(value: Any, convert: Callable[[str], Any]) -> dict[str, Any]:
     """``a=1,b=2`` (or a list of such, or a TOML table) as a dict; a bare number is ``default``."""
     if isinstance(value, Mapping):
@@ -120,6 +150,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "timeout": lambda v: _positive_seconds(str(v)), "max_output": lambda v: _positive_int(str(v)),
     "metrics_port": lambda v: _positive_int(str(v)), "metrics_host": str, "log_level": str,
     "labels": lambda v: _pairs(v, str),
+    "capability_labels": _names, "resources": _resources,
 }
 
 
@@ -156,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", default=s, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-host", default=s, help="address for --metrics-port (default 127.0.0.1)")
     p.add_argument("--labels", default=s, action="append", help="NAME=VALUE announced to the server")
+    p.add_argument("--capability-labels", default=s,
+                   help="comma-separated labels this worker offers to jobs that require them, e.g. gpu,cuda12")
+    p.add_argument("--resources", default=s, action="append",
+                   help="NAME=NUMBER this worker offers to jobs' minimums, e.g. gpu_memory_gb=24")
     p.add_argument("--log-level", default=s, help="debug, info, warning or error (default info)")
     p.add_argument("--print-config", action="store_true", help="print the settings (key masked) and exit")
     return p

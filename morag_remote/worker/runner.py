@@ -227,7 +227,8 @@ class Worker:
             try:
                 claimed = self.poll_client.poll(self.config.worker_id, self.config.content_types,
                                                 max_jobs=min(free, self.max_jobs), wait=self.poll_wait,
-                                                worker=self.announce, stop=self.draining)
+                                                worker=self.announce, stop=self.draining,
+                                                capabilities=self.config.capabilities())
             except (Unauthorized, Forbidden) as exc:
                 self._set_fatal(f"the server refused this key's poll ({exc.status}): {exc.detail}")
                 return

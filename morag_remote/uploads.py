@@ -24,7 +24,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import structlog
 
@@ -33,6 +33,7 @@ from .exceptions import (ChecksumMismatch, ChecksumUnsupported, InsufficientStor
                          OffsetMismatch, PayloadTooLarge, ServiceError, UnsupportedMedia, UploadBusyError,
                          UploadGone, UploadNotFound)
 from .models import Clock, utcnow
+from .request_body import ReadInto
 from .store.base import BlobStore, UploadBusy, UploadState
 
 log = structlog.get_logger(__name__)
@@ -191,7 +192,8 @@ class Uploads:
     # -- appending -------------------------------------------------------------------------------
 
     def patch(self, upload_id: str, offset_header: str | None, content_type: str | None,
-              checksum_header: str | None, stream: BinaryIO, content_length: int | None) -> UploadState:
+              checksum_header: str | None, readinto: ReadInto, content_length: int | None) -> UploadState:
+        """Append the body that ``readinto`` (:func:`~.request_body.body_reader`) receives."""
         if (content_type or "").split(";")[0].strip().lower() != OFFSET_TYPE:
             raise UnsupportedMedia(f"a PATCH must be Content-Type: {OFFSET_TYPE}")
         if offset_header is None or not offset_header.isdigit() or len(offset_header) > 20:
@@ -201,12 +203,12 @@ class Uploads:
         self.get(upload_id)  # 404 / 410 before the lock file is touched
         try:
             with self.blobs.upload_lock(upload_id):
-                return self._patch_locked(upload_id, offset, checksum, stream, content_length)
+                return self._patch_locked(upload_id, offset, checksum, readinto, content_length)
         except UploadBusy:
             raise UploadBusyError(f"another request is appending to upload {upload_id}; retry when it ends") from None
 
     def _patch_locked(self, upload_id: str, offset: int, checksum: tuple[str, bytes] | None,
-                      stream: BinaryIO, content_length: int | None) -> UploadState:
+                      readinto: ReadInto, content_length: int | None) -> UploadState:
         state = self.get(upload_id)
         if offset != state.offset:
             raise OffsetMismatch(f"Upload-Offset is {offset}, the upload is at {state.offset}: resume from there",
@@ -224,11 +226,13 @@ class Uploads:
         chunk_hasher = CHECKSUMS[checksum[0]]() if checksum else None
         cut = [False]
 
-        def chunks() -> Iterator[bytes]:
+        def chunks() -> Iterator[memoryview]:
+            # one buffer for the whole chunk: each piece is written out before the next is received
+            buffer = memoryview(bytearray(PIECE))
             received = 0
             while True:
                 try:
-                    piece = stream.read(PIECE)
+                    piece = buffer[:readinto(buffer)]
                 except Exception as exc:  # the client went away mid-chunk (werkzeug's ClientDisconnected)
                     if not isinstance(exc, (OSError, ValueError)) and type(exc).__name__ != "ClientDisconnected":
                         raise

@@ -10,6 +10,7 @@ import pytest
 
 from support.jobs import claimed_job, directories_of, new_job
 from morag_remote import create_app
+from morag_remote.fileio import stage
 from morag_remote.context import SERVICE
 from morag_remote.service import Caller
 
@@ -66,6 +67,23 @@ def test_fsck_repair_removes_the_temp_file_and_exits_0(service, runner, root):
     assert not temp.exists()
     assert service.get(job.id).status == "pending"
     assert fsck(runner) == (0, [])
+
+
+def test_fsck_finds_and_removes_a_key_file_temp_left_by_a_killed_writer(runner, keys, client, instance_path):
+    # what a process killed between staging the key file and renaming it leaves (fileio.write_atomic)
+    temp = Path(stage(instance_path, "api_keys.json", b'{"keys": [')).name
+    assert temp.startswith(".tmp-api_keys.json.")
+
+    code, findings = fsck(runner)
+    assert code == 1
+    assert findings == [{"kind": "temp", "path": temp, "job_id": None, "repaired": False,
+                         "detail": "leftover temp file of an interrupted API key write (instance folder)"}]
+
+    code, findings = fsck(runner, "--repair")
+    assert code == 0 and [f["repaired"] for f in findings] == [True]
+    assert not (instance_path / temp).exists()
+    assert fsck(runner) == (0, [])
+    assert client.get("/api/v1/remote-jobs/stats", headers={"Authorization": f"Bearer {keys['admin']}"}).status_code == 200
 
 
 # -- one job in two directories ---------------------------------------------------------------

@@ -15,6 +15,7 @@ from .. import schemas
 from ..auth import current_principal, requires
 from ..context import uploads
 from ..exceptions import OffsetMismatch, TusVersionUnsupported
+from ..request_body import body_reader
 from ..store.base import UploadState
 from ..uploads import CHECKSUMS, EXTENSIONS, TUS_VERSION, encode_metadata
 from .http import documented, hidden, respond
@@ -119,7 +120,8 @@ def patch_upload(upload_id: str) -> Response:
     request.max_content_length = uploads().settings.max_bytes
     try:
         state = uploads().patch(upload_id, request.headers.get("Upload-Offset"), request.content_type,
-                                request.headers.get("Upload-Checksum"), request.stream, request.content_length)
+                                request.headers.get("Upload-Checksum"), body_reader(request.environ, request.stream),
+                                request.content_length)
     except OffsetMismatch as exc:
         g.upload_offset = exc.extra.get("upload_offset")
         raise

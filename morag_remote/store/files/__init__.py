@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from ...config import store_lock_timeout
 from ..base import Backend
-from .fsck import fsck
+from .fsck import fsck, fsck_keys
 from .idempotency import FileIdempotencyRecords
 from .jobs import FileJobStore
 from .keys import FileKeyStore
@@ -27,13 +27,14 @@ def open_backend(config: Mapping[str, Any], instance_path: str) -> Backend:
     data_dir = config["JOBS_DATA_DIR"]
     bound = store_lock_timeout(config)  # every lock of the store gives up after it (StoreBusy, 503)
     jobs = FileJobStore(data_dir, lock_timeout=bound)
+    keys = FileKeyStore(os.path.join(instance_path, "api_keys.json"))
     return Backend(
         name="files",
         jobs=jobs,
-        keys=FileKeyStore(os.path.join(instance_path, "api_keys.json")),
+        keys=keys,
         idempotency=FileIdempotencyRecords(os.path.join(data_dir, "idempotency"), bound),
         outbox=FileOutbox(os.path.join(data_dir, "events"), bound),
         workers=FileWorkerRegistry(os.path.join(data_dir, "workers"), bound),
         throughput=FileThroughputSeries(os.path.join(data_dir, "throughput"), bound),
-        fsck=lambda repair: fsck(jobs, repair=repair),
+        fsck=lambda repair: fsck(jobs, repair=repair) + fsck_keys(keys, repair=repair),
     )

@@ -22,6 +22,9 @@ Findings, and the deterministic repair of each:
   a damaged line a new segment is started and the older ones removed, so every process that had
   not read past it rebuilds its catalog from the folders.
 
+- ``temp`` next to ``<instance>/api_keys.json``: a key-file write that never reached its rename
+  (every key write holds the key lock, so under it a temp file has no writer left): removed.
+
 A repair that fails (an OSError) leaves its finding unrepaired with the reason, so the CLI exits 1.
 """
 from __future__ import annotations
@@ -37,6 +40,7 @@ from ...fileio import TEMP_PREFIX, fsync_dir, unlink_quietly, write_atomic
 from ..base import Finding
 from .journal import check_segment
 from .jobs import CORRUPT_DIR, INCOMING_DIR, CorruptJobFile, FileJobStore, encode_job, load_job_file
+from .keys import FileKeyStore
 
 
 IN_FLIGHT_SECONDS = 0.2  # longer than a write needs to settle (fsync a directory, drop the older copy)
@@ -102,6 +106,22 @@ def _scan(store: FileJobStore, repair: bool) -> list[Finding]:
         if touched or any(f.kind == "corrupt" and f.repaired for f in findings):
             corrupt_ids = [f.job_id for f in findings if f.kind == "corrupt" and f.job_id]
             store.journal.append(sorted(set(touched + corrupt_ids)))
+    return findings
+
+
+def fsck_keys(keys: FileKeyStore, repair: bool = False) -> list[Finding]:
+    """Leftover temp files of the key file (``.tmp-api_keys.json.<pid>.<random>``); the path of each
+    is its name in the instance folder."""
+    folder, prefix = keys.path.parent, f"{TEMP_PREFIX}{keys.path.name}."
+    findings = []
+    with keys.lock.hold():
+        with os.scandir(folder) as it:
+            names = sorted(e.name for e in it if e.name.startswith(prefix))
+        for name in names:
+            f = Finding("temp", name, None, "leftover temp file of an interrupted API key write (instance folder)")
+            if repair:
+                _attempt(f, lambda path=folder / name: unlink_quietly(path))
+            findings.append(f)
     return findings
 
 

@@ -1,6 +1,7 @@
 """API keys in ``<instance>/api_keys.json``: written atomically under a lock, so the CLI can add or
 revoke keys while gunicorn serves; every process re-reads the file when it changes (one ``stat`` per
-request while it does not)."""
+request while it does not). Every write holds the lock: a process killed mid-write (a request
+writing a key's last use back, the CLI creating one) leaves a temp file that fsck removes."""
 from __future__ import annotations
 
 import hmac

@@ -198,3 +198,18 @@ def test_a_long_poll_whose_store_breaks_while_it_waits_ends_empty_and_says_why(a
     assert waiter.done(15) == []
     events = [json.loads(line)["event"] for line in log_output.getvalue().splitlines() if line.startswith("{")]
     assert "poll.look_failed" in events
+
+
+def test_jobs_claimed_for_a_caller_gone_meanwhile_go_back_even_when_one_cannot(service, instance_path):
+    source = _source(instance_path)
+    kept = service.create(source_file_path=source, content_type="audio", ingestion_task_id="t").id
+    cancelled = service.create(source_file_path=source, content_type="audio", ingestion_task_id="t").id
+
+    def gone() -> bool:  # asked once the jobs are claimed: one was cancelled meanwhile
+        if service.get(cancelled).status == "processing":
+            service.cancel(cancelled)
+        return True
+
+    assert service.poll("w", ["audio"], max_jobs=2, client_gone=gone) == []
+    assert service.get(kept).status == "pending" and service.get(kept).retry_count == 0
+    assert service.get(cancelled).status == "cancelled"

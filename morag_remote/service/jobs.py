@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, Callable, Iterable
 import structlog
 
 from ..config import Settings
-from ..exceptions import (InvalidRequest, InvalidTransition, JobNotFound, LeaseConflict, SourceChanged,
+from ..exceptions import (InvalidRequest, InvalidTransition, JobNotFound, LeaseConflict, ServiceError, SourceChanged,
                           SourceForbidden)
 from ..models import Action, Clock, RemoteJob, Status, from_iso, new_job_id, next_status, to_iso, utcnow
 from ..routing import FAIL, HOLD, ON_LAPSE, Capabilities, Requirements, RoutingError
@@ -277,7 +277,10 @@ class JobService:
             log.warning("poll.undeliverable", worker_id=worker_id, jobs=len(jobs),
                         detail="the caller hung up before the answer: the jobs are handed back")
             for job in jobs:
-                self.release(job.id, Caller(lease_id=job.lease_id))
+                try:
+                    self.release(job.id, Caller(lease_id=job.lease_id))
+                except ServiceError as exc:  # the others still go back; this one at its lease's end
+                    log.warning("poll.release_failed", job_id=job.id, error=exc.detail)
             return Claimed()
         return jobs
 

@@ -242,8 +242,11 @@ class LongPolls:
             timeout_ms = -1  # nobody waits: sleep until a poke
         for fd, _ in poller.poll(timeout_ms):
             if fd == pipe[0]:
+                # the pokes: a few bytes at most (written only when none is there). Read first, then
+                # let the next poke write: a poke in between skips its write, but it set what it
+                # wants done (dirty) before poking, and that is read below, after the reset.
+                os.read(fd, 4096)
                 self._poked = False
-                os.read(fd, 4096)  # the pokes: a few bytes at most (written only when none is there)
             else:
                 self._hung_up(fd, watched, poller)
         now = time.monotonic()
@@ -258,10 +261,12 @@ class LongPolls:
                 self._epoch += 1
                 self._dirty = True
                 timers.next_at = None
+                # every SWEEP_SECONDS whatever else makes the dispatcher look: polls that come and go
+                # (each a look on PostgreSQL) must not put off the one look that wakes everyone again
+                timers.next_sweep = now + SWEEP_SECONDS
             if not self._dirty:
                 return
             self._dirty = False
-            timers.next_sweep = now + SWEEP_SECONDS
             epoch = self._epoch
             types = frozenset().union(*(w.types for w in self._waiters.values()))
         available = self.store.availability(types, self.clock(), self._route())

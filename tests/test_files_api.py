@@ -225,6 +225,22 @@ def test_a_second_job_of_a_file_already_hashed_knows_its_sha256_at_create(produc
     assert rewritten["source_sha256"] is None and rewritten["source_size"] == 800
 
 
+def test_a_source_touched_but_unchanged_is_served_and_one_rewritten_to_other_bytes_is_409(producer, worker, client):
+    data = b"recorded once" * 100
+    path = producer.source("touched.wav", data)
+    body = {"source_file_path": str(path), "content_type": "audio", "ingestion_task_id": "x",
+            "source_sha256": hashlib.sha256(data).hexdigest()}
+    assert client.post(J + "/", json=body, headers=producer.headers).status_code == 201
+    job = worker.claim("audio")
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a backup tool touched it
+    same = worker.download(job["source_file_url"])
+    assert same.status_code == 200 and same.data == data and same.headers["Repr-Digest"]
+    path.write_bytes(b"other  bytes!" * 100)  # the same size, other bytes
+    changed = worker.download(job["source_file_url"])
+    assert changed.status_code == 409 and "sha256" in changed.json["detail"]
+
+
 def test_a_declared_sha256_is_verified_at_create(producer, client):
     path = producer.source("doc.pdf", b"pdf bytes")
     good = hashlib.sha256(b"pdf bytes").hexdigest()

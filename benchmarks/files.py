@@ -28,7 +28,7 @@ import threading
 import time
 
 
-from .server import Instance, Server, child_pids, free_port
+from .server import Instance, Server, child_pids, free_port, rss_kib
 
 GIB = 1024 ** 3
 UPLOAD_ROUNDS = 3
@@ -74,14 +74,7 @@ def _curl(*args: str) -> tuple[float, str]:
 
 
 def _rss_mib(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as fh:
-                total += next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            pass
-    return round(total / 1024, 1)
+    return round(rss_kib(pids) / 1024, 1)
 
 
 class _Sampler:

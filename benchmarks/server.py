@@ -171,3 +171,15 @@ def process_cpu(pid: int) -> tuple[float, float]:
     except OSError:
         return 0.0, 0.0
     return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS  # utime, stime (fields 14, 15)
+
+
+def rss_kib(pids: list[int]) -> int:
+    """The resident memory of these processes together, in KiB (a process gone counts 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                total += next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            pass
+    return total

@@ -23,7 +23,7 @@ from typing import Any
 
 from .client import Api
 from .scenarios import summary_ms
-from .server import Instance, Server
+from .server import Instance, Server, rss_kib
 
 WAIT = 20  # seconds each long poll asks for
 _WAKEUPS = re.compile(rb"^morag_remote_poll_wakeups_total(?:\{\})? ([0-9.e+]+)$", re.M)
@@ -87,17 +87,6 @@ def _threads(pids: list[int]) -> list[int]:
     return out
 
 
-def _rss_kib(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as fh:
-                total += next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            pass
-    return total
-
-
 def thousand_waiters(instance: Instance, pollers: int = 1000, jobs: int = 100, idle_seconds: float = 20.0,
                      gap: float = 0.1, env: dict[str, str] | None = None) -> dict[str, Any]:
     data_dir = instance.data_dir("waiters")
@@ -107,7 +96,7 @@ def thousand_waiters(instance: Instance, pollers: int = 1000, jobs: int = 100, i
     stop = threading.Event()
 
     with Server(instance, data_dir, env=env) as server:
-        rss_before = _rss_kib([server.proc.pid, *server.worker_pids()])
+        rss_before = rss_kib([server.proc.pid, *server.worker_pids()])
         sel = selectors.DefaultSelector()
         conns = []
         for i in range(pollers):
@@ -155,7 +144,7 @@ def thousand_waiters(instance: Instance, pollers: int = 1000, jobs: int = 100, i
             time.sleep(max(3.0, pollers / 300))  # every poll connected and waiting
             turned_away_at_start = counts["host_full"] + counts["early"]
             pids = [server.proc.pid, *server.worker_pids()]
-            rss_waiting = _rss_kib(pids)
+            rss_waiting = rss_kib(pids)
             threads_waiting = _threads(server.worker_pids())
             cpu_before, t0 = server.cpu_seconds(), time.monotonic()
             time.sleep(idle_seconds)
@@ -176,7 +165,7 @@ def thousand_waiters(instance: Instance, pollers: int = 1000, jobs: int = 100, i
             time.sleep(0.5)  # the last wake-ups counted
             wakeups_after = _counter(server.port, instance.keys["admin"], _WAKEUPS)
             host_full_metric = _counter(server.port, instance.keys["admin"], _FULL)
-            rss_end = _rss_kib([server.proc.pid, *server.worker_pids()])
+            rss_end = rss_kib([server.proc.pid, *server.worker_pids()])
         except BaseException:
             print(server.log_tail()[-4000:])
             raise

@@ -10,41 +10,30 @@ import time
 import pytest
 
 from support.gunicorn import wait_for
+from support.polls import Waiter, source_file
 
 
-class Poll:
-    """``service.poll(..., wait=)`` on a thread of its own."""
-
-    def __init__(self, service, worker_id: str, types: list[str], wait: float, **kwargs) -> None:
-        self.jobs = None
-        self.thread = threading.Thread(
-            target=lambda: setattr(self, "jobs", service.poll(worker_id, types, wait=wait, **kwargs)), daemon=True)
-        self.thread.start()
-
-    def done(self, timeout: float = 30.0):
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the poll did not return"
-        return self.jobs
+def _a_waiter_is_woken_for_a_new_job(service, source: str) -> None:
+    waiter = Waiter(service, "w", ["audio"], wait=6)
+    wait_for(lambda: service.polls.waiting == 1, 5, "the waiter", interval=0.01)
+    job_id = service.create(source_file_path=source, content_type="audio", ingestion_task_id="t").id
+    waiter.thread.join(3)
+    assert not waiter.thread.is_alive(), "a waiting poll was not woken for a job it can take (3 s)"
+    assert [j.id for j in waiter.jobs] == [job_id]
 
 
-def _source(instance_path) -> str:
-    path = instance_path / "sources" / "a.mp3"
-    path.write_bytes(b"a")
-    return str(path)
-
-
-def test_a_poke_in_the_dispatchers_read_window_is_swallowed_and_every_later_poke_is_lost(service, instance_path):
-    """polling.py _turn: ``self._poked = False`` then ``os.read(fd, 4096)``. A _poke() from another
-    thread in between (a poll registering, the listener seeing a change) sees _poked False, sets it
+def test_a_poke_while_the_dispatcher_reads_its_pipe_is_not_lost(service, instance_path):
+    """polling.py _turn drains its pipe, then clears ``_poked``. In the other order a _poke() from
+    another thread in between (a poll registering, the listener seeing a change) sees _poked False, sets it
     True and writes a byte, which that os.read drains. _poked stays True with an empty pipe: every
     later _poke() is a no-op, for the life of the process. With nobody waiting the dispatcher sleeps
     in poll(-1), so from then on no waiter is ever woken (a job waits for the next re-poll).
 
     The interleaving is forced with a trace function on the dispatcher thread (no project code is
     replaced): when it reaches the os.read line, a second long poll arrives (real service.poll)."""
-    source = _source(instance_path)
+    source = source_file(instance_path)
     triggered = threading.Event()
-    intruder: list[Poll] = []
+    intruder: list[Waiter] = []
 
     def local(frame, event, arg):
         if triggered.is_set():
@@ -52,7 +41,7 @@ def test_a_poke_in_the_dispatchers_read_window_is_swallowed_and_every_later_poke
         if event == "line" and "os.read(fd" in linecache.getline(frame.f_code.co_filename, frame.f_lineno):
             triggered.set()
             before = service.polls.waiting
-            intruder.append(Poll(service, "intruder", ["audio"], wait=1))  # registers, pokes
+            intruder.append(Waiter(service, "intruder", ["audio"], wait=1))  # registers, pokes
             wait_for(lambda: service.polls.waiting > before, 5, "the intruder waiting", interval=0.005)
             time.sleep(0.2)  # its _poke (after its registration's lock) has written by now
         return local
@@ -64,19 +53,14 @@ def test_a_poke_in_the_dispatchers_read_window_is_swallowed_and_every_later_poke
 
     threading.settrace(tracer)  # the dispatcher thread starts with the first waiter, below
     try:
-        first = Poll(service, "first", ["audio"], wait=1)
+        first = Waiter(service, "first", ["audio"], wait=1)
         assert triggered.wait(10), "the dispatcher never read its pipe"
     finally:
         threading.settrace(None)
     assert first.done() == [] and intruder[0].done() == []
     time.sleep(2.5)  # everyone gone: the dispatcher's next turn sleeps until a poke
 
-    waiter = Poll(service, "w", ["audio"], wait=6)
-    wait_for(lambda: service.polls.waiting == 1, 5, "the waiter", interval=0.01)
-    job_id = service.create(source_file_path=source, content_type="audio", ingestion_task_id="t").id
-    waiter.thread.join(3)
-    assert not waiter.thread.is_alive(), "a waiting poll was not woken for a job it can take (3 s)"
-    assert [j.id for j in waiter.jobs] == [job_id]
+    _a_waiter_is_woken_for_a_new_job(service, source)
 
 
 def _poke_lost(polls) -> bool:
@@ -92,7 +76,7 @@ def _poke_lost(polls) -> bool:
 def test_pokes_are_not_lost_when_polls_come_and_go_at_once(service, instance_path):
     """The same race as above, unforced: threads whose polls register (each pokes) while the
     dispatcher turns. Bounded: at most 10 s of churn, then a waiter must be woken for a job."""
-    source = _source(instance_path)
+    source = source_file(instance_path)
     stop = threading.Event()
 
     def churn():
@@ -114,12 +98,7 @@ def test_pokes_are_not_lost_when_polls_come_and_go_at_once(service, instance_pat
             t.join(10)
         sys.setswitchinterval(old)
     time.sleep(2.5)
-    waiter = Poll(service, "w", ["audio"], wait=6)
-    wait_for(lambda: service.polls.waiting == 1, 5, "the waiter", interval=0.01)
-    job_id = service.create(source_file_path=source, content_type="audio", ingestion_task_id="t").id
-    waiter.thread.join(3)
-    assert not waiter.thread.is_alive(), "a waiting poll was not woken for a job it can take (3 s)"
-    assert [j.id for j in waiter.jobs] == [job_id]
+    _a_waiter_is_woken_for_a_new_job(service, source)
 
 
 @pytest.mark.postgres
@@ -131,7 +110,7 @@ def test_the_sweep_still_comes_while_other_polls_keep_the_dispatcher_looking(ser
     A waiter that was woken in the current epoch and claimed nothing (here: another transaction
     held the job's row, as a failing admin update does, and rolled back: no NOTIFY) is then never
     woken again while the job it could take stays pending."""
-    source = _source(instance_path)
+    source = source_file(instance_path)
     job_id = service.create(source_file_path=source, content_type="audio", ingestion_task_id="t").id
     holder = service.store.db.connect()
     holder.execute("SELECT 1 FROM remote_jobs WHERE id = %s FOR UPDATE", (job_id,))  # row held
@@ -144,7 +123,7 @@ def test_the_sweep_still_comes_while_other_polls_keep_the_dispatcher_looking(ser
     churn = threading.Thread(target=idle_video_workers, daemon=True)
     try:
         before = service.polls.wakeups
-        waiter = Poll(service, "a", ["audio"], wait=12)
+        waiter = Waiter(service, "a", ["audio"], wait=12)
         wait_for(lambda: service.polls.wakeups > before, 5, "the audio waiter woken", interval=0.01)
         churn.start()
         time.sleep(0.5)  # its claim skipped the held row: it waits again, woken in this epoch

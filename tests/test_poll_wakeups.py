@@ -16,29 +16,9 @@ import pytest
 from morag_remote.api.http import ClientConnection
 from morag_remote.routing import Capabilities
 from support.gunicorn import wait_for
+from support.polls import Waiter, source_file
 
 GPU = Capabilities(frozenset({"gpu"}), {})
-
-
-def _source(instance_path) -> str:
-    path = instance_path / "sources" / "a.mp3"
-    path.write_bytes(b"a")
-    return str(path)
-
-
-class Waiter:
-    """``service.poll(..., wait=)`` on a thread of its own."""
-
-    def __init__(self, service, worker_id: str, types: list[str], wait: float = 20, **kwargs) -> None:
-        self.jobs = None
-        self.thread = threading.Thread(
-            target=lambda: setattr(self, "jobs", service.poll(worker_id, types, wait=wait, **kwargs)), daemon=True)
-        self.thread.start()
-
-    def done(self, timeout: float = 30.0):
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the poll did not return"
-        return self.jobs
 
 
 def _waiting(service, n: int) -> None:
@@ -55,7 +35,7 @@ def _settled(service, seconds: float = 0.4) -> None:
 
 
 def test_one_job_wakes_one_of_many_waiters(service, instance_path):
-    source = _source(instance_path)
+    source = source_file(instance_path)
     waiters = []
     for i in range(5):
         waiters.append(Waiter(service, f"w{i}", ["audio"]))
@@ -76,7 +56,7 @@ def test_one_job_wakes_one_of_many_waiters(service, instance_path):
 
 
 def test_a_job_wakes_none_of_the_waiters_for_other_types(service, instance_path):
-    source = _source(instance_path)
+    source = source_file(instance_path)
     video = [Waiter(service, f"v{i}", ["video"]) for i in range(3)]
     _waiting(service, 3)
     audio = Waiter(service, "a", ["audio", "document"])
@@ -95,7 +75,7 @@ def test_a_job_wakes_none_of_the_waiters_for_other_types(service, instance_path)
 
 
 def test_a_job_needing_a_gpu_goes_to_the_waiter_that_has_one_past_an_older_one_that_has_not(service, instance_path):
-    source = _source(instance_path)
+    source = source_file(instance_path)
     plain = Waiter(service, "plain", ["audio"])
     _waiting(service, 1)
     gpu = Waiter(service, "gpu", ["audio"], capabilities=GPU)
@@ -113,7 +93,7 @@ def test_a_job_needing_a_gpu_goes_to_the_waiter_that_has_one_past_an_older_one_t
 
 
 def test_a_poll_for_several_jobs_is_woken_for_as_many(service, instance_path):
-    source = _source(instance_path)
+    source = source_file(instance_path)
     many = Waiter(service, "many", ["audio"], max_jobs=3)
     _waiting(service, 1)
     other = Waiter(service, "other", ["audio"])
@@ -133,7 +113,7 @@ def test_a_waiter_woken_for_a_job_that_expired_meanwhile_waits_again_and_takes_t
     service's clock (the test's) is already past both when the dispatcher looks. The file store
     counts the job (and wakes the waiter, whose claim times it out), PostgreSQL does not: either
     way the waiter goes on waiting, and takes the next job."""
-    source = _source(instance_path)
+    source = source_file(instance_path)
     waiter = Waiter(service, "w", ["audio"], wait=20)
     _waiting(service, 1)
     expiring = _create(service, source, available_at=(clock() + timedelta(seconds=1)).isoformat(),
@@ -161,7 +141,7 @@ def test_a_caller_whose_socket_hangs_up_is_let_go_at_once(service, instance_path
     try:
         served = Waiter(service, "w", ["audio"], wait=20, client_gone=ClientConnection(ours))
         _waiting(service, 1)
-        job_id = _create(service, _source(instance_path))
+        job_id = _create(service, source_file(instance_path))
         assert served.done()[0].id == job_id  # the same connection's next poll, as keep-alive has it:
         waiter = Waiter(service, "w", ["audio"], wait=20, client_gone=ClientConnection(ours))
         _waiting(service, 1)
@@ -183,7 +163,7 @@ def test_a_caller_that_half_closes_after_a_pipelined_request_is_still_served(ser
         theirs.shutdown(socket.SHUT_WR)
         _settled(service, 1.5)  # watched, then asked each second
         assert waiter.thread.is_alive()
-        job_id = _create(service, _source(instance_path))
+        job_id = _create(service, source_file(instance_path))
         assert waiter.done()[0].id == job_id
     finally:
         ours.close()
@@ -201,7 +181,7 @@ def test_a_long_poll_whose_store_breaks_while_it_waits_ends_empty_and_says_why(a
 
 
 def test_jobs_claimed_for_a_caller_gone_meanwhile_go_back_even_when_one_cannot(service, instance_path):
-    source = _source(instance_path)
+    source = source_file(instance_path)
     kept = service.create(source_file_path=source, content_type="audio", ingestion_task_id="t").id
     cancelled = service.create(source_file_path=source, content_type="audio", ingestion_task_id="t").id
 

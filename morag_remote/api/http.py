@@ -32,6 +32,7 @@ from werkzeug.wsgi import wrap_file
 from .. import jsonrules
 from ..artifacts import repr_digest
 from ..jsonrules import MAX_DOCUMENT_DEPTH
+from ..sources import PIECE
 
 SchemaSource = type[Schema] | Callable[[], Schema]
 View = TypeVar("View", bound=Callable[..., Any])
@@ -195,7 +196,9 @@ def respond_file(fh: BinaryIO, size: int, mtime: float, name: str, *, etag: str 
     ``etag`` an ETag (so ``If-Range`` can compare it), with ``sha256`` a ``Repr-Digest`` (RFC 9530,
     the whole file's digest, on a 206 too). ``body`` replaces the file wrapper (one that hashes what
     it sends), for a request without Range only."""
-    response = current_app.response_class(body if body is not None else wrap_file(request.environ, fh),
+    # 1 MiB pieces: werkzeug's and gunicorn's default of 8 KiB made a GiB 131,072 reads and sends,
+    # which bounded a download by the server's CPU
+    response = current_app.response_class(body if body is not None else wrap_file(request.environ, fh, PIECE),
                                           mimetype="application/octet-stream", direct_passthrough=True)
     response.content_length = size
     response.last_modified = mtime

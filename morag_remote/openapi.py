@@ -58,36 +58,28 @@ API_DESCRIPTION = (
 
 _REQUEST_ID = {"X-Request-ID": "X-Request-ID"}
 
-HEADER_PARAMETERS: dict[str, dict] = {
-    "X-Lease-Id": {"in": "header", "name": "X-Lease-Id", "required": False,
-                   "description": "The lease id of the attempt the caller works on (from the poll "
-                                  "response); fences a stale worker.",
-                   "schema": {"type": "string", "maxLength": 64}},
-    "Idempotency-Key": {"in": "header", "name": "Idempotency-Key", "required": False,
-                        "description": "Makes a retried create safe: the same key and body give the same job.",
-                        "schema": {"type": "string", "pattern": r"^[\x21-\x7e]{1,255}$"}},
-    "Range": {"in": "header", "name": "Range", "required": False,
-              "description": "Resume a download: `bytes=first-[last]` (RFC 9110); answered with 206, or "
-                             "416 when no byte of it exists.",
-              "schema": {"type": "string"}},
-    "Upload-Length": {"in": "header", "name": "Upload-Length", "required": False,
-                      "description": "tus: the upload's whole length in bytes.",
-                      "schema": {"type": "string", "pattern": r"^\d{1,20}$"}},
-    "Upload-Metadata": {"in": "header", "name": "Upload-Metadata", "required": False,
-                        "description": "tus: comma-separated `key base64value` pairs (`filename`, `sha256`).",
-                        "schema": {"type": "string"}},
-    "Upload-Offset": {"in": "header", "name": "Upload-Offset", "required": False,
-                      "description": "tus: where this chunk starts (the upload's current offset).",
-                      "schema": {"type": "string", "pattern": r"^\d{1,20}$"}},
-    "Upload-Checksum": {"in": "header", "name": "Upload-Checksum", "required": False,
-                        "description": "tus checksum: `<sha256|sha1|md5> <base64 digest>` of this chunk.",
-                        "schema": {"type": "string"}},
-    "Tus-Resumable": {"in": "header", "name": "Tus-Resumable", "required": False,
-                      "description": "tus: the protocol version, `1.0.0`.", "schema": {"type": "string"}},
-    "Content-Digest": {"in": "header", "name": "Content-Digest", "required": False,
-                       "description": "`sha-256=:<base64>:` of the body (RFC 9530), checked.",
-                       "schema": {"type": "string"}},
-}
+def _header(name: str, description: str, **schema: object) -> dict:
+    """An optional request header's parameter object: a string, constrained by ``schema``."""
+    return {"in": "header", "name": name, "required": False, "description": description,
+            "schema": {"type": "string", **schema}}
+
+
+_TOKEN = r"^[\x21-\x7e]{1,255}$"
+_DIGITS = r"^\d{1,20}$"
+HEADER_PARAMETERS: dict[str, dict] = {header["name"]: header for header in (
+    _header("X-Lease-Id", "The lease id of the attempt the caller works on (from the poll response); fences "
+            "a stale worker.", maxLength=64),
+    _header("Idempotency-Key", "Makes a retried create safe: the same key and body give the same job.",
+            pattern=_TOKEN),
+    _header("Range", "Resume a download: `bytes=first-[last]` (RFC 9110); answered with 206, or 416 when no "
+            "byte of it exists."),
+    _header("Upload-Length", "tus: the upload's whole length in bytes.", pattern=_DIGITS),
+    _header("Upload-Metadata", "tus: comma-separated `key base64value` pairs (`filename`, `sha256`)."),
+    _header("Upload-Offset", "tus: where this chunk starts (the upload's current offset).", pattern=_DIGITS),
+    _header("Upload-Checksum", "tus checksum: `<sha256|sha1|md5> <base64 digest>` of this chunk."),
+    _header("Tus-Resumable", "tus: the protocol version, `1.0.0`."),
+    _header("Content-Digest", "`sha-256=:<base64>:` of the body (RFC 9530), checked."),
+)}
 
 _ERROR_TITLES = {
     400: ("BadRequest", "The request body is not a JSON object."),

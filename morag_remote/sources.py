@@ -212,9 +212,10 @@ class SourceDigests:
             return sha
 
     def put(self, st: os.stat_result, sha256: str) -> None:
+        key = self._key(st)
         with self._lock:
-            self._known[self._key(st)] = sha256
-            self._known.move_to_end(self._key(st))
+            self._known[key] = sha256
+            self._known.move_to_end(key)
             while len(self._known) > self.capacity:
                 self._known.popitem(last=False)
 

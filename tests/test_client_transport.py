@@ -53,19 +53,26 @@ def trickle(handler, method, body):
         pass
 
 
-def test_a_download_stops_between_chunks_when_told(loopback, tmp_path):
-    server = loopback(trickle)
-    client = Client(server.url, "k")
-    stop, raised = threading.Event(), []
+def in_thread(call) -> tuple[threading.Thread, list[BaseException]]:
+    """``call`` started on a thread of its own, and the list that will hold what it raised."""
+    raised: list[BaseException] = []
 
-    def fetch() -> None:
+    def run() -> None:
         try:
-            client.download("/f", str(tmp_path / "f"), stop=stop)
+            call()
         except Exception as exc:  # noqa: BLE001 - what it ends in is the point
             raised.append(exc)
 
-    thread = threading.Thread(target=fetch)
+    thread = threading.Thread(target=run)
     thread.start()
+    return thread, raised
+
+
+def test_a_download_stops_between_chunks_when_told(loopback, tmp_path):
+    server = loopback(trickle)
+    client = Client(server.url, "k")
+    stop = threading.Event()
+    thread, raised = in_thread(lambda: client.download("/f", str(tmp_path / "f"), stop=stop))
     time.sleep(0.3)
     stop.set()
     thread.join(3)
@@ -80,17 +87,9 @@ def test_an_aborted_long_poll_is_not_sent_again(loopback):
 
     server = loopback(respond)
     client = Client(server.url, "k")
-    stop, raised = threading.Event(), []
-
-    def polls() -> None:
-        client.poll("w", ["audio"], wait=0)  # the connection is reused by the next poll
-        try:
-            client.poll("w", ["audio"], wait=1.5, stop=stop)
-        except Exception as exc:  # noqa: BLE001 - what it ends in is the point
-            raised.append(exc)
-
-    thread = threading.Thread(target=polls)
-    thread.start()
+    stop = threading.Event()
+    client.poll("w", ["audio"], wait=0)  # the connection is reused by the next poll
+    thread, raised = in_thread(lambda: client.poll("w", ["audio"], wait=1.5, stop=stop))
     time.sleep(0.5)
     stop.set()
     client.abort()

@@ -608,8 +608,8 @@ class JobService:
 
     def warm_up(self) -> None:
         """Do before the first request what it would otherwise wait for: the store's index built
-        (the file store reads every job once) and its pending jobs ready to be claimed."""
-        self.store.stats()
+        (the file store reads every job once) and its pending jobs ready to be claimed; asking what
+        is available does both."""
         self.store.availability(self.settings.content_types, self.clock())
 
 

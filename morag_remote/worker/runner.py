@@ -87,6 +87,7 @@ class Worker:
         self.poll_wait = config.poll_wait
         self.max_jobs = 10
         self.announce: dict[str, Any] | None = None
+        self.capabilities = config.capabilities()  # what jobs' requires may ask of this worker
         self.release_supported = True
         self.undelivered = 0
         self._lock = threading.Lock()
@@ -228,7 +229,7 @@ class Worker:
                 claimed = self.poll_client.poll(self.config.worker_id, self.config.content_types,
                                                 max_jobs=min(free, self.max_jobs), wait=self.poll_wait,
                                                 worker=self.announce, stop=self.draining,
-                                                capabilities=self.config.capabilities())
+                                                capabilities=self.capabilities)
             except (Unauthorized, Forbidden) as exc:
                 self._set_fatal(f"the server refused this key's poll ({exc.status}): {exc.detail}")
                 return
